@@ -1,0 +1,80 @@
+"""The converted model's own config, and the engine's arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MODEL_CONFIG_FILE = "nano_vllm_onnx.json"
+GRAPH_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class ModelConfig:
+    """What the engine needs to know about a converted model (written by the converter)."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None = None
+    add_bos_token: bool = False
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    weights: str = "fp32"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4  # fp32 K and V
+
+    def save(self, folder: Path) -> None:
+        (folder / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelConfig:
+        return cls(**json.loads((folder / MODEL_CONFIG_FILE).read_text()))
+
+
+@dataclass
+class EngineConfig:
+    """Engine arguments (vLLM's names where vLLM has one)."""
+
+    model: str | None = None  # HF folder, GGUF file or converted folder; None = default model
+    max_model_len: int | None = None  # default: the model's context, capped at 4096
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory_gib: float = 1.0
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    intra_op_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    inter_op_num_threads: int = 1
+    graph_optimization_level: str = "all"  # disable | basic | extended | all
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_num_seqs", self.max_num_seqs >= 1),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1),
+            ("kv_cache_memory_gib", self.kv_cache_memory_gib > 0),
+            ("block_size", self.block_size >= 1),
+            ("intra_op_num_threads", self.intra_op_num_threads >= 0),
+            ("inter_op_num_threads", self.inter_op_num_threads >= 0),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid engine argument {name}={getattr(self, name)!r}")
+        if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
+            raise ValueError(
+                "graph_optimization_level must be one of disable, basic, extended, all; "
+                f"got {self.graph_optimization_level!r}"
+            )

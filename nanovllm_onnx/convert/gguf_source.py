@@ -1,0 +1,358 @@
+"""Read a llama.cpp GGUF file as a `ModelSource`.
+
+GGUF keeps the config, the tokenizer and the (often quantized) weights in one file under
+llama.cpp's names. This turns them into what a Hugging Face checkpoint would hold: the config.json
+dict, HF-named float32 weights (dequantized only when asked for) and a `tokenizers` JSON. Only the
+`gguf` package and numpy are used, so no torch or transformers is needed at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+from .source import LazyTensors, ModelLoadError, ModelSource
+
+logger = logging.getLogger(__name__)
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# llama.cpp token types (tokenizer.ggml.token_type)
+_CONTROL = 3
+_USER_DEFINED = 4
+
+# Split regexes per tokenizer.ggml.pre, as transformers' GGUF tokenizer converter has them. A value
+# not listed keeps the GPT-2 split of a plain byte-level BPE, again as transformers does; that
+# includes SmolLM2's "smollm" (llama.cpp also splits single digits there, but that vocabulary has no
+# token of two characters holding a digit, so the two agree).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+_GPT2_SPLIT_PRES = {"default", "gpt2", "gpt-2", "smollm"}
+
+
+def load_gguf(path: Path) -> ModelSource:
+    """Read a GGUF file of a llama or qwen2 model."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError... on a damaged file
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+    meta = _Metadata(reader, path)
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported "
+            f"(supported: {', '.join(sorted(_ARCHITECTURES))})"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    config = _config(meta, arch, tensors)
+    tokenizer_json, tokenizer_config = _tokenizer(meta)
+    generation_config = {
+        key: config[key] for key in ("bos_token_id", "eos_token_id") if config.get(key) is not None
+    }
+    return ModelSource(
+        config=config,
+        tensors=LazyTensors(_weight_loaders(path, arch, config, tensors)),
+        tokenizer_json=tokenizer_json,
+        tokenizer_config=tokenizer_config,
+        generation_config=generation_config,
+    )
+
+
+_REQUIRED = object()
+
+
+class _Metadata:
+    """GGUF key/values, with a ModelLoadError naming the file for a missing one."""
+
+    def __init__(self, reader: GGUFReader, path: Path) -> None:
+        self._fields = reader.fields
+        self.path = path
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        field = self._fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise ModelLoadError(f"{self.path}: GGUF metadata has no {key}")
+            return default
+        return field.contents()
+
+
+def _config(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor]) -> dict:
+    path = meta.path
+    # Silently dropping a RoPE scaling would give a model that runs but talks nonsense.
+    if "rope_freqs.weight" in tensors:
+        raise ModelLoadError(f"{path}: llama3-style RoPE scaling (rope_freqs) is not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ModelLoadError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{path}: no token_embd.weight tensor")
+
+    hidden = int(meta.get(f"{arch}.embedding_length"))
+    heads = int(meta.get(f"{arch}.attention.head_count"))
+    # Files written before head_count_kv existed mean plain multi-head attention.
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(
+        meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", 0))
+        or hidden // heads
+    )
+    # The embedding's rows are what the model computes with; metadata and tokenizer may pad.
+    vocab_size = int(tensors["token_embd.weight"].shape[1])
+    config: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.get(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(meta.get(f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": int(meta.get(f"{arch}.context_length")),
+        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "rms_norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": arch == "qwen2",
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", None),
+    }
+    if (pad := meta.get("tokenizer.ggml.padding_token_id", None)) is not None:
+        config["pad_token_id"] = pad
+    return config
+
+
+# HF name suffix per GGUF name suffix, for the tensors of each block.
+_BLOCK_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _weight_loaders(
+    path: Path, arch: str, config: dict, tensors: dict[str, ReaderTensor]
+) -> dict[str, Callable[[], np.ndarray]]:
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    q_dim, kv_dim = heads * config["head_dim"], kv_heads * config["head_dim"]
+    # GGUF name -> (HF name, HF shape). llama.cpp writes dims innermost first; the reader's
+    # numpy layout is already [out_features, in_features], as HF has it.
+    wanted: dict[str, tuple[str, tuple[int, ...]]] = {
+        "token_embd.weight": ("model.embed_tokens.weight", (config["vocab_size"], hidden)),
+        "output_norm.weight": ("model.norm.weight", (hidden,)),
+    }
+    if not config["tie_word_embeddings"]:
+        wanted["output.weight"] = ("lm_head.weight", (config["vocab_size"], hidden))
+    shapes = {
+        "attn_q": (q_dim, hidden),
+        "attn_k": (kv_dim, hidden),
+        "attn_v": (kv_dim, hidden),
+        "attn_output": (hidden, q_dim),
+        "ffn_gate": (inter, hidden),
+        "ffn_up": (inter, hidden),
+        "ffn_down": (hidden, inter),
+        "attn_norm": (hidden,),
+        "ffn_norm": (hidden,),
+    }
+    for i in range(config["num_hidden_layers"]):
+        for gguf_name, hf_name in _BLOCK_TENSORS.items():
+            wanted[f"blk.{i}.{gguf_name}.weight"] = (
+                f"model.layers.{i}.{hf_name}.weight",
+                shapes[gguf_name],
+            )
+        if config["attention_bias"]:
+            for gguf_name, rows in (("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+                hf_name = _BLOCK_TENSORS[gguf_name]
+                wanted[f"blk.{i}.{gguf_name}.bias"] = (f"model.layers.{i}.{hf_name}.bias", (rows,))
+
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
+    for gguf_name, (hf_name, shape) in wanted.items():
+        tensor = tensors.get(gguf_name)
+        if tensor is None:
+            raise ModelLoadError(f"{path}: tensor {gguf_name} ({hf_name}) is missing")
+        got = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if got != shape:
+            raise ModelLoadError(f"{path}: tensor {gguf_name} has shape {got}, expected {shape}")
+        # llama.cpp reorders the Q and K rows of llama models for its interleaved RoPE; qwen2
+        # uses its NeoX RoPE, which matches HF's, so those are left alone.
+        permute_heads = None
+        if arch == "llama" and ".attn_q." in gguf_name:
+            permute_heads = heads
+        elif arch == "llama" and ".attn_k." in gguf_name:
+            permute_heads = kv_heads
+        loaders[hf_name] = _tensor_loader(path, tensor, shape, permute_heads)
+    return loaders
+
+
+def _tensor_loader(
+    path: Path, tensor: ReaderTensor, shape: tuple[int, ...], permute_heads: int | None
+) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which cannot be "
+                f"dequantized: {e}"
+            ) from e
+        # A copy, so the result neither pins the memory map nor is read-only.
+        weights = np.array(weights.reshape(shape), dtype=np.float32)
+        return weights if permute_heads is None else _unpermute_rows(weights, permute_heads)
+
+    return load
+
+
+def _unpermute_rows(weights: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf.py's LlamaModel.permute.
+
+    That stores each head's rows as (2, head_dim // 2) -> (head_dim // 2, 2), interleaving the two
+    rotary halves; here they are split back, as transformers' GGUF loader does.
+    """
+    half = weights.shape[0] // n_heads // 2
+    return (
+        weights.reshape(n_heads, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte, the alphabet of a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    spelling = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def _tokenizer(meta: _Metadata) -> tuple[str, dict]:
+    path = meta.path
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ModelLoadError(
+            f"{path}: tokenizer {model!r} is not supported (only byte-level BPE, 'gpt2')"
+        )
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens")
+    # Without token types nothing is marked special or user-defined.
+    types: list[int] = meta.get("tokenizer.ggml.token_type", [])
+    merges: list[str] = meta.get("tokenizer.ggml.merges")
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+
+    # Some converters store a token in plain text rather than the byte alphabet; respell those so
+    # the BPE can reach them (transformers does the same).
+    def spelled(token: str) -> str:
+        return token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode())
+
+    vocab = {spelled(token): i for i, token in enumerate(tokens)}
+    tok = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    split = _PRE_TOKENIZER_SPLITS.get(pre)
+    if split is None:
+        if pre not in _GPT2_SPLIT_PRES:
+            logger.warning("%s: unknown tokenizer.ggml.pre %r, splitting text as GPT-2", path, pre)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.decoder = decoders.ByteLevel()
+
+    # Control tokens (<|im_start|>...) must match whole and never be split. One spelled outside
+    # the byte alphabet is a converter's mislabel; transformers leaves it out, and so do we.
+    tok.add_special_tokens(
+        [
+            AddedToken(token, special=True, normalized=False)
+            for token, kind in zip(tokens, types, strict=False)
+            if kind == _CONTROL and set(token) <= alphabet
+        ]
+    )
+    # User-defined tokens (like <think>) also match whole, but are ordinary text.
+    tok.add_tokens(
+        [
+            AddedToken(token, special=False, normalized=False)
+            for token, kind in zip(tokens, types, strict=False)
+            if kind == _USER_DEFINED and token in vocab
+        ]
+    )
+
+    def token_at(key: str) -> str | None:
+        index = meta.get(key, None)
+        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+    bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    # The BOS/EOS the file asks for are added by the tokenizer itself, as in an HF tokenizer.json.
+    single = " ".join(
+        [*([f"{bos}:0"] if add_bos else []), "$A:0", *([f"{eos}:0"] if add_eos else [])]
+    )
+    pair = " ".join(
+        [single, *([f"{bos}:1"] if add_bos else []), "$B:1", *([f"{eos}:1"] if add_eos else [])]
+    )
+    special = [(t, vocab[spelled(t)]) for t, add in ((bos, add_bos), (eos, add_eos)) if add and t]
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=special
+    )
+
+    tokenizer_config: dict[str, Any] = {
+        "bos_token": bos,
+        "eos_token": eos,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+    }
+    for name, key in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        if (token := token_at(f"tokenizer.ggml.{key}")) is not None:
+            tokenizer_config[name] = token
+    if (template := meta.get("tokenizer.chat_template", None)) is not None:
+        tokenizer_config["chat_template"] = template
+    return tok.to_str(), tokenizer_config

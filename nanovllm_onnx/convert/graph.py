@@ -1,0 +1,206 @@
+"""Emit the ONNX graph this engine runs: one call serves a whole continuous-batching step.
+
+Layout of a step (T packed tokens, B cache rows, S = longest query in the step):
+- Embedding, projections and MLP run on the T packed tokens: no padding waste.
+- Around attention, `pad_index` gathers the packed Q/K/V into GroupQueryAttention's
+  [B, S] layout (index T is a zero row) and `unpad_index` gathers the result back.
+- GroupQueryAttention does rotary itself and writes the new K/V in place into the
+  cache rows bound through IOBinding; `query_seqlens` makes rows ragged (decode,
+  prefill, prefill chunk on top of a cache, idle).
+- Logits only for the `logits_index` rows (the positions that are sampled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
+
+from nanovllm_onnx.config import ModelConfig
+from nanovllm_onnx.convert.source import ModelSource
+
+MS = "com.microsoft"
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "",
+           **attrs: object) -> list[str]:
+        self._count += 1
+        outputs = [f"{op_type}_{self._count}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None,
+                                           name=f"{op_type}_{self._count}", **attrs))
+        return outputs
+
+    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+        """x @ weight.T (+ bias); weight is HF's [out_features, in_features]."""
+        (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
+        if bias is not None:
+            (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
+        return y
+
+    def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
+        (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
+                       axis=-1, epsilon=eps, stash_type=1)
+        return y
+
+
+def rotary_cache(head_dim: int, max_pos: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """cos and sin tables [max_pos, head_dim/2] for rotate-half rotary embeddings."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, scaling)
+    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"rope_scaling {scaling} is not supported (supported: default, llama3)")
+    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
+    return np.stack([np.cos(freqs), np.sin(freqs)]).astype(np.float32)
+
+
+def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict) -> onnx.ModelProto:
+    w = src.tensors
+    g = GraphBuilder()
+    eps = float(hf.get("rms_norm_eps", 1e-6))
+    heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q_size, kv_size = heads * hd, kv_heads * hd
+    qk_norm = cfg.architecture == "Qwen3ForCausalLM"
+
+    cos_sin = rotary_cache(hd, cfg.max_position_embeddings, float(hf.get("rope_theta", 10000.0)),
+                           hf.get("rope_scaling"))
+    cos, sin = g.const("rotary.cos", cos_sin[0]), g.const("rotary.sin", cos_sin[1])
+    embed = w["model.embed_tokens.weight"]
+    (x,) = g.op("Gather", [g.const("model.embed_tokens.weight", embed), "input_ids"])
+    (zero_row,) = g.op("ConstantOfShape", [g.const("qkv_zero_shape", np.array([1, q_size + 2 * kv_size]))],
+                       value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
+    (b_s_shape,) = g.op("Shape", ["past_key.0"], start=0, end=1)
+    # [B, S, -1]: B from the bound cache rows, S = len(pad_index) / B.
+    (n_pad,) = g.op("Shape", ["pad_index"])
+    (s_dim,) = g.op("Div", [n_pad, b_s_shape])
+    (bs_shape,) = g.op("Concat", [b_s_shape, s_dim, g.const("minus_one", np.array([-1]))], axis=0)
+    flat_shape = g.const("flat_shape", np.array([-1, q_size]))
+
+    residual: str | None = None
+    pre = "model.layers"
+    for i in tqdm(range(cfg.num_layers), desc="Building graph", unit="layer"):
+        p = f"{pre}.{i}"
+        if residual is None:
+            h, residual = g.rms_norm(x, f"{p}.input_layernorm.weight",
+                                     w[f"{p}.input_layernorm.weight"], eps), x
+        else:
+            h, residual = _skip_norm(g, x, residual, f"{p}.input_layernorm.weight",
+                                     w[f"{p}.input_layernorm.weight"], eps)
+        qkv_w = np.concatenate([w[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"])
+        qkv_b = None
+        if f"{p}.self_attn.q_proj.bias" in w:
+            qkv_b = np.concatenate([w[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv"])
+        qkv = g.linear(h, f"{p}.self_attn.qkv_proj.weight", qkv_w, qkv_b)
+        if qk_norm:
+            qkv = _qk_norm(g, qkv, p, w, heads, kv_heads, hd, eps)
+        (qkv_z,) = g.op("Concat", [qkv, zero_row], axis=0)
+        (padded,) = g.op("Gather", [qkv_z, "pad_index"])
+        (padded,) = g.op("Reshape", [padded, bs_shape])
+        q, k, v = g.op("Split", [padded, g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size]))],
+                       n_out=3, axis=-1)
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
+             cos, sin, "", "", "", "", "", "", "", "query_seqlens"],
+            n_out=3, domain=MS, num_heads=heads, kv_num_heads=kv_heads,
+            do_rotary=1, rotary_interleaved=0, scale=float(hd) ** -0.5,
+        )
+        # Route the present outputs to the graph outputs bound to the same buffers.
+        g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key.{i}", f"present_value.{i}"
+        (attn,) = g.op("Reshape", [attn, flat_shape])
+        (attn,) = g.op("Gather", [attn, "unpad_index"])
+        o = g.linear(attn, f"{p}.self_attn.o_proj.weight", w[f"{p}.self_attn.o_proj.weight"])
+        h, residual = _skip_norm(g, o, residual, f"{p}.post_attention_layernorm.weight",
+                                 w[f"{p}.post_attention_layernorm.weight"], eps)
+        gate_up_w = np.concatenate([w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"]])
+        gate_up = g.linear(h, f"{p}.mlp.gate_up_proj.weight", gate_up_w)
+        gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
+        (act,) = g.op("Sigmoid", [gate])
+        (act,) = g.op("Mul", [gate, act])
+        (act,) = g.op("Mul", [act, up])
+        x = g.linear(act, f"{p}.mlp.down_proj.weight", w[f"{p}.mlp.down_proj.weight"])
+
+    (last,) = g.op("Add", [x, residual])
+    (last,) = g.op("Gather", [last, "logits_index"])
+    last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
+    if "lm_head.weight" in w and not hf.get("tie_word_embeddings", False):
+        g.nodes.append(helper.make_node("Gemm", [last, g.const("lm_head.weight", w["lm_head.weight"])],
+                                        ["logits"], transB=1, name="lm_head"))
+    else:  # tied: reuse the embedding table, transposed by Gemm rather than copied
+        g.nodes.append(helper.make_node("Gemm", [last, "model.embed_tokens.weight"], ["logits"],
+                                        transB=1, name="lm_head"))
+    return _make_model(g, cfg)
+
+
+def _skip_norm(g: GraphBuilder, x: str, residual: str, name: str, weight: np.ndarray,
+               eps: float) -> tuple[str, str]:
+    """residual += x; return (rms_norm(residual), residual)."""
+    out, _, _, new_residual = g.op("SkipSimplifiedLayerNormalization",
+                                   [x, residual, g.const(name, weight)], n_out=4, domain=MS,
+                                   epsilon=eps)
+    return out, new_residual
+
+
+def _qk_norm(g: GraphBuilder, qkv: str, p: str, w: Mapping[str, np.ndarray], heads: int,
+             kv_heads: int, hd: int, eps: float) -> str:
+    """Qwen3: RMSNorm over each head of q and k, before rotary."""
+    q, k, v = g.op("Split", [qkv, g.const(f"{p}.qk_norm_split",
+                                          np.array([heads * hd, kv_heads * hd, kv_heads * hd]))],
+                   n_out=3, axis=-1)
+    normed = []
+    for name, t, n in (("q_norm", q, heads), ("k_norm", k, kv_heads)):
+        (t,) = g.op("Reshape", [t, g.const(f"{p}.{name}.shape", np.array([-1, n, hd]))])
+        t = g.rms_norm(t, f"{p}.self_attn.{name}.weight", w[f"{p}.self_attn.{name}.weight"], eps)
+        (t,) = g.op("Reshape", [t, g.const(f"{p}.{name}.flat", np.array([-1, n * hd]))])
+        normed.append(t)
+    (out,) = g.op("Concat", [*normed, v], axis=-1)
+    return out
+
+
+def _make_model(g: GraphBuilder, cfg: ModelConfig) -> onnx.ModelProto:
+    kv_shape = ["batch", cfg.num_kv_heads, "capacity", cfg.head_dim]
+    i64, i32, f32 = TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["tokens"]),
+        helper.make_tensor_value_info("pad_index", i64, ["padded_tokens"]),
+        helper.make_tensor_value_info("unpad_index", i64, ["tokens"]),
+        helper.make_tensor_value_info("logits_index", i64, ["sampled"]),
+        helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+        helper.make_tensor_value_info("query_seqlens", i32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", i32, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["sampled", cfg.vocab_size])]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, kv_shape))
+    graph = helper.make_graph(g.nodes, "nano_vllm_onnx", inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(MS, 1)])
+    model.ir_version = 9
+    return model

@@ -1,0 +1,99 @@
+"""A model source in Hugging Face terms, whatever it was read from.
+
+Every loader (HF checkpoint folder, GGUF file) produces a `ModelSource`: the HF
+config.json dict, the weights under their HF names as float32 numpy arrays, and
+the tokenizer. The graph builder only ever sees this.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class ModelLoadError(ValueError):
+    """A model folder or file that cannot be used, with what is wrong in it."""
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """HF-named weights, each read (and dequantized) only when asked for."""
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]]) -> None:
+        self._loaders = loaders
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+@dataclass
+class ModelSource:
+    config: dict  # HF config.json
+    tensors: Mapping[str, np.ndarray]  # HF names, e.g. model.layers.0.self_attn.q_proj.weight
+    tokenizer_json: str  # the tokenizers library's JSON
+    tokenizer_config: dict = field(default_factory=dict)  # chat_template, bos/eos, add_bos_token
+    generation_config: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_hf_folder(folder: Path) -> ModelSource:
+    """Read a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)."""
+    from safetensors import safe_open
+
+    for name in ("config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise ModelLoadError(f"{folder} has no {name}: not a Hugging Face checkpoint folder")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"{folder} has no *.safetensors weights (PyTorch .bin checkpoints are not read: "
+            "re-save with save_pretrained(..., safe_serialization=True))"
+        )
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                names = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelLoadError(f"cannot read {file}: {e}") from e
+        for name in names:
+            loaders[name] = _safetensors_loader(file, name)
+    optional = {
+        name: _read_json(folder / name) if (folder / name).is_file() else {}
+        for name in ("tokenizer_config.json", "generation_config.json")
+    }
+    template_file = folder / "chat_template.jinja"  # newer transformers save the template apart
+    if template_file.is_file():
+        optional["tokenizer_config.json"]["chat_template"] = template_file.read_text("utf-8")
+    return ModelSource(
+        config=_read_json(folder / "config.json"),
+        tensors=LazyTensors(loaders),
+        tokenizer_json=(folder / "tokenizer.json").read_text(encoding="utf-8"),
+        tokenizer_config=optional["tokenizer_config.json"],
+        generation_config=optional["generation_config.json"],
+    )
+
+
+def _safetensors_loader(file: Path, name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="numpy") as f:
+            return f.get_tensor(name)
+
+    return load
