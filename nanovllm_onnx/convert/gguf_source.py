@@ -135,9 +135,9 @@ def _config(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor]) -> dic
         "head_dim": head_dim,
         "vocab_size": vocab_size,
         "max_position_embeddings": int(meta.get(f"{arch}.context_length")),
-        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "rope_scaling": None,
-        "rms_norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": arch == "qwen2",
@@ -147,6 +147,11 @@ def _config(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor]) -> dic
     if (pad := meta.get("tokenizer.ggml.padding_token_id", None)) is not None:
         config["pad_token_id"] = pad
     return config
+
+
+def _f32(value: float) -> float:
+    """A float32 from the file as its shortest spelling: 1e-05, not 9.999999747378752e-06."""
+    return float(str(np.float32(value)))
 
 
 # HF name suffix per GGUF name suffix, for the tensors of each block.

@@ -16,6 +16,7 @@ used when running sequences need the memory.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanovllm_onnx.engine.sequence import Sequence
@@ -37,7 +38,10 @@ class CacheCopies:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, num_slots: int,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True,
+                 release_slot: Callable[[int], None] = lambda slot: None) -> None:
+        # release_slot hands a freed slot's memory back to the OS.
+        self.release_slot = release_slot
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -46,7 +50,7 @@ class BlockManager:
         # Prefix store: hash -> (store block, token ids), in LRU order (oldest first).
         self.cached: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()
         self.free_store_blocks = list(range(num_blocks - 1, -1, -1))
-        self.evicted_store_blocks: list[int] = []  # for the runner to release their memory
+        self.evicted_store_blocks: set[int] = set()  # free store blocks whose memory to release
         self.prefix_hits = 0  # blocks reused from the prefix cache
         self.prefix_queries = 0  # full prompt blocks looked up
 
@@ -66,41 +70,51 @@ class BlockManager:
         """Whether `num_blocks` can be had, evicting cached blocks if needed."""
         return num_blocks <= self.num_free_blocks + len(self.cached)
 
-    def _reserve(self, num_blocks: int) -> None:
-        while self.num_free_blocks < num_blocks:
-            _, (store_block, _) = self.cached.popitem(last=False)
-            self.free_store_blocks.append(store_block)
-            self.evicted_store_blocks.append(store_block)
-        self.num_seq_blocks += num_blocks
+    def _evict_oldest(self) -> None:
+        _, (store_block, _) = self.cached.popitem(last=False)
+        self.free_store_blocks.append(store_block)
+        self.evicted_store_blocks.add(store_block)
 
-    def admit(self, seq: Sequence, copies: CacheCopies) -> None:
-        """Give a waiting sequence a slot and reuse its cached prefix blocks."""
-        assert seq.slot is None and seq.num_blocks == 0
-        seq.slot = self.free_slots.pop()
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+    def take_evicted_store_blocks(self) -> list[int]:
+        """Store blocks evicted and not reused since: their memory can go back to the OS."""
+        blocks, self.evicted_store_blocks = list(self.evicted_store_blocks), set()
+        return blocks
+
+    def cached_prefix_blocks(self, seq: Sequence) -> int:
+        """How many leading full blocks of a waiting sequence are in the prefix cache."""
         if not self.enable_prefix_caching:
-            return
+            return 0
         self._hash_full_blocks(seq)
         # Keep at least one token to compute: the model must produce its logits.
         usable = min(len(seq.block_hashes), (len(seq) - 1) // self.block_size)
-        self.prefix_queries += usable
         hits = 0
         while hits < usable:
             entry = self.cached.get(seq.block_hashes[hits])
             start = hits * self.block_size
             if entry is None or entry[1] != tuple(seq.token_ids[start:start + self.block_size]):
                 break
-            self.cached.move_to_end(seq.block_hashes[hits])
-            copies.copy_in.append((entry[0], seq.slot, hits))
             hits += 1
-        self.prefix_hits += hits
-        seq.num_stored_blocks = hits
-        seq.num_computed_tokens = seq.num_cached_tokens = hits * self.block_size
+        return hits
+
+    def admit(self, seq: Sequence, num_cached_blocks: int, copies: CacheCopies) -> None:
+        """Give a waiting sequence a slot and copy its cached prefix blocks into it."""
+        assert seq.slot is None and seq.num_blocks == 0
+        seq.slot = self.free_slots.pop()
+        for i in range(num_cached_blocks):
+            h = seq.block_hashes[i]
+            self.cached.move_to_end(h)
+            copies.copy_in.append((self.cached[h][0], seq.slot, i))
+        self.prefix_queries += min(len(seq.block_hashes), (len(seq) - 1) // self.block_size)
+        self.prefix_hits += num_cached_blocks
+        seq.num_stored_blocks = num_cached_blocks
+        seq.num_computed_tokens = seq.num_cached_tokens = num_cached_blocks * self.block_size
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Account the blocks for `num_new_tokens` more tokens (call can_allocate first)."""
         needed = self.blocks_needed(seq, num_new_tokens)
-        self._reserve(needed)
+        while self.num_free_blocks < needed:
+            self._evict_oldest()
+        self.num_seq_blocks += needed
         seq.num_blocks += needed
 
     def on_computed(self, seq: Sequence, copies: CacheCopies) -> None:
@@ -113,13 +127,12 @@ class BlockManager:
             h = seq.block_hashes[i]
             if h in self.cached:
                 continue
-            if not self.free_store_blocks or self.num_free_blocks < 1:
+            if self.num_free_blocks < 1:
                 if not self.cached:
-                    return  # no memory to spare for caching now
-                _, (old, _) = self.cached.popitem(last=False)
-                self.free_store_blocks.append(old)
-                self.evicted_store_blocks.append(old)
+                    return  # no memory to spare for caching now; retried next step
+                self._evict_oldest()
             store_block = self.free_store_blocks.pop()
+            self.evicted_store_blocks.discard(store_block)
             start = i * self.block_size
             self.cached[h] = (store_block, tuple(seq.token_ids[start:start + self.block_size]))
             copies.copy_out.append((seq.slot, i, store_block))
@@ -134,6 +147,7 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release a finished, aborted or preempted sequence's slot and blocks."""
         if seq.slot is not None:
+            self.release_slot(seq.slot)
             self.free_slots.append(seq.slot)
         self.num_seq_blocks -= seq.num_blocks
         seq.slot, seq.num_blocks, seq.num_stored_blocks = None, 0, 0

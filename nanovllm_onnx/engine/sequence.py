@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nanovllm_onnx.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer
+    from nanovllm_onnx.outputs import Logprob
 
 
 class SequenceStatus(Enum):
@@ -48,7 +53,9 @@ class Sequence:
         self.generator: np.random.Generator | None = (
             np.random.default_rng(seed) if seed is not None else None
         )
-        self.logprobs: list[dict[int, float]] = []
+        self.logprobs: list[dict[int, Logprob]] = []
+        self.output_text = ""
+        self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

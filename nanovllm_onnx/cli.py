@@ -1,0 +1,101 @@
+"""`nano-vllm-onnx`: convert, generate, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from nanovllm_onnx.config import EngineConfig
+from nanovllm_onnx.convert.source import ModelLoadError
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="HF checkpoint folder, GGUF file or converted folder "
+                             "(default: SmolLM2-135M-Instruct)")
+    defaults = EngineConfig()
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        default=defaults.max_num_batched_tokens)
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=defaults.kv_cache_memory_gib,
+                        help="KV cache budget in GiB")
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false")
+    parser.add_argument("--intra-op-num-threads", type=int,
+                        default=defaults.intra_op_num_threads)
+    parser.add_argument("--inter-op-num-threads", type=int,
+                        default=defaults.inter_op_num_threads)
+    parser.add_argument("--graph-optimization-level", default=defaults.graph_optimization_level,
+                        choices=["disable", "basic", "extended", "all"])
+    parser.add_argument("--providers", default="cpu",
+                        help="comma-separated execution providers in order, e.g. cuda,cpu")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in fields(EngineConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
+    return EngineConfig(**values)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from nanovllm_onnx.convert.converter import convert
+
+    cfg = convert(Path(args.source), Path(args.out))
+    print(f"converted {args.source} ({cfg.architecture}, {cfg.num_layers} layers) to {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from nanovllm_onnx import LLM, SamplingParams
+
+    llm = LLM(**vars(engine_config(args)))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    has_template = llm.llm_engine.model_config.chat_template is not None
+    if has_template and not args.no_chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        out = llm.chat(messages, params, use_tqdm=False)[0]
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    print(out.outputs[0].text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nano-vllm-onnx", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a HF folder or GGUF file to this engine's ONNX")
+    p.add_argument("source")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    p.add_argument("prompt")
+    add_engine_args(p)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system message (chat models)")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ModelLoadError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

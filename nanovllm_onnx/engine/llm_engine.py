@@ -1,0 +1,225 @@
+"""The engine: requests in, one batched model call per step, tokens and text out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from itertools import count
+
+from nanovllm_onnx.config import EngineConfig, ModelConfig
+from nanovllm_onnx.convert.converter import resolve_model
+from nanovllm_onnx.engine.block_manager import BlockManager
+from nanovllm_onnx.engine.sampler import Sampler
+from nanovllm_onnx.engine.scheduler import Scheduler
+from nanovllm_onnx.engine.sequence import Sequence
+from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer, TextTokenizer
+from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm_onnx.runner.kv_cache import KVCache
+from nanovllm_onnx.runner.model_runner import ModelRunner
+from nanovllm_onnx.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 4096
+SLOT_ALIGN = 256  # slot capacity in tokens, rounded so slots start on whole pages
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    pending_samples: list[Sequence]  # n > 1: siblings admitted once the first has its prefill
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **engine_args: object) -> None:
+        cfg = config if config is not None else EngineConfig(**engine_args)  # type: ignore[arg-type]
+        self.config = cfg
+        model_dir = resolve_model(cfg.model)
+        self.model_config = mc = ModelConfig.load(model_dir)
+        self.tokenizer = TextTokenizer(model_dir, mc)
+        limit = mc.max_position_embeddings
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} is longer than the model's "
+                             f"context ({limit} tokens)")
+        self.max_model_len = cfg.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
+        block_bytes = cfg.block_size * mc.kv_bytes_per_token
+        num_blocks = int(cfg.kv_cache_memory_gib * 2**30) // block_bytes
+        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"kv_cache_memory_gib={cfg.kv_cache_memory_gib} holds {num_blocks * cfg.block_size}"
+                f" tokens, fewer than one sequence of max_model_len={self.max_model_len}; raise "
+                "kv_cache_memory_gib or lower max_model_len"
+            )
+        logger.info("KV cache: %.2f GiB = %d tokens (%d blocks of %d); %.1f sequences of "
+                    "max_model_len=%d at once, up to max_num_seqs=%d", cfg.kv_cache_memory_gib,
+                    num_blocks * cfg.block_size, num_blocks, cfg.block_size,
+                    num_blocks / blocks_per_seq, self.max_model_len, cfg.max_num_seqs)
+        capacity = -(-self.max_model_len // SLOT_ALIGN) * SLOT_ALIGN
+        self.kv_cache = KVCache(mc, cfg.max_num_seqs, min(capacity, limit), num_blocks,
+                                cfg.block_size)
+        self.runner = ModelRunner(model_dir, mc, cfg, self.kv_cache)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.max_num_seqs,
+                                          cfg.enable_prefix_caching,
+                                          release_slot=self.kv_cache.release_slot)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
+                                   cfg.max_num_batched_tokens)
+        self.sampler = Sampler(mc.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._request_ids = count()
+        self.num_steps = 0
+        self.num_prefill_tokens = 0  # prompt tokens the model computed (not from the cache)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return str(next(self._request_ids))
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context length."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); "
+                                 f"got {bad[:5]}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens, which leaves no room to "
+                             f"generate within max_model_len={self.max_model_len}")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        ids = self.tokenize_prompt(prompt)
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is None or params.max_tokens > room:
+            params = replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+        text = prompt if isinstance(prompt, str) else None
+        seqs = [Sequence(request_id, ids, params, index=i, prompt=text) for i in range(params.n)]
+        for seq in seqs:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs, seqs[1:])
+        self.scheduler.add(seqs[0])
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- stepping -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batched model call; return the requests that got new tokens."""
+        step, copies = self.scheduler.schedule()
+        if not step.seqs:
+            return []
+        self.num_steps += 1
+        self.kv_cache.copy_in(copies.copy_in)
+        logits = self.runner.run(step)
+        sampling = [seq for i, seq in enumerate(step.seqs) if step.samples(i)]
+        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
+        for seq, n in zip(step.seqs, step.num_tokens):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.num_prefill_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += n
+            self.block_manager.on_computed(seq, copies)
+        self.kv_cache.copy_out(copies.copy_out)
+        self.kv_cache.release_store_blocks(self.block_manager.take_evicted_store_blocks())
+        touched: dict[str, Request] = {}
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            request = self.requests[seq.request_id]
+            self._append_token(seq, int(token), lp)
+            touched[seq.request_id] = request
+            if request.pending_samples and seq.index == 0:
+                # The prompt is computed and cached: its siblings now reuse it.
+                for sibling in reversed(request.pending_samples):
+                    self.scheduler.waiting.appendleft(sibling)
+                request.pending_samples = []
+        outputs = []
+        for request in touched.values():
+            output = self._request_output(request)
+            if output.finished:
+                del self.requests[request.request_id]
+            outputs.append(output)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
+        p = seq.params
+        seq.append_token(token)
+        if logprobs is not None:
+            seq.logprobs.append({t: Logprob(v, decoded_token=self.tokenizer.decode([t], False))
+                                 for t, v in logprobs.items()})
+        may_stop = seq.num_output_tokens >= p.min_tokens
+        stop_token: int | None = None
+        if may_stop and token in p.stop_token_ids:
+            stop_token = token
+        elif may_stop and not p.ignore_eos and token in self.model_config.eos_token_ids:
+            stop_token = token
+        # As vLLM: the text of the token that stopped the sequence is left out unless asked.
+        if stop_token is None or p.include_stop_str_in_output:
+            new_text = seq.detokenizer.step(token)
+            seq.output_text += new_text
+        if stop_token is not None:
+            # vLLM reports the id for stop_token_ids and None for EOS.
+            self._finish(seq, "stop", token if token in p.stop_token_ids else None)
+            return
+        if p.stop_strings and may_stop and self._stop_string_match(seq, len(new_text)):
+            return
+        if seq.num_output_tokens >= (p.max_tokens or 0):
+            self._finish(seq, "length", None)
+
+    def _stop_string_match(self, seq: Sequence, new_chars: int) -> bool:
+        """Finish at the first stop string the new text completes; cut the text as vLLM does."""
+        text = seq.output_text
+        for stop in seq.params.stop_strings:
+            # Only where the new text could complete a match: earlier text was checked.
+            index = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
+            if index != -1:
+                end = index + len(stop) if seq.params.include_stop_str_in_output else index
+                seq.output_text = text[:end]
+                self._finish(seq, "stop", stop)
+                return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _request_output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=seq.index, text=seq.output_text, token_ids=seq.output_token_ids,
+                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            )
+            for seq in request.seqs
+        ]
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids, outputs=outputs,
+            finished=all(seq.is_finished for seq in request.seqs),
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
+        )

@@ -1,0 +1,72 @@
+"""Tokenizer (Hugging Face tokenizer.json), chat template and incremental detokenization."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from nanovllm_onnx.config import TOKENIZER_FILE, ModelConfig
+
+Message = dict[str, str]
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: Path, cfg: ModelConfig) -> None:
+        self.tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        self.cfg = cfg
+        self._template = None
+        if cfg.chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
+            self._template = env.from_string(cfg.chat_template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.cfg.bos_token_id
+        # tokenizer.json may or may not add BOS itself; add it once where the model wants it.
+        if add_special_tokens and self.cfg.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True
+                            ) -> str:
+        if self._template is None:
+            raise ValueError("this model has no chat template; use generate() with a plain "
+                             "prompt instead of chat()")
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.cfg.bos_token or "", eos_token=self.cfg.eos_token or "",
+            )
+        except TemplateError as e:
+            raise ValueError(f"the chat template rejected the messages: {e}") from e
+
+    def chat_prompt_ids(self, messages: list[Message], add_generation_prompt: bool = True
+                        ) -> list[int]:
+        # The template writes any BOS itself.
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token list, never emitting half of a multi-byte character."""
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool) -> None:
+        self._tokenizer = tokenizer.tokenizer
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tokenizer, token_id) or ""

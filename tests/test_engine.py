@@ -1,0 +1,109 @@
+"""Greedy tokens equal transformers' however the requests are batched, cached or preempted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nanovllm_onnx import LLM, SamplingParams
+from tests.conftest import random_prompts, reference_greedy
+
+NEW_TOKENS = 32
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def assert_all_free(llm: LLM) -> None:
+    engine = llm.llm_engine
+    bm = engine.block_manager
+    assert not engine.has_unfinished_requests()
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert bm.num_seq_blocks == 0
+    assert sorted(bm.free_slots) == list(range(engine.config.max_num_seqs))
+    assert bm.num_free_blocks + len(bm.cached) == bm.num_blocks
+
+
+@pytest.fixture(scope="module")
+def references(hf_models: dict[str, Path]) -> dict[str, list[list[int]]]:
+    prompts = random_prompts(8, seed=0)
+    return {name: reference_greedy(folder, prompts, NEW_TOKENS)
+            for name, folder in hf_models.items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "mistral", "qwen2", "qwen3"])
+def test_greedy_matches_transformers(name: str, converted: dict[str, Path],
+                                     references: dict[str, list[list[int]]]) -> None:
+    llm = LLM(str(converted[name]))
+    outputs = llm.generate(random_prompts(8, seed=0), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == references[name]
+    assert all(o.outputs[0].finish_reason == "length" for o in outputs)
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("engine_args", [
+    pytest.param(dict(max_num_seqs=3), id="fewer-slots-than-requests"),
+    pytest.param(dict(max_num_batched_tokens=16), id="chunked-prefill"),
+    pytest.param(dict(max_num_seqs=8, max_model_len=128, kv_cache_memory_gib=24 * 8192 / 2**30),
+                 id="preemption"),
+    pytest.param(dict(enable_prefix_caching=False), id="no-prefix-cache"),
+])
+def test_batching_variants_give_the_same_tokens(engine_args: dict, converted: dict[str, Path],
+                                                references: dict[str, list[list[int]]]) -> None:
+    llm = LLM(str(converted["qwen2"]), **engine_args)
+    outputs = llm.generate(random_prompts(8, seed=0), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == references["qwen2"]
+    engine = llm.llm_engine
+    if "max_num_batched_tokens" in engine_args:
+        assert engine.num_steps > sum(len(p) for p in random_prompts(8, seed=0)) // 16
+    if "kv_cache_memory_gib" in engine_args:
+        assert engine.scheduler.num_preemptions > 0
+    assert_all_free(llm)
+
+
+def test_prefix_cache_is_hit_and_exact(converted: dict[str, Path], hf_models: dict[str, Path]
+                                       ) -> None:
+    shared = random_prompts(1, seed=1, lo=70, hi=70)[0]  # 4 full blocks of 16 and a bit
+    tails = random_prompts(6, seed=2, lo=1, hi=20)
+    prompts = [shared + t for t in tails]
+    expected = reference_greedy(hf_models["llama"], prompts, NEW_TOKENS)
+    llm = LLM(str(converted["llama"]))
+    first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    assert first[0].num_cached_tokens == 0
+    rest = llm.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in first + rest] == expected
+    assert all(o.num_cached_tokens == 64 for o in rest)
+    assert llm.llm_engine.block_manager.prefix_hits == 4 * len(rest)
+    # The prompt computed by the model, without the cached blocks:
+    assert llm.llm_engine.num_prefill_tokens == sum(len(p) for p in prompts) - 64 * len(rest)
+    cold = LLM(str(converted["llama"]), enable_prefix_caching=False)
+    outs = cold.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert cold.llm_engine.block_manager.prefix_hits == 0
+    assert_all_free(llm)
+
+
+def test_abort_frees_everything(converted: dict[str, Path]) -> None:
+    llm = LLM(str(converted["llama"]), max_num_seqs=2)
+    engine = llm.llm_engine
+    for i, prompt in enumerate(random_prompts(4, seed=3)):
+        engine.add_request(str(i), prompt, GREEDY)
+    engine.step()
+    engine.step()
+    assert engine.scheduler.running and engine.scheduler.waiting
+    engine.abort_request(["0", "2"])
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id in {"1", "3"}
+    assert_all_free(llm)
+
+
+def test_token_and_text_prompts(converted: dict[str, Path]) -> None:
+    llm = LLM(str(converted["llama"]))
+    tok = llm.llm_engine.tokenizer
+    text = "The quick brown fox"
+    by_text, by_ids, by_dict = llm.generate(
+        [text, tok.encode(text), {"prompt_token_ids": tok.encode(text)}], GREEDY, use_tqdm=False)
+    assert by_text.prompt == text and by_ids.prompt is None
+    assert by_text.prompt_token_ids == by_ids.prompt_token_ids == tok.encode(text)
+    assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids == by_dict.outputs[0].token_ids
+    assert by_text.outputs[0].text == tok.decode(by_text.outputs[0].token_ids)
