@@ -105,5 +105,6 @@ def test_token_and_text_prompts(converted: dict[str, Path]) -> None:
         [text, tok.encode(text), {"prompt_token_ids": tok.encode(text)}], GREEDY, use_tqdm=False)
     assert by_text.prompt == text and by_ids.prompt is None
     assert by_text.prompt_token_ids == by_ids.prompt_token_ids == tok.encode(text)
-    assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids == by_dict.outputs[0].token_ids
+    token_ids = [o.outputs[0].token_ids for o in (by_text, by_ids, by_dict)]
+    assert token_ids[0] == token_ids[1] == token_ids[2]
     assert by_text.outputs[0].text == tok.decode(by_text.outputs[0].token_ids)

@@ -92,7 +92,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict) -> onnx.ModelProto
     cos, sin = g.const("rotary.cos", cos_sin[0]), g.const("rotary.sin", cos_sin[1])
     embed = w["model.embed_tokens.weight"]
     (x,) = g.op("Gather", [g.const("model.embed_tokens.weight", embed), "input_ids"])
-    (zero_row,) = g.op("ConstantOfShape", [g.const("qkv_zero_shape", np.array([1, q_size + 2 * kv_size]))],
+    zero_shape = g.const("qkv_zero_shape", np.array([1, q_size + 2 * kv_size]))
+    (zero_row,) = g.op("ConstantOfShape", [zero_shape],
                        value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
     (b_s_shape,) = g.op("Shape", ["past_key.0"], start=0, end=1)
     # [B, S, -1]: B from the bound cache rows, S = len(pad_index) / B.
@@ -121,8 +122,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict) -> onnx.ModelProto
         (qkv_z,) = g.op("Concat", [qkv, zero_row], axis=0)
         (padded,) = g.op("Gather", [qkv_z, "pad_index"])
         (padded,) = g.op("Reshape", [padded, bs_shape])
-        q, k, v = g.op("Split", [padded, g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size]))],
-                       n_out=3, axis=-1)
+        split = g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size]))
+        q, k, v = g.op("Split", [padded, split], n_out=3, axis=-1)
         attn, _, _ = g.op(
             "GroupQueryAttention",
             [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
@@ -149,8 +150,9 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict) -> onnx.ModelProto
     (last,) = g.op("Gather", [last, "logits_index"])
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
     if "lm_head.weight" in w and not hf.get("tie_word_embeddings", False):
-        g.nodes.append(helper.make_node("Gemm", [last, g.const("lm_head.weight", w["lm_head.weight"])],
-                                        ["logits"], transB=1, name="lm_head"))
+        lm_head = g.const("lm_head.weight", w["lm_head.weight"])
+        g.nodes.append(helper.make_node("Gemm", [last, lm_head], ["logits"], transB=1,
+                                        name="lm_head"))
     else:  # tied: reuse the embedding table, transposed by Gemm rather than copied
         g.nodes.append(helper.make_node("Gemm", [last, "model.embed_tokens.weight"], ["logits"],
                                         transB=1, name="lm_head"))

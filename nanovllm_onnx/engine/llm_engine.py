@@ -200,11 +200,19 @@ class LLMEngine:
             if index != -1:
                 end = index + len(stop) if seq.params.include_stop_str_in_output else index
                 seq.output_text = text[:end]
-                self._finish(seq, "stop", stop)
+                self._finish(seq, "stop", stop, flush_text=False)
                 return True
         return False
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None,
+                flush_text: bool = True) -> None:
+        if flush_text:
+            # Bytes the incremental detokenizer still holds (an unfinished character) are
+            # emitted now, as a full decode would.
+            ids = seq.output_token_ids
+            if reason == "stop" and not seq.params.include_stop_str_in_output:
+                ids = ids[:-1]
+            seq.output_text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 
