@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.convert.source import ModelLoadError
+from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +68,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(out.outputs[0].text)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from nanovllm_onnx.default_model import DEFAULT_MODEL_NAME
+    from nanovllm_onnx.server.api_server import serve
+
+    # The serve subcommand's own --log-level (default info: one line per request).
+    logging.getLogger().setLevel(args.serve_log_level.upper())
+    args.model = args.model_tag or args.model
+    name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
+    serve(engine_config(args), name, host=args.host, port=args.port, api_key=args.api_key,
+          max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
+          log_level=args.serve_log_level)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nano-vllm-onnx", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -87,6 +102,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--system", default=None, help="system message (chat models)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API over HTTP")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="model to serve, as --model (default: SmolLM2-135M-Instruct)")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients use (default: the model path's name)")
+    p.add_argument("--api-key", default=os.environ.get("NANO_VLLM_ONNX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: "
+                        "$NANO_VLLM_ONNX_API_KEY, else none)")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help="sequences that may wait for a place in the batch; beyond, HTTP 503")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest request body accepted; beyond, HTTP 413")
+    p.add_argument("--log-level", dest="serve_log_level", default="info", type=str.lower,
+                   choices=["debug", "info", "warning", "error", "critical"])
+    p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

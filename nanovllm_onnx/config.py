@@ -31,6 +31,13 @@ class ModelConfig:
     bos_token: str | None = None
     eos_token: str | None = None
     weights: str = "fp32"
+    # "gqa": this engine's own graph (GRAPH_FILE beside this config); "optimum": an Optimum
+    # export run as it is, from graph_path (absolute: the export stays where the user put it).
+    runner: str = "gqa"
+    graph_path: str | None = None
+
+    def graph_file(self, folder: Path) -> Path:
+        return Path(self.graph_path) if self.graph_path else folder / GRAPH_FILE
 
     @property
     def kv_bytes_per_token(self) -> int:

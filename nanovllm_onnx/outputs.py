@@ -32,6 +32,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     error: str | None = None  # why the request was rejected (then it has no output)

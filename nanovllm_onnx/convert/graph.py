@@ -25,10 +25,18 @@ from nanovllm_onnx.convert.source import ModelSource
 MS = "com.microsoft"
 
 
-class GraphBuilder:
-    """Accumulates nodes and initializers with unique names."""
+WEIGHT_FORMATS = ("fp32", "int8", "int4")
+INT4_BLOCK = 32
 
-    def __init__(self) -> None:
+
+class GraphBuilder:
+    """Accumulates nodes and initializers with unique names; emits linear layers in the
+    chosen weight format."""
+
+    def __init__(self, weights: str = "fp32") -> None:
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
+        self.weights = weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
@@ -45,12 +53,43 @@ class GraphBuilder:
                                            name=f"{op_type}_{self._count}", **attrs))
         return outputs
 
-    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None,
+               weights: str | None = None) -> str:
         """x @ weight.T (+ bias); weight is HF's [out_features, in_features]."""
-        (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
+        fmt = weights or self.weights
+        if fmt == "int8":
+            # Per-output-channel symmetric int8; activations quantized on the fly (the int8
+            # GEMM, VNNI/AMX, is several times fp32 on batched steps).
+            scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127.0
+            q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+            inputs = [x, self.const(name, np.ascontiguousarray(q.T)),
+                      self.const(name + ".scale", scale.astype(np.float32)), ""]
+            if bias is not None:
+                inputs.append(self.const(name + ".bias", bias))
+            (y,) = self.op("DynamicQuantizeMatMul", inputs, domain=MS)
+            return y
+        if fmt == "int4":
+            (y,) = self.op("MatMulNBits", [x, *self._int4(name, weight)], domain=MS,
+                           K=weight.shape[1], N=weight.shape[0], bits=4, block_size=INT4_BLOCK,
+                           accuracy_level=4)
+        else:
+            (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
+
+    def _int4(self, name: str, weight: np.ndarray) -> list[str]:
+        """Block-wise symmetric 4-bit (MatMulNBits layout: [N, blocks, 16 bytes], zero point 8)."""
+        n, k = weight.shape
+        blocks = -(-k // INT4_BLOCK)
+        w = np.zeros((n, blocks * INT4_BLOCK), np.float32)
+        w[:, :k] = weight
+        w = w.reshape(n, blocks, INT4_BLOCK)
+        scale = np.maximum(np.abs(w).max(axis=-1), 1e-12) / 7.0
+        q = (np.clip(np.round(w / scale[..., None]), -8, 7) + 8).astype(np.uint8)
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)
+        return [self.const(name, packed), self.const(name + ".scale",
+                                                     scale.reshape(-1).astype(np.float32))]
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
@@ -79,9 +118,10 @@ def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     return np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict) -> onnx.ModelProto:
+def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
+                quantize_lm_head: bool = True) -> onnx.ModelProto:
     w = src.tensors
-    g = GraphBuilder()
+    g = GraphBuilder(cfg.weights)
     eps = float(hf.get("rms_norm_eps", 1e-6))
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_size, kv_size = heads * hd, kv_heads * hd
@@ -149,13 +189,15 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict) -> onnx.ModelProto
     (last,) = g.op("Add", [x, residual])
     (last,) = g.op("Gather", [last, "logits_index"])
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
-    if "lm_head.weight" in w and not hf.get("tie_word_embeddings", False):
-        lm_head = g.const("lm_head.weight", w["lm_head.weight"])
-        g.nodes.append(helper.make_node("Gemm", [last, lm_head], ["logits"], transB=1,
-                                        name="lm_head"))
-    else:  # tied: reuse the embedding table, transposed by Gemm rather than copied
-        g.nodes.append(helper.make_node("Gemm", [last, "model.embed_tokens.weight"], ["logits"],
-                                        transB=1, name="lm_head"))
+    tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
+    if quantize_lm_head and cfg.weights != "fp32":
+        head = embed if tied else w["lm_head.weight"]
+        g.linear(last, "lm_head.weight.q", head)
+    elif tied:  # reuse the embedding table, transposed by Gemm rather than copied
+        g.op("Gemm", [last, "model.embed_tokens.weight"], transB=1)
+    else:
+        g.op("Gemm", [last, g.const("lm_head.weight", w["lm_head.weight"])], transB=1)
+    g.nodes[-1].output[0] = "logits"
     return _make_model(g, cfg)
 
 

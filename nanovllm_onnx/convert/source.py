@@ -73,6 +73,11 @@ def load_hf_folder(folder: Path) -> ModelSource:
             raise ModelLoadError(f"cannot read {file}: {e}") from e
         for name in names:
             loaders[name] = _safetensors_loader(file, name)
+    return read_folder_source(folder, LazyTensors(loaders))
+
+
+def read_folder_source(folder: Path, tensors: Mapping[str, np.ndarray]) -> ModelSource:
+    """The JSON files and tokenizer of a folder laid out as Hugging Face saves (checked present)."""
     optional = {
         name: _read_json(folder / name) if (folder / name).is_file() else {}
         for name in ("tokenizer_config.json", "generation_config.json")
@@ -82,7 +87,7 @@ def load_hf_folder(folder: Path) -> ModelSource:
         optional["tokenizer_config.json"]["chat_template"] = template_file.read_text("utf-8")
     return ModelSource(
         config=_read_json(folder / "config.json"),
-        tensors=LazyTensors(loaders),
+        tensors=tensors,
         tokenizer_json=(folder / "tokenizer.json").read_text(encoding="utf-8"),
         tokenizer_config=optional["tokenizer_config.json"],
         generation_config=optional["generation_config.json"],

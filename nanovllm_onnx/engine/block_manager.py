@@ -82,8 +82,8 @@ class BlockManager:
 
     def cached_prefix_blocks(self, seq: Sequence) -> int:
         """How many leading full blocks of a waiting sequence are in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return 0  # as vLLM: prompt logprobs need every prompt position computed
         self._hash_full_blocks(seq)
         # Keep at least one token to compute: the model must produce its logits.
         usable = min(len(seq.block_hashes), (len(seq) - 1) // self.block_size)

@@ -6,16 +6,19 @@ import logging
 from dataclasses import dataclass, replace
 from itertools import count
 
+import numpy as np
+
 from nanovllm_onnx.config import EngineConfig, ModelConfig
 from nanovllm_onnx.convert.converter import resolve_model
 from nanovllm_onnx.engine.block_manager import BlockManager
-from nanovllm_onnx.engine.sampler import Sampler
+from nanovllm_onnx.engine.sampler import Sampler, log_softmax, logprob_dict
 from nanovllm_onnx.engine.scheduler import Scheduler
 from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer, TextTokenizer
 from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm_onnx.runner.kv_cache import KVCache
 from nanovllm_onnx.runner.model_runner import ModelRunner
+from nanovllm_onnx.runner.optimum_runner import OptimumRunner
 from nanovllm_onnx.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ class LLMEngine:
         capacity = -(-self.max_model_len // SLOT_ALIGN) * SLOT_ALIGN
         self.kv_cache = KVCache(mc, cfg.max_num_seqs, min(capacity, limit), num_blocks,
                                 cfg.block_size)
-        self.runner = ModelRunner(model_dir, mc, cfg, self.kv_cache)
+        runner_cls = OptimumRunner if mc.runner == "optimum" else ModelRunner
+        self.runner = runner_cls(model_dir, mc, cfg, self.kv_cache)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.max_num_seqs,
                                           cfg.enable_prefix_caching,
                                           release_slot=self.kv_cache.release_slot)
@@ -139,7 +143,19 @@ class LLMEngine:
         self.num_steps += 1
         self.kv_cache.copy_in(copies.copy_in)
         logits = self.runner.run(step)
-        sampling = [seq for i, seq in enumerate(step.seqs) if step.samples(i)]
+        sampling, sample_rows, row = [], [], 0
+        for i, seq in enumerate(step.seqs):
+            positions = step.logit_positions(i)
+            num_prompt = len(positions) - step.samples(i)
+            if num_prompt:
+                self._add_prompt_logprobs(seq, positions[:num_prompt],
+                                          logits[row:row + num_prompt])
+            row += len(positions)
+            if step.samples(i):
+                sampling.append(seq)
+                sample_rows.append(row - 1)
+        if len(sample_rows) < len(logits):  # some rows were prompt logprobs only
+            logits = logits[sample_rows]
         tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
         for seq, n in zip(step.seqs, step.num_tokens):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -166,12 +182,24 @@ class LLMEngine:
             outputs.append(output)
         return outputs
 
+    def _add_prompt_logprobs(self, seq: Sequence, positions: list[int],
+                             logits: np.ndarray) -> None:
+        """Logprob of each prompt token after `positions` (plus the top prompt_logprobs)."""
+        start = seq.num_computed_tokens
+        for p, row in zip(positions, log_softmax(logits)):
+            token = seq.token_ids[start + p + 1]
+            top = logprob_dict(row, seq.params.prompt_logprobs or 0, token)
+            seq.prompt_logprobs.append(self._logprobs(top))
+
+    def _logprobs(self, logprobs: dict[int, float]) -> dict[int, Logprob]:
+        return {t: Logprob(v, decoded_token=self.tokenizer.decode([t], False))
+                for t, v in logprobs.items()}
+
     def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> None:
         p = seq.params
         seq.append_token(token)
         if logprobs is not None:
-            seq.logprobs.append({t: Logprob(v, decoded_token=self.tokenizer.decode([t], False))
-                                 for t, v in logprobs.items()})
+            seq.logprobs.append(self._logprobs(logprobs))
         may_stop = seq.num_output_tokens >= p.min_tokens
         stop_token: int | None = None
         if may_stop and token in p.stop_token_ids:
@@ -225,9 +253,12 @@ class LLMEngine:
             )
             for seq in request.seqs
         ]
+        first = request.seqs[0]
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, outputs=outputs,
+            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None
+            else None,
             finished=all(seq.is_finished for seq in request.seqs),
             num_cached_tokens=request.seqs[0].num_cached_tokens,
         )

@@ -54,6 +54,8 @@ class Sequence:
             np.random.default_rng(seed) if seed is not None else None
         )
         self.logprobs: list[dict[int, Logprob]] = []
+        # Prompt logprobs so far (vLLM's layout: None for the first prompt token).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] = [None]
         self.output_text = ""
         self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
         self.finish_reason: str | None = None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from nanovllm_onnx.config import GRAPH_FILE, EngineConfig, ModelConfig
+from nanovllm_onnx.config import EngineConfig, ModelConfig
 from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.runner.kv_cache import KVCache
 
@@ -36,8 +36,23 @@ class StepInput:
         seq = self.seqs[i]
         return seq.num_computed_tokens + self.num_tokens[i] == len(seq)
 
+    def logit_positions(self, i: int) -> list[int]:
+        """Which of sequence i's new tokens need logits: prompt tokens whose next token's
+        prompt logprob is still owed (when asked for), then the last one when it samples."""
+        seq, n = self.seqs[i], self.num_tokens[i]
+        start = seq.num_computed_tokens
+        positions: list[int] = []
+        if seq.params.prompt_logprobs is not None:
+            # Logits at position p give the logprob of prompt token p + 1.
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            end = min(start + n, seq.num_prompt_tokens - 1)
+            positions = list(range(first - start, end - start))
+        if self.samples(i):
+            positions.append(n - 1)
+        return positions
 
-def make_session(model_dir: Path, cfg: EngineConfig) -> ort.InferenceSession:
+
+def make_session(graph: Path, cfg: EngineConfig) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = cfg.intra_op_num_threads
     opts.inter_op_num_threads = cfg.inter_op_num_threads
@@ -53,7 +68,7 @@ def make_session(model_dir: Path, cfg: EngineConfig) -> ort.InferenceSession:
                            "falling back", full, ", ".join(available))
     if "CPUExecutionProvider" not in providers:
         providers.append("CPUExecutionProvider")
-    session = ort.InferenceSession(str(model_dir / GRAPH_FILE), opts, providers=providers)
+    session = ort.InferenceSession(str(graph), opts, providers=providers)
     logger.info("ONNX Runtime %s, providers %s, %d intra-op / %d inter-op threads",
                 ort.__version__, session.get_providers(), cfg.intra_op_num_threads,
                 cfg.inter_op_num_threads)
@@ -65,7 +80,7 @@ class ModelRunner:
                  kv_cache: KVCache) -> None:
         self.cfg = model_cfg
         self.kv = kv_cache
-        self.session = make_session(model_dir, engine_cfg)
+        self.session = make_session(model_cfg.graph_file(model_dir), engine_cfg)
         self.binding = self.session.io_binding()
         self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)
         self._bound_rows: tuple[int, int] | None = None
@@ -85,7 +100,7 @@ class ModelRunner:
         self._bound_rows = (lo, hi)
 
     def run(self, step: StepInput) -> np.ndarray:
-        """Run the step; returns logits [number of sampling sequences, vocab]."""
+        """Run the step; returns the logits of each sequence's `step.logit_positions`, in order."""
         seqs, counts = step.seqs, step.num_tokens
         slots = np.array([s.slot for s in seqs])
         lo, hi = int(slots.min()), int(slots.max()) + 1
@@ -106,10 +121,11 @@ class ModelRunner:
             unpad_index[offset:offset + n] = np.arange(row * width, row * width + n)
             query_seqlens[row] = n
             seqlens_k[row] = start + n - 1
-            if step.samples(i):
-                logits_index.append(offset + n - 1)
+            logits_index.extend(offset + j for j in step.logit_positions(i))
             offset += n
         num_logits = len(logits_index)
+        if num_logits > len(self._logits):
+            self._logits = np.empty((num_logits, self.cfg.vocab_size), np.float32)
         b = self.binding
         b.bind_cpu_input("input_ids", input_ids)
         b.bind_cpu_input("pad_index", pad_index)

@@ -1,0 +1,336 @@
+"""Next-token sampling with vLLM V1's semantics, vectorized over the batch in numpy.
+
+Order, as vLLM V1 applies it:
+  1. logprobs, when asked, from the raw logits (log_softmax: vLLM's default "raw_logprobs");
+  2. logit_bias; min_tokens (EOS and stop_token_ids at -inf until min_tokens outputs exist);
+  3. repetition penalty (prompt and output tokens), then frequency and presence (output only);
+  4. greedy rows (temperature < 1e-5) take the argmax here;
+  5. the others: temperature, min_p, top_k, top_p, then one draw from what is left.
+
+Top-k keeps every token whose logit is >= the k-th largest, so ties at the k-th value all stay
+(vLLM compares against a threshold the same way). Top-p keeps the smallest best-first prefix
+whose mass reaches top_p (always at least one token); inside a tie it keeps lower token ids first,
+where vLLM's unstable sort leaves the choice unspecified.
+
+Each row draws one uniform and inverts its CDF. A seeded row draws only from its sequence's
+generator and the CDF is walked in an order fixed by that row alone, so the seed gives the same
+tokens alone or in any batch.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import numpy as np
+
+from nanovllm_onnx.engine.sequence import Sequence
+from nanovllm_onnx.sampling_params import SamplingParams
+
+# vLLM samples greedily below this temperature; dividing by it would overflow anyway.
+_GREEDY_EPS = 1e-5
+# Top-p looks at this many best tokens first and widens only the rows whose nucleus goes past
+# them, so a typical step never sorts the whole vocabulary.
+_FIRST_CANDIDATES = 256
+_GROWTH = 16
+# Sampling over the whole vocabulary picks a block, then a token inside it: two short cumsums
+# instead of one long sequential one.
+_BLOCK = 256
+_LOW_32 = 0xFFFFFFFF
+# The order key of a -inf logit with an id past any vocabulary: pads sort last and read as -inf.
+_PAD_KEY = 0x7F800000_FFFFFFFF
+
+
+class Sampler:
+    """Picks each sequence's next token from its row of logits."""
+
+    def __init__(self, eos_token_ids: list[int]) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+        # Shared by the unseeded rows; a seeded row draws only from its own generator.
+        self._rng = np.random.default_rng()
+
+    def __call__(
+        self, logits: np.ndarray, seqs: list[Sequence]
+    ) -> tuple[np.ndarray, list[dict[int, float] | None]]:
+        """logits: float32 [B, V], one row per seq (may be modified in place). Returns the sampled
+        token ids (int64 [B]) and, per row, None or {token_id: logprob} for the top
+        `params.logprobs` tokens plus the sampled one, from the raw logits."""
+        logits = np.require(logits, dtype=np.float32, requirements=["C", "W"])
+        params = [seq.params for seq in seqs]
+        below_min = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+        if not below_min and all(map(_plain_greedy, params)):
+            return logits.argmax(axis=1).astype(np.int64, copy=False), [None] * len(seqs)
+
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = log_softmax(logits[lp_rows]) if lp_rows else None
+        _apply_logit_bias(logits, params)
+        if below_min:
+            stop_ids = [self.eos_token_ids + params[i].stop_token_ids for i in below_min]
+            _apply_min_tokens(logits, below_min, stop_ids)
+        _apply_penalties(logits, seqs)
+
+        temperature = np.array([p.temperature for p in params], dtype=np.float32)
+        greedy = temperature < _GREEDY_EPS
+        tokens = np.empty(len(seqs), dtype=np.int64)
+        if greedy.any():
+            tokens[greedy] = logits[greedy].argmax(axis=1)
+        rand = np.flatnonzero(~greedy)
+        if rand.size:
+            scaled = logits if rand.size == len(seqs) else logits[rand]
+            scaled /= temperature[rand, None]
+            tokens[rand] = self._sample(scaled, [seqs[i] for i in rand])
+
+        logprobs: list[dict[int, float] | None] = [None] * len(seqs)
+        for row, i in enumerate(lp_rows):
+            logprobs[i] = logprob_dict(raw_logprobs[row], params[i].logprobs, int(tokens[i]))
+        return tokens, logprobs
+
+    def _sample(self, x: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+        """min_p, top_k, top_p and one draw per row of temperature-scaled logits x."""
+        n, vocab = x.shape
+        params = [seq.params for seq in seqs]
+        u = self._uniforms(seqs)
+
+        min_p = np.array([p.min_p for p in params])
+        rows = np.flatnonzero(min_p > 0)
+        if rows.size:
+            sub = x[rows]
+            # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p): no softmax needed.
+            cut = sub.max(axis=1, keepdims=True) + np.log(min_p[rows, None]).astype(np.float32)
+            sub[sub < cut] = -np.inf
+            x[rows] = sub
+
+        top_k = np.array([p.top_k for p in params], dtype=np.int64)
+        top_k[top_k >= vocab] = 0  # keeping the whole vocabulary is no filter
+        top_p = np.array([p.top_p for p in params])
+        truncated = (top_k > 0) | (top_p < 1.0)
+
+        tokens = np.empty(n, dtype=np.int64)
+        full = np.flatnonzero(~truncated)
+        if full.size:
+            tokens[full] = _sample_full(x if full.size == n else x[full], u[full])
+        part = np.flatnonzero(truncated)
+        if part.size:
+            tokens[part] = _sample_top_k_top_p(
+                x if part.size == n else x[part], top_k[part], top_p[part], u[part]
+            )
+        return tokens
+
+    def _uniforms(self, seqs: list[Sequence]) -> np.ndarray:
+        """One uniform in [0, 1) per row."""
+        u = np.empty(len(seqs))
+        unseeded = [i for i, seq in enumerate(seqs) if seq.generator is None]
+        if unseeded:
+            u[unseeded] = self._rng.random(len(unseeded))
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                u[i] = seq.generator.random()
+        return u
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing that changes the logits or asks for logprobs (min_tokens aside)."""
+    return (
+        p.temperature < _GREEDY_EPS
+        and p.logprobs is None
+        and not p.logit_bias
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+    )
+
+
+def _flat_index(rows: list[int] | np.ndarray, ids: list[list[int]], vocab: int) -> np.ndarray:
+    """row * vocab + token id for every id of every row, so one fancy index touches all rows."""
+    arrays = [np.asarray(t, dtype=np.int64) for t in ids]
+    flat_ids = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
+    # An id past the vocabulary would silently land in the next row.
+    if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= vocab):
+        raise ValueError(f"token id outside the vocabulary of {vocab} tokens")
+    lengths = [a.size for a in arrays]
+    return np.repeat(np.asarray(rows, dtype=np.int64) * vocab, lengths) + flat_ids
+
+
+def _apply_logit_bias(logits: np.ndarray, params: list[SamplingParams]) -> None:
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return
+    biases = [params[i].logit_bias for i in rows]
+    flat = _flat_index(rows, [list(b) for b in biases], logits.shape[1])
+    values = np.fromiter(chain.from_iterable(b.values() for b in biases), dtype=np.float32)
+    logits.reshape(-1)[flat] += values  # a dict's keys are distinct: no index repeats
+
+
+def _apply_min_tokens(logits: np.ndarray, rows: list[int], stop_ids: list[list[int]]) -> None:
+    """vLLM suppresses EOS and stop_token_ids even with ignore_eos: the outputs must reach
+    min_tokens before anything that could end them."""
+    logits.reshape(-1)[_flat_index(rows, stop_ids, logits.shape[1])] = -np.inf
+
+
+def _apply_penalties(logits: np.ndarray, seqs: list[Sequence]) -> None:
+    """vLLM's definitions: repetition over prompt and output tokens (positive logits divided,
+    the rest multiplied); frequency (per occurrence) and presence (once) over output tokens."""
+    vocab = logits.shape[1]
+    flat_logits = logits.reshape(-1)
+    params = [seq.params for seq in seqs]
+
+    repetition = np.array([p.repetition_penalty for p in params], dtype=np.float32)
+    rows = np.flatnonzero(repetition != 1.0)
+    if rows.size:
+        seen = np.sort(_flat_index(rows, [seqs[i].token_ids for i in rows], vocab))
+        # Deduplicated by hand: np.unique's hash path is several times slower at these sizes.
+        seen = seen[np.r_[True, seen[1:] != seen[:-1]]]
+        values = flat_logits[seen]
+        r = repetition[seen // vocab]
+        flat_logits[seen] = np.where(values > 0, values / r, values * r)
+
+    frequency = np.array([p.frequency_penalty for p in params], dtype=np.float32)
+    presence = np.array([p.presence_penalty for p in params], dtype=np.float32)
+    rows = np.flatnonzero((frequency != 0.0) | (presence != 0.0))
+    if rows.size:
+        outputs = [seqs[i].output_token_ids for i in rows]
+        ids, counts = np.unique(_flat_index(rows, outputs, vocab), return_counts=True)
+        row = ids // vocab
+        flat_logits[ids] -= frequency[row] * counts.astype(np.float32)
+        flat_logits[ids] -= presence[row]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Over the last axis, in x's precision (float32 logits: as vLLM computes logprobs)."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def logprob_dict(logprobs: np.ndarray, num: int, token: int) -> dict[int, float]:
+    """The sampled token, then the `num` most likely ones (ties: lower ids), as vLLM gathers."""
+    out = {token: float(logprobs[token])}
+    num = min(num, logprobs.size)
+    if num:
+        kth = np.partition(logprobs, logprobs.size - num)[logprobs.size - num]
+        best = np.flatnonzero(logprobs >= kth)
+        best = best[np.lexsort((best, -logprobs[best]))][:num]
+        out.update(zip(best.tolist(), logprobs[best].tolist(), strict=True))
+    return out
+
+
+def _inverse_cdf(
+    cum: np.ndarray, u: np.ndarray, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of running sums cum [n, m] (float64), the entry where the point u of the mass of
+    the first `length` entries falls, and how far into that entry it fell, as a fraction (a fresh
+    uniform for a second level)."""
+    n, m = cum.shape
+    rows = np.arange(n)
+    below = np.hstack([np.zeros((n, 1)), cum[:, :-1]])  # the running sum before each entry
+    target = u * cum[rows, length - 1]
+    idx = np.count_nonzero(cum <= target[:, None], axis=1)
+    # Rounding can put the target at the very end: take the last kept entry with weight then.
+    weighted = (cum > below) & (np.arange(m) < length[:, None])
+    idx = np.minimum(idx, m - 1 - np.argmax(weighted[:, ::-1], axis=1))
+    return idx, (target - below[rows, idx]) / (cum[rows, idx] - below[rows, idx])
+
+
+def _sample_full(x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Draw from softmax(x) per row, walking the vocabulary in token-id order."""
+    n, vocab = x.shape
+    blocks = -(-vocab // _BLOCK)
+    w = np.zeros((n, blocks * _BLOCK), dtype=np.float32)
+    np.exp(x - x.max(axis=1, keepdims=True), out=w[:, :vocab])
+    w = w.reshape(n, blocks, _BLOCK)
+    block_cum = np.cumsum(w.sum(axis=2), axis=1, dtype=np.float64)
+    block, u = _inverse_cdf(block_cum, u, np.full(n, blocks))
+    inner_cum = np.cumsum(w[np.arange(n), block], axis=1, dtype=np.float64)
+    pos, _ = _inverse_cdf(inner_cum, u, np.full(n, _BLOCK))
+    return block * _BLOCK + pos
+
+
+def _sample_top_k_top_p(x: np.ndarray, k: np.ndarray, p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Top-k (0 = off), then top-p (1 = off) renormalized over what top-k kept, then one draw."""
+    n, vocab = x.shape
+    # Without top-k, top-p's mass is relative to the whole vocabulary.
+    z = np.zeros(n)
+    no_k = np.flatnonzero(k == 0)
+    if no_k.size:
+        sub = x[no_k]
+        sub -= sub.max(axis=1, keepdims=True)
+        z[no_k] = np.exp(sub, out=sub).sum(axis=1)
+    tokens = np.empty(n, dtype=np.int64)
+    pending = np.arange(n)
+    width = max(int(k.max()), _FIRST_CANDIDATES if no_k.size else 0)
+    while pending.size:
+        width = min(width, vocab)
+        xp = x if pending.size == n else x[pending]
+        tok, done = _truncate_and_draw(xp, k[pending], p[pending], z[pending], u[pending], width)
+        tokens[pending[done]] = tok[done]
+        pending = pending[~done]
+        width *= _GROWTH
+    return tokens
+
+
+def _truncate_and_draw(
+    x: np.ndarray, k: np.ndarray, p: np.ndarray, z: np.ndarray, u: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k/top-p and a draw over the best `width` tokens (width >= every k). Returns the tokens
+    and which rows are settled: a top-p-only row whose nucleus may reach past the candidates
+    must retry wider."""
+    vals, idx, count, complete = _best_tokens(x, width)
+    rows = np.arange(len(x))
+    e = np.exp(vals - vals[:, :1])
+    has_k = k > 0
+    kth = vals[rows, np.minimum(np.maximum(k, 1), count) - 1]
+    e[has_k[:, None] & (vals < kth[:, None])] = 0.0
+    cum = np.cumsum(e, axis=1, dtype=np.float64)
+    length = count
+    has_p = p < 1.0
+    if has_p.any():
+        # Keep each token whose better tokens hold less than top_p of the mass, i.e. up to the
+        # first that brings the running sum to top_p.
+        total = np.where(has_k, cum[:, -1], z)
+        cut = np.count_nonzero(cum < (p * total)[:, None], axis=1) + 1
+        length = np.where(has_p, np.minimum(cut, count), count)
+    done = has_k | complete | (length < count) | (e[rows, count - 1] == 0.0)
+    pos, _ = _inverse_cdf(cum, u, length)
+    return idx[rows, pos], done
+
+
+def _best_tokens(
+    x: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the best `width` tokens plus any tied with the last of them, ordered by value
+    descending then id ascending, padded with -inf: (values, ids, count, complete), where
+    complete says every token of nonzero probability is among them. Pads' ids are invalid;
+    their zero weight keeps them from being drawn."""
+    n, vocab = x.shape
+    if width >= vocab:
+        keys = _order_keys(x, np.arange(vocab))
+        count = np.full(n, vocab)
+        complete = np.ones(n, dtype=bool)
+    else:
+        # Selecting the width-th smallest of -x, not the width-th largest of x: np.partition
+        # crawls when a long run of equal values (min_p's -inf, a flat tail) lies before kth.
+        kth = -np.partition(-x, width - 1, axis=1)[:, width - 1]
+        complete = kth == -np.inf
+        flat = np.flatnonzero((x >= kth[:, None]) & (x > -np.inf))
+        row, col = np.divmod(flat, vocab)
+        count = np.bincount(row, minlength=n)
+        cols = int(count.max())
+        slot = row * cols + np.arange(flat.size) - (np.cumsum(count) - count)[row]
+        keys = np.full(n * cols, _PAD_KEY, dtype=np.int64)
+        keys[slot] = _order_keys(x.reshape(-1)[flat], col)
+        keys = keys.reshape(n, cols)
+    keys.sort(axis=1)
+    return _key_values(keys), keys & _LOW_32, count, complete
+
+
+def _order_keys(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int64 keys whose ascending order is value descending, then token id ascending."""
+    # Adding +0.0 turns -0.0 into +0.0, so equal values share one key.
+    bits = (values + np.float32(0.0)).view(np.int32)
+    # Flipping the magnitude bits of negative floats makes the int32s order like the floats.
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (~ordered).astype(np.int64) * (1 << 32) + ids
+
+
+def _key_values(keys: np.ndarray) -> np.ndarray:
+    """The float32 logits back from _order_keys' keys (reading them is cheaper than a gather)."""
+    ordered = ~(keys >> 32).astype(np.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(np.float32)
