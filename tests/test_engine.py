@@ -108,3 +108,33 @@ def test_token_and_text_prompts(converted: dict[str, Path]) -> None:
     token_ids = [o.outputs[0].token_ids for o in (by_text, by_ids, by_dict)]
     assert token_ids[0] == token_ids[1] == token_ids[2]
     assert by_text.outputs[0].text == tok.decode(by_text.outputs[0].token_ids)
+
+
+def test_requests_arriving_while_others_decode(converted: dict[str, Path],
+                                               references: dict[str, list[list[int]]]) -> None:
+    """Continuous batching: new prompts join steps that decode the running ones."""
+    llm = LLM(str(converted["qwen2"]), max_num_seqs=4)
+    engine = llm.llm_engine
+    mixed_steps = 0
+    run = engine.runner.run
+
+    def recording_run(step):  # noqa: ANN001, ANN202
+        nonlocal mixed_steps
+        mixed_steps += 1 in step.num_tokens and any(n > 1 for n in step.num_tokens)
+        return run(step)
+
+    engine.runner.run = recording_run
+    prompts, results = random_prompts(8, seed=0), {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+        for _ in range(3):  # a few steps before the next arrives
+            for out in engine.step():
+                if out.finished:
+                    results[int(out.request_id)] = out.outputs[0].token_ids
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                results[int(out.request_id)] = out.outputs[0].token_ids
+    assert [results[i] for i in range(8)] == references["qwen2"]
+    assert mixed_steps >= 5
+    assert_all_free(llm)

@@ -85,6 +85,9 @@ def test_bad_prompts_do_not_stop_the_others(llm: LLM) -> None:
 def test_add_request_raises_for_the_engine_api(llm: LLM) -> None:
     with pytest.raises(ValueError, match="max_model_len"):
         llm.llm_engine.add_request("x", list(range(5, 100)))
+    for params in (SamplingParams(stop_token_ids=[10**6]), SamplingParams(logit_bias={-1: 1.0})):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.llm_engine.add_request("y", [5, 6], params)
     assert not llm.llm_engine.has_unfinished_requests()
 
 

@@ -106,6 +106,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
+        vocab = self.model_config.vocab_size
+        for field in ("stop_token_ids", "logit_bias"):
+            bad = [t for t in getattr(params, field) or () if not 0 <= int(t) < vocab]
+            if bad:
+                raise ValueError(f"SamplingParams.{field} has token ids outside the vocabulary "
+                                 f"[0, {vocab}): {bad[:5]}")
         ids = self.tokenize_prompt(prompt)
         room = self.max_model_len - len(ids)
         if params.max_tokens is None or params.max_tokens > room:

@@ -101,9 +101,54 @@ class ModelRunner:
 
     def run(self, step: StepInput) -> np.ndarray:
         """Run the step; returns the logits of each sequence's `step.logit_positions`, in order."""
-        seqs, counts = step.seqs, step.num_tokens
-        slots = np.array([s.slot for s in seqs])
-        lo, hi = int(slots.min()), int(slots.max()) + 1
+        positions = [step.logit_positions(i) for i in range(len(step.seqs))]
+        ends = np.cumsum([len(p) for p in positions])
+        num_logits = int(ends[-1])
+        if 2 * num_logits > len(self._logits):  # room for the result and a group's scratch
+            self._logits = np.empty((2 * num_logits, self.cfg.vocab_size), np.float32)
+        logits = self._logits[:num_logits]
+        groups = self._groups(step)
+        for group in groups:
+            if len(groups) == 1:
+                self._run_group(step, group, positions, logits)
+                break
+            rows = np.concatenate([np.arange(ends[i] - len(positions[i]), ends[i])
+                                   for i in group]).astype(np.int64)
+            scratch = self._logits[num_logits:num_logits + len(rows)]
+            self._run_group(step, group, positions, scratch)
+            logits[rows] = scratch
+        return logits
+
+    @staticmethod
+    def _groups(step: StepInput) -> list[list[int]]:
+        """Split a step into model calls whose padded [rows, longest query] layout wastes
+        little: decodes (one token each) go together; prefill chunks are merged while the
+        padding stays under the real tokens. A decode row padded to a 512-token chunk costs
+        as much as the chunk itself, so a mixed step is cheaper as separate calls."""
+        decode = [i for i, n in enumerate(step.num_tokens) if n == 1]
+        chunks = sorted((i for i, n in enumerate(step.num_tokens) if n > 1),
+                        key=lambda i: step.seqs[i].slot)
+        groups = [decode] if decode else []
+        current: list[int] = []
+        for i in chunks:
+            candidate = [*current, i]
+            slots = [step.seqs[j].slot for j in candidate]
+            counts = [step.num_tokens[j] for j in candidate]
+            padded = (max(slots) - min(slots) + 1) * max(counts)
+            if current and padded > 2 * sum(counts):
+                groups.append(current)
+                candidate = [i]
+            current = candidate
+        if current:
+            groups.append(current)
+        return [sorted(g) for g in groups]  # in step order: one group is then the whole step
+
+    def _run_group(self, step: StepInput, group: list[int], positions: list[list[int]],
+                   logits: np.ndarray) -> None:
+        seqs = [step.seqs[i] for i in group]
+        counts = [step.num_tokens[i] for i in group]
+        slots = [s.slot for s in seqs]
+        lo, hi = min(slots), max(slots) + 1
         rows, width = hi - lo, max(counts)
         total = sum(counts)
         input_ids = np.empty(total, np.int64)
@@ -113,7 +158,7 @@ class ModelRunner:
         seqlens_k = np.zeros(rows, np.int32)
         logits_index = []
         offset = 0
-        for i, (seq, n) in enumerate(zip(seqs, counts)):
+        for i, seq, n in zip(group, seqs, counts):
             row = seq.slot - lo
             start = seq.num_computed_tokens
             input_ids[offset:offset + n] = seq.token_ids[start:start + n]
@@ -121,11 +166,8 @@ class ModelRunner:
             unpad_index[offset:offset + n] = np.arange(row * width, row * width + n)
             query_seqlens[row] = n
             seqlens_k[row] = start + n - 1
-            logits_index.extend(offset + j for j in step.logit_positions(i))
+            logits_index.extend(offset + j for j in positions[i])
             offset += n
-        num_logits = len(logits_index)
-        if num_logits > len(self._logits):
-            self._logits = np.empty((num_logits, self.cfg.vocab_size), np.float32)
         b = self.binding
         b.bind_cpu_input("input_ids", input_ids)
         b.bind_cpu_input("pad_index", pad_index)
@@ -136,7 +178,5 @@ class ModelRunner:
         b.bind_cpu_input("total_sequence_length",
                          np.array(int(seqlens_k.max()) + 1, np.int32))
         self._bind_cache_rows(lo, hi)
-        logits = self._logits[:num_logits]
         b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(b)
-        return logits
