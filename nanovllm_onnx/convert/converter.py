@@ -1,4 +1,5 @@
-"""Turn a model source (HF folder or GGUF file) into a folder the engine runs, cached."""
+"""Turn a model source (HF folder, GGUF file or Optimum export) into a folder the engine runs,
+cached."""
 
 from __future__ import annotations
 
@@ -7,12 +8,28 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from nanovllm_onnx.config import GRAPH_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig
 from nanovllm_onnx.convert.graph import build_graph
-from nanovllm_onnx.convert.source import ModelLoadError, ModelSource, load_hf_folder
+from nanovllm_onnx.convert.source import (
+    ModelLoadError,
+    ModelSource,
+    load_hf_folder,
+    read_folder_source,
+)
+from nanovllm_onnx.runner.optimum_runner import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    KNOWN_INPUTS,
+    KV,
+    KV_DTYPES,
+    LOGITS,
+    PAST,
+    PRESENT,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +40,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 CONVERTER_VERSION = "1"  # bump when the emitted graph changes, to invalidate caches
+OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
+EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
 
 
 def load_source(path: Path) -> ModelSource:
@@ -47,12 +66,6 @@ def model_config_from_source(src: ModelSource) -> ModelConfig:
             f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     heads = hf["num_attention_heads"]
-    eos: list[int] = []
-    for value in (src.generation_config.get("eos_token_id"), hf.get("eos_token_id")):
-        for token in value if isinstance(value, list) else [value]:
-            if token is not None and token not in eos:
-                eos.append(int(token))
-    tc = src.tokenizer_config
     return ModelConfig(
         architecture=arch,
         num_layers=hf["num_hidden_layers"],
@@ -62,6 +75,20 @@ def model_config_from_source(src: ModelSource) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        **tokenizer_fields(src),
+    )
+
+
+def tokenizer_fields(src: ModelSource) -> dict[str, Any]:
+    """ModelConfig's special tokens and chat template: read alike from every kind of source."""
+    hf = src.config
+    eos: list[int] = []
+    for value in (src.generation_config.get("eos_token_id"), hf.get("eos_token_id")):
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and token not in eos:
+                eos.append(int(token))
+    tc = src.tokenizer_config
+    return dict(
         eos_token_ids=eos,
         bos_token_id=hf.get("bos_token_id", src.generation_config.get("bos_token_id")),
         add_bos_token=bool(tc.get("add_bos_token", False)),
@@ -75,22 +102,106 @@ def _token_text(token: str | dict | None) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def optimum_graph(path: Path) -> Path | None:
+    """The graph of an Optimum export folder (ONNX files, no safetensors); None for others."""
+    if not path.is_dir() or any(path.glob("*.safetensors")) or not any(path.glob("*.onnx")):
+        return None
+    for name in OPTIMUM_GRAPHS:
+        if (path / name).is_file():
+            return path / name
+    found = ", ".join(sorted(p.name for p in path.glob("*.onnx")))
+    raise ModelLoadError(f"{path} has {found} but no {' or '.join(OPTIMUM_GRAPHS)}; export the "
+                         f"decoder with its past: {EXPORT_COMMAND}")
+
+
+def load_optimum_export(folder: Path, graph: Path) -> ModelSource:
+    for name in ("config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise ModelLoadError(
+                f"{folder} has {graph.name} but no {name}, which the engine reads beside it; "
+                f"export the model again (Optimum writes both): {EXPORT_COMMAND}"
+            )
+    return read_folder_source(folder, {})
+
+
+def optimum_model_config(src: ModelSource, graph: Path) -> ModelConfig:
+    """The config of an Optimum export: K/V and logits shapes from the graph, the rest from
+    config.json."""
+    model = onnx.load(str(graph), load_external_data=False)
+    inputs = {v.name: v.type.tensor_type for v in model.graph.input}
+    outputs = {v.name: v.type.tensor_type for v in model.graph.output}
+    num_layers = 0
+    while PAST.format(num_layers, "key") in inputs:
+        num_layers += 1
+    past = [PAST.format(i, kind) for i in range(num_layers) for kind in KV]
+    present = [PRESENT.format(i, kind) for i in range(num_layers) for kind in KV]
+    missing = [n for n in (INPUT_IDS, ATTENTION_MASK, *past) if n not in inputs]
+    missing += [n for n in (LOGITS, *present) if n not in outputs]
+    unexpected = sorted(set(inputs) - set(KNOWN_INPUTS) - set(past))
+    if not num_layers or missing or unexpected:
+        raise ModelLoadError(
+            f"{graph} is not a decoder with past this engine can run: it needs inputs "
+            f"{INPUT_IDS}, {ATTENTION_MASK}, {PAST.format('N', 'key/value')} and outputs "
+            f"{LOGITS}, {PRESENT.format('N', 'key/value')} (inputs: {', '.join(inputs)}; "
+            f"outputs: {', '.join(outputs)}); export it with: {EXPORT_COMMAND}"
+        )
+    kv_type = inputs[past[0]]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in kv_type.shape.dim]
+    kv_dtype = onnx.helper.tensor_dtype_to_np_dtype(kv_type.elem_type)
+    if len(dims) != 4 or dims[1] is None or dims[3] is None or kv_dtype not in KV_DTYPES.values():
+        raise ModelLoadError(f"{graph}: {past[0]} is {kv_dtype} {dims}; the engine reads float32 "
+                             "or float16 past K/V laid out [batch, kv_heads, past, head_dim]")
+    hf = src.config
+    logits_dims = outputs[LOGITS].shape.dim
+    vocab = (logits_dims[-1].dim_value if logits_dims else 0) or hf.get("vocab_size")
+    if not vocab:
+        raise ModelLoadError(f"{graph}: neither the logits output nor config.json gives the "
+                             "vocabulary size")
+    kv_heads, head_dim = dims[1], dims[3]
+    heads = _first(hf, "num_attention_heads", "n_head") or kv_heads
+    return ModelConfig(
+        architecture=(hf.get("architectures") or [hf.get("model_type", "<unknown>")])[0],
+        num_layers=num_layers,
+        hidden_size=_first(hf, "hidden_size", "n_embd", "d_model") or heads * head_dim,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_position_embeddings=_first(hf, "max_position_embeddings", "n_positions") or 4096,
+        runner="optimum",
+        graph_path=str(graph.resolve()),
+        **tokenizer_fields(src),
+    )
+
+
+def _first(config: dict, *keys: str) -> Any:
+    """The first of `keys` that config.json sets (architectures name the same size apart)."""
+    return next((config[k] for k in keys if config.get(k)), None)
+
+
 def convert(source_path: Path, out_dir: Path) -> ModelConfig:
-    """Convert a HF folder or GGUF file into `out_dir` (written atomically)."""
-    src = load_source(source_path)
-    cfg = model_config_from_source(src)
-    if cfg.head_dim % 16:
-        raise ModelLoadError(f"head_dim {cfg.head_dim} is not a multiple of 16, which "
-                             "ONNX Runtime's GroupQueryAttention rotary needs")
+    """Convert a HF folder, GGUF file or Optimum export into `out_dir` (written atomically)."""
+    graph = optimum_graph(source_path)
+    if graph is None:
+        src = load_source(source_path)
+        cfg = model_config_from_source(src)
+        if cfg.head_dim % 16:
+            raise ModelLoadError(f"head_dim {cfg.head_dim} is not a multiple of 16, which "
+                                 "ONNX Runtime's GroupQueryAttention rotary needs")
+    else:
+        src = load_optimum_export(source_path, graph)
+        cfg = optimum_model_config(src, graph)
     logger.info("converting %s (%s, %d layers) to %s", source_path, cfg.architecture,
                 cfg.num_layers, out_dir)
-    model = build_graph(src, cfg, src.config)
+    # An Optimum export's graph is run as it is, from where it is.
+    model = build_graph(src, cfg, src.config) if graph is None else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
-        onnx.save_model(model, str(tmp / GRAPH_FILE), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=GRAPH_FILE + ".data",
-                        size_threshold=1024)
+        if model is not None:
+            onnx.save_model(model, str(tmp / GRAPH_FILE), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=GRAPH_FILE + ".data",
+                            size_threshold=1024)
         (tmp / TOKENIZER_FILE).write_text(src.tokenizer_json, encoding="utf-8")
         cfg.save(tmp)
         if out_dir.exists():
@@ -103,7 +214,9 @@ def convert(source_path: Path, out_dir: Path) -> ModelConfig:
 
 
 def is_converted(folder: Path) -> bool:
-    return (folder / MODEL_CONFIG_FILE).is_file() and (folder / GRAPH_FILE).is_file()
+    if not (folder / MODEL_CONFIG_FILE).is_file():
+        return False
+    return ModelConfig.load(folder).graph_file(folder).is_file()
 
 
 def resolve_model(model: str | None) -> Path:
