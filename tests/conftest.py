@@ -48,7 +48,8 @@ def build_hf_model(arch: str, folder: Path, **overrides: object) -> Path:
     kw: dict = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=1,
-                    eos_token_id=4, tie_word_embeddings=False, rope_theta=10000.0)
+                    eos_token_id=4, tie_word_embeddings=False, rope_theta=10000.0,
+                    initializer_range=0.2)  # the default 0.02 gives one token whatever the prompt
     kw.update(overrides)
     config_cls, model_cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),

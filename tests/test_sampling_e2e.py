@@ -61,11 +61,17 @@ def test_stop_string_at_the_very_start(llm: LLM, free_run: tuple[list[int], str]
 
 
 def test_first_completed_stop_string_wins(llm: LLM, free_run: tuple[list[int], str]) -> None:
-    _, text = free_run
-    early, late = text[3:6], text[5:12]  # overlapping; `early` completes first
+    ids, text = free_run
+    ends = [len(t) for t in _token_texts(llm, ids)]
+    # `early` ends with token k, `late` overlaps it and ends with token k + 1.
+    k = next(k for k in range(1, len(ends) - 1)
+             if ends[k - 1] >= 1 and ends[k] >= ends[k - 1] + 2 and ends[k + 1] > ends[k]
+             and text.find(text[ends[k] - 2:ends[k]]) == ends[k] - 2)
+    early, late = text[ends[k] - 2:ends[k]], text[ends[k] - 1:ends[k + 1]]
     params = greedy(stop=[late, early], skip_special_tokens=False)
     out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
-    assert out.stop_reason == early and out.text == text[:text.find(early)]
+    assert out.stop_reason == early and out.text == text[:ends[k] - 2]
+    assert out.token_ids == ids[:k + 1]
 
 
 def test_stop_token_ids_and_min_tokens(llm: LLM, free_run: tuple[list[int], str]) -> None:
