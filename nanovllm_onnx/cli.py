@@ -19,6 +19,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="HF checkpoint folder, GGUF file or converted folder "
                              "(default: SmolLM2-135M-Instruct)")
     defaults = EngineConfig()
+    parser.add_argument("--weights", choices=["fp32", "int8", "int4"], default=None,
+                        help="weight format when converting the model (default fp32)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int,
@@ -47,7 +49,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def cmd_convert(args: argparse.Namespace) -> None:
     from nanovllm_onnx.convert.converter import convert
 
-    cfg = convert(Path(args.source), Path(args.out))
+    cfg = convert(Path(args.source), Path(args.out), args.weights)
     print(f"converted {args.source} ({cfg.architecture}, {cfg.num_layers} layers) to {args.out}")
 
 
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("convert", help="convert a HF folder or GGUF file to this engine's ONNX")
     p.add_argument("source")
     p.add_argument("out")
+    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="int8: per-channel weights, dynamically quantized activations "
+                        "(fastest on batched steps); int4: block-wise MatMulNBits")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text for one prompt")

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from nanovllm_onnx.config import GRAPH_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig
-from nanovllm_onnx.convert.graph import build_graph
+from nanovllm_onnx.convert.graph import WEIGHT_FORMATS, build_graph
 from nanovllm_onnx.convert.source import (
     ModelLoadError,
     ModelSource,
@@ -179,12 +179,19 @@ def _first(config: dict, *keys: str) -> Any:
     return next((config[k] for k in keys if config.get(k)), None)
 
 
-def convert(source_path: Path, out_dir: Path) -> ModelConfig:
-    """Convert a HF folder, GGUF file or Optimum export into `out_dir` (written atomically)."""
+def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelConfig:
+    """Convert a HF folder, GGUF file or Optimum export into `out_dir` (written atomically).
+    `weights` (fp32, int8, int4) is the format of the projection, MLP and LM head weights."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
     graph = optimum_graph(source_path)
+    if graph is not None and weights != "fp32":
+        raise ModelLoadError(f"{source_path} is an Optimum export, which runs as exported: "
+                             "quantize it when exporting, or convert the HF checkpoint instead")
     if graph is None:
         src = load_source(source_path)
         cfg = model_config_from_source(src)
+        cfg.weights = weights
         if cfg.head_dim % 16:
             raise ModelLoadError(f"head_dim {cfg.head_dim} is not a multiple of 16, which "
                                  "ONNX Runtime's GroupQueryAttention rotary needs")
@@ -219,18 +226,24 @@ def is_converted(folder: Path) -> bool:
     return ModelConfig.load(folder).graph_file(folder).is_file()
 
 
-def resolve_model(model: str | None) -> Path:
-    """The converted folder for `model`, converting (once, cached) when needed."""
+def resolve_model(model: str | None, weights: str | None = None) -> Path:
+    """The converted folder for `model`, converting (once, cached) when needed. `weights`
+    picks the format to convert to (default fp32); a converted folder runs as it is."""
     from nanovllm_onnx.default_model import cache_dir, default_model_path
 
     path = default_model_path() if model is None else Path(model).expanduser()
     if path.is_dir() and is_converted(path):
+        have = ModelConfig.load(path).weights
+        if weights not in (None, have):
+            raise ValueError(f"{path} is already converted with {have} weights; convert the "
+                             f"source again with --weights {weights}")
         return path
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
-    out = cache_dir() / "converted" / f"{path.name}-{_source_key(path)}"
+    weights = weights or "fp32"
+    out = cache_dir() / "converted" / f"{path.name}-{weights}-{_source_key(path)}"
     if not is_converted(out):
-        convert(path, out)
+        convert(path, out, weights)
     return out
 
 

@@ -41,7 +41,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **engine_args: object) -> None:
         cfg = config if config is not None else EngineConfig(**engine_args)  # type: ignore[arg-type]
         self.config = cfg
-        model_dir = resolve_model(cfg.model)
+        model_dir = resolve_model(cfg.model, cfg.weights)
         self.model_config = mc = ModelConfig.load(model_dir)
         self.tokenizer = TextTokenizer(model_dir, mc)
         limit = mc.max_position_embeddings
