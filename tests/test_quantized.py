@@ -71,3 +71,21 @@ def test_quantized_model_stays_close_to_fp32(name: str, weights: str, bound: flo
 def test_converted_folder_keeps_its_weights(converted: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="already converted with fp32 weights"):
         LLM(str(converted["llama"]), weights="int8")
+
+
+def test_gguf_q4_blocks_are_kept_exactly() -> None:
+    """The default GGUF is Q4_1: its blocks become MatMulNBits weights as they are, so they
+    dequantize to exactly what the gguf package dequantizes (Q/K rows un-permuted alike)."""
+    from nanovllm_onnx.convert.gguf_source import load_gguf
+    from nanovllm_onnx.default_model import default_model_path
+
+    try:
+        src = load_gguf(default_model_path())
+    except RuntimeError as e:
+        pytest.skip(f"default model unavailable: {e}")
+    assert len(src.int4_blocks) == 30 * 7  # every projection of the 30 layers
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight"):
+        blocks, ref = src.int4_blocks[name], src.tensors[name]
+        dequantized = ((blocks.q - blocks.zero[..., None]) * blocks.scale[..., None])
+        np.testing.assert_allclose(dequantized.reshape(ref.shape), ref, atol=1e-6, rtol=1e-5)

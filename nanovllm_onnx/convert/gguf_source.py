@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .source import LazyTensors, ModelLoadError, ModelSource
+from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, QuantBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,11 @@ def load_gguf(path: Path) -> ModelSource:
     generation_config = {
         key: config[key] for key in ("bos_token_id", "eos_token_id") if config.get(key) is not None
     }
+    loaders, blocks = _weight_loaders(path, arch, config, tensors)
     return ModelSource(
         config=config,
-        tensors=LazyTensors(_weight_loaders(path, arch, config, tensors)),
+        tensors=LazyTensors(loaders),
+        int4_blocks=LazyMapping(blocks),
         tokenizer_json=tokenizer_json,
         tokenizer_config=tokenizer_config,
         generation_config=generation_config,
@@ -170,7 +172,8 @@ _BLOCK_TENSORS = {
 
 def _weight_loaders(
     path: Path, arch: str, config: dict, tensors: dict[str, ReaderTensor]
-) -> dict[str, Callable[[], np.ndarray]]:
+) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Callable[[], QuantBlocks]]]:
+    """Loaders of the dequantized weights, and of the 4-bit blocks of Q4_0/Q4_1 ones."""
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     q_dim, kv_dim = heads * config["head_dim"], kv_heads * config["head_dim"]
@@ -205,6 +208,7 @@ def _weight_loaders(
                 wanted[f"blk.{i}.{gguf_name}.bias"] = (f"model.layers.{i}.{hf_name}.bias", (rows,))
 
     loaders: dict[str, Callable[[], np.ndarray]] = {}
+    blocks: dict[str, Callable[[], QuantBlocks]] = {}
     for gguf_name, (hf_name, shape) in wanted.items():
         tensor = tensors.get(gguf_name)
         if tensor is None:
@@ -220,7 +224,37 @@ def _weight_loaders(
         elif arch == "llama" and ".attn_k." in gguf_name:
             permute_heads = kv_heads
         loaders[hf_name] = _tensor_loader(path, tensor, shape, permute_heads)
-    return loaders
+        if tensor.tensor_type in _Q4_ZERO:
+            blocks[hf_name] = _int4_loader(tensor, shape, permute_heads)
+    return loaders, blocks
+
+
+# Q4_0 block: fp16 d, 16 bytes of nibbles, w = (q - 8) d. Q4_1: fp16 d, fp16 m, nibbles,
+# w = q d + m = (q - (-m / d)) d. Low nibbles hold elements 0-15 of the block, high 16-31.
+_Q4_ZERO = {GGMLQuantizationType.Q4_0: None, GGMLQuantizationType.Q4_1: "min"}
+
+
+def _int4_loader(tensor: ReaderTensor, shape: tuple[int, ...],
+                 permute_heads: int | None) -> Callable[[], QuantBlocks]:
+    def load() -> QuantBlocks:
+        rows, cols = shape
+        raw = np.asarray(tensor.data).reshape(rows, cols // 32, -1)
+        header = 4 if _Q4_ZERO[tensor.tensor_type] else 2
+        d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        nibbles = raw[..., header:]
+        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+        if header == 4:
+            m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            d = np.where(d == 0, np.float32(1e-8), d)  # a constant block: all of it is m
+            zero = -m / d
+        else:
+            zero = np.full_like(d, 8.0)
+        parts = [q, d, zero]
+        if permute_heads is not None:
+            parts = [_unpermute_rows(p, permute_heads) for p in parts]
+        return QuantBlocks(*parts)
+
+    return load
 
 
 def _tensor_loader(

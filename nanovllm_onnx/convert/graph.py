@@ -20,13 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from nanovllm_onnx.config import ModelConfig
-from nanovllm_onnx.convert.source import ModelSource
+from nanovllm_onnx.convert.source import ModelSource, QuantBlocks
 
 MS = "com.microsoft"
 
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
-INT4_BLOCK = 32
+BLOCK = 32  # inputs per block of MatMulNBits weights
 
 
 class GraphBuilder:
@@ -53,9 +53,10 @@ class GraphBuilder:
                                            name=f"{op_type}_{self._count}", **attrs))
         return outputs
 
-    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None,
-               weights: str | None = None) -> str:
-        """x @ weight.T (+ bias); weight is HF's [out_features, in_features]."""
+    def linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks,
+               bias: np.ndarray | None = None, weights: str | None = None) -> str:
+        """x @ weight.T (+ bias); weight is HF's [out_features, in_features], or blocks that
+        are 4-bit already (int4 only)."""
         fmt = weights or self.weights
         if fmt == "int8":
             # Per-output-channel symmetric int8; activations quantized on the fly (the int8
@@ -68,33 +69,43 @@ class GraphBuilder:
                 inputs.append(self.const(name + ".bias", bias))
             (y,) = self.op("DynamicQuantizeMatMul", inputs, domain=MS)
             return y
-        if fmt == "int4":
-            (y,) = self.op("MatMulNBits", [x, *self._int4(name, weight)], domain=MS,
-                           K=weight.shape[1], N=weight.shape[0], bits=4, block_size=INT4_BLOCK,
-                           accuracy_level=4)
+        if fmt in ("int4", "int8_block"):
+            # Block-wise weights; accuracy level 4 quantizes activations per block of 32 too.
+            bits = 4 if fmt == "int4" else 8
+            blocks = weight if isinstance(weight, QuantBlocks) else _quantize_blocks(weight, bits)
+            n, num_blocks, _ = blocks.q.shape
+            k = weight.shape[1] if isinstance(weight, np.ndarray) else num_blocks * BLOCK
+            packed = blocks.q if bits == 8 else blocks.q[..., 0::2] | (blocks.q[..., 1::2] << 4)
+            inputs = [x, self.const(name, packed),
+                      self.const(name + ".scale", blocks.scale.reshape(-1))]
+            if np.any(blocks.zero != 2 ** (bits - 1)):  # else the op's default zero point
+                inputs.append(self.const(name + ".zero", blocks.zero.reshape(-1)))
+            (y,) = self.op("MatMulNBits", inputs, domain=MS, K=k, N=n,
+                           bits=bits, block_size=BLOCK, accuracy_level=4)
         else:
             (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
 
-    def _int4(self, name: str, weight: np.ndarray) -> list[str]:
-        """Block-wise symmetric 4-bit (MatMulNBits layout: [N, blocks, 16 bytes], zero point 8)."""
-        n, k = weight.shape
-        blocks = -(-k // INT4_BLOCK)
-        w = np.zeros((n, blocks * INT4_BLOCK), np.float32)
-        w[:, :k] = weight
-        w = w.reshape(n, blocks, INT4_BLOCK)
-        scale = np.maximum(np.abs(w).max(axis=-1), 1e-12) / 7.0
-        q = (np.clip(np.round(w / scale[..., None]), -8, 7) + 8).astype(np.uint8)
-        packed = q[..., 0::2] | (q[..., 1::2] << 4)
-        return [self.const(name, packed), self.const(name + ".scale",
-                                                     scale.reshape(-1).astype(np.float32))]
-
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
                        axis=-1, epsilon=eps, stash_type=1)
         return y
+
+
+def _quantize_blocks(weight: np.ndarray, bits: int) -> QuantBlocks:
+    """Symmetric `bits`-bit over blocks of 32 inputs (zero point 2^(bits-1)), K padded to
+    whole blocks."""
+    n, k = weight.shape
+    blocks = -(-k // BLOCK)
+    w = np.zeros((n, blocks * BLOCK), np.float32)
+    w[:, :k] = weight
+    w = w.reshape(n, blocks, BLOCK)
+    top = 2 ** (bits - 1)
+    scale = (np.maximum(np.abs(w).max(axis=-1), 1e-12) / (top - 1)).astype(np.float32)
+    q = (np.clip(np.round(w / scale[..., None]), -top, top - 1) + top).astype(np.uint8)
+    return QuantBlocks(q, scale, np.full_like(scale, float(top)))
 
 
 def rotary_cache(head_dim: int, max_pos: int, theta: float, scaling: dict | None) -> np.ndarray:
@@ -127,6 +138,12 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
     q_size, kv_size = heads * hd, kv_heads * hd
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
 
+    def stacked(names: list[str]) -> np.ndarray | QuantBlocks:
+        """The named weights stacked by rows; for int4, GGUF's own 4-bit blocks if it has them."""
+        if cfg.weights == "int4" and all(n in src.int4_blocks for n in names):
+            return QuantBlocks.concat([src.int4_blocks[n] for n in names])
+        return np.concatenate([w[n] for n in names])
+
     cos_sin = rotary_cache(hd, cfg.max_position_embeddings, float(hf.get("rope_theta", 10000.0)),
                            hf.get("rope_scaling"))
     cos, sin = g.const("rotary.cos", cos_sin[0]), g.const("rotary.sin", cos_sin[1])
@@ -152,7 +169,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
         else:
             h, residual = _skip_norm(g, x, residual, f"{p}.input_layernorm.weight",
                                      w[f"{p}.input_layernorm.weight"], eps)
-        qkv_w = np.concatenate([w[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"])
+        qkv_w = stacked([f"{p}.self_attn.{n}_proj.weight" for n in "qkv"])
         qkv_b = None
         if f"{p}.self_attn.q_proj.bias" in w:
             qkv_b = np.concatenate([w[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv"])
@@ -175,16 +192,21 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
         g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key.{i}", f"present_value.{i}"
         (attn,) = g.op("Reshape", [attn, flat_shape])
         (attn,) = g.op("Gather", [attn, "unpad_index"])
-        o = g.linear(attn, f"{p}.self_attn.o_proj.weight", w[f"{p}.self_attn.o_proj.weight"])
+        o_name = f"{p}.self_attn.o_proj.weight"
+        o = g.linear(attn, o_name, stacked([o_name]))
         h, residual = _skip_norm(g, o, residual, f"{p}.post_attention_layernorm.weight",
                                  w[f"{p}.post_attention_layernorm.weight"], eps)
-        gate_up_w = np.concatenate([w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"]])
+        gate_up_w = stacked([f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"])
         gate_up = g.linear(h, f"{p}.mlp.gate_up_proj.weight", gate_up_w)
         gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
         (act,) = g.op("Sigmoid", [gate])
         (act,) = g.op("Mul", [gate, act])
         (act,) = g.op("Mul", [act, up])
-        x = g.linear(act, f"{p}.mlp.down_proj.weight", w[f"{p}.mlp.down_proj.weight"])
+        # SiLU(gate) * up has outlier channels that one per-tensor activation scale
+        # flattens (perplexity +30% on SmolLM2): int8 keeps this one block-wise.
+        down = f"{p}.mlp.down_proj.weight"
+        x = g.linear(act, down, stacked([down]),
+                     weights="int8_block" if cfg.weights == "int8" else None)
 
     (last,) = g.op("Add", [x, residual])
     (last,) = g.op("Gather", [last, "logits_index"])

@@ -11,28 +11,53 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class ModelLoadError(ValueError):
     """A model folder or file that cannot be used, with what is wrong in it."""
 
 
-class LazyTensors(Mapping[str, np.ndarray]):
-    """HF-named weights, each read (and dequantized) only when asked for."""
+class LazyMapping(Mapping[str, T]):
+    """Values read only when asked for."""
 
-    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]]) -> None:
+    def __init__(self, loaders: dict[str, Callable[[], T]]) -> None:
         self._loaders = loaders
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
+    def __getitem__(self, name: str) -> T:
+        return self._loaders[name]()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._loaders)
 
     def __len__(self) -> int:
         return len(self._loaders)
+
+
+class LazyTensors(LazyMapping[np.ndarray]):
+    """HF-named weights, each read (and dequantized) only when asked for, as float32."""
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
+
+
+@dataclass
+class QuantBlocks:
+    """Quantized weights in blocks of 32 along the input dimension, w = (q - zero) * scale:
+    MatMulNBits' layout, and GGUF's Q4_0/Q4_1 one (kept as they are: no second rounding)."""
+
+    q: np.ndarray  # uint8 [out_features, blocks, 32], 0..15 for 4 bits
+    scale: np.ndarray  # float32 [out_features, blocks]
+    zero: np.ndarray  # float32 [out_features, blocks]
+
+    @staticmethod
+    def concat(parts: list[QuantBlocks]) -> QuantBlocks:
+        return QuantBlocks(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("q", "scale", "zero")))
 
 
 @dataclass
@@ -42,6 +67,8 @@ class ModelSource:
     tokenizer_json: str  # the tokenizers library's JSON
     tokenizer_config: dict = field(default_factory=dict)  # chat_template, bos/eos, add_bos_token
     generation_config: dict = field(default_factory=dict)
+    # Weights already in 4-bit blocks (GGUF Q4_0/Q4_1), by HF name, read when asked for.
+    int4_blocks: Mapping[str, QuantBlocks] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,185 @@
+"""Load test for `nano-vllm-onnx serve`: N concurrent streaming clients on loopback.
+
+For each concurrency level, clients send streaming completions (greedy, ignore_eos, so every
+request generates exactly --max-tokens) until --requests are done or --duration passes, then
+it reports requests/s, output tokens/s, and TTFT and TPOT percentiles.
+
+    python benchmarks/serve_load.py --concurrency 1 8 32          # starts the default model
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+START_TIMEOUT_S = 600  # the first run may convert the default model
+
+
+@dataclass
+class Results:
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    errors: int = 0
+
+    @property
+    def completed(self) -> int:
+        return len(self.ttft)
+
+
+async def one_request(http: httpx.AsyncClient, body: dict, results: Results) -> None:
+    start = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if chunk["choices"] and first is None:
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, RuntimeError) as e:
+        results.errors += 1
+        print(f"  request failed: {e}", file=sys.stderr)
+        return
+    end = time.perf_counter()
+    if first is None:
+        results.errors += 1
+        return
+    results.ttft.append(first - start)
+    if tokens > 1:
+        results.tpot.append((end - first) / (tokens - 1))
+    results.output_tokens += tokens
+
+
+async def run_level(url: str, headers: dict[str, str], concurrency: int, num_requests: int,
+                    duration: float, max_tokens: int, prompt: str) -> tuple[Results, float]:
+    results = Results()
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
+                                 limits=limits) as http:
+        start = time.perf_counter()
+        deadline = start + duration
+
+        async def client() -> None:
+            nonlocal issued
+            while issued < num_requests and time.perf_counter() < deadline:
+                # A distinct start per request, so the prefix cache does not skip the prompt.
+                body = {"prompt": f"{issued}. {prompt}", "max_tokens": max_tokens,
+                        "temperature": 0, "ignore_eos": True, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                issued += 1
+                await one_request(http, body, results)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    p50, p95, p99 = np.percentile(np.array(values) * 1000, [50, 95, 99])
+    return f"{p50:7.1f} {p95:7.1f} {p99:7.1f}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def started_server(model: str | None, extra: list[str], headers: dict[str, str]
+                   ) -> Iterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "nanovllm_onnx.cli", "serve", *([model] if model else []),
+           "--port", str(port), "--log-level", "warning", *extra]
+    print("starting:", shlex.join(cmd), file=sys.stderr)
+    process = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"the server exited with code {process.returncode}")
+            try:
+                if httpx.get(f"{url}/health", headers=headers, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not start in time")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="a running server (default: start one)")
+    parser.add_argument("--model", default=None, help="model for the started server")
+    parser.add_argument("--server-args", default="",
+                        help="more arguments for the started server, e.g. '--max-num-seqs 64'")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per level (default: 4 per client, at least 8)")
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds per level at most; requests running then still finish")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt", default="Write a short story about a robot who learns "
+                                            "to paint, in the style of a fairy tale.")
+    args = parser.parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+    with (started_server(args.model, shlex.split(args.server_args), headers) if args.url is None
+          else _given(args.url)) as url:
+        # Warm up (first-call allocations, caches) outside the measurement.
+        asyncio.run(run_level(url, headers, 1, 1, args.duration, 8, args.prompt))
+        print(f"{'clients':>7} {'done':>5} {'errors':>6} {'req/s':>7} {'out tok/s':>9}   "
+              f"{'TTFT ms p50     p95     p99':>27}   {'TPOT ms p50     p95     p99':>27}")
+        for concurrency in args.concurrency:
+            num_requests = args.requests or max(8, 4 * concurrency)
+            results, elapsed = asyncio.run(run_level(url, headers, concurrency, num_requests,
+                                                     args.duration, args.max_tokens,
+                                                     args.prompt))
+            print(f"{concurrency:7d} {results.completed:5d} {results.errors:6d} "
+                  f"{results.completed / elapsed:7.2f} {results.output_tokens / elapsed:9.1f}   "
+                  f"{_ms(results.ttft):>27}   {_ms(results.tpot):>27}", flush=True)
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url.rstrip("/")
+
+
+if __name__ == "__main__":
+    main()

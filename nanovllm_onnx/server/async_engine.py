@@ -1,0 +1,309 @@
+"""The engine in one background thread that owns it; asyncio handlers talk to it by queues.
+
+LLMEngine is not thread-safe, so only the engine thread touches it. Handlers put commands (add,
+abort) on a thread-safe queue; the thread applies them between steps, steps, and hands each
+request's outputs to that request's asyncio queue with call_soon_threadsafe. The event loop never
+waits on inference, and nothing a request does can stop the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from nanovllm_onnx.engine.llm_engine import LLMEngine
+from nanovllm_onnx.outputs import RequestOutput
+from nanovllm_onnx.sampling_params import SamplingParams
+from nanovllm_onnx.server.metrics import EngineStats, ServerMetrics
+from nanovllm_onnx.server.protocol import APIError, Prompt, bad_request, param_in, server_error
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ChatPrompt:
+    """A conversation, rendered by the chat template in the engine thread (its tokenizer's)."""
+
+    messages: list[dict[str, str]]
+    add_generation_prompt: bool = True
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompts: Sequence[Prompt | ChatPrompt]
+    params: SamplingParams
+    prompt_param: str  # the request field to name when a prompt is refused
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+_STOP = object()
+# What the engine thread sends a stream: the prompt token count once admitted, then
+# (prompt index, output) pairs; or an error.
+_Item = int | tuple[int, RequestOutput] | APIError
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self.stats = EngineStats()  # replaced whole by the engine thread: readers see a snapshot
+        self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
+        # Engine-thread state: where each engine request's outputs go, and its token count so far.
+        self._routes: dict[str, tuple[RequestStream, int]] = {}
+        self._num_tokens: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._commands.put(_STOP)
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- event loop side -------------------------------------------------------------------
+
+    async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],
+                     params: SamplingParams, prompt_param: str) -> RequestStream:
+        """Queue a request (one engine request per prompt); return once the engine took it.
+        Raises APIError: 400 for a bad prompt, 503 when too many requests wait."""
+        needed = len(prompts) * params.n
+        if needed > self.max_waiting:
+            raise bad_request(f"the request asks for {needed} sequences; this server queues at "
+                              f"most {self.max_waiting}", "n")
+        if not self.is_alive():
+            raise APIError(503, "the engine is not running", type="server_error",
+                           code="unavailable")
+        stream = RequestStream(self, request_id, len(prompts))
+        self._commands.put(_Add(stream, prompts, params, prompt_param))
+        try:
+            await stream.wait_admitted()
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._commands.put(_Abort(request_ids))
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._apply_commands(block=not self.engine.has_unfinished_requests()):
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._publish_stats()
+        except Exception:  # a bug here; /health reports the dead thread
+            logger.critical("the engine thread died", exc_info=True)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command (waiting for one if block); False once told to stop."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while command is not _STOP:
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self._abort(command.request_ids)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+        return False
+
+    def _add(self, command: _Add) -> None:
+        engine, stream = self.engine, command.stream
+        if len(engine.scheduler.waiting) + len(command.prompts) * command.params.n > \
+                self.max_waiting:
+            stream.deliver(APIError(
+                503, "the server is overloaded: too many requests are waiting; retry later",
+                type="server_error", code="overloaded",
+                headers={"Retry-After": str(RETRY_AFTER_S)}))
+            return
+        added: list[str] = []
+        try:
+            for request_id, prompt in zip(stream.engine_ids, command.prompts):
+                if isinstance(prompt, ChatPrompt):
+                    prompt = engine.tokenizer.chat_prompt_ids(prompt.messages,
+                                                              prompt.add_generation_prompt)
+                engine.add_request(request_id, prompt, command.params)
+                added.append(request_id)
+        except Exception as e:  # all of the request's prompts run, or none
+            engine.abort_request(added)
+            if isinstance(e, ValueError):
+                stream.deliver(bad_request(str(e), param_in(e) or command.prompt_param))
+            else:
+                logger.exception("request %s could not be added", stream.request_id)
+                stream.deliver(server_error("the engine could not add the request"))
+            return
+        prompt_tokens = sum(len(engine.requests[r].prompt_token_ids) for r in added)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        for index, request_id in enumerate(added):
+            self._routes[request_id] = (stream, index)
+            self._num_tokens[request_id] = 0
+        stream.deliver(prompt_tokens)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._routes.pop(request_id, None)
+            self._num_tokens.pop(request_id, None)
+        try:
+            self.engine.abort_request(request_ids)
+        except Exception:  # keep the engine thread alive; these requests are gone anyway
+            logger.exception("aborting requests %s failed", request_ids)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            logger.exception("engine step failed; failing its requests and carrying on")
+            self._fail_step()
+            return
+        sampled = 0  # each sequence that sampled this step added exactly one token
+        for output in outputs:
+            request_id = output.request_id
+            num_tokens = sum(len(c.token_ids) for c in output.outputs)
+            sampled += num_tokens - self._num_tokens.get(request_id, 0)
+            if output.finished:
+                route = self._routes.pop(request_id, None)
+                self._num_tokens.pop(request_id, None)
+            else:
+                route = self._routes.get(request_id)
+                self._num_tokens[request_id] = num_tokens
+            if route is not None:
+                stream, index = route
+                stream.deliver((index, output))
+        if sampled:
+            self.metrics.generation_tokens.inc(sampled)
+            self.metrics.batch_size.observe(sampled)
+
+    def _fail_step(self) -> None:
+        """Abort the requests of the failed step. If none was running, the step failed before
+        its batch formed: fail every request, or the same failure would repeat forever."""
+        failed = {seq.request_id for seq in self.engine.scheduler.running}
+        for request_id in failed or set(self.engine.requests):
+            route = self._routes.get(request_id)
+            self._abort([request_id])
+            if route is not None:
+                route[0].deliver(server_error("the engine failed while running this request"))
+
+    def _publish_stats(self) -> None:
+        bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        self.stats = EngineStats(
+            running=len(scheduler.running), waiting=len(scheduler.waiting),
+            kv_cache_usage=bm.num_seq_blocks / bm.num_blocks,
+            prefix_cache_blocks=len(bm.cached), prefix_cache_hits=bm.prefix_hits,
+            prefix_cache_queries=bm.prefix_queries, preemptions=scheduler.num_preemptions,
+            steps=self.engine.num_steps,
+        )
+
+
+class RequestStream:
+    """One HTTP request's engine requests (one per prompt), as seen from the event loop."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, num_prompts: int) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self.engine_ids = [f"{request_id}-{i}" for i in range(num_prompts)]
+        self.outputs: list[RequestOutput | None] = [None] * num_prompts  # latest of each
+        self.prompt_tokens = 0
+        self.finished = False
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._start = time.perf_counter()
+        self._first_token: float | None = None
+        self._last_token = 0.0
+        self._admitted = self._failed = self._closed = False
+
+    def deliver(self, item: _Item) -> None:
+        """Called by the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop is closed: the server is shutting down
+
+    async def wait_admitted(self) -> None:
+        item = await self._queue.get()
+        if isinstance(item, APIError):
+            raise item
+        assert isinstance(item, int)
+        self.prompt_tokens = item
+        self._admitted = True
+
+    async def updates(self) -> AsyncIterator[list[RequestOutput | None]]:
+        """The latest output of every prompt after each change, until all are finished.
+        Raises APIError if the engine failed the request."""
+        while not self.finished:
+            self._take(await self._queue.get())
+            while not self._queue.empty():  # outputs are cumulative: skip to the newest
+                self._take(self._queue.get_nowait())
+            yield self.outputs
+
+    async def final(self) -> list[RequestOutput]:
+        async for _ in self.updates():
+            pass
+        return [out for out in self.outputs if out is not None]
+
+    def _take(self, item: _Item) -> None:
+        if isinstance(item, APIError):
+            self._failed = True
+            raise item
+        assert isinstance(item, tuple)
+        index, output = item
+        self._last_token = time.perf_counter()
+        if self._first_token is None:
+            self._first_token = self._last_token
+        self.outputs[index] = output
+        self.finished = all(out is not None and out.finished for out in self.outputs)
+
+    def close(self) -> None:
+        """Abort whatever still runs (the client left or the request failed); then log the
+        request and record its metrics. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished:
+            self._engine.abort(self.engine_ids)
+        if not self._admitted:
+            return  # refused: the error response is logged instead
+        choices = [c for out in self.outputs if out is not None for c in out.outputs]
+        if self._failed:
+            reasons = ["error"]
+        elif not self.finished:
+            reasons = ["abort"]
+        else:
+            reasons = [c.finish_reason or "abort" for c in choices]
+        metrics = self._engine.metrics
+        for reason in reasons:
+            metrics.requests_finished.inc(label_value=reason)
+        total = time.perf_counter() - self._start
+        metrics.e2e.observe(total)
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        ttft = "-"
+        if self._first_token is not None:
+            metrics.ttft.observe(self._first_token - self._start)
+            ttft = f"{self._first_token - self._start:.3f}s"
+            longest = max(len(c.token_ids) for c in choices)
+            if longest > 1:
+                metrics.tpot.observe((self._last_token - self._first_token) / (longest - 1))
+        logger.info("%s: prompt_tokens=%d completion_tokens=%d ttft=%s total=%.3fs finish=%s",
+                    self.request_id, self.prompt_tokens, completion_tokens, ttft, total,
+                    ",".join(sorted(set(reasons))))
