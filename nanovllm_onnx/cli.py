@@ -35,8 +35,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         default=defaults.inter_op_num_threads)
     parser.add_argument("--graph-optimization-level", default=defaults.graph_optimization_level,
                         choices=["disable", "basic", "extended", "all"])
+    parser.add_argument("--execution-mode", default=defaults.execution_mode,
+                        choices=["sequential", "parallel"])
+    parser.add_argument("--no-mem-pattern", dest="enable_mem_pattern", action="store_false")
+    parser.add_argument("--no-cpu-mem-arena", dest="enable_cpu_mem_arena", action="store_false")
     parser.add_argument("--providers", default="cpu",
-                        help="comma-separated execution providers in order, e.g. cuda,cpu")
+                        help="comma-separated execution providers in order, e.g. cuda,cpu "
+                             "(a missing one is skipped with a warning; CPU is always last)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -83,10 +88,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
           log_level=args.serve_log_level)
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from nanovllm_onnx.doctor import report
+
+    print(report())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nano-vllm-onnx", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO",
+                        help="logs go to stderr; INFO shows the KV budget, providers, threads")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="print versions, providers, CPU features, threads")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("convert", help="convert a HF folder or GGUF file to this engine's ONNX")
     p.add_argument("source")

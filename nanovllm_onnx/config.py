@@ -66,6 +66,9 @@ class EngineConfig:
     intra_op_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     inter_op_num_threads: int = 1
     graph_optimization_level: str = "all"  # disable | basic | extended | all
+    execution_mode: str = "sequential"  # sequential | parallel (inter-op threads then matter)
+    enable_mem_pattern: bool = True
+    enable_cpu_mem_arena: bool = True
     providers: list[str] = field(default_factory=lambda: ["cpu"])
 
     def __post_init__(self) -> None:
@@ -81,6 +84,9 @@ class EngineConfig:
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid engine argument {name}={getattr(self, name)!r}")
+        if self.execution_mode not in ("sequential", "parallel"):
+            raise ValueError(f"execution_mode must be sequential or parallel; "
+                             f"got {self.execution_mode!r}")
         if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
             raise ValueError(
                 "graph_optimization_level must be one of disable, basic, extended, all; "

@@ -57,22 +57,34 @@ def make_session(graph: Path, cfg: EngineConfig) -> ort.InferenceSession:
     opts.intra_op_num_threads = cfg.intra_op_num_threads
     opts.inter_op_num_threads = cfg.inter_op_num_threads
     opts.graph_optimization_level = OPT_LEVELS[cfg.graph_optimization_level]
+    opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if cfg.execution_mode == "parallel"
+                           else ort.ExecutionMode.ORT_SEQUENTIAL)
+    opts.enable_mem_pattern = cfg.enable_mem_pattern
+    opts.enable_cpu_mem_arena = cfg.enable_cpu_mem_arena
+    session = ort.InferenceSession(str(graph), opts, providers=select_providers(cfg.providers))
+    logger.info("ONNX Runtime %s: providers %s, %d intra-op / %d inter-op threads, %s execution, "
+                "graph optimization %s", ort.__version__, ", ".join(session.get_providers()),
+                cfg.intra_op_num_threads, cfg.inter_op_num_threads, cfg.execution_mode,
+                cfg.graph_optimization_level)
+    return session
+
+
+def select_providers(names: list[str]) -> list[str]:
+    """The asked-for execution providers this onnxruntime has, in order, then CPU; one
+    warning for each that is missing (e.g. cuda without onnxruntime-gpu and a GPU)."""
     available = ort.get_available_providers()
     providers = []
-    for name in cfg.providers:
+    for name in names:
         full = PROVIDERS.get(name.lower(), name)
         if full in available:
             providers.append(full)
         else:
-            logger.warning("execution provider %s is not available here (available: %s); "
-                           "falling back", full, ", ".join(available))
+            logger.warning("execution provider %s is not available (this onnxruntime has %s); "
+                           "running on the next one, CPU at the latest", full,
+                           ", ".join(available))
     if "CPUExecutionProvider" not in providers:
         providers.append("CPUExecutionProvider")
-    session = ort.InferenceSession(str(graph), opts, providers=providers)
-    logger.info("ONNX Runtime %s, providers %s, %d intra-op / %d inter-op threads",
-                ort.__version__, session.get_providers(), cfg.intra_op_num_threads,
-                cfg.inter_op_num_threads)
-    return session
+    return providers
 
 
 class ModelRunner:

@@ -1,0 +1,57 @@
+"""Execution providers, session options and `doctor`, as the guide's workflow uses them."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanovllm_onnx import LLM, SamplingParams
+from tests.conftest import random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def test_cuda_falls_back_to_cpu_with_one_warning(converted: dict[str, Path],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    prompts = random_prompts(3, seed=4)
+    expected = LLM(str(converted["llama"])).generate(prompts, GREEDY, use_tqdm=False)
+    with caplog.at_level(logging.INFO):
+        llm = LLM(str(converted["llama"]), providers=["cuda", "cpu"])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "CUDAExecutionProvider is not available" in warnings[0].message
+    assert llm.llm_engine.runner.session.get_providers() == ["CPUExecutionProvider"]
+    threads = llm.llm_engine.config.intra_op_num_threads
+    assert any(f"providers CPUExecutionProvider, {threads} intra-op" in r.getMessage()
+               for r in caplog.records)
+    got = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_session_options_reach_onnx_runtime(converted: dict[str, Path]) -> None:
+    llm = LLM(str(converted["llama"]), intra_op_num_threads=1, inter_op_num_threads=2,
+              execution_mode="parallel", graph_optimization_level="basic",
+              enable_mem_pattern=False, enable_cpu_mem_arena=False)
+    opts = llm.llm_engine.runner.session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 2)
+    assert str(opts.execution_mode).endswith("ORT_PARALLEL")
+    assert str(opts.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
+    assert not opts.enable_mem_pattern and not opts.enable_cpu_mem_arena
+    assert len(llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 16
+
+
+def test_bad_session_option_is_named() -> None:
+    with pytest.raises(ValueError, match="execution_mode"):
+        LLM("unused", execution_mode="turbo")
+
+
+def test_doctor_reports_versions_providers_and_cpu() -> None:
+    out = subprocess.run([sys.executable, "-m", "nanovllm_onnx.cli", "doctor"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for expected in ("onnxruntime 1.", "execution providers: ", "CPUExecutionProvider",
+                     "cpu: ", "threads (defaults): "):
+        assert expected in out.stdout
