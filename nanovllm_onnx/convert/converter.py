@@ -201,7 +201,7 @@ def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelCon
     logger.info("converting %s (%s, %d layers) to %s", source_path, cfg.architecture,
                 cfg.num_layers, out_dir)
     # An Optimum export's graph is run as it is, from where it is.
-    model = build_graph(src, cfg, src.config) if graph is None else None
+    model = build_graph(src, cfg) if graph is None else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:

@@ -129,9 +129,8 @@ def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     return np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
-                quantize_lm_head: bool = True) -> onnx.ModelProto:
-    w = src.tensors
+def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
+    w, hf = src.tensors, src.config
     g = GraphBuilder(cfg.weights)
     eps = float(hf.get("rms_norm_eps", 1e-6))
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -152,11 +151,12 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
     zero_shape = g.const("qkv_zero_shape", np.array([1, q_size + 2 * kv_size]))
     (zero_row,) = g.op("ConstantOfShape", [zero_shape],
                        value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
-    (b_s_shape,) = g.op("Shape", ["past_key.0"], start=0, end=1)
     # [B, S, -1]: B from the bound cache rows, S = len(pad_index) / B.
+    (batch_dim,) = g.op("Shape", ["past_key.0"], start=0, end=1)
     (n_pad,) = g.op("Shape", ["pad_index"])
-    (s_dim,) = g.op("Div", [n_pad, b_s_shape])
-    (bs_shape,) = g.op("Concat", [b_s_shape, s_dim, g.const("minus_one", np.array([-1]))], axis=0)
+    (s_dim,) = g.op("Div", [n_pad, batch_dim])
+    (padded_shape,) = g.op("Concat", [batch_dim, s_dim, g.const("minus_one", np.array([-1]))],
+                           axis=0)
     flat_shape = g.const("flat_shape", np.array([-1, q_size]))
 
     residual: str | None = None
@@ -178,7 +178,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
             qkv = _qk_norm(g, qkv, p, w, heads, kv_heads, hd, eps)
         (qkv_z,) = g.op("Concat", [qkv, zero_row], axis=0)
         (padded,) = g.op("Gather", [qkv_z, "pad_index"])
-        (padded,) = g.op("Reshape", [padded, bs_shape])
+        (padded,) = g.op("Reshape", [padded, padded_shape])
         split = g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size]))
         q, k, v = g.op("Split", [padded, split], n_out=3, axis=-1)
         attn, _, _ = g.op(
@@ -212,7 +212,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig, hf: dict,
     (last,) = g.op("Gather", [last, "logits_index"])
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
     tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
-    if quantize_lm_head and cfg.weights != "fp32":
+    if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step
         head = embed if tied else w["lm_head.weight"]
         g.linear(last, "lm_head.weight.q", head)
     elif tied:  # reuse the embedding table, transposed by Gemm rather than copied
