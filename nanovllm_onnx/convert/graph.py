@@ -2,8 +2,8 @@
 
 Layout of a step (T packed tokens, B cache rows, S = longest query in the step):
 - Embedding, projections and MLP run on the T packed tokens: no padding waste.
-- Around attention, `pad_index` gathers the packed Q/K/V into GroupQueryAttention's
-  [B, S] layout (index T is a zero row) and `unpad_index` gathers the result back.
+- Around attention, `pad_index` gathers the packed QKV into GroupQueryAttention's
+  [B, S] layout and `unpad_index` (row, position) gathers the result back.
 - GroupQueryAttention does rotary itself and writes the new K/V in place into the
   cache rows bound through IOBinding; `query_seqlens` makes rows ragged (decode,
   prefill, prefill chunk on top of a cache, idle).
@@ -78,10 +78,21 @@ class GraphBuilder:
             packed = blocks.q if bits == 8 else blocks.q[..., 0::2] | (blocks.q[..., 1::2] << 4)
             inputs = [x, self.const(name, packed),
                       self.const(name + ".scale", blocks.scale.reshape(-1))]
-            if np.any(blocks.zero != 2 ** (bits - 1)):  # else the op's default zero point
-                inputs.append(self.const(name + ".zero", blocks.zero.reshape(-1)))
             (y,) = self.op("MatMulNBits", inputs, domain=MS, K=k, N=n,
                            bits=bits, block_size=BLOCK, accuracy_level=4)
+            # MatMulNBits' fast kernels want the default zero point 2^(bits-1); float zero
+            # points (GGUF's Q4_1 minimums) run ~50x slower at one row. So the weights go in
+            # with the default one and the rest, (default - zero) * scale per block, is added
+            # as block sums of x times that per-block offset: exact, and 1/32 of the work.
+            offset = (2 ** (bits - 1) - blocks.zero) * blocks.scale  # [N, blocks]
+            if np.any(offset != 0):
+                (sums,) = self.op("Reshape", [x, self.const(name + ".blocks",
+                                                           np.array([-1, num_blocks, BLOCK]))])
+                (sums,) = self.op("ReduceSum", [sums, self.const(name + ".axis", np.array([-1]))],
+                                  keepdims=0)
+                (shift,) = self.op("MatMul", [sums, self.const(name + ".offset",
+                                                                np.ascontiguousarray(offset.T))])
+                (y,) = self.op("Add", [y, shift])
         else:
             (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
         if bias is not None:
@@ -134,7 +145,6 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
     g = GraphBuilder(cfg.weights)
     eps = float(hf.get("rms_norm_eps", 1e-6))
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q_size, kv_size = heads * hd, kv_heads * hd
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
 
     def stacked(names: list[str]) -> np.ndarray | QuantBlocks:
@@ -148,17 +158,6 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
     cos, sin = g.const("rotary.cos", cos_sin[0]), g.const("rotary.sin", cos_sin[1])
     embed = w["model.embed_tokens.weight"]
     (x,) = g.op("Gather", [g.const("model.embed_tokens.weight", embed), "input_ids"])
-    zero_shape = g.const("qkv_zero_shape", np.array([1, q_size + 2 * kv_size]))
-    (zero_row,) = g.op("ConstantOfShape", [zero_shape],
-                       value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
-    # [B, S, -1]: B from the bound cache rows, S = len(pad_index) / B.
-    (batch_dim,) = g.op("Shape", ["past_key.0"], start=0, end=1)
-    (n_pad,) = g.op("Shape", ["pad_index"])
-    (s_dim,) = g.op("Div", [n_pad, batch_dim])
-    (padded_shape,) = g.op("Concat", [batch_dim, s_dim, g.const("minus_one", np.array([-1]))],
-                           axis=0)
-    flat_shape = g.const("flat_shape", np.array([-1, q_size]))
-
     residual: str | None = None
     pre = "model.layers"
     for i in tqdm(range(cfg.num_layers), desc="Building graph", unit="layer"):
@@ -176,22 +175,19 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj.weight", qkv_w, qkv_b)
         if qk_norm:
             qkv = _qk_norm(g, qkv, p, w, heads, kv_heads, hd, eps)
-        (qkv_z,) = g.op("Concat", [qkv, zero_row], axis=0)
-        (padded,) = g.op("Gather", [qkv_z, "pad_index"])
-        (padded,) = g.op("Reshape", [padded, padded_shape])
-        split = g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size]))
-        q, k, v = g.op("Split", [padded, split], n_out=3, axis=-1)
+        # Packed QKV straight into GQA's [rows, longest query] layout: pad_index [B, S]
+        # picks each row's tokens; padding (past a row's query_seqlens) is never read.
+        (padded,) = g.op("Gather", [qkv, "pad_index"])
         attn, _, _ = g.op(
             "GroupQueryAttention",
-            [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length",
-             cos, sin, "", "", "", "", "", "", "", "query_seqlens"],
+            [padded, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+             "total_sequence_length", cos, sin, "", "", "", "", "", "", "", "query_seqlens"],
             n_out=3, domain=MS, num_heads=heads, kv_num_heads=kv_heads,
             do_rotary=1, rotary_interleaved=0, scale=float(hd) ** -0.5,
         )
         # Route the present outputs to the graph outputs bound to the same buffers.
         g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key.{i}", f"present_value.{i}"
-        (attn,) = g.op("Reshape", [attn, flat_shape])
-        (attn,) = g.op("Gather", [attn, "unpad_index"])
+        (attn,) = g.op("GatherND", [attn, "unpad_index"])  # (row, position) of each token
         o_name = f"{p}.self_attn.o_proj.weight"
         o = g.linear(attn, o_name, stacked([o_name]))
         h, residual = _skip_norm(g, o, residual, f"{p}.post_attention_layernorm.weight",
@@ -253,8 +249,8 @@ def _make_model(g: GraphBuilder, cfg: ModelConfig) -> onnx.ModelProto:
     i64, i32, f32 = TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["tokens"]),
-        helper.make_tensor_value_info("pad_index", i64, ["padded_tokens"]),
-        helper.make_tensor_value_info("unpad_index", i64, ["tokens"]),
+        helper.make_tensor_value_info("pad_index", i64, ["batch", "longest_query"]),
+        helper.make_tensor_value_info("unpad_index", i64, ["tokens", 2]),
         helper.make_tensor_value_info("logits_index", i64, ["sampled"]),
         helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
         helper.make_tensor_value_info("query_seqlens", i32, ["batch"]),

@@ -164,8 +164,8 @@ class ModelRunner:
         rows, width = hi - lo, max(counts)
         total = sum(counts)
         input_ids = np.empty(total, np.int64)
-        pad_index = np.full(rows * width, total, np.int64)  # `total` is the zero row
-        unpad_index = np.empty(total, np.int64)
+        pad_index = np.zeros((rows, width), np.int64)  # padding reads token 0, never used
+        unpad_index = np.empty((total, 2), np.int64)
         query_seqlens = np.zeros(rows, np.int32)
         seqlens_k = np.zeros(rows, np.int32)
         logits_index = []
@@ -174,8 +174,9 @@ class ModelRunner:
             row = seq.slot - lo
             start = seq.num_computed_tokens
             input_ids[offset:offset + n] = seq.token_ids[start:start + n]
-            pad_index[row * width:row * width + n] = np.arange(offset, offset + n)
-            unpad_index[offset:offset + n] = np.arange(row * width, row * width + n)
+            pad_index[row, :n] = np.arange(offset, offset + n)
+            unpad_index[offset:offset + n, 0] = row
+            unpad_index[offset:offset + n, 1] = np.arange(n)
             query_seqlens[row] = n
             seqlens_k[row] = start + n - 1
             logits_index.extend(offset + j for j in positions[i])

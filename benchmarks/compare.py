@@ -1,0 +1,178 @@
+"""Side-by-side comparison (issue 6): nano-vllm-onnx and every installed peer, in one invocation.
+
+    python benchmarks/compare.py                       # workloads A and B, median of 3
+    python benchmarks/compare.py --workload B --only ours openvino
+    python benchmarks/compare.py --markdown results.md --json results.json
+
+Each engine runs in its own process with its own virtual environment's python (peers are set up
+by setup_peers.sh under ~/.cache/nano-vllm-onnx/peers), one process per workload, so B's peak
+RSS is B's alone. Ratios are ours / peer: above 1 means nano-vllm-onnx is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from workloads import log, run_runner
+
+HERE = Path(__file__).resolve().parent
+PEERS = Path.home() / ".cache/nano-vllm-onnx/peers"
+
+
+@dataclass(frozen=True)
+class Config:
+    group: str  # for --only
+    script: str
+    args: tuple[str, ...]
+    python: Path | None  # None: this python (ours, and llama.cpp's stdlib-only client)
+    needs: Path  # installed when this exists
+
+    def argv(self, workload: str, repeats: int) -> list[str]:
+        return [str(self.python or sys.executable), str(HERE / self.script), *self.args,
+                "--workload", workload, "--repeats", str(repeats)]
+
+
+def venv_python(name: str) -> Path:
+    return PEERS / name / "venv/bin/python"
+
+
+def configs(ours_args: list[str]) -> list[Config]:
+    ov, og = venv_python("openvino"), venv_python("ortgenai")
+    return [
+        Config("ours", "throughput.py", tuple(ours_args), None, HERE / "throughput.py"),
+        *[Config("openvino", "peer_openvino.py", ("--weights", w), ov,
+                 PEERS / "openvino" / w / "openvino_model.xml") for w in ("int8", "fp32", "int4")],
+        *[Config("ortgenai", "peer_ortgenai.py", ("--precision", p), og,
+                 PEERS / "ortgenai" / p / "genai_config.json") for p in ("int4", "fp32")],
+        *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w), None,
+                 PEERS / "llamacpp" / f"model-{w}.gguf") for w in ("Q8_0", "Q4_1")],
+        Config("transformers", "peer_transformers.py", (), venv_python("transformers"),
+               PEERS / "hf/SmolLM2-135M-Instruct/model.safetensors"),
+    ]
+
+
+COLUMNS = [("A", "prefill_tok_s", "A prefill tok/s"), ("A", "decode_tok_s", "A decode tok/s"),
+           ("B", "output_tok_s", "B output tok/s")]
+
+
+def table(rows: list[dict[str, dict]], ours: dict[str, dict]) -> str:
+    head = ["engine", "weights", *[c[2] for c in COLUMNS], "B peak RSS MiB", "CPU busy before"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        label = row.get("B") or next(iter(row.values()))  # B's label names its batching
+        cells = [label.get("engine", "?"), label.get("weights", "?")]
+        for workload, key, _ in COLUMNS:
+            res = row.get(workload, {})
+            if key not in res:
+                cells.append(res.get("error", "-")[:40])
+                continue
+            cell = f"{res[key]:,.1f}"
+            mine = ours.get(workload, {}).get(key)
+            if mine and res is not ours.get(workload):
+                cell += f" (ours {mine / res[key]:.2f}x)"
+            cells.append(cell)
+        rss = row.get("B", {}).get("peak_rss_mib")
+        cells.append(f"{rss:,.0f}" if rss else "-")
+        busy = [r["busy_before"] for r in row.values() if "busy_before" in r]
+        cells.append(f"{100 * max(busy):.0f}%" if busy else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Share of all cores busy over a short window (other users of a shared machine)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_idle(limit: float, max_wait: float) -> float:
+    """Wait (up to max_wait seconds) until the CPUs are at most `limit` busy; returns the share."""
+    deadline = time.time() + max_wait
+    busy = cpu_busy()
+    while busy > limit and time.time() < deadline:
+        log(f"  machine {100 * busy:.0f}% busy; waiting")
+        busy = cpu_busy(5.0)
+    return busy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", nargs="+", choices=["A", "B"], default=["A", "B"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="groups to run: ours openvino ortgenai llamacpp transformers")
+    ap.add_argument("--ours-args", default="", help="extra throughput.py arguments for ours")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per engine and workload")
+    ap.add_argument("--idle", type=float, default=0.15,
+                    help="before each engine, wait until the CPUs are at most this busy")
+    ap.add_argument("--idle-wait", type=float, default=180, help="seconds to wait at most")
+    ap.add_argument("--json", type=Path, help="write every result here")
+    ap.add_argument("--markdown", type=Path, help="write the table here")
+    ap.add_argument("--table-from", type=Path, help="print the table of an earlier --json; no run")
+    args = ap.parse_args()
+
+    if args.table_from:
+        rows = json.loads(args.table_from.read_text())
+        print(table(rows, next(r for r in rows if r.get("A", r.get("B", {})).get("engine")
+                               == "nano-vllm-onnx")))
+        return
+    rows = []
+    ours: dict[str, dict] = {}
+    for cfg in configs(args.ours_args.split()):
+        if args.only and cfg.group not in args.only:
+            continue
+        if not cfg.needs.exists():
+            log(f"skip {cfg.script} {' '.join(cfg.args)}: not installed ({cfg.needs} missing; "
+                "run benchmarks/setup_peers.sh)")
+            continue
+        row: dict[str, dict] = {}
+        for workload in args.workload:
+            busy = wait_idle(args.idle, args.idle_wait)
+            t = time.perf_counter()
+            try:
+                res = run_runner(cfg.argv(workload, args.repeats), args.timeout)
+            except Exception as e:  # a broken peer must not stop the comparison
+                log(f"FAILED: {e}")
+                res = {"engine": f"{cfg.group} {' '.join(cfg.args)}", "weights": "",
+                       "error": f"failed: {str(e).splitlines()[0]}"}
+            res["busy_before"] = busy
+            log(f"  {workload} done in {time.perf_counter() - t:.0f} s: "
+                + json.dumps({k: v for k, v in res.items() if not k.startswith(("runs", "walls"))}))
+            row[workload] = res
+        if cfg.group == "ours":
+            ours = row
+        rows.append(row)
+
+    machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}"
+    text = (f"Machine: {machine}; every engine 2 threads; median of {args.repeats}; "
+            "ratios are ours / peer.\n\n" + table(rows, ours))
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Peer runner: onnxruntime-genai's Engine API on a model from its model builder.
+
+A: one request; TTFT and TPOT from the engine's token events.
+B: all 32 requests at once, `--batching static` (default: static batches of 32) or `dynamic`.
+EOS is ignored through a per-request minimum = maximum of generated tokens.
+Run with the onnxruntime-genai peer venv's python (see setup_peers.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+from workloads import (
+    PAD_ID,
+    THREADS,
+    Workload,
+    emit,
+    log,
+    median,
+    peak_rss_mib,
+    workload_a,
+    workload_b,
+)
+
+PEERS = Path.home() / ".cache/nano-vllm-onnx/peers/ortgenai"
+BATCHING = {
+    "static": {"static_batching": {"max_batch_size": 32}},
+    "dynamic": {"dynamic_batching": {"max_batch_size": 32, "max_scheduled_tokens": 2048,
+                                     "block_size": 16, "num_blocks": 4096}},
+}
+
+
+def load(precision: str, batching: str) -> og.Engine:
+    config = og.Config(str(PEERS / precision))
+    # The pad id must not occur in the prompts (the builder sets it to EOS, id 2).
+    config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "decoder": {
+        "session_options": {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}}},
+        "engine": BATCHING[batching]}))
+    return og.Engine(og.Model(config))
+
+
+def run(engine: og.Engine, wl: Workload) -> tuple[float, list[float]]:
+    """Wall seconds for the workload, and the token event times of its first request."""
+    buffer = engine.create_event_buffer(256)
+    requests = []
+    start = time.perf_counter()
+    for prompt, n in zip(wl.prompts, wl.max_tokens):
+        request = engine.create_request()
+        options = og.TurnOptions(request)
+        options.set_max_generated_tokens(n)
+        options.set_min_generated_tokens(n)
+        options.set_do_sample(False)
+        request.begin_turn(np.asarray(prompt, dtype=np.int32), options)
+        requests.append(request)
+    first, stamps, generated = requests[0], [], 0
+    while engine.has_pending_requests():
+        for event in engine.run(buffer):
+            if event.flags & og.EngineEventFlags.FAILED:
+                raise RuntimeError(f"engine failed: {event.error_code}")
+            if event.flags & og.EngineEventFlags.TOKEN:
+                generated += 1
+                if event.request == first:
+                    stamps.append(time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    for request in requests:
+        request.close()
+    assert generated == wl.output_tokens, (generated, wl.output_tokens)
+    return wall, stamps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--precision", choices=["int4", "fp32"], default="int4")
+    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batching", choices=list(BATCHING), default="static")
+    args = ap.parse_args()
+    name = f"onnxruntime-genai {og.__version__}"
+    weights = {"int4": "int4 (builder default)", "fp32": "fp32"}[args.precision]
+    if args.workload == "A":
+        engine = load(args.precision, "static")
+        wl = workload_a()
+        run(engine, Workload("warm", wl.prompts, [8]))
+        runs = [run(engine, wl)[1] for _ in range(args.repeats)]
+        ttft = median([s[0] for s in runs])
+        tpot = median([(s[-1] - s[0]) / (len(s) - 1) for s in runs])
+        emit({"engine": name, "weights": weights, "workload": "A",
+              "prefill_tok_s": 128 / ttft, "decode_tok_s": 1 / tpot})
+    else:
+        engine = load(args.precision, args.batching)
+        wl = workload_b()
+        run(engine, Workload("warm", wl.prompts[:4], [4] * 4))
+        walls = []
+        for _ in range(args.repeats):
+            walls.append(run(engine, wl)[0])
+            log(f"onnxruntime-genai {args.precision} B: {wl.output_tokens / walls[-1]:.1f} tok/s")
+        emit({"engine": f"{name} ({args.batching} batching)", "weights": weights, "workload": "B",
+              "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
+              "walls_s": walls, "peak_rss_mib": peak_rss_mib()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Build the peer engines' virtual environments and models (none is a project dependency).
+# Usage: benchmarks/setup_peers.sh [transformers|openvino|ortgenai|llamacpp]...   (default: all)
+# Everything lands under $PEERS (default ~/.cache/nano-vllm-onnx/peers); each step logs to
+# $PEERS/<step>.log and a failed step does not stop the others.
+set -uo pipefail
+
+PEERS=${PEERS:-$HOME/.cache/nano-vllm-onnx/peers}
+PYTHON=${PYTHON:-python3.11}
+GGUF=${GGUF:-$HOME/.cache/nano-vllm-onnx/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+HF=$PEERS/hf/SmolLM2-135M-Instruct
+JOBS=${JOBS:-2}
+mkdir -p "$PEERS"
+
+venv() {  # venv NAME PACKAGES...: create $PEERS/NAME/venv and install into it
+    local dir=$PEERS/$1/venv
+    shift
+    [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+    "$dir/bin/pip" install -q --upgrade pip
+    "$dir/bin/pip" install -q "$@"
+}
+
+step_transformers() {
+    # torch CPU 2.13 and the transformers that loads the GGUF; also makes the HF checkpoint.
+    venv transformers torch==2.13.0 transformers==5.24.0 accelerate gguf
+    [ -f "$HF/model.safetensors" ] && return 0
+    "$PEERS/transformers/venv/bin/python" - "$GGUF" "$HF" <<'EOF'
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+gguf, out = Path(sys.argv[1]), sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                             dtype=torch.float32)
+model.hf_quantizer = None
+if hasattr(model.config, "quantization_config"):
+    del model.config.quantization_config
+model.save_pretrained(out, safe_serialization=True)
+AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+EOF
+}
+
+step_openvino() {
+    venv openvino torch==2.13.0 "transformers<5.6,>=4.51" optimum-intel==2.2.0 optimum==2.3.0 \
+        openvino==2026.4.1 openvino-tokenizers==2026.4.1.0 openvino-genai==2026.4.1.0 nncf \
+        accelerate
+    "$PEERS/openvino/venv/bin/pip" uninstall -q -y torchvision  # fails to load beside torch 2.13
+    local fmt extra
+    for fmt in int8 fp32 int4; do
+        [ -f "$PEERS/openvino/$fmt/openvino_model.xml" ] && continue
+        extra=()
+        [ "$fmt" = int4 ] && extra=(--group-size 64)  # 576 is not divisible by 128
+        "$PEERS/openvino/venv/bin/optimum-cli" export openvino --model "$HF" \
+            --task text-generation-with-past --weight-format "$fmt" "${extra[@]}" \
+            "$PEERS/openvino/$fmt" || return 1
+    done
+}
+
+step_ortgenai() {
+    venv ortgenai onnxruntime-genai==0.18.0 onnx onnx-ir torch==2.13.0 transformers==5.24.0 \
+        accelerate
+    local prec
+    for prec in int4 fp32; do
+        [ -f "$PEERS/ortgenai/$prec/genai_config.json" ] && continue
+        "$PEERS/ortgenai/venv/bin/python" -m onnxruntime_genai.models.builder -i "$HF" \
+            -o "$PEERS/ortgenai/$prec" -p "$prec" -e cpu -c "$PEERS/ortgenai/cache" || return 1
+    done
+}
+
+step_llamacpp() {
+    # llama.cpp vendored in the llama-cpp-python sdist; explicit AVX-512 flags, AMX off (its
+    # AMX kernel crashed at ldtilecfg on the Xeon kind of this machine).
+    local dir=$PEERS/llamacpp src
+    mkdir -p "$dir"
+    if [ ! -x "$dir/bin/llama-server" ]; then
+        [ -d "$dir/src" ] || {
+            "$PYTHON" -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 \
+                -d "$dir/sdist" || return 1
+            mkdir -p "$dir/src" && tar xzf "$dir"/sdist/llama_cpp_python-*.tar.gz -C "$dir/src"
+        }
+        src=$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)
+        cmake -S "$src" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+            -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+            -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+            -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+            -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF || return 1
+        cmake --build "$dir/build" -j "$JOBS" --target llama-server llama-quantize llama-bench \
+            || return 1
+        mkdir -p "$dir/bin" && cp "$dir"/build/bin/llama-{server,quantize,bench} "$dir/bin/"
+    fi
+    # The HF checkpoint is the dequantized Q4_1, so requantizing the GGUF gives the same weights.
+    ln -sf "$GGUF" "$dir/model-Q4_1.gguf"
+    local t
+    for t in Q8_0 F32; do
+        [ -f "$dir/model-$t.gguf" ] || "$dir/bin/llama-quantize" --allow-requantize "$GGUF" \
+            "$dir/model-$t.gguf" "$t" 2 || return 1
+    done
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(transformers openvino ortgenai llamacpp)
+for s in "${steps[@]}"; do
+    echo "== $s ($(date +%T))"
+    if "step_$s" >"$PEERS/$s.log" 2>&1; then
+        echo "   ok ($(date +%T))"
+    else
+        echo "   FAILED, see $PEERS/$s.log"
+    fi
+done

@@ -1,0 +1,215 @@
+"""Throughput of nano-vllm-onnx on the workloads of issue 6 (nano-vLLM's bench.py, scaled down).
+
+    python benchmarks/throughput.py                      # A and B, median of 3
+    python benchmarks/throughput.py --workload B --sampling --profile
+    python benchmarks/throughput.py --with-transformers  # HF transformers as the in-run peer
+
+A: prefill tok/s = 128 / time to first token, decode tok/s = 1 / time per output token (prefix
+caching off unless --enable-prefix-caching, so the repeated prompt is really computed).
+B: output tok/s = 5,006 / wall seconds, all 32 requests submitted at once.
+--profile splits B's step time into scheduling, model call, sampling, detokenization and the
+rest; --sampling also runs B with temperature 0.8, top_p 0.95, top_k 50, repetition_penalty 1.1.
+Each workload ends with a `RESULT {json}` line (see compare.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from workloads import (
+    THREADS,
+    Workload,
+    emit,
+    log,
+    median,
+    peak_rss_mib,
+    run_runner,
+    workload_a,
+    workload_b,
+)
+
+from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx.engine import tokenizer as tokenizer_module
+
+SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1)
+HERE = Path(__file__).resolve().parent
+TRANSFORMERS_PYTHON = Path.home() / ".cache/nano-vllm-onnx/peers/transformers/venv/bin/python"
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def run_a(llm: LLM, prompt: list[int], n: int) -> tuple[float, float]:
+    """Time to first token and time per output token after it, for one request alone."""
+    engine = llm.llm_engine
+    start = time.perf_counter()
+    engine.add_request(engine.new_request_id(), prompt, greedy(n))
+    stamps = []
+    while engine.has_unfinished_requests():
+        if engine.step():  # one request: a returned output is one new token
+            stamps.append(time.perf_counter())
+    assert len(stamps) == n, (len(stamps), n)
+    return stamps[0] - start, (stamps[-1] - stamps[0]) / (n - 1)
+
+
+def run_b(llm: LLM, wl: Workload, sampling: bool = False) -> float:
+    extra = SAMPLING if sampling else dict(temperature=0.0)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, **extra) for n in wl.max_tokens]
+    start = time.perf_counter()
+    outputs = llm.generate(wl.prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    assert sum(len(o.outputs[0].token_ids) for o in outputs) == wl.output_tokens
+    return wall
+
+
+class StepProfile:
+    """Wall time of the engine's parts, by wrapping them on this engine instance only."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        engine = llm.llm_engine
+        det = tokenizer_module.IncrementalDetokenizer
+        self._patched: list[tuple[object, str, object | None]] = []
+        for obj, name, key in [(engine.scheduler, "schedule", "schedule"),
+                               (engine.runner, "run", "model call"),
+                               (engine, "sampler", "sampler"),
+                               (engine, "_append_token", "append token"),
+                               (det, "step", "detokenize")]:
+            own = vars(obj).get(name)  # None: a method looked up on the class
+            self._patched.append((obj, name, own))
+            setattr(obj, name, self._timed(key, getattr(obj, name)))
+
+    def _timed(self, key: str, fn: Callable) -> Callable:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - t
+        return wrapper
+
+    def restore(self) -> None:
+        for obj, name, own in self._patched:
+            if own is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
+
+    def report(self, wall: float, steps: int) -> dict:
+        s = dict(self.seconds)
+        # append token includes detokenize; report them apart.
+        s["append token"] = s.get("append token", 0.0) - s.get("detokenize", 0.0)
+        s["other python"] = wall - sum(s.values())
+        return {"wall_s": wall, "steps": steps, "ms_per_step": 1000 * wall / steps,
+                "share": {k: v / wall for k, v in s.items()},
+                "ms_per_step_by_part": {k: 1000 * v / steps for k, v in s.items()}}
+
+
+def profiled_b(llm: LLM, wl: Workload, sampling: bool) -> dict:
+    prof = StepProfile(llm)
+    steps0 = llm.llm_engine.num_steps
+    try:
+        wall = run_b(llm, wl, sampling)
+    finally:
+        prof.restore()
+    out = prof.report(wall, llm.llm_engine.num_steps - steps0)
+    out["output_tok_s"] = wl.output_tokens / wall
+    return out
+
+
+def print_profile(name: str, p: dict) -> None:
+    log(f"  {name}: {p['output_tok_s']:.1f} tok/s, {p['steps']} steps, "
+        f"{p['ms_per_step']:.2f} ms/step")
+    for k, v in sorted(p["share"].items(), key=lambda kv: -kv[1]):
+        log(f"    {k:<14} {100 * v:5.1f}%  {p['ms_per_step_by_part'][k]:7.3f} ms/step")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF, HF folder or converted folder")
+    ap.add_argument("--weights", default=None, help="fp32 | int8 | int4 (when converting)")
+    ap.add_argument("--workload", nargs="+", choices=["A", "B"], default=["A", "B"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
+    ap.add_argument("--enable-prefix-caching", action="store_true")
+    ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--profile", action="store_true", help="B: where the step time goes")
+    ap.add_argument("--sampling", action="store_true",
+                    help="B: also run with sampling and report the sampler's cost vs greedy")
+    ap.add_argument("--with-transformers", action="store_true",
+                    help="also run HF transformers (torch CPU, fp32) as the in-run peer")
+    ap.add_argument("--transformers-python", default=None,
+                    help="python with torch and transformers (default: the peer venv if "
+                         "benchmarks/setup_peers.sh made it, else this one)")
+    args = ap.parse_args(argv)
+
+    t = time.perf_counter()
+    extra = {"weights": args.weights} if args.weights else {}
+    llm = LLM(args.model, **extra, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory_gib=args.kv_cache_memory_gib,
+              enable_prefix_caching=args.enable_prefix_caching,
+              intra_op_num_threads=args.threads)
+    weights = llm.llm_engine.model_config.weights
+    log(f"nano-vllm-onnx: loaded in {time.perf_counter() - t:.1f} s, weights {weights}, "
+        f"{args.threads} threads, prefix caching {'on' if args.enable_prefix_caching else 'off'}")
+    results = []
+    if "A" in args.workload:
+        wl = workload_a()
+        run_a(llm, wl.prompts[0], 8)  # warm-up
+        runs = [run_a(llm, wl.prompts[0], wl.max_tokens[0]) for _ in range(args.repeats)]
+        ttft, tpot = median([r[0] for r in runs]), median([r[1] for r in runs])
+        res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": "A",
+               "prefill_tok_s": 128 / ttft, "decode_tok_s": 1 / tpot,
+               "runs": [{"ttft_s": a, "tpot_s": b} for a, b in runs]}
+        log(f"A: prefill {res['prefill_tok_s']:.0f} tok/s (TTFT {1000 * ttft:.1f} ms), "
+            f"decode {res['decode_tok_s']:.1f} tok/s (TPOT {1000 * tpot:.2f} ms)")
+        results.append(res)
+        emit(res)
+    if "B" in args.workload:
+        wl = workload_b()
+        warm = Workload("warm", wl.prompts[:8], [8] * 8)
+        run_b(llm, warm)
+        walls = [run_b(llm, wl) for _ in range(args.repeats)]
+        res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": "B",
+               "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
+               "walls_s": walls, "peak_rss_mib": peak_rss_mib()}
+        log(f"B: {res['output_tok_s']:.1f} output tok/s (wall {median(walls):.2f} s, "
+            f"runs {', '.join(f'{w:.2f}' for w in walls)}), peak RSS {res['peak_rss_mib']:.0f} MiB")
+        if args.profile or args.sampling:
+            res["profile_greedy"] = profiled_b(llm, wl, sampling=False)
+            print_profile("greedy", res["profile_greedy"])
+        if args.sampling:
+            res["profile_sampling"] = p = profiled_b(llm, wl, sampling=True)
+            print_profile("sampling " + ", ".join(f"{k}={v}" for k, v in SAMPLING.items()), p)
+            g = res["profile_greedy"]
+            extra = p["ms_per_step_by_part"]["sampler"] - g["ms_per_step_by_part"]["sampler"]
+            log(f"  sampler vs greedy: {extra:+.3f} ms/step; sampling run "
+                f"{p['ms_per_step'] / g['ms_per_step']:.3f}x the greedy step time")
+        results.append(res)
+        emit(res)
+    if args.with_transformers:
+        python = args.transformers_python or (
+            str(TRANSFORMERS_PYTHON) if TRANSFORMERS_PYTHON.exists() else sys.executable)
+        for ours in results:
+            peer = run_runner([python, str(HERE / "peer_transformers.py"), "--workload",
+                               ours["workload"], "--repeats", str(args.repeats)])
+            keys = ["prefill_tok_s", "decode_tok_s"] if ours["workload"] == "A" else [
+                "output_tok_s"]
+            for k in keys:
+                log(f"{ours['workload']} {k}: ours {ours[k]:.1f}, transformers {peer[k]:.1f} "
+                    f"-> ours / transformers = {ours[k] / peer[k]:.2f}x")
+            if "peak_rss_mib" in peer:
+                log(f"B peak RSS: transformers {peer['peak_rss_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The benchmark workloads of issue 6, defined once for every engine (ours and the peers).
+
+Standard library only: the peer runners import this from their own virtual environments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+from dataclasses import dataclass
+
+THREADS = 2  # every engine runs with 2 threads
+ID_MAX = 10_000  # prompt ids: randint(0, ID_MAX), both ends included
+PAD_ID = 49_151  # a pad id no prompt contains (random prompts contain id 2, the EOS/pad of some)
+RESULT_PREFIX = "RESULT "  # a runner's last line: RESULT {json}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def workload_a(seed: int = 1) -> Workload:
+    """One prompt of 128 random ids, 128 greedy tokens, EOS ignored. Another seed gives a fresh
+    prompt of the same shape (for timing prefill without any prefix cache)."""
+    rng = random.Random(seed)
+    return Workload("A", [[rng.randint(0, ID_MAX) for _ in range(128)]], [128])
+
+
+def workload_b() -> Workload:
+    """nano-vLLM's bench.py scaled down: 32 prompts of 64-512 ids, then 64-256 outputs each."""
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, ID_MAX) for _ in range(rng.randint(64, 512))]
+               for _ in range(32)]
+    max_tokens = [rng.randint(64, 256) for _ in range(32)]
+    return Workload("B", prompts, max_tokens)
+
+
+B_PROMPT_TOKENS, B_OUTPUT_TOKENS = 9_850, 5_006
+_b = workload_b()
+assert (_b.prompt_tokens, _b.output_tokens) == (B_PROMPT_TOKENS, B_OUTPUT_TOKENS), (
+    _b.prompt_tokens, _b.output_tokens)
+assert PAD_ID not in {t for p in _b.prompts + workload_a().prompts for t in p}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pid_peak_rss_mib(pid: int) -> float:
+    """Peak resident memory of another live process (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def emit(result: dict) -> None:
+    """Print a runner's result for compare.py to pick up."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def limit_threads() -> None:
+    """Pin the math libraries of a peer process to THREADS before they load."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(THREADS))
+
+
+def run_runner(argv: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run a runner script in its own process (and venv); its stderr passes through."""
+    import subprocess
+
+    log("$ " + " ".join(argv))
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    results = [line[len(RESULT_PREFIX):] for line in proc.stdout.splitlines()
+               if line.startswith(RESULT_PREFIX)]
+    if proc.returncode or not results:
+        raise RuntimeError(f"{argv[1]} failed (exit {proc.returncode}): {proc.stdout[-2000:]}")
+    return json.loads(results[-1])
