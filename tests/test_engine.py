@@ -138,3 +138,22 @@ def test_requests_arriving_while_others_decode(converted: dict[str, Path],
     assert [results[i] for i in range(8)] == references["qwen2"]
     assert mixed_steps >= 5
     assert_all_free(llm)
+
+
+def test_bfloat16_checkpoint(hf_models: dict[str, Path], tmp_path: Path) -> None:
+    """Most HF checkpoints ship bfloat16: read as float32, they give transformers' tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nanovllm_onnx.convert.converter import convert
+
+    model = AutoModelForCausalLM.from_pretrained(hf_models["qwen2"], dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / name).write_bytes((hf_models["qwen2"] / name).read_bytes())
+    convert(tmp_path / "bf16", tmp_path / "onnx")
+    prompts = random_prompts(3, seed=5)
+    expected = reference_greedy(tmp_path / "bf16", prompts, 8)  # loaded as float32 too
+    out = LLM(str(tmp_path / "onnx")).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == expected

@@ -126,6 +126,18 @@ def _safetensors_loader(file: Path, name: str) -> Callable[[], np.ndarray]:
         from safetensors import safe_open
 
         with safe_open(str(file), framework="numpy") as f:
+            if f.get_slice(name).get_dtype() == "BF16":  # numpy has no bfloat16
+                return _read_bf16(file, name)
             return f.get_tensor(name)
 
     return load
+
+
+def _read_bf16(file: Path, name: str) -> np.ndarray:
+    """A bfloat16 tensor as float32: bf16 is the top half of a float32's bits."""
+    with file.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(header_len))[name]
+    start, end = info["data_offsets"]
+    raw = np.fromfile(file, np.uint16, count=(end - start) // 2, offset=8 + header_len + start)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
