@@ -10,7 +10,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from nanovllm_onnx.config import EngineConfig
-from nanovllm_onnx.convert.converter import GRAPHS_BY_WEIGHTS
 from nanovllm_onnx.convert.source import ModelLoadError
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 
@@ -20,7 +19,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="HF checkpoint folder, GGUF file or converted folder "
                              "(default: SmolLM2-135M-Instruct)")
     defaults = EngineConfig()
-    parser.add_argument("--weights", choices=list(GRAPHS_BY_WEIGHTS), default=None,
+    parser.add_argument("--weights", choices=["fp32", "int8", "int4"], default=None,
                         help="weight format when converting the model (default fp32)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
@@ -107,10 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("convert", help="convert a HF folder or GGUF file to this engine's ONNX")
     p.add_argument("source")
     p.add_argument("out")
-    p.add_argument("--weights", choices=list(GRAPHS_BY_WEIGHTS), default="fp32",
+    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
                    help="int8: per-channel weights, dynamically quantized activations "
-                        "(fastest on batched steps); int4: block-wise MatMulNBits; "
-                        "int8+int4: both, int4 for single-sequence decode steps")
+                        "(fastest on batched steps); int4: block-wise MatMulNBits")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text for one prompt")

@@ -9,8 +9,6 @@ from pathlib import Path
 
 MODEL_CONFIG_FILE = "nano_vllm_onnx.json"
 GRAPH_FILE = "model.onnx"
-# With weights "int8+int4": the int4 graph that runs steps of a few tokens (single decodes).
-SMALL_STEP_GRAPH_FILE = "model.small-steps.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -58,7 +56,7 @@ class EngineConfig:
     """Engine arguments (vLLM's names where vLLM has one)."""
 
     model: str | None = None  # HF folder, GGUF file or converted folder; None = default model
-    weights: str | None = None  # fp32 | int8 | int4 | int8+int4 when converting (default fp32)
+    weights: str | None = None  # fp32 | int8 | int4 when converting (default fp32)
     max_model_len: int | None = None  # default: the model's context, capped at 4096
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048

@@ -90,29 +90,3 @@ def test_gguf_q4_blocks_are_kept_exactly() -> None:
         dequantized = ((blocks.q - blocks.zero[..., None]) * blocks.scale[..., None])
         np.testing.assert_allclose(dequantized.reshape(ref.shape), ref, atol=1e-6, rtol=1e-5)
 
-
-def test_int8_with_int4_small_steps(hf_models: dict[str, Path], tmp_path: Path) -> None:
-    """int8+int4: batched steps run the int8 graph, steps of a few tokens the int4 one."""
-    convert(hf_models["llama"], tmp_path / "mixed", "int8+int4")
-    llm = LLM(str(tmp_path / "mixed"))
-    calls = {"main": 0, "small": 0}
-    for name in calls:
-        bound = getattr(llm.llm_engine.runner, name)
-        session = bound.session
-
-        class Counting:  # counts the runs of one session
-            def __getattr__(self, attr: str, session=session) -> object:  # noqa: ANN001
-                return getattr(session, attr)
-
-            def run_with_iobinding(self, binding, name=name, session=session) -> None:  # noqa: ANN001
-                calls[name] += 1
-                session.run_with_iobinding(binding)
-
-        bound.session = Counting()
-    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                       use_tqdm=False)[0]
-    assert len(out.outputs[0].token_ids) == 8
-    assert calls == {"main": 1, "small": 7}  # the prompt, then one token per step
-    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
-                 use_tqdm=False)
-    assert calls["main"] == 2  # the 4 prompts in one step

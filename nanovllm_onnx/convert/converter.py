@@ -12,14 +12,8 @@ from typing import Any
 
 import onnx
 
-from nanovllm_onnx.config import (
-    GRAPH_FILE,
-    MODEL_CONFIG_FILE,
-    SMALL_STEP_GRAPH_FILE,
-    TOKENIZER_FILE,
-    ModelConfig,
-)
-from nanovllm_onnx.convert.graph import build_graph
+from nanovllm_onnx.config import GRAPH_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig
+from nanovllm_onnx.convert.graph import WEIGHT_FORMATS, build_graph
 from nanovllm_onnx.convert.source import (
     ModelLoadError,
     ModelSource,
@@ -45,15 +39,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-CONVERTER_VERSION = "5"
-# Weight formats a conversion writes, by graph file. "int8+int4" keeps both forms: int8 for
-# batched steps (the int8 GEMM), int4 for steps of a few tokens (half the bytes to read).
-GRAPHS_BY_WEIGHTS = {
-    "fp32": {GRAPH_FILE: "fp32"},
-    "int8": {GRAPH_FILE: "int8"},
-    "int4": {GRAPH_FILE: "int4"},
-    "int8+int4": {GRAPH_FILE: "int8", SMALL_STEP_GRAPH_FILE: "int4"},
-}  # bump when the emitted graph changes, to invalidate caches
+CONVERTER_VERSION = "6"  # bump when the emitted graph changes, to invalidate caches
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
 
@@ -196,8 +182,8 @@ def _first(config: dict, *keys: str) -> Any:
 def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelConfig:
     """Convert a HF folder, GGUF file or Optimum export into `out_dir` (written atomically).
     `weights` (fp32, int8, int4) is the format of the projection, MLP and LM head weights."""
-    if weights not in GRAPHS_BY_WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(GRAPHS_BY_WEIGHTS)}; got {weights!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
     graph = optimum_graph(source_path)
     if graph is not None and weights != "fp32":
         raise ModelLoadError(f"{source_path} is an Optimum export, which runs as exported: "
@@ -218,10 +204,10 @@ def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelCon
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         # An Optimum export's graph is run as it is, from where it is.
-        for file, fmt in GRAPHS_BY_WEIGHTS[weights].items() if graph is None else ():
-            onnx.save_model(build_graph(src, cfg, fmt), str(tmp / file),
+        if graph is None:
+            onnx.save_model(build_graph(src, cfg), str(tmp / GRAPH_FILE),
                             save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=file + ".data", size_threshold=1024)
+                            location=GRAPH_FILE + ".data", size_threshold=1024)
         (tmp / TOKENIZER_FILE).write_text(src.tokenizer_json, encoding="utf-8")
         cfg.save(tmp)
         if out_dir.exists():

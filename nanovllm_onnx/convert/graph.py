@@ -140,17 +140,16 @@ def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     return np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def build_graph(src: ModelSource, cfg: ModelConfig, weights: str) -> onnx.ModelProto:
-    """The step graph with `weights` (fp32, int8, int4) for its projections and LM head."""
+def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
     w, hf = src.tensors, src.config
-    g = GraphBuilder(weights)
+    g = GraphBuilder(cfg.weights)
     eps = float(hf.get("rms_norm_eps", 1e-6))
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
 
     def stacked(names: list[str]) -> np.ndarray | QuantBlocks:
         """The named weights stacked by rows; for int4, GGUF's own 4-bit blocks if it has them."""
-        if weights == "int4" and all(n in src.int4_blocks for n in names):
+        if cfg.weights == "int4" and all(n in src.int4_blocks for n in names):
             return QuantBlocks.concat([src.int4_blocks[n] for n in names])
         return np.concatenate([w[n] for n in names])
 
@@ -203,13 +202,13 @@ def build_graph(src: ModelSource, cfg: ModelConfig, weights: str) -> onnx.ModelP
         # flattens (perplexity +30% on SmolLM2): int8 keeps this one block-wise.
         down = f"{p}.mlp.down_proj.weight"
         x = g.linear(act, down, stacked([down]),
-                     weights="int8_block" if weights == "int8" else None)
+                     weights="int8_block" if cfg.weights == "int8" else None)
 
     (last,) = g.op("Add", [x, residual])
     (last,) = g.op("Gather", [last, "logits_index"])
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
     tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
-    if weights != "fp32":  # the LM head is the largest matmul of a decode step
+    if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step
         head = embed if tied else w["lm_head.weight"]
         g.linear(last, "lm_head.weight.q", head)
     elif tied:  # reuse the embedding table, transposed by Gemm rather than copied

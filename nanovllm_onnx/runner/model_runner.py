@@ -9,16 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from nanovllm_onnx.config import SMALL_STEP_GRAPH_FILE, EngineConfig, ModelConfig
+from nanovllm_onnx.config import EngineConfig, ModelConfig
 from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.runner.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# Steps of at most this many tokens run the int4 graph when there is one: at a few rows a
-# matmul is bound by the bytes of its weights, beyond by the int8 GEMM's arithmetic.
-SMALL_STEP_TOKENS = 4
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -90,42 +87,29 @@ def select_providers(names: list[str]) -> list[str]:
     return providers
 
 
-class BoundSession:
-    """A session with its IOBinding and the cache rows bound to it."""
-
-    def __init__(self, graph: Path, engine_cfg: EngineConfig, kv_cache: KVCache,
-                 num_layers: int) -> None:
-        self.session = make_session(graph, engine_cfg)
+class ModelRunner:
+    def __init__(self, model_dir: Path, model_cfg: ModelConfig, engine_cfg: EngineConfig,
+                 kv_cache: KVCache) -> None:
+        self.cfg = model_cfg
+        self.kv = kv_cache
+        self.session = make_session(model_cfg.graph_file(model_dir), engine_cfg)
         self.binding = self.session.io_binding()
-        self.kv, self.num_layers = kv_cache, num_layers
+        self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)
         self._bound_rows: tuple[int, int] | None = None
         self._cache_values: list[ort.OrtValue] = []
 
-    def bind_cache_rows(self, lo: int, hi: int) -> None:
+    def _bind_cache_rows(self, lo: int, hi: int) -> None:
         """Bind slots [lo, hi) of every layer as both past and present: updated in place."""
         if self._bound_rows == (lo, hi):
             return
         self._cache_values = []  # the binding does not keep the OrtValues alive
-        for i in range(self.num_layers):
+        for i in range(self.cfg.num_layers):
             for kind, array in zip(("key", "value"), self.kv.layer(i)):
                 value = ort.OrtValue.ortvalue_from_numpy(array[lo:hi])
                 self._cache_values.append(value)
                 self.binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
                 self.binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
         self._bound_rows = (lo, hi)
-
-
-class ModelRunner:
-    def __init__(self, model_dir: Path, model_cfg: ModelConfig, engine_cfg: EngineConfig,
-                 kv_cache: KVCache) -> None:
-        self.cfg = model_cfg
-        self.main = BoundSession(model_cfg.graph_file(model_dir), engine_cfg, kv_cache,
-                                 model_cfg.num_layers)
-        self.session = self.main.session
-        small = model_dir / SMALL_STEP_GRAPH_FILE
-        self.small = (BoundSession(small, engine_cfg, kv_cache, model_cfg.num_layers)
-                      if small.is_file() else None)
-        self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)
 
     def run(self, step: StepInput) -> np.ndarray:
         """Run the step; returns the logits of each sequence's `step.logit_positions`, in order."""
@@ -197,8 +181,7 @@ class ModelRunner:
             seqlens_k[row] = start + n - 1
             logits_index.extend(offset + j for j in positions[i])
             offset += n
-        target = self.small if self.small is not None and total <= SMALL_STEP_TOKENS else self.main
-        b = target.binding
+        b = self.binding
         b.bind_cpu_input("input_ids", input_ids)
         b.bind_cpu_input("pad_index", pad_index)
         b.bind_cpu_input("unpad_index", unpad_index)
@@ -207,6 +190,6 @@ class ModelRunner:
         b.bind_cpu_input("query_seqlens", query_seqlens)
         b.bind_cpu_input("total_sequence_length",
                          np.array(int(seqlens_k.max()) + 1, np.int32))
-        target.bind_cache_rows(lo, hi)
+        self._bind_cache_rows(lo, hi)
         b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        target.session.run_with_iobinding(b)
+        self.session.run_with_iobinding(b)
