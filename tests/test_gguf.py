@@ -329,3 +329,27 @@ def test_default_model(default_gguf: Path) -> None:
         "model.norm.weight",
     ):
         np.testing.assert_array_equal(src.tensors[name], hf_state[name].numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_tiny_gguf_generates_transformers_tokens(fixture: str, request: pytest.FixtureRequest,
+                                                 tmp_path: Path) -> None:
+    """Converted and run by the engine, the GGUF gives the greedy tokens transformers gives
+    when it loads the same file."""
+    from nanovllm_onnx import LLM, SamplingParams
+    from nanovllm_onnx.convert.converter import convert
+
+    path, _, hf = request.getfixturevalue(fixture)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [20, 21]]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(12):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+            expected.append(ids[len(prompt):])
+    convert(path, tmp_path / "onnx")
+    outs = LLM(str(tmp_path / "onnx")).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert len({t for e in expected for t in e}) > 3  # not one token over and over
