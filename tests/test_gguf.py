@@ -15,6 +15,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -100,8 +102,10 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_gguf(
-    path: Path, model: PreTrainedModel, tok: Tokenizer, pre: str, add_bos: bool
+    path: Path, model: PreTrainedModel, tok: Tokenizer, pre: str, add_bos: bool,
+    q4_0: bool = False,
 ) -> None:
+    """q4_0: the projections quantized to Q4_0, as llama-quantize writes them."""
     cfg = model.config
     arch = cfg.model_type
     writer = gguf.GGUFWriter(str(path), arch)
@@ -150,7 +154,11 @@ def _write_gguf(
             data = _llama_permute(data, cfg.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:
             data = _llama_permute(data, cfg.num_key_value_heads)
-        writer.add_tensor(_gguf_name(name), data)
+        if q4_0 and name.endswith("proj.weight"):
+            writer.add_tensor(_gguf_name(name), quantize(data, GGMLQuantizationType.Q4_0),
+                              raw_dtype=GGMLQuantizationType.Q4_0)
+        else:
+            writer.add_tensor(_gguf_name(name), data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -353,3 +361,19 @@ def test_tiny_gguf_generates_transformers_tokens(fixture: str, request: pytest.F
         prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert len({t for e in expected for t in e}) > 3  # not one token over and over
+
+
+def test_q4_0_blocks_are_kept_exactly(tiny_llama, tmp_path: Path) -> None:  # noqa: ANN001
+    """Q4_0 is MatMulNBits' own symmetric layout: its blocks are kept as they are (Q/K rows
+    un-permuted alike) and dequantize to exactly what the gguf package gives. (The default
+    model's Q4_1 is covered in test_quantized.)"""
+    _, _, hf = tiny_llama
+    path = tmp_path / "q4_0.gguf"
+    _write_gguf(path, hf, _tiny_tokenizer(), "smollm", add_bos=True, q4_0=True)
+    src = load_gguf(path)
+    assert len(src.int4_blocks) == 2 * 7  # every projection of the 2 layers
+    for name, blocks in src.int4_blocks.items():
+        assert np.all(blocks.zero == 8)  # symmetric: no per-block offset ops in the graph
+        dequantized = (blocks.q - blocks.zero[..., None]) * blocks.scale[..., None]
+        np.testing.assert_array_equal(dequantized.reshape(src.tensors[name].shape),
+                                      src.tensors[name])
