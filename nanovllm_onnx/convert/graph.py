@@ -34,9 +34,7 @@ class GraphBuilder:
     chosen weight format."""
 
     def __init__(self, weights: str = "fp32") -> None:
-        if weights not in WEIGHT_FORMATS:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
-        self.weights = weights
+        self.weights = weights  # one of WEIGHT_FORMATS, checked where a conversion starts
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0

@@ -85,8 +85,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0  # as vLLM: prompt logprobs need every prompt position computed
         self._hash_full_blocks(seq)
-        # Keep at least one token to compute: the model must produce its logits.
-        usable = min(len(seq.block_hashes), (len(seq) - 1) // self.block_size)
+        usable = self._reusable_blocks(seq)
         hits = 0
         while hits < usable:
             entry = self.cached.get(seq.block_hashes[hits])
@@ -96,6 +95,11 @@ class BlockManager:
             hits += 1
         return hits
 
+    def _reusable_blocks(self, seq: Sequence) -> int:
+        """Full prompt blocks a cache hit may cover: at least one token is left to compute,
+        since the model must produce its logits."""
+        return min(len(seq.block_hashes), (len(seq) - 1) // self.block_size)
+
     def admit(self, seq: Sequence, num_cached_blocks: int, copies: CacheCopies) -> None:
         """Give a waiting sequence a slot and copy its cached prefix blocks into it."""
         assert seq.slot is None and seq.num_blocks == 0
@@ -104,7 +108,7 @@ class BlockManager:
             h = seq.block_hashes[i]
             self.cached.move_to_end(h)
             copies.copy_in.append((self.cached[h][0], seq.slot, i))
-        self.prefix_queries += min(len(seq.block_hashes), (len(seq) - 1) // self.block_size)
+        self.prefix_queries += self._reusable_blocks(seq)
         self.prefix_hits += num_cached_blocks
         seq.num_stored_blocks = num_cached_blocks
         seq.num_computed_tokens = seq.num_cached_tokens = num_cached_blocks * self.block_size
