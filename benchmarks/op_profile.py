@@ -83,6 +83,9 @@ def main() -> None:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         op = e["args"]["op_name"]
+        if op == "GroupQueryAttention":  # decode-only calls have one query per row
+            query = next(iter(e["args"]["input_type_shape"][0].values()))
+            op += " (decode)" if query[1] == 1 else " (prefill)"
         seconds[op] += e["dur"] / 1e6
         if op in ("MatMul", "Gemm"):
             flops[op] += matmul_flops(e)

@@ -38,6 +38,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
+        self._summers: set[str] = set()  # block-sum matrices made so far, by name
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -82,21 +83,29 @@ class GraphBuilder:
             # points (GGUF's Q4_1 minimums) run ~50x slower at one row. So the weights go in
             # with the default one and the rest, (default - zero) * scale per block, is added
             # as block sums of x times that per-block offset: exact, and 1/32 of the work.
-            # (Re-quantizing Q4_1 symmetrically instead: SmolLM2 perplexity 19.7 vs 14.2.)
+            # (Re-quantizing Q4_1 symmetrically instead: SmolLM2 perplexity 19.7 vs 14.2;
+            # rounding the minimums to 4-bit zero points: 18.2.) Two nodes, block sums as one
+            # MatMul and the offsets as a Gemm accumulating into y: one decode 10% faster
+            # than Reshape + ReduceSum + MatMul + Add.
             offset = (2 ** (bits - 1) - blocks.zero) * blocks.scale  # [N, blocks]
             if np.any(offset != 0):
-                (sums,) = self.op("Reshape", [x, self.const(name + ".blocks",
-                                                           np.array([-1, num_blocks, BLOCK]))])
-                (sums,) = self.op("ReduceSum", [sums, self.const(name + ".axis", np.array([-1]))],
-                                  keepdims=0)
-                (shift,) = self.op("MatMul", [sums, self.const(name + ".offset",
-                                                                np.ascontiguousarray(offset.T))])
-                (y,) = self.op("Add", [y, shift])
+                (sums,) = self.op("MatMul", [x, self._block_summer(k)])
+                (y,) = self.op("Gemm", [sums, self.const(name + ".offset",
+                                                         np.ascontiguousarray(offset.T)), y])
         else:
             (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
+
+    def _block_summer(self, k: int) -> str:
+        """A [k, blocks] 0/1 matrix: x @ it sums x over each block of 32 inputs (one node)."""
+        name = f"block_sums.{k}"
+        if name not in self._summers:
+            summer = np.zeros((k, -(-k // BLOCK)), np.float32)
+            summer[np.arange(k), np.arange(k) // BLOCK] = 1.0
+            self._summers.add(self.const(name, summer))
+        return name
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
