@@ -59,10 +59,17 @@ def build_hf_model(arch: str, folder: Path, **overrides: object) -> Path:
     }[arch]
     if arch == "qwen3":
         kw.setdefault("head_dim", 16)
-    model = model_cls(config_cls(**kw)).eval()
-    with torch.no_grad():  # random init leaves biases and norms trivial: make them count
+    return save_tiny_model(model_cls(config_cls(**kw)).eval(), folder, norm_marker="norm")
+
+
+def save_tiny_model(model: object, folder: Path, norm_marker: str) -> Path:
+    """Save a random model with the test tokenizer; biases and norms (parameters whose name
+    holds norm_marker) get noise first: random init leaves them trivial."""
+    import torch
+
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith("bias") or norm_marker in name:
                 p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(folder)
     write_tokenizer(folder)

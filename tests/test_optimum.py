@@ -20,7 +20,13 @@ from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.cli import main
 from nanovllm_onnx.convert.source import ModelLoadError
 from nanovllm_onnx.runner.optimum_runner import OptimumRunner
-from tests.conftest import VOCAB, build_hf_model, random_prompts, reference_greedy, write_tokenizer
+from tests.conftest import (
+    VOCAB,
+    build_hf_model,
+    random_prompts,
+    reference_greedy,
+    save_tiny_model,
+)
 
 NEW_TOKENS = 24
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -37,14 +43,7 @@ def build_gpt2(folder: Path) -> Path:
     torch.manual_seed(0)
     config = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
                            bos_token_id=1, eos_token_id=4, initializer_range=INIT_RANGE)
-    model = tf.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # random init leaves biases and norms trivial: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(folder)
-    write_tokenizer(folder)
-    return folder
+    return save_tiny_model(tf.GPT2LMHeadModel(config).eval(), folder, norm_marker=".ln_")
 
 
 def export_like_optimum(hf_folder: Path, out: Path, graph_name: str, position_ids: bool,
