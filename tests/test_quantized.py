@@ -21,6 +21,22 @@ def relative_rms(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sqrt(((x - ref) ** 2).mean() / (ref**2).mean()))
 
 
+def run_linear(weights: str, w: np.ndarray, x: np.ndarray, per_token: bool = False) -> np.ndarray:
+    """x @ w.T through the one linear layer GraphBuilder emits in the `weights` format."""
+    g = GraphBuilder(weights)
+    g.linear("x", "w", w, per_token=per_token)
+    g.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        g.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(x), len(w)])],
+        g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(MS, 1)])
+    model.ir_version = 9
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
 # Gaussian weights: symmetric int4 over blocks of 32 (scale = max/7, max ~ 2.1 sigma) rounds
 # each weight with an error of ~0.3 sigma / sqrt(12) ~ 9% of its size; per-channel int8 with
 # 8-bit dynamically quantized activations stays near 1%.
@@ -29,18 +45,27 @@ def test_one_linear_layer_matches_its_quantization_error(weights: str, bound: fl
     rng = np.random.default_rng(0)
     w = rng.standard_normal((128, 96)).astype(np.float32)
     x = rng.standard_normal((7, 96)).astype(np.float32)
-    g = GraphBuilder(weights)
-    g.linear("x", "w", w)
-    g.nodes[-1].output[0] = "y"
-    graph = helper.make_graph(
-        g.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, 96])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 128])], g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(MS, 1)])
-    model.ir_version = 9
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    err = relative_rms(session.run(None, {"x": x})[0], x @ w.T)
+    err = relative_rms(run_linear(weights, w, x), x @ w.T)
     assert 0 < err < bound
+
+
+def test_int8_activation_scale_per_token_keeps_other_tokens_exact() -> None:
+    """One token 1000x larger than the others: one activation scale per tensor leaves the
+    others a fraction of one quantization step (error near 100%); one per token does not,
+    and a token of zeros stays zero (no 0/0)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    x = rng.standard_normal((6, 96)).astype(np.float32)
+    x[2] *= 1000.0
+    x[5] = 0.0
+    ref = x @ w.T
+    others = [0, 1, 3, 4]
+    per_token = run_linear("int8", w, x, per_token=True)
+    per_tensor = run_linear("int8", w, x, per_token=False)
+    assert relative_rms(per_token[others], ref[others]) < 0.02
+    assert relative_rms(per_token[2], ref[2]) < 0.02
+    assert relative_rms(per_tensor[others], ref[others]) > 0.2
+    assert np.array_equal(per_token[5], np.zeros(64, np.float32))
 
 
 def prompt_logprobs(model: Path) -> np.ndarray:

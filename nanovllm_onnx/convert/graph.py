@@ -38,7 +38,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
-        self._summers: set[str] = set()  # block-sum matrices made so far, by name
+        self._shared: set[str] = set()  # names of the constants made by _const_once
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -53,59 +53,85 @@ class GraphBuilder:
         return outputs
 
     def linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks,
-               bias: np.ndarray | None = None, weights: str | None = None) -> str:
+               bias: np.ndarray | None = None, per_token: bool = False) -> str:
         """x @ weight.T (+ bias); weight is HF's [out_features, in_features], or blocks that
-        are 4-bit already (int4 only)."""
-        fmt = weights or self.weights
-        if fmt == "int8":
-            # Per-output-channel symmetric int8; activations quantized on the fly (the int8
-            # GEMM, VNNI/AMX, is several times fp32 on batched steps).
-            scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127.0
-            q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
-            inputs = [x, self.const(name, np.ascontiguousarray(q.T)),
-                      self.const(name + ".scale", scale.astype(np.float32)), ""]
-            if bias is not None:
-                inputs.append(self.const(name + ".bias", bias))
-            (y,) = self.op("DynamicQuantizeMatMul", inputs, domain=MS)
-            return y
-        if fmt in ("int4", "int8_block"):
-            # Block-wise weights; accuracy level 4 quantizes activations per block of 32 too.
-            bits = 4 if fmt == "int4" else 8
-            blocks = weight if isinstance(weight, QuantBlocks) else _quantize_blocks(weight, bits)
-            n, num_blocks, _ = blocks.q.shape
-            k = weight.shape[1] if isinstance(weight, np.ndarray) else num_blocks * BLOCK
-            packed = blocks.q if bits == 8 else blocks.q[..., 0::2] | (blocks.q[..., 1::2] << 4)
-            inputs = [x, self.const(name, packed),
-                      self.const(name + ".scale", blocks.scale.reshape(-1))]
-            (y,) = self.op("MatMulNBits", inputs, domain=MS, K=k, N=n,
-                           bits=bits, block_size=BLOCK, accuracy_level=4)
-            # MatMulNBits' fast kernels want the default zero point 2^(bits-1); float zero
-            # points (GGUF's Q4_1 minimums) run ~50x slower at one row. So the weights go in
-            # with the default one and the rest, (default - zero) * scale per block, is added
-            # as block sums of x times that per-block offset: exact, and 1/32 of the work.
-            # (Re-quantizing Q4_1 symmetrically instead: SmolLM2 perplexity 19.7 vs 14.2;
-            # rounding the minimums to 4-bit zero points: 18.2.) Two nodes, block sums as one
-            # MatMul and the offsets as a Gemm accumulating into y: one decode 10% faster
-            # than Reshape + ReduceSum + MatMul + Add.
-            offset = (2 ** (bits - 1) - blocks.zero) * blocks.scale  # [N, blocks]
-            if np.any(offset != 0):
-                (sums,) = self.op("MatMul", [x, self._block_summer(k)])
-                (y,) = self.op("Gemm", [sums, self.const(name + ".offset",
-                                                         np.ascontiguousarray(offset.T)), y])
+        are 4-bit already (int4 only). `per_token` (int8): quantize the activations with one
+        scale per token rather than one per tensor."""
+        if self.weights == "int8":
+            return self._int8_linear(x, name, weight, bias, per_token)
+        if self.weights == "int4":
+            y = self._int4_linear(x, name, weight)
         else:
             (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
 
+    def _int8_linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None,
+                     per_token: bool) -> str:
+        """Per-output-channel symmetric int8 weights; activations quantized on the fly (the
+        int8 GEMM, VNNI/AMX, is several times fp32 on batched steps)."""
+        scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127.0
+        q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+        inputs = [x, self.const(name, np.ascontiguousarray(q.T)),
+                  self.const(name + ".scale", scale.astype(np.float32)), ""]
+        if not per_token:
+            if bias is not None:
+                inputs.append(self.const(name + ".bias", bias))
+            (y,) = self.op("DynamicQuantizeMatMul", inputs, domain=MS)
+            return y
+        # DynamicQuantizeMatMul has one activation scale per tensor: a token with outliers
+        # (SiLU(gate) * up has them) flattens every other token of the step. Dividing each
+        # token by its own max |x| first and multiplying the output back makes it per token.
+        # SmolLM2 perplexity with down_proj and the LM head per token: 13.41; with down_proj
+        # per tensor its output error is 5-38%, and on 8-bit MatMulNBits blocks (13.30) it
+        # runs 3x slower on batched steps.
+        (peak,) = self.op("ReduceMax", [self.op("Abs", [x])[0], self._const_once(
+            "axis.last", np.array([-1]))], keepdims=1)
+        (peak,) = self.op("Max", [peak, self._const_once("tiny", np.array(1e-30, np.float32))])
+        (inputs[0],) = self.op("Div", [x, peak])
+        (y,) = self.op("DynamicQuantizeMatMul", inputs, domain=MS)
+        (y,) = self.op("Mul", [y, peak])
+        if bias is not None:
+            (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
+        return y
+
+    def _int4_linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks) -> str:
+        """4-bit blocks of 32 inputs through MatMulNBits; accuracy level 4 quantizes the
+        activations per block of 32 too."""
+        blocks = weight if isinstance(weight, QuantBlocks) else _quantize_blocks(weight)
+        n, num_blocks, _ = blocks.q.shape
+        k = weight.shape[1] if isinstance(weight, np.ndarray) else num_blocks * BLOCK
+        packed = blocks.q[..., 0::2] | (blocks.q[..., 1::2] << 4)
+        inputs = [x, self.const(name, packed),
+                  self.const(name + ".scale", blocks.scale.reshape(-1))]
+        (y,) = self.op("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=4, block_size=BLOCK,
+                       accuracy_level=4)
+        # MatMulNBits' fast kernels want the default zero point 8; float zero points (GGUF's
+        # Q4_1 minimums) run ~50x slower at one row. So the weights go in with the default
+        # one and the rest, (8 - zero) * scale per block, is added as block sums of x times
+        # that per-block offset: exact, and 1/32 of the work. (Re-quantizing Q4_1
+        # symmetrically instead: SmolLM2 perplexity 19.7 vs 14.2; rounding the minimums to
+        # 4-bit zero points: 18.2.) Two nodes, block sums as one MatMul and the offsets as a
+        # Gemm accumulating into y: one decode 10% faster than Reshape + ReduceSum + MatMul + Add.
+        offset = (8 - blocks.zero) * blocks.scale  # [N, blocks]
+        if np.any(offset != 0):
+            (sums,) = self.op("MatMul", [x, self._block_summer(k)])
+            (y,) = self.op("Gemm", [sums, self.const(name + ".offset",
+                                                     np.ascontiguousarray(offset.T)), y])
+        return y
+
+    def _const_once(self, name: str, array: np.ndarray) -> str:
+        """A constant shared by every node that uses it (added on first use)."""
+        if name not in self._shared:
+            self._shared.add(self.const(name, array))
+        return name
+
     def _block_summer(self, k: int) -> str:
         """A [k, blocks] 0/1 matrix: x @ it sums x over each block of 32 inputs (one node)."""
-        name = f"block_sums.{k}"
-        if name not in self._summers:
-            summer = np.zeros((k, -(-k // BLOCK)), np.float32)
-            summer[np.arange(k), np.arange(k) // BLOCK] = 1.0
-            self._summers.add(self.const(name, summer))
-        return name
+        summer = np.zeros((k, -(-k // BLOCK)), np.float32)
+        summer[np.arange(k), np.arange(k) // BLOCK] = 1.0
+        return self._const_once(f"block_sums.{k}", summer)
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
@@ -113,18 +139,16 @@ class GraphBuilder:
         return y
 
 
-def _quantize_blocks(weight: np.ndarray, bits: int) -> QuantBlocks:
-    """Symmetric `bits`-bit over blocks of 32 inputs (zero point 2^(bits-1)), K padded to
-    whole blocks."""
+def _quantize_blocks(weight: np.ndarray) -> QuantBlocks:
+    """Symmetric 4-bit over blocks of 32 inputs (zero point 8), K padded to whole blocks."""
     n, k = weight.shape
     blocks = -(-k // BLOCK)
     w = np.zeros((n, blocks * BLOCK), np.float32)
     w[:, :k] = weight
     w = w.reshape(n, blocks, BLOCK)
-    top = 2 ** (bits - 1)
-    scale = (np.maximum(np.abs(w).max(axis=-1), 1e-12) / (top - 1)).astype(np.float32)
-    q = (np.clip(np.round(w / scale[..., None]), -top, top - 1) + top).astype(np.uint8)
-    return QuantBlocks(q, scale, np.full_like(scale, float(top)))
+    scale = (np.maximum(np.abs(w).max(axis=-1), 1e-12) / 7).astype(np.float32)
+    q = (np.clip(np.round(w / scale[..., None]), -8, 7) + 8).astype(np.uint8)
+    return QuantBlocks(q, scale, np.full_like(scale, 8.0))
 
 
 def rotary_cache(head_dim: int, max_pos: int, theta: float, scaling: dict | None) -> np.ndarray:
@@ -206,11 +230,11 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
         (act,) = g.op("Sigmoid", [gate])
         (act,) = g.op("Mul", [gate, act])
         (act,) = g.op("Mul", [act, up])
-        # SiLU(gate) * up has outlier channels that one per-tensor activation scale
-        # flattens (perplexity +30% on SmolLM2): int8 keeps this one block-wise.
+        # int8 per token here: SiLU(gate) * up has outlier tokens (see _int8_linear). The
+        # other projections stay per tensor: per token there gains 0.04 (o_proj) to 0.2
+        # (qkv and gate_up) perplexity but costs 3-7% of a one-row decode (5 nodes each).
         down = f"{p}.mlp.down_proj.weight"
-        x = g.linear(act, down, stacked([down]),
-                     weights="int8_block" if cfg.weights == "int8" else None)
+        x = g.linear(act, down, stacked([down]), per_token=True)
 
     (last,) = g.op("Add", [x, residual])
     (last,) = g.op("Gather", [last, "logits_index"])
@@ -218,7 +242,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
     tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
     if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step
         head = embed if tied else w["lm_head.weight"]
-        g.linear(last, "lm_head.weight.q", head)
+        g.linear(last, "lm_head.weight.q", head, per_token=True)  # once per step: cheap
     elif tied:  # reuse the embedding table, transposed by Gemm rather than copied
         g.op("Gemm", [last, "model.embed_tokens.weight"], transB=1)
     else:
