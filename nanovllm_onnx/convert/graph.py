@@ -231,8 +231,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
         (act,) = g.op("Mul", [gate, act])
         (act,) = g.op("Mul", [act, up])
         # int8 per token here: SiLU(gate) * up has outlier tokens (see _int8_linear). The
-        # other projections stay per tensor: per token there gains 0.04 (o_proj) to 0.2
-        # (qkv and gate_up) perplexity but costs 3-7% of a one-row decode (5 nodes each).
+        # other projections stay per tensor: per token there gains 0.04 (o_proj) to 0.3 (qkv
+        # and gate_up together) perplexity but costs 3-10% of a one-row decode (5 nodes each).
         down = f"{p}.mlp.down_proj.weight"
         x = g.linear(act, down, stacked([down]), per_token=True)
 
