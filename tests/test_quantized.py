@@ -21,10 +21,11 @@ def relative_rms(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sqrt(((x - ref) ** 2).mean() / (ref**2).mean()))
 
 
-def run_linear(weights: str, w: np.ndarray, x: np.ndarray, per_token: bool = False) -> np.ndarray:
-    """x @ w.T through the one linear layer GraphBuilder emits in the `weights` format."""
+def run_linear(weights: str, w: np.ndarray, x: np.ndarray, per_token: bool = False,
+               bias: np.ndarray | None = None) -> np.ndarray:
+    """x @ w.T (+ bias) through the one linear layer GraphBuilder emits in `weights` format."""
     g = GraphBuilder(weights)
-    g.linear("x", "w", w, per_token=per_token)
+    g.linear("x", "w", w, bias, per_token=per_token)
     g.nodes[-1].output[0] = "y"
     graph = helper.make_graph(
         g.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
@@ -52,20 +53,21 @@ def test_one_linear_layer_matches_its_quantization_error(weights: str, bound: fl
 def test_int8_activation_scale_per_token_keeps_other_tokens_exact() -> None:
     """One token 1000x larger than the others: one activation scale per tensor leaves the
     others a fraction of one quantization step (error near 100%); one per token does not,
-    and a token of zeros stays zero (no 0/0)."""
+    and a token of zeros gives the bias alone (no 0/0)."""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((64, 96)).astype(np.float32)
     x = rng.standard_normal((6, 96)).astype(np.float32)
     x[2] *= 1000.0
     x[5] = 0.0
-    ref = x @ w.T
+    bias = rng.standard_normal(64).astype(np.float32)
+    ref = x @ w.T + bias
     others = [0, 1, 3, 4]
-    per_token = run_linear("int8", w, x, per_token=True)
-    per_tensor = run_linear("int8", w, x, per_token=False)
+    per_token = run_linear("int8", w, x, per_token=True, bias=bias)
+    per_tensor = run_linear("int8", w, x, per_token=False, bias=bias)
     assert relative_rms(per_token[others], ref[others]) < 0.02
     assert relative_rms(per_token[2], ref[2]) < 0.02
     assert relative_rms(per_tensor[others], ref[others]) > 0.2
-    assert np.array_equal(per_token[5], np.zeros(64, np.float32))
+    assert np.array_equal(per_token[5], bias)
 
 
 def prompt_logprobs(model: Path) -> np.ndarray:
