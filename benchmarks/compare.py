@@ -2,11 +2,13 @@
 
     python benchmarks/compare.py                       # workloads A and B, median of 3
     python benchmarks/compare.py --workload B --only ours openvino
-    python benchmarks/compare.py --markdown results.md --json results.json
+    python benchmarks/compare.py --rounds 3 --markdown results.md --json results.json
 
 Each engine runs in its own process with its own virtual environment's python (peers are set up
 by setup_peers.sh under ~/.cache/nano-vllm-onnx/peers), one process per workload, so B's peak
-RSS is B's alone. Ratios are ours / peer: above 1 means nano-vllm-onnx is faster.
+RSS is B's alone. Ratios are ours / peer: above 1 means nano-vllm-onnx is faster. With
+--rounds N the whole sequence of engines runs N times and each figure is the median over the
+rounds: a shared machine's slow drifts then fall on every engine alike.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workloads import log, run_runner
+from workloads import log, median, run_runner
 
 HERE = Path(__file__).resolve().parent
 PEERS = Path.home() / ".cache/nano-vllm-onnx/peers"
@@ -61,6 +63,25 @@ def configs(ours_args: list[str]) -> list[Config]:
 
 COLUMNS = [("A", "prefill_tok_s", "A prefill tok/s"), ("A", "decode_tok_s", "A decode tok/s"),
            ("B", "output_tok_s", "B output tok/s")]
+RATES = {key for _, key, _ in COLUMNS}
+
+
+def combine_rounds(results: list[dict]) -> dict:
+    """One engine's results for one workload over the rounds: the median of each rate, the
+    highest peak RSS and CPU busyness, each round's rates under "rounds"."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    out = dict(ok[0])
+    for key in RATES & out.keys():
+        out[key] = median([r[key] for r in ok])
+    for key in ("peak_rss_mib", "busy_before"):
+        if key in out:
+            out[key] = max(r.get(key, 0.0) for r in results)
+    if len(results) > 1:
+        out["rounds"] = [{k: r[k] for k in RATES & r.keys()} or {"error": r.get("error")}
+                         for r in results]
+    return out
 
 
 def table(rows: list[dict[str, dict]], ours: dict[str, dict]) -> str:
@@ -112,6 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", nargs="+", choices=["A", "B"], default=["A", "B"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every engine this many times, in turn; report the medians")
     ap.add_argument("--only", nargs="+", default=None,
                     help="groups to run: ours openvino ortgenai llamacpp transformers")
     ap.add_argument("--ours-args", default="", help="extra throughput.py arguments for ours")
@@ -123,14 +146,15 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, help="write the table here")
     ap.add_argument("--table-from", type=Path, help="print the table of an earlier --json; no run")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     if args.table_from:
         rows = json.loads(args.table_from.read_text())
         print(table(rows, next(r for r in rows if r.get("A", r.get("B", {})).get("engine")
                                == "nano-vllm-onnx")))
         return
-    rows = []
-    ours: dict[str, dict] = {}
+    selected = []
     for cfg in configs(args.ours_args.split()):
         if args.only and cfg.group not in args.only:
             continue
@@ -138,32 +162,42 @@ def main() -> None:
             log(f"skip {cfg.script} {' '.join(cfg.args)}: not installed ({cfg.needs} missing; "
                 "run benchmarks/setup_peers.sh)")
             continue
-        row: dict[str, dict] = {}
-        for workload in args.workload:
-            busy = wait_idle(args.idle, args.idle_wait)
-            t = time.perf_counter()
-            try:
-                res = run_runner(cfg.argv(workload, args.repeats), args.timeout)
-            except Exception as e:  # a broken peer must not stop the comparison
-                log(f"FAILED: {e}")
-                res = {"engine": f"{cfg.group} {' '.join(cfg.args)}", "weights": "",
-                       "error": f"failed: {str(e).splitlines()[0]}"}
-            res["busy_before"] = busy
-            log(f"  {workload} done in {time.perf_counter() - t:.0f} s: "
-                + json.dumps({k: v for k, v in res.items() if not k.startswith(("runs", "walls"))}))
-            row[workload] = res
-        if cfg.group == "ours" and not ours:
-            ours = row
-        rows.append(row)
+        selected.append(cfg)
+    runs: list[dict[str, list[dict]]] = [{w: [] for w in args.workload} for _ in selected]
+    for round_ in range(args.rounds):
+        if args.rounds > 1:
+            log(f"round {round_ + 1} of {args.rounds}")
+        for cfg, results in zip(selected, runs):
+            for workload in args.workload:
+                results[workload].append(run_one(cfg, workload, args))
+    rows = [{w: combine_rounds(rs) for w, rs in results.items()} for results in runs]
+    ours = next((row for cfg, row in zip(selected, rows) if cfg.group == "ours"), {})
 
     machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}"
-    text = (f"Machine: {machine}; every engine 2 threads; median of {args.repeats}; "
+    rounds = f" in each of {args.rounds} rounds (median over rounds)" if args.rounds > 1 else ""
+    text = (f"Machine: {machine}; every engine 2 threads; median of {args.repeats}{rounds}; "
             "ratios are ours / peer.\n\n" + table(rows, ours))
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def run_one(cfg: Config, workload: str, args: argparse.Namespace) -> dict:
+    """One engine on one workload, in its own process, once the machine is quiet enough."""
+    busy = wait_idle(args.idle, args.idle_wait)
+    t = time.perf_counter()
+    try:
+        res = run_runner(cfg.argv(workload, args.repeats), args.timeout)
+    except Exception as e:  # a broken peer must not stop the comparison
+        log(f"FAILED: {e}")
+        res = {"engine": f"{cfg.group} {' '.join(cfg.args)}", "weights": "",
+               "error": f"failed: {str(e).splitlines()[0]}"}
+    res["busy_before"] = busy
+    log(f"  {workload} done in {time.perf_counter() - t:.0f} s: "
+        + json.dumps({k: v for k, v in res.items() if not k.startswith(("runs", "walls"))}))
+    return res
 
 
 def _cpu_name() -> str:
