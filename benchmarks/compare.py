@@ -68,7 +68,8 @@ RATES = {key for _, key, _ in COLUMNS}
 
 def combine_rounds(results: list[dict]) -> dict:
     """One engine's results for one workload over the rounds: the median of each rate, the
-    highest peak RSS and CPU busyness, each round's rates under "rounds"."""
+    highest peak RSS and CPU busyness, each round's rates under "rounds" (in place of one
+    round's per-run timings)."""
     ok = [r for r in results if "error" not in r]
     if not ok:
         return results[0]
@@ -78,7 +79,9 @@ def combine_rounds(results: list[dict]) -> dict:
     for key in ("peak_rss_mib", "busy_before"):
         if key in out:
             out[key] = max(r.get(key, 0.0) for r in results)
-    if len(results) > 1:
+    if len(results) > 1:  # one round's per-run timings would not match the medians
+        for key in ("runs", "walls_s", "wall_s"):
+            out.pop(key, None)
         out["rounds"] = [{k: r[k] for k in RATES & r.keys()} or {"error": r.get("error")}
                          for r in results]
     return out
