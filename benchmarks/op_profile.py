@@ -4,7 +4,7 @@
     python benchmarks/op_profile.py --workload A
 
 Runs the workload once with ONNX Runtime's profiling switched on in the engine's own session
-options, then sums the kernel time per operator type (MatMul vs GroupQueryAttention
+options, then sums the kernel time per operator type (MatMul vs SlotAttention
 vs the rest), with the GFLOP/s the matmuls reach.
 """
 
@@ -83,9 +83,9 @@ def main() -> None:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         op = e["args"]["op_name"]
-        if op == "GroupQueryAttention":  # decode-only calls have one query per row
-            query = next(iter(e["args"]["input_type_shape"][0].values()))
-            op += " (decode)" if query[1] == 1 else " (prefill)"
+        if op == "SlotAttention":  # at most one token per cache row: a decode step
+            shapes = [next(iter(s.values())) for s in e["args"]["input_type_shape"]]
+            op += " (decode)" if shapes[0][0] <= shapes[3][0] else " (with prefill)"
         seconds[op] += e["dur"] / 1e6
         if op in ("MatMul", "Gemm"):
             flops[op] += matmul_flops(e)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.convert.source import ModelLoadError
+from nanovllm_onnx.kernels import KernelBuildError
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ModelLoadError, ValueError) as e:
+    except (ModelLoadError, KernelBuildError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -11,6 +11,7 @@ import pytest
 from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.convert.converter import convert
 from nanovllm_onnx.convert.source import ModelLoadError
+from nanovllm_onnx.kernels import KernelBuildError
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,14 @@ def llm(converted: dict[str, Path]) -> LLM:
 def test_missing_model_path(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         LLM(str(tmp_path / "nope"))
+
+
+def test_missing_compiler_for_the_attention_kernel(converted: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANO_VLLM_ONNX_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(KernelBuildError, match="found no 'no-such-compiler': install g\\+\\+"):
+        LLM(str(converted["llama"]))
 
 
 def test_folder_without_tokenizer(hf_models: dict[str, Path], tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from nanovllm_onnx.convert.source import (
     load_hf_folder,
     read_folder_source,
 )
+from nanovllm_onnx.kernels import HEAD_DIMS
 from nanovllm_onnx.runner.optimum_runner import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -39,7 +40,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-CONVERTER_VERSION = "11"  # bump when the emitted graph changes, to invalidate caches
+CONVERTER_VERSION = "12"  # bump when the emitted graph changes, to invalidate caches
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
 
@@ -192,9 +193,9 @@ def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelCon
         src = load_source(source_path)
         cfg = model_config_from_source(src)
         cfg.weights = weights
-        if cfg.head_dim % 16:
-            raise ModelLoadError(f"head_dim {cfg.head_dim} is not a multiple of 16, which "
-                                 "ONNX Runtime's GroupQueryAttention rotary needs")
+        if cfg.head_dim not in HEAD_DIMS:
+            raise ModelLoadError(f"head_dim {cfg.head_dim} is not supported by the attention "
+                                 f"kernel (supported: {', '.join(map(str, HEAD_DIMS))})")
     else:
         src = load_optimum_export(source_path, graph)
         cfg = optimum_model_config(src, graph)

@@ -1,12 +1,10 @@
 """Emit the ONNX graph this engine runs: one call serves a whole continuous-batching step.
 
-Layout of a step (T packed tokens, B cache rows, S = longest query in the step):
-- Embedding, projections and MLP run on the T packed tokens: no padding waste.
-- Around attention, `pad_index` gathers the packed QKV into GroupQueryAttention's
-  [B, S] layout and `unpad_index` (row, position) gathers the result back.
-- GroupQueryAttention does rotary itself and writes the new K/V in place into the
-  cache rows bound through IOBinding; `query_seqlens` makes rows ragged (decode,
-  prefill, prefill chunk on top of a cache, idle).
+Layout of a step (T packed tokens, row after row, for B cache rows):
+- Embedding, projections, attention and MLP all run on the T packed tokens: no padding.
+- SlotAttention (the engine's own kernel, `nanovllm_onnx/kernels`) does rotary itself and
+  writes the new K/V in place into the cache rows bound through IOBinding; `past_lens` and
+  `query_lens` make rows ragged (decode, prefill, prefill chunk on top of a cache, idle).
 - Logits only for the `logits_index` rows (the positions that are sampled).
 """
 
@@ -21,6 +19,7 @@ from tqdm import tqdm
 
 from nanovllm_onnx.config import ModelConfig
 from nanovllm_onnx.convert.source import ModelSource, QuantBlocks
+from nanovllm_onnx.kernels import DOMAIN, KEY_TILE
 
 MS = "com.microsoft"
 
@@ -207,19 +206,14 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj.weight", qkv_w, qkv_b)
         if qk_norm:
             qkv = _qk_norm(g, qkv, p, w, heads, kv_heads, hd, eps)
-        # Packed QKV straight into GQA's [rows, longest query] layout: pad_index [B, S]
-        # picks each row's tokens; padding (past a row's query_seqlens) is never read.
-        (padded,) = g.op("Gather", [qkv, "pad_index"])
         attn, _, _ = g.op(
-            "GroupQueryAttention",
-            [padded, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
-             "total_sequence_length", cos, sin, "", "", "", "", "", "", "", "query_seqlens"],
-            n_out=3, domain=MS, num_heads=heads, kv_num_heads=kv_heads,
-            do_rotary=1, rotary_interleaved=0, scale=float(hd) ** -0.5,
+            "SlotAttention",
+            [qkv, f"past_key.{i}", f"past_value.{i}", "past_lens", "query_lens", cos, sin],
+            n_out=3, domain=DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
+            scale=float(hd) ** -0.5,
         )
         # Route the present outputs to the graph outputs bound to the same buffers.
         g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key.{i}", f"present_value.{i}"
-        (attn,) = g.op("GatherND", [attn, "unpad_index"])  # (row, position) of each token
         o_name = f"{p}.self_attn.o_proj.weight"
         o = g.linear(attn, o_name, stacked([o_name]))
         h, residual = _skip_norm(g, o, residual, f"{p}.post_attention_layernorm.weight",
@@ -277,24 +271,24 @@ def _qk_norm(g: GraphBuilder, qkv: str, p: str, w: Mapping[str, np.ndarray], hea
 
 
 def _make_model(g: GraphBuilder, cfg: ModelConfig) -> onnx.ModelProto:
-    kv_shape = ["batch", cfg.num_kv_heads, "capacity", cfg.head_dim]
+    kvh, hd = cfg.num_kv_heads, cfg.head_dim
+    shapes = {"key": ["batch", kvh, "key_tiles", hd, KEY_TILE],  # see KVCache
+              "value": ["batch", kvh, "capacity", hd]}
     i64, i32, f32 = TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["tokens"]),
-        helper.make_tensor_value_info("pad_index", i64, ["batch", "longest_query"]),
-        helper.make_tensor_value_info("unpad_index", i64, ["tokens", 2]),
         helper.make_tensor_value_info("logits_index", i64, ["sampled"]),
-        helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-        helper.make_tensor_value_info("query_seqlens", i32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", i32, []),
+        helper.make_tensor_value_info("past_lens", i32, ["batch"]),
+        helper.make_tensor_value_info("query_lens", i32, ["batch"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", f32, ["sampled", cfg.vocab_size])]
     for i in range(cfg.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, kv_shape))
+        for kind, shape in shapes.items():
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, shape))
     graph = helper.make_graph(g.nodes, "nano_vllm_onnx", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(MS, 1)])
+                                                    helper.make_opsetid(MS, 1),
+                                                    helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
     return model

@@ -15,6 +15,7 @@ from nanovllm_onnx.engine.sampler import Sampler, log_softmax, logprob_dict
 from nanovllm_onnx.engine.scheduler import Scheduler
 from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer, TextTokenizer
+from nanovllm_onnx.kernels import KEY_TILE
 from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm_onnx.runner.kv_cache import KVCache
 from nanovllm_onnx.runner.model_runner import ModelRunner
@@ -62,10 +63,13 @@ class LLMEngine:
                     "max_model_len=%d at once, up to max_num_seqs=%d", cfg.kv_cache_memory_gib,
                     num_blocks * cfg.block_size, num_blocks, cfg.block_size,
                     num_blocks / blocks_per_seq, self.max_model_len, cfg.max_num_seqs)
-        capacity = -(-self.max_model_len // SLOT_ALIGN) * SLOT_ALIGN
-        self.kv_cache = KVCache(mc, cfg.max_num_seqs, min(capacity, limit), num_blocks,
-                                cfg.block_size)
-        runner_cls = OptimumRunner if mc.runner == "optimum" else ModelRunner
+        # Whole pages per slot, or the model's context rounded up to whole key tiles.
+        capacity = min(-(-self.max_model_len // SLOT_ALIGN) * SLOT_ALIGN,
+                       -(-limit // KEY_TILE) * KEY_TILE)
+        own_graph = mc.runner != "optimum"
+        self.kv_cache = KVCache(mc, cfg.max_num_seqs, capacity, num_blocks, cfg.block_size,
+                                tiled_keys=own_graph)
+        runner_cls = ModelRunner if own_graph else OptimumRunner
         self.runner = runner_cls(model_dir, mc, cfg, self.kv_cache)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.max_num_seqs,
                                           cfg.enable_prefix_caching,

@@ -1,5 +1,10 @@
-"""KV cache memory: per-sequence slots that GroupQueryAttention updates in place, and the
-prefix store that cached blocks are copied to and from.
+"""KV cache memory: per-sequence slots that SlotAttention updates in place, and the prefix
+store that cached blocks are copied to and from.
+
+For the engine's own graph a slot's keys lie in tiles of KEY_TILE positions, dimension-major
+([tiles, head_dim, KEY_TILE]: SlotAttention scores a whole tile with one vector per
+dimension); everything else (values, an Optimum export's keys, the store's blocks) lies
+position-major ([positions, head_dim]).
 
 Both live in anonymous memory maps: the OS commits a page only when it is first
 written, and `release_*` hands pages back (MADV_DONTNEED), so the memory really
@@ -13,6 +18,7 @@ import mmap
 import numpy as np
 
 from nanovllm_onnx.config import ModelConfig
+from nanovllm_onnx.kernels import KEY_TILE
 
 PAGE = mmap.PAGESIZE
 
@@ -26,12 +32,17 @@ def _lazy_array(shape: tuple[int, ...]) -> tuple[mmap.mmap, np.ndarray]:
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, capacity: int, num_blocks: int,
-                 block_size: int) -> None:
+                 block_size: int, tiled_keys: bool) -> None:
+        if tiled_keys and capacity % KEY_TILE:
+            raise ValueError(f"slot capacity {capacity} is not a multiple of {KEY_TILE}")
         self.capacity = capacity
         self.block_size = block_size
+        self.tiled_keys = tiled_keys
         kvh, hd = cfg.num_kv_heads, cfg.head_dim
+        key_shape = ((num_slots, kvh, capacity // KEY_TILE, hd, KEY_TILE) if tiled_keys
+                     else (num_slots, kvh, capacity, hd))
         # [layer][key/value] -> (mmap, array)
-        self._slots = [[_lazy_array((num_slots, kvh, capacity, hd)) for _ in range(2)]
+        self._slots = [[_lazy_array(key_shape), _lazy_array((num_slots, kvh, capacity, hd))]
                        for _ in range(cfg.num_layers)]
         self._store = [[_lazy_array((num_blocks, kvh, block_size, hd)) for _ in range(2)]
                        for _ in range(cfg.num_layers)]
@@ -60,19 +71,25 @@ class KVCache:
                 for buf, _ in pair:
                     buf.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
-    def _block_index(self, slots: list[int], blocks: list[int]) -> tuple[np.ndarray, ...]:
+    def _block_index(self, slots: list[int],
+                     blocks: list[int]) -> tuple[tuple[np.ndarray | slice, ...], ...]:
+        """Index of the blocks' positions in the key and the value slot arrays, each giving
+        [blocks, kv_heads, block_size, head_dim] like the store."""
         s = np.asarray(slots)[:, None, None]
         pos = np.asarray(blocks)[:, None, None] * self.block_size + self._offsets
-        return s, self._heads, pos
+        value = (s, self._heads, pos)
+        if not self.tiled_keys:
+            return value, value
+        return (s, self._heads, pos // KEY_TILE, slice(None), pos % KEY_TILE), value
 
     def copy_in(self, copies: list[tuple[int, int, int]]) -> None:
         """(store block, slot, block index in slot): cached K/V into slots."""
         if not copies:
             return
         store_ids, slots, blocks = (list(c) for c in zip(*copies))
-        index = self._block_index(slots, blocks)
+        indices = self._block_index(slots, blocks)
         for slot_pair, store_pair in zip(self._slots, self._store):
-            for (_, cache), (_, store) in zip(slot_pair, store_pair):
+            for (_, cache), (_, store), index in zip(slot_pair, store_pair, indices):
                 cache[index] = store[store_ids]
 
     def copy_out(self, copies: list[tuple[int, int, int]]) -> None:
@@ -80,7 +97,7 @@ class KVCache:
         if not copies:
             return
         slots, blocks, store_ids = (list(c) for c in zip(*copies))
-        index = self._block_index(slots, blocks)
+        indices = self._block_index(slots, blocks)
         for slot_pair, store_pair in zip(self._slots, self._store):
-            for (_, cache), (_, store) in zip(slot_pair, store_pair):
+            for (_, cache), (_, store), index in zip(slot_pair, store_pair, indices):
                 store[store_ids] = cache[index]

@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from nanovllm_onnx.config import EngineConfig, ModelConfig
 from nanovllm_onnx.engine.sequence import Sequence
+from nanovllm_onnx.kernels import slot_attention_library
 from nanovllm_onnx.runner.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,11 @@ class StepInput:
         return positions
 
 
-def make_session(graph: Path, cfg: EngineConfig) -> ort.InferenceSession:
+def make_session(graph: Path, cfg: EngineConfig,
+                 custom_ops: Path | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    if custom_ops is not None:
+        opts.register_custom_ops_library(str(custom_ops))
     opts.intra_op_num_threads = cfg.intra_op_num_threads
     opts.inter_op_num_threads = cfg.inter_op_num_threads
     opts.graph_optimization_level = OPT_LEVELS[cfg.graph_optimization_level]
@@ -92,7 +96,8 @@ class ModelRunner:
                  kv_cache: KVCache) -> None:
         self.cfg = model_cfg
         self.kv = kv_cache
-        self.session = make_session(model_cfg.graph_file(model_dir), engine_cfg)
+        self.session = make_session(model_cfg.graph_file(model_dir), engine_cfg,
+                                    custom_ops=slot_attention_library())
         self.binding = self.session.io_binding()
         self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)
         self._bound_rows: tuple[int, int] | None = None
@@ -112,84 +117,35 @@ class ModelRunner:
         self._bound_rows = (lo, hi)
 
     def run(self, step: StepInput) -> np.ndarray:
-        """Run the step; returns the logits of each sequence's `step.logit_positions`, in order."""
-        positions = [step.logit_positions(i) for i in range(len(step.seqs))]
-        ends = np.cumsum([len(p) for p in positions])
-        num_logits = int(ends[-1])
-        if 2 * num_logits > len(self._logits):  # room for the result and a group's scratch
-            self._logits = np.empty((2 * num_logits, self.cfg.vocab_size), np.float32)
-        logits = self._logits[:num_logits]
-        groups = self._groups(step)
-        for group in groups:
-            if len(groups) == 1:
-                self._run_group(step, group, positions, logits)
-                break
-            rows = np.concatenate([np.arange(ends[i] - len(positions[i]), ends[i])
-                                   for i in group]).astype(np.int64)
-            scratch = self._logits[num_logits:num_logits + len(rows)]
-            self._run_group(step, group, positions, scratch)
-            logits[rows] = scratch
-        return logits
-
-    @staticmethod
-    def _groups(step: StepInput) -> list[list[int]]:
-        """Split a step into model calls whose padded [rows, longest query] layout wastes
-        little: decodes (one token each) go together; prefill chunks are merged while the
-        padding stays under the real tokens. A decode row padded to a 512-token chunk costs
-        as much as the chunk itself, so a mixed step is cheaper as separate calls."""
-        decode = [i for i, n in enumerate(step.num_tokens) if n == 1]
-        chunks = sorted((i for i, n in enumerate(step.num_tokens) if n > 1),
-                        key=lambda i: step.seqs[i].slot)
-        groups = [decode] if decode else []
-        current: list[int] = []
-        for i in chunks:
-            candidate = [*current, i]
-            slots = [step.seqs[j].slot for j in candidate]
-            counts = [step.num_tokens[j] for j in candidate]
-            padded = (max(slots) - min(slots) + 1) * max(counts)
-            if current and padded > 2 * sum(counts):
-                groups.append(current)
-                candidate = [i]
-            current = candidate
-        if current:
-            groups.append(current)
-        return [sorted(g) for g in groups]  # in step order: one group is then the whole step
-
-    def _run_group(self, step: StepInput, group: list[int], positions: list[list[int]],
-                   logits: np.ndarray) -> None:
-        seqs = [step.seqs[i] for i in group]
-        counts = [step.num_tokens[i] for i in group]
-        slots = [s.slot for s in seqs]
+        """Run the step as one model call; returns the logits of each sequence's
+        `step.logit_positions`, in order. The tokens go in packed by cache slot, as
+        SlotAttention reads them; the slots between the step's lowest and highest are idle
+        rows (query length 0) that cost nothing."""
+        slots = [seq.slot for seq in step.seqs]
         lo, hi = min(slots), max(slots) + 1
-        rows, width = hi - lo, max(counts)
-        total = sum(counts)
-        input_ids = np.empty(total, np.int64)
-        pad_index = np.zeros((rows, width), np.int64)  # padding reads token 0, never used
-        unpad_index = np.empty((total, 2), np.int64)
-        query_seqlens = np.zeros(rows, np.int32)
-        seqlens_k = np.zeros(rows, np.int32)
-        logits_index = []
-        offset = 0
-        for i, seq, n in zip(group, seqs, counts):
-            row = seq.slot - lo
+        order = sorted(range(len(step.seqs)), key=slots.__getitem__)
+        offsets = np.cumsum([0] + [step.num_tokens[i] for i in order])
+        input_ids = np.empty(offsets[-1], np.int64)
+        past_lens = np.zeros(hi - lo, np.int32)
+        query_lens = np.zeros(hi - lo, np.int32)
+        first_token = {}
+        for i, offset in zip(order, offsets):
+            seq, n = step.seqs[i], step.num_tokens[i]
             start = seq.num_computed_tokens
             input_ids[offset:offset + n] = seq.token_ids[start:start + n]
-            pad_index[row, :n] = np.arange(offset, offset + n)
-            unpad_index[offset:offset + n, 0] = row
-            unpad_index[offset:offset + n, 1] = np.arange(n)
-            query_seqlens[row] = n
-            seqlens_k[row] = start + n - 1
-            logits_index.extend(offset + j for j in positions[i])
-            offset += n
+            past_lens[seq.slot - lo], query_lens[seq.slot - lo] = start, n
+            first_token[i] = offset
+        logits_index = np.array([first_token[i] + j for i in range(len(step.seqs))
+                                 for j in step.logit_positions(i)], np.int64)
+        if len(logits_index) > len(self._logits):
+            self._logits = np.empty((len(logits_index), self.cfg.vocab_size), np.float32)
+        logits = self._logits[:len(logits_index)]
         b = self.binding
         b.bind_cpu_input("input_ids", input_ids)
-        b.bind_cpu_input("pad_index", pad_index)
-        b.bind_cpu_input("unpad_index", unpad_index)
-        b.bind_cpu_input("logits_index", np.array(logits_index, np.int64))
-        b.bind_cpu_input("seqlens_k", seqlens_k)
-        b.bind_cpu_input("query_seqlens", query_seqlens)
-        b.bind_cpu_input("total_sequence_length",
-                         np.array(int(seqlens_k.max()) + 1, np.int32))
+        b.bind_cpu_input("logits_index", logits_index)
+        b.bind_cpu_input("past_lens", past_lens)
+        b.bind_cpu_input("query_lens", query_lens)
         self._bind_cache_rows(lo, hi)
         b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(b)
+        return logits

@@ -1,0 +1,151 @@
+"""SlotAttention, the engine's own attention kernel, against a numpy reference of causal
+grouped-query attention with rotary embeddings, on ragged batches of cache rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, slot_attention_library
+
+HEADS, KV_HEADS, CAPACITY, POSITIONS = 6, 2, 96, 128
+F32, I32 = TensorProto.FLOAT, TensorProto.INT32
+
+
+def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray) -> ort.InferenceSession:
+    key_shape = [rows, KV_HEADS, CAPACITY // KEY_TILE, head_dim, KEY_TILE]
+    value_shape = [rows, KV_HEADS, CAPACITY, head_dim]
+    node = helper.make_node(
+        "SlotAttention", ["qkv", "past_key", "past_value", "past_lens", "query_lens", "cos", "sin"],
+        ["out", "present_key", "present_value"], domain=DOMAIN, num_heads=HEADS,
+        kv_num_heads=KV_HEADS, scale=head_dim ** -0.5)
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node], "slot_attention",
+        [info("qkv", F32, ["tokens", (HEADS + 2 * KV_HEADS) * head_dim]),
+         info("past_key", F32, key_shape), info("past_value", F32, value_shape),
+         info("past_lens", I32, [rows]), info("query_lens", I32, [rows])],
+        [info("out", F32, ["tokens", HEADS * head_dim]), info("present_key", F32, key_shape),
+         info("present_value", F32, value_shape)],
+        [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 9
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.register_custom_ops_library(str(slot_attention_library()))
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half rotary embedding of x [..., D] with cos/sin [..., D/2]."""
+    a, b = np.split(x, 2, axis=-1)
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def tiles(keys: np.ndarray) -> np.ndarray:
+    """[rows, kv_heads, capacity, D] -> the kernel's [.., capacity / 16, D, 16] key tiles."""
+    r, h, c, d = keys.shape
+    return np.ascontiguousarray(keys.reshape(r, h, c // KEY_TILE, KEY_TILE, d)
+                                .transpose(0, 1, 2, 4, 3))
+
+
+def untile(key_tiles: np.ndarray) -> np.ndarray:
+    r, h, t, d, _ = key_tiles.shape
+    return key_tiles.transpose(0, 1, 2, 4, 3).reshape(r, h, t * KEY_TILE, d)
+
+
+def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[int],
+              query: list[int], cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, ...]:
+    """float64 attention, row by row; returns (out, keys, values) after the step."""
+    d = keys.shape[-1]
+    keys, values = keys.astype(np.float64), values.astype(np.float64)
+    out = np.zeros((len(qkv), HEADS * d))
+    group = HEADS // KV_HEADS
+    start = 0
+    for row, (p, n) in enumerate(zip(past, query)):
+        tok = qkv[start:start + n].astype(np.float64)
+        pos = np.arange(p, p + n)
+        q = tok[:, :HEADS * d].reshape(n, HEADS, d)
+        k = tok[:, HEADS * d:(HEADS + KV_HEADS) * d].reshape(n, KV_HEADS, d)
+        v = tok[:, (HEADS + KV_HEADS) * d:].reshape(n, KV_HEADS, d)
+        c, s = cos[pos][:, None], sin[pos][:, None]
+        keys[row, :, p:p + n] = rotate(k, c, s).transpose(1, 0, 2)
+        values[row, :, p:p + n] = v.transpose(1, 0, 2)
+        q = rotate(q, c, s) * d ** -0.5
+        for h in range(HEADS):
+            scores = q[:, h] @ keys[row, h // group, :p + n].T  # [n, p + n]
+            scores[np.arange(p + n)[None, :] > pos[:, None]] = -np.inf
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            out[start:start + n, h * d:(h + 1) * d] = weights @ values[row, h // group, :p + n]
+        start += n
+    return out, keys, values
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_ragged_rows_match_reference_and_update_in_place(head_dim: int) -> None:
+    rng = np.random.default_rng(head_dim)
+    # decode, prefill, idle, chunk on top of a cache, decode at the last cache position,
+    # a prefill longer than one query block and not a whole number of tiles
+    past, query = [40, 0, 17, 33, CAPACITY - 1, 0], [1, 21, 0, 9, 1, 70]
+    angles = rng.uniform(0, 2 * np.pi, (POSITIONS, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(np.float32)
+    values = rng.standard_normal(keys.shape).astype(np.float32)
+    qkv = rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)).astype(np.float32)
+    ref_out, ref_keys, ref_values = reference(qkv, keys, values, past, query, cos, sin)
+
+    sess = session(head_dim, len(past), cos, sin)
+    key_cache, value_cache = tiles(keys), values.copy()
+    binding = sess.io_binding()
+    for name, array in (("key", key_cache), ("value", value_cache)):
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        binding.bind_ortvalue_input(f"past_{name}", value)
+        binding.bind_ortvalue_output(f"present_{name}", value)  # the same buffer: in place
+    binding.bind_cpu_input("qkv", qkv)
+    binding.bind_cpu_input("past_lens", np.array(past, np.int32))
+    binding.bind_cpu_input("query_lens", np.array(query, np.int32))
+    out = np.empty((len(qkv), HEADS * head_dim), np.float32)
+    binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    sess.run_with_iobinding(binding)
+
+    np.testing.assert_allclose(out, ref_out, atol=2e-5)
+    # The new K/V landed at each row's positions; every other position is untouched.
+    np.testing.assert_allclose(untile(key_cache), ref_keys, atol=2e-6)
+    np.testing.assert_array_equal(value_cache, ref_values.astype(np.float32))
+
+    # A plain run (no binding) leaves its inputs alone and returns the updated caches.
+    feeds = {"qkv": qkv, "past_key": tiles(keys), "past_value": values,
+             "past_lens": np.array(past, np.int32), "query_lens": np.array(query, np.int32)}
+    plain_out, plain_keys, plain_values = sess.run(None, feeds)
+    np.testing.assert_array_equal(plain_out, out)
+    np.testing.assert_array_equal(plain_keys, key_cache)
+    np.testing.assert_array_equal(feeds["past_key"], tiles(keys))
+
+
+def test_bad_lengths_are_clear_errors() -> None:
+    head_dim = 16
+    cos = np.ones((POSITIONS, head_dim // 2), np.float32)
+    sess = session(head_dim, 2, cos, np.zeros_like(cos))
+    keys = np.zeros((2, KV_HEADS, CAPACITY // KEY_TILE, head_dim, KEY_TILE), np.float32)
+    values = np.zeros((2, KV_HEADS, CAPACITY, head_dim), np.float32)
+
+    def run(past: list[int], query: list[int]) -> None:
+        qkv = np.zeros((sum(query), (HEADS + 2 * KV_HEADS) * head_dim), np.float32)
+        sess.run(None, {"qkv": qkv, "past_key": keys, "past_value": values,
+                        "past_lens": np.array(past, np.int32),
+                        "query_lens": np.array(query, np.int32)})
+
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                       match="row 1 reaches position 97 beyond the cache capacity"):
+        run([0, CAPACITY], [1, 1])
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                       match="query_lens must add up"):
+        sess.run(None, {"qkv": np.zeros((3, (HEADS + 2 * KV_HEADS) * head_dim), np.float32),
+                        "past_key": keys, "past_value": values,
+                        "past_lens": np.zeros(2, np.int32), "query_lens": np.ones(2, np.int32)})
+    run([CAPACITY - 1, 0], [1, 0])  # the last position is fine
