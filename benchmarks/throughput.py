@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (fp16) | fp16 | fp32")
     ap.add_argument("--enable-prefix-caching", action="store_true")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--profile", action="store_true", help="B: where the step time goes")
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"weights": args.weights} if args.weights else {}
     llm = LLM(args.model, **extra, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_gib=args.kv_cache_memory_gib,
+              kv_cache_memory_gib=args.kv_cache_memory_gib, kv_cache_dtype=args.kv_cache_dtype,
               enable_prefix_caching=args.enable_prefix_caching,
               intra_op_num_threads=args.threads)
     weights = llm.llm_engine.model_config.weights

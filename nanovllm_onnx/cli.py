@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from nanovllm_onnx.config import EngineConfig
+from nanovllm_onnx.config import KV_CACHE_DTYPES, EngineConfig
 from nanovllm_onnx.convert.source import ModelLoadError
 from nanovllm_onnx.kernels import KernelBuildError
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
@@ -28,6 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         default=defaults.max_num_batched_tokens)
     parser.add_argument("--kv-cache-memory-gib", type=float, default=defaults.kv_cache_memory_gib,
                         help="KV cache budget in GiB")
+    parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
+                        choices=["auto", *KV_CACHE_DTYPES],
+                        help="KV cache precision (auto: fp16; fp32 for an Optimum export)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                         action="store_false")
     parser.add_argument("--intra-op-num-threads", type=int,

@@ -10,6 +10,7 @@ from pathlib import Path
 MODEL_CONFIG_FILE = "nano_vllm_onnx.json"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}  # kv_cache_dtype -> numpy dtype
 
 
 @dataclass
@@ -31,17 +32,17 @@ class ModelConfig:
     bos_token: str | None = None
     eos_token: str | None = None
     weights: str = "fp32"
-    # "gqa": this engine's own graph (GRAPH_FILE beside this config); "optimum": an Optimum
+    # "slots": this engine's own graph (GRAPH_FILE beside this config); "optimum": an Optimum
     # export run as it is, from graph_path (absolute: the export stays where the user put it).
-    runner: str = "gqa"
+    # ("gqa": a graph of converter versions before 12, which must be converted again.)
+    runner: str = "slots"
     graph_path: str | None = None
 
     def graph_file(self, folder: Path) -> Path:
         return Path(self.graph_path) if self.graph_path else folder / GRAPH_FILE
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4  # fp32 K and V
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
 
     def save(self, folder: Path) -> None:
         (folder / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -61,6 +62,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     kv_cache_memory_gib: float = 1.0
+    kv_cache_dtype: str = "auto"  # auto (fp16; an Optimum export: fp32) | fp16 | fp32
     block_size: int = 16
     enable_prefix_caching: bool = True
     intra_op_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -84,6 +86,9 @@ class EngineConfig:
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid engine argument {name}={getattr(self, name)!r}")
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be auto, {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if self.execution_mode not in ("sequential", "parallel"):
             raise ValueError(f"execution_mode must be sequential or parallel; "
                              f"got {self.execution_mode!r}")

@@ -1,4 +1,7 @@
-"""Greedy tokens equal transformers' however the requests are batched, cached or preempted."""
+"""Greedy tokens equal transformers' however the requests are batched, cached or preempted.
+
+Token-exact comparisons run the KV cache in fp32, transformers' precision here; the default
+fp16 cache is checked against the same reference within fp16's rounding."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from tests.conftest import random_prompts, reference_greedy
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+FP32 = dict(kv_cache_dtype="fp32")
 
 
 def assert_all_free(llm: LLM) -> None:
@@ -33,7 +37,7 @@ def references(hf_models: dict[str, Path]) -> dict[str, list[list[int]]]:
 @pytest.mark.parametrize("name", ["llama", "llama_tied", "mistral", "qwen2", "qwen3"])
 def test_greedy_matches_transformers(name: str, converted: dict[str, Path],
                                      references: dict[str, list[list[int]]]) -> None:
-    llm = LLM(str(converted[name]))
+    llm = LLM(str(converted[name]), **FP32)
     outputs = llm.generate(random_prompts(8, seed=0), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == references[name]
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)
@@ -49,7 +53,7 @@ def test_greedy_matches_transformers(name: str, converted: dict[str, Path],
 ])
 def test_batching_variants_give_the_same_tokens(engine_args: dict, converted: dict[str, Path],
                                                 references: dict[str, list[list[int]]]) -> None:
-    llm = LLM(str(converted["qwen2"]), **engine_args)
+    llm = LLM(str(converted["qwen2"]), **FP32, **engine_args)
     outputs = llm.generate(random_prompts(8, seed=0), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == references["qwen2"]
     engine = llm.llm_engine
@@ -66,7 +70,7 @@ def test_prefix_cache_is_hit_and_exact(converted: dict[str, Path], hf_models: di
     tails = random_prompts(6, seed=2, lo=1, hi=20)
     prompts = [shared + t for t in tails]
     expected = reference_greedy(hf_models["llama"], prompts, NEW_TOKENS)
-    llm = LLM(str(converted["llama"]))
+    llm = LLM(str(converted["llama"]), **FP32)
     first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
     assert first[0].num_cached_tokens == 0
     rest = llm.generate(prompts[1:], GREEDY, use_tqdm=False)
@@ -75,7 +79,7 @@ def test_prefix_cache_is_hit_and_exact(converted: dict[str, Path], hf_models: di
     assert llm.llm_engine.block_manager.prefix_hits == 4 * len(rest)
     # The prompt computed by the model, without the cached blocks:
     assert llm.llm_engine.num_prefill_tokens == sum(len(p) for p in prompts) - 64 * len(rest)
-    cold = LLM(str(converted["llama"]), enable_prefix_caching=False)
+    cold = LLM(str(converted["llama"]), enable_prefix_caching=False, **FP32)
     outs = cold.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert cold.llm_engine.block_manager.prefix_hits == 0
@@ -154,6 +158,6 @@ def test_bfloat16_checkpoint(hf_models: dict[str, Path], tmp_path: Path) -> None
     convert(tmp_path / "bf16", tmp_path / "onnx")
     prompts = random_prompts(3, seed=5)
     expected = reference_greedy(tmp_path / "bf16", prompts, 8)  # loaded as float32 too
-    out = LLM(str(tmp_path / "onnx")).generate(
+    out = LLM(str(tmp_path / "onnx"), **FP32).generate(
         prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in out] == expected

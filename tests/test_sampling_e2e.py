@@ -16,7 +16,7 @@ PROMPT = random_prompts(1, seed=7, lo=40, hi=40)[0]
 
 @pytest.fixture(scope="module")
 def llm(converted: dict[str, Path]) -> LLM:
-    return LLM(str(converted["llama"]))
+    return LLM(str(converted["llama"]), kv_cache_dtype="fp32")  # compared with transformers
 
 
 def greedy(**kw: object) -> SamplingParams:
@@ -124,7 +124,7 @@ def test_logprobs_equal_transformers(llm: LLM, hf_models: dict[str, Path]) -> No
 
 def test_prompt_logprobs_survive_chunked_prefill(converted: dict[str, Path],
                                                  llm: LLM) -> None:
-    chunked = LLM(str(converted["llama"]), max_num_batched_tokens=16)
+    chunked = LLM(str(converted["llama"]), max_num_batched_tokens=16, kv_cache_dtype="fp32")
     a = chunked.generate([PROMPT], greedy(prompt_logprobs=0), use_tqdm=False)[0]
     b = llm.generate([PROMPT], greedy(prompt_logprobs=0), use_tqdm=False)[0]
     assert len(a.prompt_logprobs) == len(PROMPT)
@@ -172,3 +172,22 @@ def test_chat_applies_the_template(llm: LLM) -> None:
     two = llm.chat([messages, messages[1:]], greedy(), use_tqdm=False)
     assert two[0].outputs[0].token_ids == out.outputs[0].token_ids
     assert len(two) == 2
+
+
+def test_fp16_kv_cache_stays_within_rounding_of_transformers(converted: dict[str, Path],
+                                                             hf_models: dict[str, Path],
+                                                             llm: LLM) -> None:
+    fp16 = LLM(str(converted["llama"]))  # the default cache dtype
+    assert fp16.llm_engine.kv_cache.dtype == np.float16
+    # Half the bytes per token: the same budget holds twice the blocks.
+    assert (fp16.llm_engine.block_manager.num_blocks
+            == 2 * llm.llm_engine.block_manager.num_blocks)
+    out = fp16.generate([PROMPT], greedy(logprobs=0, prompt_logprobs=0), use_tqdm=False)[0]
+    ids = out.outputs[0].token_ids
+    ref = _reference_logprobs(hf_models["llama"], PROMPT + ids)
+    for p in range(1, len(PROMPT)):
+        assert abs(out.prompt_logprobs[p][PROMPT[p]].logprob - ref[p - 1][PROMPT[p]]) < 1e-2
+    for i, (token, lps) in enumerate(zip(ids, out.outputs[0].logprobs)):
+        row = ref[len(PROMPT) - 1 + i]
+        assert abs(lps[token].logprob - row[token]) < 1e-2
+        assert row[token] > row.max() - 1e-2  # greedy: the best token, or all but tied

@@ -233,6 +233,9 @@ def resolve_model(model: str | None, weights: str | None = None) -> Path:
 
     path = default_model_path() if model is None else Path(model).expanduser()
     if path.is_dir() and is_converted(path):
+        if ModelConfig.load(path).runner == "gqa":
+            raise ModelLoadError(f"{path} was converted by an older nano-vllm-onnx (its graph "
+                                 "uses GroupQueryAttention): convert the source again")
         have = ModelConfig.load(path).weights
         if weights not in (None, have):
             raise ValueError(f"{path} is already converted with {have} weights; convert the "

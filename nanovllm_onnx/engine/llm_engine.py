@@ -8,7 +8,7 @@ from itertools import count
 
 import numpy as np
 
-from nanovllm_onnx.config import EngineConfig, ModelConfig
+from nanovllm_onnx.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from nanovllm_onnx.convert.converter import resolve_model
 from nanovllm_onnx.engine.block_manager import BlockManager
 from nanovllm_onnx.engine.sampler import Sampler, log_softmax, logprob_dict
@@ -50,7 +50,12 @@ class LLMEngine:
             raise ValueError(f"max_model_len={cfg.max_model_len} is longer than the model's "
                              f"context ({limit} tokens)")
         self.max_model_len = cfg.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
-        block_bytes = cfg.block_size * mc.kv_bytes_per_token
+        own_graph = mc.runner != "optimum"
+        # fp16 halves the cache's memory and the bytes each decode reads, which bound
+        # attention on a batch of long contexts; an Optimum export keeps fp32 in its slots.
+        kv_dtype = np.dtype(KV_CACHE_DTYPES.get(cfg.kv_cache_dtype,
+                                                "float16" if own_graph else "float32"))
+        block_bytes = cfg.block_size * mc.kv_bytes_per_token(kv_dtype.itemsize)
         num_blocks = int(cfg.kv_cache_memory_gib * 2**30) // block_bytes
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)
         if num_blocks < blocks_per_seq:
@@ -66,9 +71,8 @@ class LLMEngine:
         # Whole pages per slot, or the model's context rounded up to whole key tiles.
         capacity = min(-(-self.max_model_len // SLOT_ALIGN) * SLOT_ALIGN,
                        -(-limit // KEY_TILE) * KEY_TILE)
-        own_graph = mc.runner != "optimum"
         self.kv_cache = KVCache(mc, cfg.max_num_seqs, capacity, num_blocks, cfg.block_size,
-                                tiled_keys=own_graph)
+                                tiled_keys=own_graph, dtype=kv_dtype)
         runner_cls = ModelRunner if own_graph else OptimumRunner
         self.runner = runner_cls(model_dir, mc, cfg, self.kv_cache)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.max_num_seqs,

@@ -6,7 +6,7 @@
 //
 // Inputs: 0 qkv [T, (H + 2 KVH) * D] packed tokens, row after row (q, k, v of each token)
 //         1 past_key [B, KVH, C / 16, D, 16] keys in tiles of 16 positions, dimension-major
-//         2 past_value [B, KVH, C, D]
+//         2 past_value [B, KVH, C, D] (both float, or both float16: half the memory traffic)
 //         3 past_lens [B] int32: tokens already in each row's cache
 //         4 query_lens [B] int32: new tokens of each row (0: idle row, untouched)
 //         5 cos [max_positions, D / 2], 6 sin: rotary tables (rotate-half)
@@ -17,6 +17,8 @@
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,8 +32,19 @@ constexpr int kTile = 16;      // key positions per tile (one 512-bit vector of 
 constexpr int kQueryBlock = 8;  // query tokens of one row that a task handles together
 
 typedef float vec __attribute__((vector_size(64), aligned(4)));
+typedef _Float16 half_vec __attribute__((vector_size(32), aligned(2)));
 
+// 16 cache entries as floats (fp32 or fp16 caches).
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
+inline vec load(const _Float16* p) {
+#ifdef __AVX512F__  // GCC scalarizes the generic conversion unless the CPU has AVX512-FP16
+  return (vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  half_vec h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vec);
+#endif
+}
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline vec splat(float x) { return vec{} + x; }
 
@@ -59,8 +72,8 @@ struct Step {
   const float* qkv;
   const float* cos;
   const float* sin;
-  const float* keys;    // present_key
-  const float* values;  // present_value
+  const void* keys;    // present_key (float or _Float16)
+  const void* values;  // present_value
   float* out;
   const int32_t* past_lens;
   std::vector<int64_t> offsets;  // first packed token of each row
@@ -68,12 +81,12 @@ struct Step {
 };
 
 // scores[n][t * 16 + i] = q[n] . key(t * 16 + i) for tiles [0, tiles), NR query vectors.
-template <int NR, int DC>
-void score_tiles(const float* q, const float* tiles, int64_t num_tiles, float* scores,
+template <int NR, int DC, typename T>
+void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* scores,
                  int64_t stride) {
   constexpr int D = DC * kTile;
   for (int64_t t = 0; t < num_tiles; ++t) {
-    const float* tile = tiles + t * D * kTile;
+    const T* tile = tiles + t * D * kTile;
     vec acc[NR] = {};
     for (int d = 0; d < D; ++d) {
       vec k = load(tile + d * kTile);
@@ -84,9 +97,8 @@ void score_tiles(const float* q, const float* tiles, int64_t num_tiles, float* s
 }
 
 // out[n] = sum_l p[n][l] * value(l) for l < len, NR query vectors (D = DC * 16).
-template <int NR, int DC>
-void weigh_values(const float* p, int64_t stride, const float* values, int64_t len,
-                  float* out) {
+template <int NR, int DC, typename T>
+void weigh_values(const float* p, int64_t stride, const T* values, int64_t len, float* out) {
   constexpr int D = DC * kTile;
   vec acc[NR][DC] = {};
   for (int64_t l = 0; l < len; ++l) {
@@ -101,32 +113,50 @@ void weigh_values(const float* p, int64_t stride, const float* values, int64_t l
     for (int c = 0; c < DC; ++c) store(out + n * D + c * kTile, acc[n][c]);
 }
 
-// The NR-wide kernels for n query vectors, NR = 8, 4, 2, 1 until none is left.
-template <int DC>
-void score_all(const float* q, int n, const float* tiles, int64_t num_tiles, float* scores,
-               int64_t stride) {
-  constexpr int D = DC * kTile;
-  for (; n >= 8; n -= 8, q += 8 * D, scores += 8 * stride)
-    score_tiles<8, DC>(q, tiles, num_tiles, scores, stride);
-  for (; n >= 4; n -= 4, q += 4 * D, scores += 4 * stride)
-    score_tiles<4, DC>(q, tiles, num_tiles, scores, stride);
-  for (; n >= 2; n -= 2, q += 2 * D, scores += 2 * stride)
-    score_tiles<2, DC>(q, tiles, num_tiles, scores, stride);
-  if (n) score_tiles<1, DC>(q, tiles, num_tiles, scores, stride);
+// Calls kernel<NR>(offset) for query vectors [offset, offset + NR) in chunks of at most
+// `widest` (at most 8), so that a chunk's accumulators stay in registers.
+template <template <int> class Kernel, typename... Args>
+void in_chunks(int n, int widest, Args... args) {
+  for (int offset = 0; offset < n;) {
+    const int nr = std::min({n - offset, widest, 8});
+    switch (nr) {
+      case 1: Kernel<1>::run(offset, args...); break;
+      case 2: Kernel<2>::run(offset, args...); break;
+      case 3: Kernel<3>::run(offset, args...); break;
+      case 4: Kernel<4>::run(offset, args...); break;
+      case 5: Kernel<5>::run(offset, args...); break;
+      case 6: Kernel<6>::run(offset, args...); break;
+      case 7: Kernel<7>::run(offset, args...); break;
+      default: Kernel<8>::run(offset, args...); break;
+    }
+    offset += nr;
+  }
 }
 
-template <int DC>
-void weigh_all(const float* p, int n, int64_t stride, const float* values, int64_t len,
-               float* out) {
-  constexpr int D = DC * kTile;
-  for (; n >= 4; n -= 4, p += 4 * stride, out += 4 * D)
-    weigh_values<4, DC>(p, stride, values, len, out);
-  for (; n >= 2; n -= 2, p += 2 * stride, out += 2 * D)
-    weigh_values<2, DC>(p, stride, values, len, out);
-  if (n) weigh_values<1, DC>(p, stride, values, len, out);
-}
+template <int DC, typename T>
+struct Scorer {
+  template <int NR>
+  struct Kernel {
+    static void run(int offset, const float* q, const T* tiles, int64_t num_tiles,
+                    float* scores, int64_t stride) {
+      score_tiles<NR, DC>(q + offset * DC * kTile, tiles, num_tiles, scores + offset * stride,
+                          stride);
+    }
+  };
+};
 
-template <int DC>
+template <int DC, typename T>
+struct Weigher {
+  template <int NR>
+  struct Kernel {
+    static void run(int offset, const float* p, int64_t stride, const T* values, int64_t len,
+                    float* out) {
+      weigh_values<NR, DC>(p + offset * stride, stride, values, len, out + offset * DC * kTile);
+    }
+  };
+};
+
+template <int DC, typename T>
 void run_task(const Step& st, const Task& task) {
   constexpr int D = DC * kTile;
   const Shape& s = st.s;
@@ -153,8 +183,11 @@ void run_task(const Step& st, const Task& task) {
     }
   }
   const int64_t slot = task.row * s.kv_heads + task.kv_head;
-  score_all<DC>(q.data(), static_cast<int>(num_q), st.keys + slot * s.capacity * D,
-                num_tiles, scores.data(), stride);
+  // All of a KV head's query vectors at once where they fit (8 accumulators), so that
+  // the keys and values are read once.
+  in_chunks<Scorer<DC, T>::template Kernel>(
+      static_cast<int>(num_q), 8, q.data(), static_cast<const T*>(st.keys) + slot * s.capacity * D,
+      num_tiles, scores.data(), stride);
   // Softmax of each query over the keys it sees (causal: up to its own position).
   for (int64_t n = 0; n < num_q; ++n) {
     float* row = &scores[n * stride];
@@ -170,8 +203,9 @@ void run_task(const Step& st, const Task& task) {
     for (int64_t l = 0; l < len; ++l) row[l] *= inv;
     for (int64_t l = len; l < keys; ++l) row[l] = 0.f;
   }
-  weigh_all<DC>(scores.data(), static_cast<int>(num_q), stride,
-                st.values + slot * s.capacity * D, keys, out.data());
+  in_chunks<Weigher<DC, T>::template Kernel>(
+      static_cast<int>(num_q), std::max(1, 24 / DC - 1), static_cast<const float*>(scores.data()),
+      stride, static_cast<const T*>(st.values) + slot * s.capacity * D, keys, out.data());
   for (int64_t j = task.first; j < task.last; ++j) {
     float* dst = st.out + (st.offsets[task.row] + j) * s.heads * D + task.kv_head * group * D;
     std::memcpy(dst, &out[(j - task.first) * group * D], group * D * sizeof(float));
@@ -179,7 +213,8 @@ void run_task(const Step& st, const Task& task) {
 }
 
 // Rotated keys and values of every new token into the caches (cheap: done serially).
-void append(const Step& st, float* keys, float* values) {
+template <typename T>
+void append(const Step& st, T* keys, T* values) {
   const Shape& s = st.s;
   const int64_t D = s.head_dim, half = D / 2;
   const int64_t width = (s.heads + 2 * s.kv_heads) * D;
@@ -193,19 +228,31 @@ void append(const Step& st, float* keys, float* values) {
         const int64_t slot = b * s.kv_heads + g;
         rotate(tok + (s.heads + g) * D, st.cos + pos * half, st.sin + pos * half, half, 1.f,
                k.data());
-        float* tile = keys + slot * s.capacity * D + (pos / kTile) * D * kTile + pos % kTile;
-        for (int64_t d = 0; d < D; ++d) tile[d * kTile] = k[d];
-        std::memcpy(values + (slot * s.capacity + pos) * D, tok + (s.heads + s.kv_heads + g) * D,
-                    D * sizeof(float));
+        T* tile = keys + slot * s.capacity * D + (pos / kTile) * D * kTile + pos % kTile;
+        for (int64_t d = 0; d < D; ++d) tile[d * kTile] = T(k[d]);
+        const float* v = tok + (s.heads + s.kv_heads + g) * D;
+        T* value = values + (slot * s.capacity + pos) * D;
+        for (int64_t d = 0; d < D; ++d) value[d] = T(v[d]);
       }
     }
   }
 }
 
-template <int DC>
+template <int DC, typename T>
 void run_tasks(void* data, size_t i) {
   const Step& st = *static_cast<const Step*>(data);
-  run_task<DC>(st, st.tasks[i]);
+  run_task<DC, T>(st, st.tasks[i]);
+}
+
+template <typename T>
+void (*task_runner(int64_t head_dim))(void*, size_t) {
+  switch (head_dim) {
+    case 16: return run_tasks<1, T>;
+    case 32: return run_tasks<2, T>;
+    case 64: return run_tasks<4, T>;
+    case 128: return run_tasks<8, T>;
+    default: return nullptr;
+  }
 }
 
 struct SlotAttentionKernel {
@@ -239,8 +286,14 @@ struct SlotAttentionKernel {
     auto past_lens = ctx.GetInput(3), query_lens = ctx.GetInput(4);
     auto cos = ctx.GetInput(5), sin = ctx.GetInput(6);
     const auto qkv_shape = qkv.GetTensorTypeAndShapeInfo().GetShape();
-    const auto key_shape = past_key.GetTensorTypeAndShapeInfo().GetShape();
+    const auto key_info = past_key.GetTensorTypeAndShapeInfo();
+    const auto key_shape = key_info.GetShape();
     const auto value_shape = past_value.GetTensorTypeAndShapeInfo().GetShape();
+    const auto cache_type = key_info.GetElementType();
+    const bool half = cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    check(past_value.GetTensorTypeAndShapeInfo().GetElementType() == cache_type &&
+              (half || cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+          "the caches must both be float or both float16");
     const auto cos_shape = cos.GetTensorTypeAndShapeInfo().GetShape();
     check(value_shape.size() == 4 && key_shape.size() == 5, "cache ranks");
     Step st;
@@ -275,14 +328,15 @@ struct SlotAttentionKernel {
     auto out = ctx.GetOutput(0, {s.tokens, heads * s.head_dim});
     auto present_key = ctx.GetOutput(1, key_shape);
     auto present_value = ctx.GetOutput(2, value_shape);
-    float* keys = present_key.GetTensorMutableData<float>();
-    float* values = present_value.GetTensorMutableData<float>();
+    void* keys = present_key.GetTensorMutableRawData();
+    void* values = present_value.GetTensorMutableRawData();
     // Not bound in place (a plain run): start from a copy of the past.
-    const size_t cache_bytes = size_t(s.rows * s.kv_heads * s.capacity * s.head_dim) * 4;
-    if (keys != past_key.GetTensorData<float>())
-      std::memcpy(keys, past_key.GetTensorData<float>(), cache_bytes);
-    if (values != past_value.GetTensorData<float>())
-      std::memcpy(values, past_value.GetTensorData<float>(), cache_bytes);
+    const size_t cache_bytes =
+        size_t(s.rows * s.kv_heads * s.capacity * s.head_dim) * (half ? 2 : 4);
+    if (keys != past_key.GetTensorRawData())
+      std::memcpy(keys, past_key.GetTensorRawData(), cache_bytes);
+    if (values != past_value.GetTensorRawData())
+      std::memcpy(values, past_value.GetTensorRawData(), cache_bytes);
 
     st.scale = scale;
     st.qkv = qkv.GetTensorData<float>();
@@ -292,25 +346,24 @@ struct SlotAttentionKernel {
     st.values = values;
     st.out = out.GetTensorMutableData<float>();
     st.past_lens = past;
-    append(st, keys, values);
+    if (half)
+      append(st, static_cast<_Float16*>(keys), static_cast<_Float16*>(values));
+    else
+      append(st, static_cast<float*>(keys), static_cast<float*>(values));
     for (int64_t b = 0; b < s.rows; ++b)
       for (int64_t g = 0; g < kv_heads; ++g)
         for (int64_t j = 0; j < query[b]; j += kQueryBlock)
           st.tasks.push_back({b, g, j, std::min<int64_t>(j + kQueryBlock, query[b])});
     if (st.tasks.empty()) return;
-    void (*fn)(void*, size_t) = nullptr;
-    switch (s.head_dim) {
-      case 16: fn = run_tasks<1>; break;
-      case 32: fn = run_tasks<2>; break;
-      case 64: fn = run_tasks<4>; break;
-      case 128: fn = run_tasks<8>; break;
-      default: check(false, "head_dim must be 16, 32, 64 or 128");
-    }
+    auto fn = half ? task_runner<_Float16>(s.head_dim) : task_runner<float>(s.head_dim);
+    check(fn != nullptr, "head_dim must be 16, 32, 64 or 128");
     ctx.ParallelFor(fn, st.tasks.size(), 0, &st);
   }
 };
 
-struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp, SlotAttentionKernel, true> {
+// One registration per cache type (same name: ONNX Runtime picks by the bound types).
+template <ONNXTensorElementDataType kCache>
+struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<kCache>, SlotAttentionKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                               void** kernel) const {
     try {
@@ -324,12 +377,13 @@ struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp, SlotAttentionKernel,
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 7; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 1 || i == 2) return kCache;
     return (i == 3 || i == 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
                               : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   size_t GetOutputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetOutputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : kCache;
   }
 };
 
@@ -338,11 +392,13 @@ struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp, SlotAttentionKernel,
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-  static SlotAttentionOp op;
+  static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_float;
+  static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
   static Ort::CustomOpDomain domain{"nanovllm"};
   static bool added = false;
   if (!added) {
-    domain.Add(&op);
+    domain.Add(&op_float);
+    domain.Add(&op_half);
     added = true;
   }
   Ort::UnownedSessionOptions(options).Add(domain);

@@ -23,31 +23,33 @@ from nanovllm_onnx.kernels import KEY_TILE
 PAGE = mmap.PAGESIZE
 
 
-def _lazy_array(shape: tuple[int, ...]) -> tuple[mmap.mmap, np.ndarray]:
-    nbytes = int(np.prod(shape)) * 4
+def _lazy_array(shape: tuple[int, ...], dtype: np.dtype) -> tuple[mmap.mmap, np.ndarray]:
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
     buf = mmap.mmap(-1, nbytes, flags=flags)
-    return buf, np.frombuffer(buf, dtype=np.float32).reshape(shape)
+    return buf, np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, capacity: int, num_blocks: int,
-                 block_size: int, tiled_keys: bool) -> None:
+                 block_size: int, tiled_keys: bool, dtype: np.dtype) -> None:
         if tiled_keys and capacity % KEY_TILE:
             raise ValueError(f"slot capacity {capacity} is not a multiple of {KEY_TILE}")
         self.capacity = capacity
         self.block_size = block_size
         self.tiled_keys = tiled_keys
+        self.dtype = dtype
         kvh, hd = cfg.num_kv_heads, cfg.head_dim
         key_shape = ((num_slots, kvh, capacity // KEY_TILE, hd, KEY_TILE) if tiled_keys
                      else (num_slots, kvh, capacity, hd))
         # [layer][key/value] -> (mmap, array)
-        self._slots = [[_lazy_array(key_shape), _lazy_array((num_slots, kvh, capacity, hd))]
+        self._slots = [[_lazy_array(key_shape, dtype),
+                        _lazy_array((num_slots, kvh, capacity, hd), dtype)]
                        for _ in range(cfg.num_layers)]
-        self._store = [[_lazy_array((num_blocks, kvh, block_size, hd)) for _ in range(2)]
+        self._store = [[_lazy_array((num_blocks, kvh, block_size, hd), dtype) for _ in range(2)]
                        for _ in range(cfg.num_layers)]
-        self.slot_bytes = kvh * capacity * hd * 4
-        self.store_block_bytes = kvh * block_size * hd * 4
+        self.slot_bytes = kvh * capacity * hd * dtype.itemsize
+        self.store_block_bytes = kvh * block_size * hd * dtype.itemsize
         self._heads = np.arange(kvh)[None, :, None]
         self._offsets = np.arange(block_size)[None, None, :]
 

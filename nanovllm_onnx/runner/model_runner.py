@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from nanovllm_onnx.config import EngineConfig, ModelConfig
@@ -53,11 +54,17 @@ class StepInput:
         return positions
 
 
-def make_session(graph: Path, cfg: EngineConfig,
-                 custom_ops: Path | None = None) -> ort.InferenceSession:
+def make_session(graph: Path | onnx.ModelProto, cfg: EngineConfig,
+                 custom_ops: Path | None = None,
+                 external_data_dir: Path | None = None) -> ort.InferenceSession:
+    """A session for a graph file, or for a graph in memory whose weights lie in
+    `external_data_dir`."""
     opts = ort.SessionOptions()
     if custom_ops is not None:
         opts.register_custom_ops_library(str(custom_ops))
+    if external_data_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(external_data_dir))
     opts.intra_op_num_threads = cfg.intra_op_num_threads
     opts.inter_op_num_threads = cfg.inter_op_num_threads
     opts.graph_optimization_level = OPT_LEVELS[cfg.graph_optimization_level]
@@ -65,7 +72,8 @@ def make_session(graph: Path, cfg: EngineConfig,
                            else ort.ExecutionMode.ORT_SEQUENTIAL)
     opts.enable_mem_pattern = cfg.enable_mem_pattern
     opts.enable_cpu_mem_arena = cfg.enable_cpu_mem_arena
-    session = ort.InferenceSession(str(graph), opts, providers=select_providers(cfg.providers))
+    model = graph.SerializeToString() if isinstance(graph, onnx.ModelProto) else str(graph)
+    session = ort.InferenceSession(model, opts, providers=select_providers(cfg.providers))
     logger.info("ONNX Runtime %s: providers %s, %d intra-op / %d inter-op threads, %s execution, "
                 "graph optimization %s", ort.__version__, ", ".join(session.get_providers()),
                 cfg.intra_op_num_threads, cfg.inter_op_num_threads, cfg.execution_mode,
@@ -91,13 +99,26 @@ def select_providers(names: list[str]) -> list[str]:
     return providers
 
 
+def with_cache_dtype(graph: Path, dtype: np.dtype) -> onnx.ModelProto:
+    """The graph (without its weights) with its KV cache inputs and outputs in `dtype`: the
+    converter writes them fp32, SlotAttention takes fp32 or fp16."""
+    model = onnx.load(str(graph), load_external_data=False)
+    elem_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key.", "past_value.", "present_key.", "present_value.")):
+            value.type.tensor_type.elem_type = elem_type
+    return model
+
+
 class ModelRunner:
     def __init__(self, model_dir: Path, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                  kv_cache: KVCache) -> None:
         self.cfg = model_cfg
         self.kv = kv_cache
-        self.session = make_session(model_cfg.graph_file(model_dir), engine_cfg,
-                                    custom_ops=slot_attention_library())
+        graph = model_cfg.graph_file(model_dir)
+        self.session = make_session(with_cache_dtype(graph, kv_cache.dtype), engine_cfg,
+                                    custom_ops=slot_attention_library(),
+                                    external_data_dir=graph.parent)
         self.binding = self.session.io_binding()
         self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)
         self._bound_rows: tuple[int, int] | None = None
