@@ -86,6 +86,20 @@ def test_prefix_cache_is_hit_and_exact(converted: dict[str, Path], hf_models: di
     assert_all_free(llm)
 
 
+def test_fp16_prefix_cache_gives_the_tokens_of_a_cold_run(converted: dict[str, Path]) -> None:
+    """Cached fp16 K/V blocks go into a slot (key tiles included) exactly as computed."""
+    shared = random_prompts(1, seed=1, lo=70, hi=70)[0]
+    prompts = [shared + t for t in random_prompts(4, seed=4, lo=1, hi=20)]
+    warm = LLM(str(converted["qwen3"]))  # kv_cache_dtype auto: fp16
+    first = warm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    rest = warm.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert all(o.num_cached_tokens == 64 for o in rest)
+    cold = LLM(str(converted["qwen3"]), enable_prefix_caching=False)
+    expected = cold.generate(prompts, GREEDY, use_tqdm=False)
+    assert ([o.outputs[0].token_ids for o in first + rest]
+            == [o.outputs[0].token_ids for o in expected])
+
+
 def test_abort_frees_everything(converted: dict[str, Path]) -> None:
     llm = LLM(str(converted["llama"]), max_num_seqs=2)
     engine = llm.llm_engine

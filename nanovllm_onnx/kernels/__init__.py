@@ -4,7 +4,7 @@ The C++ source ships with the package; the first session on a machine builds it 
 system's g++ for that CPU (-march=native) into the cache, keyed by source, flags, CPU and
 onnxruntime version, so later starts load it at once. ONNX Runtime's C/C++ API headers come
 from Debian's libonnxruntime-dev package (checked against its SHA-256), or from the directory
-that NANOVLLM_ORT_INCLUDE names (for machines without network access).
+that NANO_VLLM_ONNX_ORT_INCLUDE names (for machines without network access).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _compile(library: Path) -> None:
 
 
 def _ort_headers() -> Path:
-    if env := os.environ.get("NANOVLLM_ORT_INCLUDE"):
+    if env := os.environ.get("NANO_VLLM_ONNX_ORT_INCLUDE"):
         return Path(env)
     include = cache_dir() / "kernels" / "onnxruntime-1.21-include"
     if (include / "onnxruntime_cxx_api.h").is_file():
@@ -84,7 +84,7 @@ def _ort_headers() -> Path:
         raise KernelBuildError(
             f"could not fetch ONNX Runtime's C++ API headers from {HEADERS_DEB} ({e}); put "
             "them (onnxruntime_cxx_api.h and what it includes) in a directory and set "
-            "NANOVLLM_ORT_INCLUDE to it") from e
+            "NANO_VLLM_ONNX_ORT_INCLUDE to it") from e
     if hashlib.sha256(deb).hexdigest() != HEADERS_SHA256:
         raise KernelBuildError(f"{HEADERS_DEB} does not have the expected SHA-256")
     tmp = Path(tempfile.mkdtemp(dir=include.parent))
@@ -94,8 +94,10 @@ def _ort_headers() -> Path:
                 target = tmp / member.name[len(HEADERS_IN_DEB):]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tar.extractfile(member).read())
-    shutil.rmtree(include, ignore_errors=True)
-    os.replace(tmp, include)
+    try:
+        os.replace(tmp, include)
+    except OSError:  # another process put them there first: keep theirs (it may be compiling)
+        shutil.rmtree(tmp, ignore_errors=True)
     return include
 
 
