@@ -44,7 +44,7 @@ def main() -> None:
             results[weights, kv], n = perplexity(args.model, weights, kv)
             print(f"{weights}, KV cache {kv}: perplexity {results[weights, kv]:.3f} over {n} "
                   f"tokens ({time.perf_counter() - start:.0f} s)", flush=True)
-    base = results.get(("fp32", "fp32"))
+    base = results.get(("fp32", "fp32"), results.get(("fp32", args.kv_cache_dtype[0])))
     print("\n| weights | KV cache | perplexity | vs fp32 |\n| --- | --- | --- | --- |")
     for (weights, kv), ppl in results.items():
         ratio = f"{ppl / base:.3f}x" if base else ""

@@ -31,7 +31,7 @@ def report() -> str:
 
     from nanovllm_onnx.config import EngineConfig
     from nanovllm_onnx.default_model import cache_dir
-    from nanovllm_onnx.kernels import KernelBuildError, slot_attention_library
+    from nanovllm_onnx.kernels import KernelBuildError, custom_ops_library
 
     lines = [f"python {sys.version.split()[0]} on {platform.platform()}"]
     for package in ("nano-vllm-onnx", "onnxruntime", "onnx", "numpy", "tokenizers", "gguf"):
@@ -49,9 +49,9 @@ def report() -> str:
         f"cache: {cache_dir()}",
     ]
     try:
-        lines.append(f"attention kernel: {slot_attention_library()}")
+        lines.append(f"kernels (SlotAttention, SwiGLU): {custom_ops_library()}")
     except KernelBuildError as e:
-        lines.append(f"attention kernel: NOT AVAILABLE: {e}")
+        lines.append(f"kernels: NOT AVAILABLE: {e}")
     if "avx512_vnni" not in flags and "avx_vnni" not in flags and "amx_int8" not in flags:
         lines.append("note: no VNNI/AMX: int8 weights gain less over fp32 on this CPU")
     return "\n".join(lines)

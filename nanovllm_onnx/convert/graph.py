@@ -52,12 +52,17 @@ class GraphBuilder:
         return outputs
 
     def linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks,
-               bias: np.ndarray | None = None, per_token: bool = False) -> str:
+               bias: np.ndarray | None = None, per_token: bool = False,
+               token_scale: str | None = None) -> str:
         """x @ weight.T (+ bias); weight is HF's [out_features, in_features], or blocks that
-        are 4-bit already (int4 only). `per_token` (int8): quantize the activations with one
-        scale per token rather than one per tensor."""
+        are 4-bit already (int4 only). int8 only: `per_token` quantizes the activations with
+        one scale per token rather than one per tensor; `token_scale` [tokens, 1] says that x
+        comes divided by it already (SwiGLU's second output)."""
         if self.weights == "int8":
-            return self._int8_linear(x, name, weight, bias, per_token)
+            if per_token:
+                token_scale = self._token_peaks(x)
+                (x,) = self.op("Div", [x, token_scale])
+            return self._int8_linear(x, name, weight, bias, token_scale)
         if self.weights == "int4":
             y = self._int4_linear(x, name, weight)
         else:
@@ -66,31 +71,34 @@ class GraphBuilder:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
 
+    def _token_peaks(self, x: str) -> str:
+        """Each token's max |x| (at least 1e-30), [tokens, 1]."""
+        (peak,) = self.op("ReduceMax", [self.op("Abs", [x])[0], self._const_once(
+            "axis.last", np.array([-1]))], keepdims=1)
+        (peak,) = self.op("Max", [peak, self._const_once("tiny", np.array(1e-30, np.float32))])
+        return peak
+
     def _int8_linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None,
-                     per_token: bool) -> str:
+                     token_scale: str | None) -> str:
         """Per-output-channel symmetric int8 weights; activations quantized on the fly (the
         int8 GEMM, VNNI/AMX, is several times fp32 on batched steps)."""
         scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127.0
         q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
         inputs = [x, self.const(name, np.ascontiguousarray(q.T)),
                   self.const(name + ".scale", scale.astype(np.float32)), ""]
-        if not per_token:
+        if token_scale is None:
             if bias is not None:
                 inputs.append(self.const(name + ".bias", bias))
             (y,) = self.op("DynamicQuantizeMatMul", inputs, domain=MS)
             return y
         # DynamicQuantizeMatMul has one activation scale per tensor: a token with outliers
-        # (SiLU(gate) * up has them) flattens every other token of the step. Dividing each
-        # token by its own max |x| first and multiplying the output back makes it per token.
+        # (SiLU(gate) * up has them) flattens every other token of the step. Each token
+        # divided by its own max |x| first and the output multiplied back makes it per token.
         # SmolLM2 perplexity with down_proj and the LM head per token: 13.41; with down_proj
         # per tensor its output error is 5-38%, and on 8-bit MatMulNBits blocks (13.30) it
         # runs 3x slower on batched steps.
-        (peak,) = self.op("ReduceMax", [self.op("Abs", [x])[0], self._const_once(
-            "axis.last", np.array([-1]))], keepdims=1)
-        (peak,) = self.op("Max", [peak, self._const_once("tiny", np.array(1e-30, np.float32))])
-        (inputs[0],) = self.op("Div", [x, peak])
         (y,) = self.op("DynamicQuantizeMatMul", inputs, domain=MS)
-        (y,) = self.op("Mul", [y, peak])
+        (y,) = self.op("Mul", [y, token_scale])
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
@@ -220,15 +228,16 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
                                  w[f"{p}.post_attention_layernorm.weight"], eps)
         gate_up_w = stacked([f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"])
         gate_up = g.linear(h, f"{p}.mlp.gate_up_proj.weight", gate_up_w)
-        gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
-        (act,) = g.op("Sigmoid", [gate])
-        (act,) = g.op("Mul", [gate, act])
-        (act,) = g.op("Mul", [act, up])
-        # int8 per token here: SiLU(gate) * up has outlier tokens (see _int8_linear). The
-        # other projections stay per tensor: per token there gains 0.04 (o_proj) to 0.3 (qkv
-        # and gate_up together) perplexity but costs 3-10% of a one-row decode (5 nodes each).
+        # int8: down_proj per token, SiLU(gate) * up has outlier tokens (see _int8_linear);
+        # SwiGLU divides each token by its max |act| itself. The other projections stay per
+        # tensor: per token there gains 0.04 (o_proj) to 0.3 (qkv and gate_up together)
+        # perplexity but costs 3-10% of a one-row decode (5 nodes each).
+        if cfg.weights == "int8":
+            act, scale = g.op("SwiGLU", [gate_up], n_out=2, domain=DOMAIN)
+        else:
+            (act,), scale = g.op("SwiGLU", [gate_up], domain=DOMAIN), None
         down = f"{p}.mlp.down_proj.weight"
-        x = g.linear(act, down, stacked([down]), per_token=True)
+        x = g.linear(act, down, stacked([down]), token_scale=scale)
 
     (last,) = g.op("Add", [x, residual])
     (last,) = g.op("Gather", [last, "logits_index"])

@@ -1,4 +1,5 @@
-"""The engine's own ONNX Runtime CPU kernel (SlotAttention), compiled on first use.
+"""The engine's own ONNX Runtime CPU ops (SlotAttention, SwiGLU: `ops.cc`), compiled on first
+use.
 
 The C++ source ships with the package; the first session on a machine builds it with the
 system's g++ for that CPU (-march=native) into the cache, keyed by source, flags, CPU and
@@ -24,7 +25,7 @@ import onnxruntime as ort
 
 from nanovllm_onnx.default_model import cache_dir
 
-SOURCE = Path(__file__).with_name("slot_attention.cc")
+SOURCE = Path(__file__).with_name("ops.cc")
 DOMAIN = "nanovllm"
 KEY_TILE = 16  # the key cache is [.., capacity / KEY_TILE, head_dim, KEY_TILE]: see the source
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
@@ -39,16 +40,16 @@ HEADERS_IN_DEB = "./usr/include/onnxruntime/"
 
 
 class KernelBuildError(RuntimeError):
-    """The attention kernel could not be built (no compiler, no headers)."""
+    """The engine's ops could not be built (no compiler, no headers)."""
 
 
-def slot_attention_library() -> Path:
-    """The compiled SlotAttention library for this machine (built once, then cached)."""
+def custom_ops_library() -> Path:
+    """The compiled library of the engine's ops for this machine (built once, then cached)."""
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), ort.__version__.encode(),
                  _cpu_flags().encode()):
         key.update(part)
-    library = cache_dir() / "kernels" / f"slot_attention-{key.hexdigest()[:16]}.so"
+    library = cache_dir() / "kernels" / f"nanovllm-ops-{key.hexdigest()[:16]}.so"
     if not library.is_file():
         _compile(library)
     return library
@@ -58,7 +59,7 @@ def _compile(library: Path) -> None:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise KernelBuildError(
-            f"nano-vllm-onnx builds its attention kernel with a C++ compiler on first use and "
+            f"nano-vllm-onnx builds its CPU kernels with a C++ compiler on first use and "
             f"found no {compiler!r}: install g++ (Debian/Ubuntu: apt install g++) or set CXX")
     library.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(suffix=".so", dir=library.parent)[1])
@@ -66,7 +67,7 @@ def _compile(library: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         tmp.unlink(missing_ok=True)
-        raise KernelBuildError(f"building the attention kernel failed ({' '.join(cmd)}):\n"
+        raise KernelBuildError(f"building the engine's CPU kernels failed ({' '.join(cmd)}):\n"
                                f"{result.stderr[-4000:]}")
     os.replace(tmp, library)  # atomic: concurrent first starts each build and one wins
 

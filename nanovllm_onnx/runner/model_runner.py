@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from nanovllm_onnx.config import EngineConfig, ModelConfig
 from nanovllm_onnx.engine.sequence import Sequence
-from nanovllm_onnx.kernels import slot_attention_library
+from nanovllm_onnx.kernels import custom_ops_library
 from nanovllm_onnx.runner.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class ModelRunner:
         self.kv = kv_cache
         graph = model_cfg.graph_file(model_dir)
         self.session = make_session(with_cache_dtype(graph, kv_cache.dtype), engine_cfg,
-                                    custom_ops=slot_attention_library(),
+                                    custom_ops=custom_ops_library(),
                                     external_data_dir=graph.parent)
         self.binding = self.session.io_binding()
         self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)

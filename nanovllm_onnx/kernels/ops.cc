@@ -1,5 +1,8 @@
+// nano-vllm-onnx's own ONNX Runtime CPU ops (domain "nanovllm"): SlotAttention and, at the end,
+// SwiGLU.
+//
 // SlotAttention: causal grouped-query attention over per-sequence KV-cache slots, updated in
-// place, for ONNX Runtime's CPU provider. nano-vllm-onnx's own kernel: ONNX Runtime's
+// place. ONNX Runtime's
 // GroupQueryAttention reads each KV head once per query head with a one-row GEMM and runs at
 // about half the machine's memory bandwidth on a batch of decodes; here the query heads that
 // share a KV head go through the cache together and each key tile is read once.
@@ -388,6 +391,79 @@ struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<kCache>, SlotAttentio
   }
 };
 
+// SwiGLU: act = silu(gate) * up of gate_up [T, 2I] (gate first). With a second output, each
+// row of act is divided by its max |act| (at least 1e-30), returned as scale [T, 1]: the
+// int8 GEMM that follows then sees one activation scale per token. One node where the
+// standard ops take eight (Split, Sigmoid, 2 Mul, Abs, ReduceMax, Max, Div).
+struct SwiGLUKernel {
+  SwiGLUKernel(const OrtApi&, const OrtKernelInfo*) {}
+
+  struct Rows {
+    const float* gate_up;
+    float* act;
+    float* scale;  // null: no per-row scaling
+    int64_t width;
+  };
+
+  static void row(void* data, size_t r) {
+    const Rows& rows = *static_cast<const Rows*>(data);
+    const int64_t n = rows.width;
+    const float* gate = rows.gate_up + r * 2 * n;
+    const float* up = gate + n;
+    float* act = rows.act + r * n;
+    float peak = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      act[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      peak = std::max(peak, std::fabs(act[i]));
+    }
+    if (rows.scale == nullptr) return;
+    peak = std::max(peak, 1e-30f);
+    rows.scale[r] = peak;
+    const float inv = 1.f / peak;
+    for (int64_t i = 0; i < n; ++i) act[i] *= inv;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::KernelContext ctx(context);
+      auto input = ctx.GetInput(0);
+      const auto shape = input.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.size() != 2 || shape[1] % 2)
+        ORT_CXX_API_THROW("SwiGLU: gate_up must be [tokens, 2 * width]", ORT_INVALID_ARGUMENT);
+      const int64_t tokens = shape[0], width = shape[1] / 2;
+      Rows rows{input.GetTensorData<float>(),
+                ctx.GetOutput(0, {tokens, width}).GetTensorMutableData<float>(), nullptr, width};
+      if (ctx.GetOutputCount() > 1)
+        rows.scale = ctx.GetOutput(1, {tokens, 1}).GetTensorMutableData<float>();
+      ctx.ParallelFor(row, tokens, 0, &rows);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e).release();
+    }
+  }
+};
+
+struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                              void** kernel) const {
+    *kernel = new SwiGLUKernel(api, info);
+    return nullptr;
+  }
+  const char* GetName() const { return "SwiGLU"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -395,11 +471,13 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_float;
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
+  static SwiGLUOp swiglu;
   static Ort::CustomOpDomain domain{"nanovllm"};
   static bool added = false;
   if (!added) {
     domain.Add(&op_float);
     domain.Add(&op_half);
+    domain.Add(&swiglu);
     added = true;
   }
   Ort::UnownedSessionOptions(options).Add(domain);

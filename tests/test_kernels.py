@@ -1,5 +1,5 @@
-"""SlotAttention, the engine's own attention kernel, against a numpy reference of causal
-grouped-query attention with rotary embeddings, on ragged batches of cache rows."""
+"""The engine's own ops against numpy references: SlotAttention (causal grouped-query
+attention with rotary embeddings on ragged batches of cache rows) and SwiGLU."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, slot_attention_library
+from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, custom_ops_library
 
 HEADS, KV_HEADS, CAPACITY, POSITIONS = 6, 2, 96, 128
 F32, I32 = TensorProto.FLOAT, TensorProto.INT32
@@ -35,7 +35,7 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray) -> ort.I
     model.ir_version = 9
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    opts.register_custom_ops_library(str(slot_attention_library()))
+    opts.register_custom_ops_library(str(custom_ops_library()))
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
 
@@ -149,3 +149,38 @@ def test_bad_lengths_are_clear_errors() -> None:
                         "past_key": keys, "past_value": values,
                         "past_lens": np.zeros(2, np.int32), "query_lens": np.ones(2, np.int32)})
     run([CAPACITY - 1, 0], [1, 0])  # the last position is fine
+
+
+def swiglu_session(per_token: bool) -> ort.InferenceSession:
+    outputs = ["act", "scale"] if per_token else ["act"]
+    node = helper.make_node("SwiGLU", ["gate_up"], outputs, domain=DOMAIN)
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node], "swiglu", [info("gate_up", F32, ["tokens", 64])],
+        [info("act", F32, ["tokens", 32])] + [info("scale", F32, ["tokens", 1])] * per_token)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 9
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(custom_ops_library()))
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def test_swiglu_and_its_per_token_scale() -> None:
+    rng = np.random.default_rng(0)
+    gate_up = (rng.standard_normal((5, 64)) * 4).astype(np.float32)
+    gate_up[1, 32:] *= 1000.0  # an outlier token
+    gate_up[3, 32:] = 0.0  # a token of zeros
+    gate, up = gate_up[:, :32].astype(np.float64), gate_up[:, 32:].astype(np.float64)
+    ref = gate / (1 + np.exp(-gate)) * up
+
+    (act,) = swiglu_session(per_token=False).run(None, {"gate_up": gate_up})
+    np.testing.assert_allclose(act, ref, rtol=1e-5, atol=1e-6)
+
+    scaled, scale = swiglu_session(per_token=True).run(None, {"gate_up": gate_up})
+    peak = np.abs(ref).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(scale[[0, 1, 2, 4]], peak[[0, 1, 2, 4]], rtol=1e-5)
+    assert scale[3, 0] == np.float32(1e-30) and not scaled[3].any()  # zeros stay zeros
+    np.testing.assert_allclose(scaled * scale, act, rtol=1e-5, atol=1e-6)
+    assert np.abs(scaled).max(axis=1)[[0, 1, 2, 4]] == pytest.approx(1.0, rel=1e-6)
