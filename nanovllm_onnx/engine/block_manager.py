@@ -1,7 +1,7 @@
 """KV memory accounting in blocks, cache slots, and the prefix cache.
 
 Each running sequence owns a slot: a contiguous row of the KV cache that
-GroupQueryAttention updates in place. Slot memory is committed lazily by the OS
+SlotAttention updates in place. Slot memory is committed lazily by the OS
 and released when the slot is freed, so what a sequence really costs is its
 blocks: ceil(tokens / block_size). The KV budget is a number of blocks shared by
 the running sequences and the prefix cache.
