@@ -4,6 +4,7 @@ attention with rotary embeddings on ragged batches of cache rows) and SwiGLU."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -30,6 +31,11 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray) -> ort.I
         [info("out", F32, ["tokens", HEADS * head_dim]), info("present_key", F32, key_shape),
          info("present_value", F32, value_shape)],
         [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")])
+    return ops_session(graph)
+
+
+def ops_session(graph: onnx.GraphProto) -> ort.InferenceSession:
+    """A 2-thread session of a graph made of the engine's ops."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
@@ -158,13 +164,7 @@ def swiglu_session(per_token: bool) -> ort.InferenceSession:
     graph = helper.make_graph(
         [node], "swiglu", [info("gate_up", F32, ["tokens", 64])],
         [info("act", F32, ["tokens", 32])] + [info("scale", F32, ["tokens", 1])] * per_token)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 9
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(custom_ops_library()))
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    return ops_session(graph)
 
 
 def test_swiglu_and_its_per_token_scale() -> None:

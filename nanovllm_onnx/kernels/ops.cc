@@ -52,6 +52,19 @@ inline vec load(const _Float16* p) {
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
+// Runs f, turning an exception into the status ONNX Runtime expects (none may cross the C API).
+template <typename F>
+OrtStatusPtr guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e).release();
+  } catch (const std::exception& e) {
+    return Ort::Status(e.what(), ORT_FAIL).release();
+  }
+}
+
 // x[i], x[i + D/2] rotated by the angle of `pos` (cos/sin rows of D/2), written to out, scaled.
 void rotate(const float* x, const float* cos, const float* sin, int half, float scale,
             float* out) {
@@ -275,14 +288,7 @@ struct SlotAttentionKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Compute(Ort::KernelContext(context));
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e).release();
-    } catch (const std::exception& e) {
-      return Ort::Status(e.what(), ORT_FAIL).release();
-    }
+    return guarded([&] { Compute(Ort::KernelContext(context)); });
   }
 
   void Compute(Ort::KernelContext ctx) {
@@ -370,12 +376,7 @@ template <ONNXTensorElementDataType kCache>
 struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<kCache>, SlotAttentionKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                               void** kernel) const {
-    try {
-      *kernel = new SlotAttentionKernel(api, info);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e).release();
-    }
+    return guarded([&] { *kernel = new SlotAttentionKernel(api, info); });
   }
   const char* GetName() const { return "SlotAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
@@ -424,7 +425,7 @@ struct SwiGLUKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
+    return guarded([&] {
       Ort::KernelContext ctx(context);
       auto input = ctx.GetInput(0);
       const auto shape = input.GetTensorTypeAndShapeInfo().GetShape();
@@ -436,18 +437,14 @@ struct SwiGLUKernel {
       if (ctx.GetOutputCount() > 1)
         rows.scale = ctx.GetOutput(1, {tokens, 1}).GetTensorMutableData<float>();
       ctx.ParallelFor(row, tokens, 0, &rows);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e).release();
-    }
+    });
   }
 };
 
 struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                               void** kernel) const {
-    *kernel = new SwiGLUKernel(api, info);
-    return nullptr;
+    return guarded([&] { *kernel = new SwiGLUKernel(api, info); });
   }
   const char* GetName() const { return "SwiGLU"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
