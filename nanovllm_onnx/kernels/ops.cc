@@ -220,9 +220,10 @@ void run_task(const Step& st, const Task& task) {
     for (int64_t l = 0; l < len; ++l) row[l] *= inv;
     for (int64_t l = len; l < keys; ++l) row[l] = 0.f;
   }
+  // NR * DC accumulators and DC value vectors: at most 24 of the 32 vector registers.
   in_chunks<Weigher<DC, T>::template Kernel>(
-      static_cast<int>(num_q), std::max(1, 24 / DC - 1), static_cast<const float*>(scores.data()),
-      stride, static_cast<const T*>(st.values) + slot * s.capacity * D, keys, out.data());
+      static_cast<int>(num_q), std::max(1, 24 / DC - 1), scores.data(), stride,
+      static_cast<const T*>(st.values) + slot * s.capacity * D, keys, out.data());
   for (int64_t j = task.first; j < task.last; ++j) {
     float* dst = st.out + (st.offsets[task.row] + j) * s.heads * D + task.kv_head * group * D;
     std::memcpy(dst, &out[(j - task.first) * group * D], group * D * sizeof(float));
