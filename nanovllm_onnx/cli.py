@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out")
     p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
                    help="int8: per-channel weights, dynamically quantized activations "
-                        "(fastest on batched steps); int4: block-wise MatMulNBits")
+                        "(fastest on batched steps); int4: 4-bit blocks of 32 (a GGUF's "
+                        "Q4_0/Q4_1 as they are)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text for one prompt")

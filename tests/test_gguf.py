@@ -364,7 +364,7 @@ def test_tiny_gguf_generates_transformers_tokens(fixture: str, request: pytest.F
 
 
 def test_q4_0_blocks_are_kept_exactly(tiny_llama, tmp_path: Path) -> None:  # noqa: ANN001
-    """Q4_0 is MatMulNBits' own symmetric layout: its blocks are kept as they are (Q/K rows
+    """Q4_0 is symmetric 4-bit blocks (zero point 8): its blocks are kept as they are (Q/K rows
     un-permuted alike) and dequantize to exactly what the gguf package gives. (The default
     model's Q4_1 is covered in test_quantized.)"""
     _, _, hf = tiny_llama
@@ -373,7 +373,7 @@ def test_q4_0_blocks_are_kept_exactly(tiny_llama, tmp_path: Path) -> None:  # no
     src = load_gguf(path)
     assert len(src.int4_blocks) == 2 * 7  # every projection of the 2 layers
     for name, blocks in src.int4_blocks.items():
-        assert np.all(blocks.zero == 8)  # symmetric: no per-block offset ops in the graph
+        assert np.all(blocks.zero == 8)
         dequantized = (blocks.q - blocks.zero[..., None]) * blocks.scale[..., None]
         np.testing.assert_array_equal(dequantized.reshape(src.tensors[name].shape),
                                       src.tensors[name])

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper
 
 from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.convert.converter import convert
-from nanovllm_onnx.convert.graph import MS, GraphBuilder
+from nanovllm_onnx.convert.graph import MS, GraphBuilder, pack_int4
+from nanovllm_onnx.kernels import DOMAIN, custom_ops_library
 from tests.conftest import VOCAB, random_prompts
 
 PROMPTS = random_prompts(4, seed=21, lo=20, hi=40)
@@ -32,9 +33,13 @@ def run_linear(weights: str, w: np.ndarray, x: np.ndarray, per_token: bool = Fal
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(x), len(w)])],
         g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(MS, 1)])
+                                                    helper.make_opsetid(MS, 1),
+                                                    helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(custom_ops_library()))
+    session = ort.InferenceSession(model.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 
@@ -101,8 +106,9 @@ def test_converted_folder_keeps_its_weights(converted: dict[str, Path]) -> None:
 
 
 def test_gguf_q4_blocks_are_kept_exactly() -> None:
-    """The default GGUF is Q4_1: its blocks become MatMulNBits weights as they are, so they
-    dequantize to exactly what the gguf package dequantizes (Q/K rows un-permuted alike)."""
+    """The default GGUF is Q4_1: its blocks become Int4Linear records as they are (fp16 scale
+    and minimum), so they dequantize to exactly what the gguf package dequantizes (Q/K rows
+    un-permuted alike)."""
     from nanovllm_onnx.convert.gguf_source import load_gguf
     from nanovllm_onnx.default_model import default_model_path
 
@@ -116,4 +122,17 @@ def test_gguf_q4_blocks_are_kept_exactly() -> None:
         blocks, ref = src.int4_blocks[name], src.tensors[name]
         dequantized = ((blocks.q - blocks.zero[..., None]) * blocks.scale[..., None])
         np.testing.assert_allclose(dequantized.reshape(ref.shape), ref, atol=1e-6, rtol=1e-5)
+        np.testing.assert_allclose(unpack_int4(pack_int4(blocks)), ref, atol=1e-6, rtol=1e-5)
+
+
+def unpack_int4(records: np.ndarray) -> np.ndarray:
+    """Int4Linear's records [groups, blocks, 320] back to float weights [groups * 16, K]."""
+    groups, blocks, _ = records.shape
+    nibbles = records[..., :256].reshape(groups, blocks, 4, 16, 4)  # [g, b, p, row, c]
+    q = np.stack([nibbles & 0x0F, nibbles >> 4], axis=-2)  # [g, b, p, row, high?, c]
+    q = q.transpose(0, 3, 1, 2, 4, 5).reshape(groups * 16, blocks, 32).astype(np.float32)
+    halves = np.ascontiguousarray(records[..., 256:]).view(np.float16).astype(np.float32)
+    scale, minimum = (h.transpose(0, 2, 1).reshape(groups * 16, blocks)
+                      for h in (halves[..., :16], halves[..., 16:]))
+    return (q * scale[..., None] + minimum[..., None]).reshape(groups * 16, -1)
 

@@ -25,7 +25,7 @@ MS = "com.microsoft"
 
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
-BLOCK = 32  # inputs per block of MatMulNBits weights
+BLOCK = 32  # inputs per block of 4-bit weights
 
 
 class GraphBuilder:
@@ -104,28 +104,14 @@ class GraphBuilder:
         return y
 
     def _int4_linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks) -> str:
-        """4-bit blocks of 32 inputs through MatMulNBits; accuracy level 4 quantizes the
-        activations per block of 32 too."""
+        """4-bit blocks of 32 inputs, a scale and a minimum each, through the engine's
+        Int4Linear (activations quantized per block of 32 too). GGUF's Q4_1 blocks go in as
+        they are: no second rounding."""
         blocks = weight if isinstance(weight, QuantBlocks) else _quantize_blocks(weight)
         n, num_blocks, _ = blocks.q.shape
         k = weight.shape[1] if isinstance(weight, np.ndarray) else num_blocks * BLOCK
-        packed = blocks.q[..., 0::2] | (blocks.q[..., 1::2] << 4)
-        inputs = [x, self.const(name, packed),
-                  self.const(name + ".scale", blocks.scale.reshape(-1))]
-        (y,) = self.op("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=4, block_size=BLOCK,
-                       accuracy_level=4)
-        # MatMulNBits' fast kernels want the default zero point 8; float zero points (GGUF's
-        # Q4_1 minimums) run ~50x slower at one row. So the weights go in with the default
-        # one and the rest, (8 - zero) * scale per block, is added as block sums of x times
-        # that per-block offset: exact, and 1/32 of the work. (Re-quantizing Q4_1
-        # symmetrically instead: SmolLM2 perplexity 19.7 vs 14.2; rounding the minimums to
-        # 4-bit zero points: 18.2.) Two nodes, block sums as one MatMul and the offsets as a
-        # Gemm accumulating into y: one decode 10% faster than Reshape + ReduceSum + MatMul + Add.
-        offset = (8 - blocks.zero) * blocks.scale  # [N, blocks]
-        if np.any(offset != 0):
-            (sums,) = self.op("MatMul", [x, self._block_summer(k)])
-            (y,) = self.op("Gemm", [sums, self.const(name + ".offset",
-                                                     np.ascontiguousarray(offset.T)), y])
+        (y,) = self.op("Int4Linear", [x, self.const(name, pack_int4(blocks))], domain=DOMAIN,
+                       K=k, N=n)
         return y
 
     def _const_once(self, name: str, array: np.ndarray) -> str:
@@ -134,12 +120,6 @@ class GraphBuilder:
             self._shared.add(self.const(name, array))
         return name
 
-    def _block_summer(self, k: int) -> str:
-        """A [k, blocks] 0/1 matrix: x @ it sums x over each block of 32 inputs (one node)."""
-        summer = np.zeros((k, -(-k // BLOCK)), np.float32)
-        summer[np.arange(k), np.arange(k) // BLOCK] = 1.0
-        return self._const_once(f"block_sums.{k}", summer)
-
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
                        axis=-1, epsilon=eps, stash_type=1)
@@ -147,15 +127,40 @@ class GraphBuilder:
 
 
 def _quantize_blocks(weight: np.ndarray) -> QuantBlocks:
-    """Symmetric 4-bit over blocks of 32 inputs (zero point 8), K padded to whole blocks."""
+    """Symmetric 4-bit over blocks of 32 inputs (zero point 8), K padded to whole blocks.
+    Scales are rounded to fp16 first (Int4Linear stores them so) and kept normal."""
     n, k = weight.shape
     blocks = -(-k // BLOCK)
     w = np.zeros((n, blocks * BLOCK), np.float32)
     w[:, :k] = weight
     w = w.reshape(n, blocks, BLOCK)
-    scale = (np.maximum(np.abs(w).max(axis=-1), 1e-12) / 7).astype(np.float32)
+    peak = np.abs(w).max(axis=-1) / 7
+    scale = np.maximum(peak, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
     q = (np.clip(np.round(w / scale[..., None]), -8, 7) + 8).astype(np.uint8)
     return QuantBlocks(q, scale, np.full_like(scale, 8.0))
+
+
+def pack_int4(blocks: QuantBlocks) -> np.ndarray:
+    """Int4Linear's weights: one 320-byte record per 16 output rows x 32 inputs, the nibbles
+    of 4 x [16 rows, 4 inputs] (input 8p + c low, 8p + 4 + c high: VNNI's layout), then 16
+    fp16 scales and 16 fp16 minimums (w = q * scale + min). Rows padded to a multiple of 16."""
+    q, scale = blocks.q, blocks.scale
+    minimum = -blocks.zero * blocks.scale
+    n, num_blocks, _ = q.shape
+    groups = -(-n // 16)
+    pad = ((0, groups * 16 - n), (0, 0))
+    q = np.pad(q, (*pad, (0, 0)))
+    scale, minimum = np.pad(scale, pad), np.pad(minimum, pad)
+    # [group, row, block, p, high nibble?, c] -> [group, block, p, row, c]
+    q = q.reshape(groups, 16, num_blocks, 4, 2, 4)
+    nibbles = (q[..., 0, :] | (q[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+
+    def halves(a: np.ndarray) -> np.ndarray:  # [N, blocks] -> [group, block, 32 bytes]
+        a = a.astype(np.float16).reshape(groups, 16, num_blocks).transpose(0, 2, 1)
+        return np.ascontiguousarray(a).view(np.uint8)
+
+    return np.ascontiguousarray(np.concatenate(
+        [nibbles.reshape(groups, num_blocks, 256), halves(scale), halves(minimum)], axis=-1))
 
 
 def rotary_cache(head_dim: int, max_pos: int, theta: float, scaling: dict | None) -> np.ndarray:

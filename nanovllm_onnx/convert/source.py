@@ -48,7 +48,7 @@ class LazyTensors(LazyMapping[np.ndarray]):
 @dataclass
 class QuantBlocks:
     """Quantized weights in blocks of 32 along the input dimension, w = (q - zero) * scale:
-    MatMulNBits' layout, and GGUF's Q4_0/Q4_1 one (kept as they are: no second rounding)."""
+    GGUF's Q4_0/Q4_1 blocks (kept as they are: no second rounding)."""
 
     q: np.ndarray  # uint8 [out_features, blocks, 32], 0..15 for 4 bits
     scale: np.ndarray  # float32 [out_features, blocks]

@@ -1,5 +1,5 @@
-// nano-vllm-onnx's own ONNX Runtime CPU ops (domain "nanovllm"): SlotAttention and, at the end,
-// SwiGLU.
+// nano-vllm-onnx's own ONNX Runtime CPU ops (domain "nanovllm"): SlotAttention, then SwiGLU
+// and Int4Linear.
 //
 // SlotAttention: causal grouped-query attention over per-sequence KV-cache slots, updated in
 // place. ONNX Runtime's
@@ -462,6 +462,236 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
   }
 };
 
+// Int4Linear: y [T, N] = x [T, K] @ W.T for 4-bit weights in blocks of 32 inputs with a float
+// scale and minimum each, w = q * scale + min (GGUF's Q4_1; Q4_0 and symmetric blocks are the
+// case min = -8 scale). ONNX Runtime's MatMulNBits only takes integer zero points at speed,
+// so Q4_1 cost two more nodes per projection there; here the minimum is one more FMA per block.
+// x is quantized to int8 per block of 32 (like MatMulNBits' accuracy level 4, llama.cpp's
+// Q8_1) and each block's dot products run as u8 x s8 VNNI: a decode step streams 5 bits per
+// weight, the least a 4-bit format with two fp16 per block can.
+//
+// weights: uint8 [ceil(N / 16), ceil(K / 32), 320], one record per 16 output rows x 32
+// inputs: 4 x 64 bytes of nibbles, then 16 fp16 scales and 16 fp16 minimums. Byte
+// p * 64 + r * 4 + c holds row r's input 8p + c (low nibble) and 8p + 4 + c (high nibble), so
+// that one 512-bit vector is 16 rows x 4 inputs: VPDPBUSD's layout. Attributes: K, N.
+constexpr int kRows = 16;                            // output rows of one record
+constexpr int kBlock = 32;                           // inputs of one record
+constexpr int kNibbleBytes = kRows * kBlock / 2;     // 256
+constexpr int kRecord = kNibbleBytes + 2 * kRows * 2;  // + fp16 scales and minimums
+constexpr int kGroupsPerTask = 2;                    // 32 output rows: 576 splits evenly
+
+struct Int4Step {
+  const uint8_t* weights;
+  const int8_t* xq;      // [T, blocks * 32] activations as int8
+  const float* xscale;   // [T, blocks]: x ~ xq * xscale
+  const float* xsum;     // [T, blocks]: sum of the block's x (as quantized)
+  float* y;
+  int64_t tokens, n, blocks, groups;
+};
+
+// One token row of x to int8 blocks (zero past K).
+void quantize_row(const float* x, int64_t k, int64_t blocks, int8_t* q, float* scale,
+                  float* sum) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    float v[kBlock] = {};
+    const int64_t n = std::min<int64_t>(kBlock, k - b * kBlock);
+    std::memcpy(v, x + b * kBlock, n * sizeof(float));
+    float peak = 0.f;
+    for (int i = 0; i < kBlock; ++i) peak = std::max(peak, std::fabs(v[i]));
+    const float s = peak / 127.f, inv = peak > 0.f ? 127.f / peak : 0.f;
+    int total = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int r = static_cast<int>(std::nearbyint(v[i] * inv));
+      q[b * kBlock + i] = static_cast<int8_t>(r);
+      total += r;
+    }
+    scale[b] = s;
+    sum[b] = s * total;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+inline __m512 load_half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// G record groups (16 rows each) x TT tokens over every block. Two accumulators per pair,
+// low and high nibbles, so that a one-token decode has 2 G independent VNNI chains.
+template <int G, int TT>
+void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
+  const int64_t width = st.blocks * kBlock;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 y[G][TT];
+  for (int g = 0; g < G; ++g)
+    for (int t = 0; t < TT; ++t) y[g][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < st.blocks; ++b) {
+    __m512i acc[G][TT][2];
+    for (int g = 0; g < G; ++g)
+      for (int t = 0; t < TT; ++t) acc[g][t][0] = acc[g][t][1] = _mm512_setzero_si512();
+    for (int p = 0; p < 4; ++p) {
+      __m512i xlo[TT], xhi[TT];
+      for (int t = 0; t < TT; ++t) {
+        const int8_t* xq = st.xq + (token + t) * width + b * kBlock + 8 * p;
+        int32_t lo4, hi4;
+        std::memcpy(&lo4, xq, 4);
+        std::memcpy(&hi4, xq + 4, 4);
+        xlo[t] = _mm512_set1_epi32(lo4);
+        xhi[t] = _mm512_set1_epi32(hi4);
+      }
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* rec = st.weights + ((group + g) * st.blocks + b) * kRecord;
+        const __m512i w = _mm512_loadu_si512(rec + p * 64);
+        const __m512i wlo = _mm512_and_si512(w, low);
+        const __m512i whi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+        for (int t = 0; t < TT; ++t) {
+          acc[g][t][0] = _mm512_dpbusd_epi32(acc[g][t][0], wlo, xlo[t]);
+          acc[g][t][1] = _mm512_dpbusd_epi32(acc[g][t][1], whi, xhi[t]);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* rec = st.weights + ((group + g) * st.blocks + b) * kRecord;
+      const __m512 scale = load_half16(rec + kNibbleBytes);
+      const __m512 minimum = load_half16(rec + kNibbleBytes + 2 * kRows);
+      for (int t = 0; t < TT; ++t) {
+        const int64_t xb = (token + t) * st.blocks + b;
+        const __m512 dot =
+            _mm512_cvtepi32_ps(_mm512_add_epi32(acc[g][t][0], acc[g][t][1]));
+        y[g][t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(st.xscale[xb])),
+                                  y[g][t]);
+        y[g][t] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(st.xsum[xb]), y[g][t]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t col = (group + g) * kRows;
+    const __mmask16 mask = st.n - col >= kRows ? 0xFFFF : (1u << (st.n - col)) - 1;
+    for (int t = 0; t < TT; ++t)
+      _mm512_mask_storeu_ps(st.y + (token + t) * st.n + col, mask, y[g][t]);
+  }
+}
+#else
+// Portable: the same arithmetic, one record group and one token at a time.
+template <int G, int TT>
+void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
+  const int64_t width = st.blocks * kBlock;
+  for (int g = 0; g < G; ++g)
+    for (int t = 0; t < TT; ++t) {
+      float y[kRows] = {};
+      for (int64_t b = 0; b < st.blocks; ++b) {
+        const uint8_t* rec = st.weights + ((group + g) * st.blocks + b) * kRecord;
+        const int8_t* xq = st.xq + (token + t) * width + b * kBlock;
+        const int64_t xb = (token + t) * st.blocks + b;
+        for (int r = 0; r < kRows; ++r) {
+          int dot = 0;
+          for (int p = 0; p < 4; ++p)
+            for (int c = 0; c < 4; ++c) {
+              const uint8_t byte = rec[p * 64 + r * 4 + c];
+              dot += (byte & 0x0F) * xq[8 * p + c] + (byte >> 4) * xq[8 * p + 4 + c];
+            }
+          _Float16 scale, minimum;
+          std::memcpy(&scale, rec + kNibbleBytes + 2 * r, 2);
+          std::memcpy(&minimum, rec + kNibbleBytes + 2 * (kRows + r), 2);
+          y[r] += dot * float(scale) * st.xscale[xb] + float(minimum) * st.xsum[xb];
+        }
+      }
+      const int64_t col = (group + g) * kRows;
+      std::memcpy(st.y + (token + t) * st.n + col, y,
+                  std::min<int64_t>(kRows, st.n - col) * sizeof(float));
+    }
+}
+#endif
+
+// Token tiles of up to 3 for groups [first, last): the weights of a task (32 rows x K) stay
+// in cache while every token goes through them.
+template <int G>
+void int4_groups(const Int4Step& st, int64_t group) {
+  int64_t t = 0;
+  for (; t + 3 <= st.tokens; t += 3) int4_tile<G, 3>(st, group, t);
+  if (st.tokens - t == 2) int4_tile<G, 2>(st, group, t);
+  if (st.tokens - t == 1) int4_tile<G, 1>(st, group, t);
+}
+
+void int4_task(void* data, size_t i) {
+  const Int4Step& st = *static_cast<const Int4Step*>(data);
+  const int64_t group = int64_t(i) * kGroupsPerTask;
+  if (st.groups - group >= kGroupsPerTask)
+    int4_groups<kGroupsPerTask>(st, group);
+  else
+    int4_groups<1>(st, group);
+}
+
+struct Int4LinearKernel {
+  int64_t k, n;
+
+  Int4LinearKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    k = ki.GetAttribute<int64_t>("K");
+    n = ki.GetAttribute<int64_t>("N");
+  }
+
+  struct Rows {
+    const float* x;
+    int64_t k, blocks;
+    int8_t* q;
+    float* scale;
+    float* sum;
+  };
+
+  static void quantize(void* data, size_t t) {
+    const Rows& r = *static_cast<const Rows*>(data);
+    quantize_row(r.x + t * r.k, r.k, r.blocks, r.q + t * r.blocks * kBlock,
+                 r.scale + t * r.blocks, r.sum + t * r.blocks);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0), weights = ctx.GetInput(1);
+      auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+      const int64_t blocks = (k + kBlock - 1) / kBlock, groups = (n + kRows - 1) / kRows;
+      if (shape.empty() || shape.back() != k)
+        ORT_CXX_API_THROW("Int4Linear: x must be [..., K]", ORT_INVALID_ARGUMENT);
+      if (weights.GetTensorTypeAndShapeInfo().GetShape() !=
+          std::vector<int64_t>{groups, blocks, kRecord})
+        ORT_CXX_API_THROW("Int4Linear: weights must be [ceil(N/16), ceil(K/32), 320]",
+                          ORT_INVALID_ARGUMENT);
+      int64_t tokens = 1;
+      for (size_t i = 0; i + 1 < shape.size(); ++i) tokens *= shape[i];
+      shape.back() = n;
+      float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+      if (tokens == 0) return;
+      thread_local std::vector<int8_t> q;
+      thread_local std::vector<float> scale, sum;
+      q.resize(tokens * blocks * kBlock);
+      scale.resize(tokens * blocks);
+      sum.resize(tokens * blocks);
+      Rows rows{x.GetTensorData<float>(), k, blocks, q.data(), scale.data(), sum.data()};
+      ctx.ParallelFor(quantize, tokens, 0, &rows);
+      Int4Step st{weights.GetTensorData<uint8_t>(), q.data(), scale.data(), sum.data(), y,
+                  tokens, n, blocks, groups};
+      ctx.ParallelFor(int4_task, (groups + kGroupsPerTask - 1) / kGroupsPerTask, 0, &st);
+    });
+  }
+};
+
+struct Int4LinearOp : Ort::CustomOpBase<Int4LinearOp, Int4LinearKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                              void** kernel) const {
+    return guarded([&] { *kernel = new Int4LinearKernel(api, info); });
+  }
+  const char* GetName() const { return "Int4Linear"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -470,12 +700,14 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_float;
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
   static SwiGLUOp swiglu;
+  static Int4LinearOp int4_linear;
   static Ort::CustomOpDomain domain{"nanovllm"};
   static bool added = false;
   if (!added) {
     domain.Add(&op_float);
     domain.Add(&op_half);
     domain.Add(&swiglu);
+    domain.Add(&int4_linear);
     added = true;
   }
   Ort::UnownedSessionOptions(options).Add(domain);
