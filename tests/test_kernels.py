@@ -1,5 +1,5 @@
 """The engine's own ops against numpy references: SlotAttention (causal grouped-query
-attention with rotary embeddings on ragged batches of cache rows), SwiGLU and Int4Linear."""
+attention with rotary embeddings on ragged batches of cache rows), SwiGLU and BlockLinear."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nanovllm_onnx.convert.graph import pack_int4
+from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
 from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, custom_ops_library
 
@@ -188,10 +188,10 @@ def test_swiglu_and_its_per_token_scale() -> None:
     assert np.abs(scaled).max(axis=1)[[0, 1, 2, 4]] == pytest.approx(1.0, rel=1e-6)
 
 
-def int4_session(k: int, n: int, weights: np.ndarray) -> ort.InferenceSession:
-    node = helper.make_node("Int4Linear", ["x", "w"], ["y"], domain=DOMAIN, K=k, N=n)
+def block_session(k: int, n: int, bits: int, weights: np.ndarray) -> ort.InferenceSession:
+    node = helper.make_node("BlockLinear", ["x", "w"], ["y"], domain=DOMAIN, K=k, N=n, bits=bits)
     info = helper.make_tensor_value_info
-    graph = helper.make_graph([node], "int4_linear", [info("x", F32, ["tokens", k])],
+    graph = helper.make_graph([node], "block_linear", [info("x", F32, ["tokens", k])],
                               [info("y", F32, ["tokens", n])],
                               [numpy_helper.from_array(weights, "w")])
     return ops_session(graph)
@@ -209,19 +209,20 @@ def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
     return values, scale
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n", [(64, 48), (40, 20), (576, 960)])
-def test_int4_linear_matches_reference(k: int, n: int) -> None:
-    """Q4_1-style blocks (float scale and minimum): the op computes, on every token count
-    (its 1-, 2- and 3-token tiles), the exact dot products of the int8-quantized activations
-    with the 4-bit weights, and lands near the float product."""
-    rng = np.random.default_rng(k + n)
+def test_block_linear_matches_reference(bits: int, k: int, n: int) -> None:
+    """Blocks with a float scale and minimum (Q4_1-style): the op computes, on every token
+    count (its 1- to 4-token tiles), the exact dot products of the int8-quantized
+    activations with the 4- or 8-bit weights, and lands near the float product."""
+    rng = np.random.default_rng(k + n + bits)
     blocks = -(-k // 32)
-    q = rng.integers(0, 16, (n, blocks, 32), dtype=np.uint8)
-    scale = rng.uniform(0.001, 0.05, (n, blocks)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
+    scale = rng.uniform(0.001, 0.05, (n, blocks)) * 16 / 2**bits  # weights of the same spread
+    scale = scale.astype(np.float16).astype(np.float32)
     minimum = -rng.uniform(0, 0.3, (n, blocks)).astype(np.float16).astype(np.float32)
-    weights = QuantBlocks(q, scale, -minimum / scale)
     w = (q * scale[..., None] + minimum[..., None]).astype(np.float64)  # [n, blocks, 32]
-    sess = int4_session(k, n, pack_int4(weights))
+    sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, -minimum / scale), bits))
     for tokens in (1, 2, 3, 4, 7):
         x = rng.standard_normal((tokens, k)).astype(np.float32)
         x[0, : min(k, 32)] = 0.0  # an all-zero block
@@ -235,9 +236,10 @@ def test_int4_linear_matches_reference(k: int, n: int) -> None:
         assert np.abs(y - exact).max() < 0.02 * np.abs(exact).max()
 
 
-def test_int4_linear_rejects_weights_of_another_shape() -> None:
-    weights = pack_int4(QuantBlocks(np.zeros((32, 2, 32), np.uint8), np.ones((32, 2), np.float32),
-                                    np.zeros((32, 2), np.float32)))
-    sess = int4_session(96, 32, weights)  # K = 96 needs 3 blocks
+def test_block_linear_rejects_weights_of_another_shape() -> None:
+    weights = pack_blocks(QuantBlocks(np.zeros((32, 2, 32), np.uint8),
+                                      np.ones((32, 2), np.float32),
+                                      np.zeros((32, 2), np.float32)), bits=4)
+    sess = block_session(96, 32, 4, weights)  # K = 96 needs 3 blocks
     with pytest.raises(Exception, match=r"weights must be \[ceil\(N/16\), ceil\(K/32\), 320\]"):
         sess.run(None, {"x": np.zeros((1, 96), np.float32)})

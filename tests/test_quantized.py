@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.convert.converter import convert
-from nanovllm_onnx.convert.graph import MS, GraphBuilder, pack_int4
+from nanovllm_onnx.convert.graph import MS, GraphBuilder, pack_blocks, quantize_blocks
 from nanovllm_onnx.kernels import DOMAIN, custom_ops_library
 from tests.conftest import VOCAB, random_prompts
 
@@ -106,9 +106,10 @@ def test_converted_folder_keeps_its_weights(converted: dict[str, Path]) -> None:
 
 
 def test_gguf_q4_blocks_are_kept_exactly() -> None:
-    """The default GGUF is Q4_1: its blocks become Int4Linear records as they are (fp16 scale
-    and minimum), so they dequantize to exactly what the gguf package dequantizes (Q/K rows
-    un-permuted alike)."""
+    """The default GGUF is Q4_1 with a Q8_0 embedding (the tied LM head): the Q4_1 blocks
+    become BlockLinear records as they are (fp16 scale and minimum), and the embedding's 8-bit
+    blocks come back exactly, so both dequantize to exactly what the gguf package dequantizes
+    (Q/K rows un-permuted alike)."""
     from nanovllm_onnx.convert.gguf_source import load_gguf
     from nanovllm_onnx.default_model import default_model_path
 
@@ -122,16 +123,20 @@ def test_gguf_q4_blocks_are_kept_exactly() -> None:
         blocks, ref = src.int4_blocks[name], src.tensors[name]
         dequantized = ((blocks.q - blocks.zero[..., None]) * blocks.scale[..., None])
         np.testing.assert_allclose(dequantized.reshape(ref.shape), ref, atol=1e-6, rtol=1e-5)
-        np.testing.assert_allclose(unpack_int4(pack_int4(blocks)), ref, atol=1e-6, rtol=1e-5)
+        np.testing.assert_allclose(unpack(pack_blocks(blocks, 4), 4), ref, atol=1e-6, rtol=1e-5)
+    embedding = src.tensors["model.embed_tokens.weight"]
+    records = pack_blocks(quantize_blocks(embedding, 8), 8)
+    np.testing.assert_array_equal(unpack(records, 8), embedding)
 
 
-def unpack_int4(records: np.ndarray) -> np.ndarray:
-    """Int4Linear's records [groups, blocks, 320] back to float weights [groups * 16, K]."""
+def unpack(records: np.ndarray, bits: int) -> np.ndarray:
+    """BlockLinear's records [groups, blocks, bytes] back to float weights [groups * 16, K]."""
     groups, blocks, _ = records.shape
-    nibbles = records[..., :256].reshape(groups, blocks, 4, 16, 4)  # [g, b, p, row, c]
-    q = np.stack([nibbles & 0x0F, nibbles >> 4], axis=-2)  # [g, b, p, row, high?, c]
-    q = q.transpose(0, 3, 1, 2, 4, 5).reshape(groups * 16, blocks, 32).astype(np.float32)
-    halves = np.ascontiguousarray(records[..., 256:]).view(np.float16).astype(np.float32)
+    values = records[..., :-64].reshape(groups, blocks, -1, 16, 4)  # [g, b, byte vector, row, c]
+    if bits == 4:  # vectors 2p and 2p + 1: low and high nibbles
+        values = np.stack([values & 0x0F, values >> 4], axis=3).reshape(groups, blocks, 8, 16, 4)
+    q = values.transpose(0, 3, 1, 2, 4).reshape(groups * 16, blocks, 32).astype(np.float32)
+    halves = np.ascontiguousarray(records[..., -64:]).view(np.float16).astype(np.float32)
     scale, minimum = (h.transpose(0, 2, 1).reshape(groups * 16, blocks)
                       for h in (halves[..., :16], halves[..., 16:]))
     return (q * scale[..., None] + minimum[..., None]).reshape(groups * 16, -1)

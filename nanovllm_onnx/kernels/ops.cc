@@ -1,5 +1,5 @@
 // nano-vllm-onnx's own ONNX Runtime CPU ops (domain "nanovllm"): SlotAttention, then SwiGLU
-// and Int4Linear.
+// and BlockLinear.
 //
 // SlotAttention: causal grouped-query attention over per-sequence KV-cache slots, updated in
 // place. ONNX Runtime's
@@ -462,30 +462,32 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
   }
 };
 
-// Int4Linear: y [T, N] = x [T, K] @ W.T for 4-bit weights in blocks of 32 inputs with a float
-// scale and minimum each, w = q * scale + min (GGUF's Q4_1; Q4_0 and symmetric blocks are the
-// case min = -8 scale). ONNX Runtime's MatMulNBits only takes integer zero points at speed,
-// so Q4_1 cost two more nodes per projection there; here the minimum is one more FMA per block.
-// x is quantized to int8 per block of 32 (like MatMulNBits' accuracy level 4, llama.cpp's
-// Q8_1) and each block's dot products run as u8 x s8 VNNI: a decode step streams 5 bits per
-// weight, the least a 4-bit format with two fp16 per block can.
+// BlockLinear: y [T, N] = x [T, K] @ W.T for 4- or 8-bit weights in blocks of 32 inputs with
+// a float scale and minimum each, w = q * scale + min: GGUF's Q4_1 as it is (Q4_0, Q8_0 and
+// other symmetric blocks are the case min = -2^(bits-1) scale). ONNX Runtime's MatMulNBits
+// only takes integer zero points at speed, so Q4_1 cost two more nodes per projection there;
+// here the minimum is one more FMA per block. x is quantized to int8 per block of 32 (like
+// MatMulNBits' accuracy level 4, llama.cpp's Q8_1) and each block's dot products run as
+// u8 x s8 VNNI: a 4-bit decode streams 5 bits per weight, the least a format with two fp16
+// per block can.
 //
-// weights: uint8 [ceil(N / 16), ceil(K / 32), 320], one record per 16 output rows x 32
-// inputs: 4 x 64 bytes of nibbles, then 16 fp16 scales and 16 fp16 minimums. Byte
-// p * 64 + r * 4 + c holds row r's input 8p + c (low nibble) and 8p + 4 + c (high nibble), so
-// that one 512-bit vector is 16 rows x 4 inputs: VPDPBUSD's layout. Attributes: K, N.
-constexpr int kRows = 16;                            // output rows of one record
-constexpr int kBlock = 32;                           // inputs of one record
-constexpr int kNibbleBytes = kRows * kBlock / 2;     // 256
-constexpr int kRecord = kNibbleBytes + 2 * kRows * 2;  // + fp16 scales and minimums
+// weights: uint8 [ceil(N / 16), ceil(K / 32), record], one record per 16 output rows x 32
+// inputs: the values as 8 vectors of 16 rows x 4 inputs (VPDPBUSD's layout: byte r * 4 + c
+// of vector v is row r's input 4v + c), then 16 fp16 scales and 16 fp16 minimums. 8 bits:
+// vector v is bytes 64v..64v+63 (record 576 bytes). 4 bits: vectors 2p and 2p + 1 are the
+// low and high nibbles of bytes 64p..64p+63 (record 320 bytes). Attributes: K, N, bits.
+constexpr int kRows = 16;   // output rows of one record
+constexpr int kBlock = 32;  // inputs of one record
 
-struct Int4Step {
+constexpr int64_t record_bytes(int64_t bits) { return kRows * kBlock * bits / 8 + 4 * kRows; }
+
+struct BlockStep {
   const uint8_t* weights;
   const int8_t* xq;      // [T, blocks * 32] activations as int8
   const float* xscale;   // [T, blocks]: x ~ xq * xscale
   const float* xsum;     // [T, blocks]: sum of the block's x (as quantized)
   float* y;
-  int64_t tokens, n, blocks, groups;
+  int64_t tokens, n, blocks;
 };
 
 // One token row of x to int8 blocks (zero past K).
@@ -515,10 +517,11 @@ inline __m512 load_half16(const uint8_t* p) {
 }
 
 // One record group (16 output rows) x TT tokens over every block. A one-token decode keeps
-// low and high nibbles in two accumulators: two independent VNNI chains rather than one.
-template <int TT>
-void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
+// two accumulators (even and odd vectors): two independent VNNI chains rather than one.
+template <int Bits, int TT>
+void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   constexpr int S = TT == 1 ? 2 : 1;
+  constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
   const int64_t width = st.blocks * kBlock;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 y[TT];
@@ -528,26 +531,30 @@ void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
     __m512i acc[TT][S];
     for (int t = 0; t < TT; ++t)
       for (int i = 0; i < S; ++i) acc[t][i] = _mm512_setzero_si512();
-    for (int p = 0; p < 4; ++p) {
-      const __m512i w = _mm512_loadu_si512(rec + p * 64);
-      const __m512i wlo = _mm512_and_si512(w, low);
-      const __m512i whi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+    // acc += vector v of 16 rows x inputs 4v..4v+3, for each token.
+    auto dot = [&](int v, __m512i w) {
       for (int t = 0; t < TT; ++t) {
-        const int8_t* xq = st.xq + (token + t) * width + b * kBlock + 8 * p;
-        int32_t lo4, hi4;
-        std::memcpy(&lo4, xq, 4);
-        std::memcpy(&hi4, xq + 4, 4);
-        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], wlo, _mm512_set1_epi32(lo4));
-        acc[t][S - 1] = _mm512_dpbusd_epi32(acc[t][S - 1], whi, _mm512_set1_epi32(hi4));
+        int32_t x4;
+        std::memcpy(&x4, st.xq + (token + t) * width + b * kBlock + 4 * v, 4);
+        acc[t][v % S] = _mm512_dpbusd_epi32(acc[t][v % S], w, _mm512_set1_epi32(x4));
       }
+    };
+    if constexpr (Bits == 4) {
+      for (int p = 0; p < 4; ++p) {
+        const __m512i w = _mm512_loadu_si512(rec + p * 64);
+        dot(2 * p, _mm512_and_si512(w, low));
+        dot(2 * p + 1, _mm512_and_si512(_mm512_srli_epi16(w, 4), low));
+      }
+    } else {
+      for (int v = 0; v < 8; ++v) dot(v, _mm512_loadu_si512(rec + v * 64));
     }
-    const __m512 scale = load_half16(rec + kNibbleBytes);
-    const __m512 minimum = load_half16(rec + kNibbleBytes + 2 * kRows);
+    const __m512 scale = load_half16(rec + kValueBytes);
+    const __m512 minimum = load_half16(rec + kValueBytes + 2 * kRows);
     for (int t = 0; t < TT; ++t) {
       const int64_t xb = (token + t) * st.blocks + b;
-      __m512i dot = acc[t][0];
-      if (S == 2) dot = _mm512_add_epi32(dot, acc[t][S - 1]);
-      y[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+      __m512i sum = acc[t][0];
+      if constexpr (S == 2) sum = _mm512_add_epi32(sum, acc[t][1]);
+      y[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
                              _mm512_mul_ps(scale, _mm512_set1_ps(st.xscale[xb])), y[t]);
       y[t] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(st.xsum[xb]), y[t]);
     }
@@ -558,8 +565,9 @@ void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
 }
 #else
 // Portable: the same arithmetic, one token at a time.
-template <int TT>
-void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
+template <int Bits, int TT>
+void block_tile(const BlockStep& st, int64_t group, int64_t token) {
+  constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
   const int64_t width = st.blocks * kBlock;
   for (int t = 0; t < TT; ++t) {
     float y[kRows] = {};
@@ -569,14 +577,15 @@ void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
       const int64_t xb = (token + t) * st.blocks + b;
       for (int r = 0; r < kRows; ++r) {
         int dot = 0;
-        for (int p = 0; p < 4; ++p)
-          for (int c = 0; c < 4; ++c) {
-            const uint8_t byte = rec[p * 64 + r * 4 + c];
-            dot += (byte & 0x0F) * xq[8 * p + c] + (byte >> 4) * xq[8 * p + 4 + c];
-          }
+        for (int i = 0; i < kBlock; ++i) {
+          const int v = i / 4, c = i % 4;
+          const int q = Bits == 8 ? rec[v * 64 + r * 4 + c]
+                                  : (rec[(v / 2) * 64 + r * 4 + c] >> (4 * (v % 2))) & 0x0F;
+          dot += q * xq[i];
+        }
         _Float16 scale, minimum;
-        std::memcpy(&scale, rec + kNibbleBytes + 2 * r, 2);
-        std::memcpy(&minimum, rec + kNibbleBytes + 2 * (kRows + r), 2);
+        std::memcpy(&scale, rec + kValueBytes + 2 * r, 2);
+        std::memcpy(&minimum, rec + kValueBytes + 2 * (kRows + r), 2);
         y[r] += dot * float(scale) * st.xscale[xb] + float(minimum) * st.xsum[xb];
       }
     }
@@ -589,28 +598,32 @@ void int4_tile(const Int4Step& st, int64_t group, int64_t token) {
 
 // One task: one record group (16 output rows) for every token, in tiles of up to kTokenTile
 // tokens, its weights (16 rows x K, a few KB) staying in cache from tile to tile. Tasks this
-// small balance the two threads best: 41-43 GB/s of weights on a decode (of the 45 GB/s the
-// two cores read at) vs 35-40 with 32 rows; 4-token tiles: ~1 TFLOP/s on 32-128 tokens.
+// small balance the two threads best: 41-43 GB/s of 4-bit weights on a decode (of the 45 GB/s
+// the two cores read at) vs 35-40 with 32 rows; 4-token tiles: ~1 TFLOP/s on 32-128 tokens.
 constexpr int kTokenTile = 4;
 
-void int4_task(void* data, size_t group) {
-  const Int4Step& st = *static_cast<const Int4Step*>(data);
+template <int Bits>
+void block_task(void* data, size_t group) {
+  const BlockStep& st = *static_cast<const BlockStep*>(data);
   int64_t t = 0;
-  for (; t + kTokenTile <= st.tokens; t += kTokenTile) int4_tile<kTokenTile>(st, group, t);
+  for (; t + kTokenTile <= st.tokens; t += kTokenTile) block_tile<Bits, kTokenTile>(st, group, t);
   switch (st.tokens - t) {  // the rest: 0 to kTokenTile - 1 tokens
-    case 1: int4_tile<1>(st, group, t); break;
-    case 2: int4_tile<2>(st, group, t); break;
-    case 3: int4_tile<3>(st, group, t); break;
+    case 1: block_tile<Bits, 1>(st, group, t); break;
+    case 2: block_tile<Bits, 2>(st, group, t); break;
+    case 3: block_tile<Bits, 3>(st, group, t); break;
   }
 }
 
-struct Int4LinearKernel {
-  int64_t k, n;
+struct BlockLinearKernel {
+  int64_t k, n, bits;
 
-  Int4LinearKernel(const OrtApi&, const OrtKernelInfo* info) {
+  BlockLinearKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     k = ki.GetAttribute<int64_t>("K");
     n = ki.GetAttribute<int64_t>("N");
+    bits = ki.GetAttribute<int64_t>("bits");
+    if (bits != 4 && bits != 8)
+      ORT_CXX_API_THROW("BlockLinear: bits must be 4 or 8", ORT_INVALID_ARGUMENT);
   }
 
   struct Rows {
@@ -634,10 +647,11 @@ struct Int4LinearKernel {
       auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
       const int64_t blocks = (k + kBlock - 1) / kBlock, groups = (n + kRows - 1) / kRows;
       if (shape.empty() || shape.back() != k)
-        ORT_CXX_API_THROW("Int4Linear: x must be [..., K]", ORT_INVALID_ARGUMENT);
+        ORT_CXX_API_THROW("BlockLinear: x must be [..., K]", ORT_INVALID_ARGUMENT);
       if (weights.GetTensorTypeAndShapeInfo().GetShape() !=
-          std::vector<int64_t>{groups, blocks, kRecord})
-        ORT_CXX_API_THROW("Int4Linear: weights must be [ceil(N/16), ceil(K/32), 320]",
+          std::vector<int64_t>{groups, blocks, record_bytes(bits)})
+        ORT_CXX_API_THROW("BlockLinear: weights must be [ceil(N/16), ceil(K/32), " +
+                              std::to_string(record_bytes(bits)) + "]",
                           ORT_INVALID_ARGUMENT);
       int64_t tokens = 1;
       for (size_t i = 0; i + 1 < shape.size(); ++i) tokens *= shape[i];
@@ -651,19 +665,19 @@ struct Int4LinearKernel {
       sum.resize(tokens * blocks);
       Rows rows{x.GetTensorData<float>(), k, blocks, q.data(), scale.data(), sum.data()};
       ctx.ParallelFor(quantize, tokens, 0, &rows);
-      Int4Step st{weights.GetTensorData<uint8_t>(), q.data(), scale.data(), sum.data(), y,
-                  tokens, n, blocks, groups};
-      ctx.ParallelFor(int4_task, groups, 0, &st);
+      BlockStep st{weights.GetTensorData<uint8_t>(), q.data(), scale.data(), sum.data(), y,
+                   tokens, n, blocks};
+      ctx.ParallelFor(bits == 4 ? block_task<4> : block_task<8>, groups, 0, &st);
     });
   }
 };
 
-struct Int4LinearOp : Ort::CustomOpBase<Int4LinearOp, Int4LinearKernel, true> {
+struct BlockLinearOp : Ort::CustomOpBase<BlockLinearOp, BlockLinearKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                               void** kernel) const {
-    return guarded([&] { *kernel = new Int4LinearKernel(api, info); });
+    return guarded([&] { *kernel = new BlockLinearKernel(api, info); });
   }
-  const char* GetName() const { return "Int4Linear"; }
+  const char* GetName() const { return "BlockLinear"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
@@ -683,14 +697,14 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_float;
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
   static SwiGLUOp swiglu;
-  static Int4LinearOp int4_linear;
+  static BlockLinearOp block_linear;
   static Ort::CustomOpDomain domain{"nanovllm"};
   static bool added = false;
   if (!added) {
     domain.Add(&op_float);
     domain.Add(&op_half);
     domain.Add(&swiglu);
-    domain.Add(&int4_linear);
+    domain.Add(&block_linear);
     added = true;
   }
   Ort::UnownedSessionOptions(options).Add(domain);
