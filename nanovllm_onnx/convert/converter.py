@@ -40,7 +40,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-CONVERTER_VERSION = "15"  # bump when the emitted graph changes, to invalidate caches
+CONVERTER_VERSION = "16"  # bump when the emitted graph changes, to invalidate caches
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
 
