@@ -3,6 +3,8 @@ attention with rotary embeddings on ragged batches of cache rows), SwiGLU and Bl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -36,16 +38,24 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray) -> ort.I
     return ops_session(graph)
 
 
-def ops_session(graph: onnx.GraphProto) -> ort.InferenceSession:
-    """A 2-thread session of a graph made of the engine's ops."""
+def ops_session(graph: onnx.GraphProto, arch: str = "-march=native") -> ort.InferenceSession:
+    """A 2-thread session of a graph made of the engine's ops, built for `arch`."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    opts.register_custom_ops_library(str(custom_ops_library()))
+    opts.register_custom_ops_library(str(custom_ops_library(arch)))
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
+
+
+# BlockLinear's code paths: this CPU's (AVX-512 VNNI here), AVX2 with and without AVX-VNNI,
+# and the portable one; each runs where the CPU has what it needs.
+CPU_FLAGS = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text()
+                      .splitlines() if line.startswith("flags")), []))
+BUILDS = {"-march=native": set(), "-march=x86-64-v3": {"avx2", "fma", "f16c"},
+          "-march=x86-64-v3 -mavxvnni": {"avx2", "fma", "f16c", "avx_vnni"}, "-march=x86-64": set()}
 
 
 def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -188,13 +198,14 @@ def test_swiglu_and_its_per_token_scale() -> None:
     assert np.abs(scaled).max(axis=1)[[0, 1, 2, 4]] == pytest.approx(1.0, rel=1e-6)
 
 
-def block_session(k: int, n: int, bits: int, weights: np.ndarray) -> ort.InferenceSession:
+def block_session(k: int, n: int, bits: int, weights: np.ndarray,
+                  arch: str = "-march=native") -> ort.InferenceSession:
     node = helper.make_node("BlockLinear", ["x", "w"], ["y"], domain=DOMAIN, K=k, N=n, bits=bits)
     info = helper.make_tensor_value_info
     graph = helper.make_graph([node], "block_linear", [info("x", F32, ["tokens", k])],
                               [info("y", F32, ["tokens", n])],
                               [numpy_helper.from_array(weights, "w")])
-    return ops_session(graph)
+    return ops_session(graph, arch)
 
 
 def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,12 +220,16 @@ def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
     return values, scale
 
 
+@pytest.mark.parametrize("arch", BUILDS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n", [(64, 48), (40, 20), (576, 960)])
-def test_block_linear_matches_reference(bits: int, k: int, n: int) -> None:
+def test_block_linear_matches_reference(arch: str, bits: int, k: int, n: int) -> None:
     """Blocks with a float scale and minimum (Q4_1-style): the op computes, on every token
     count (its 1- to 4-token tiles), the exact dot products of the int8-quantized
-    activations with the 4- or 8-bit weights, and lands near the float product."""
+    activations with the 4- or 8-bit weights, and lands near the float product; in every
+    build of it this CPU can run."""
+    if missing := BUILDS[arch] - CPU_FLAGS:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
     rng = np.random.default_rng(k + n + bits)
     blocks = -(-k // 32)
     q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
@@ -222,7 +237,8 @@ def test_block_linear_matches_reference(bits: int, k: int, n: int) -> None:
     scale = scale.astype(np.float16).astype(np.float32)
     minimum = -rng.uniform(0, 0.3, (n, blocks)).astype(np.float16).astype(np.float32)
     w = (q * scale[..., None] + minimum[..., None]).astype(np.float64)  # [n, blocks, 32]
-    sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, -minimum / scale), bits))
+    sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, -minimum / scale), bits),
+                         arch)
     for tokens in (1, 2, 3, 4, 7):
         x = rng.standard_normal((tokens, k)).astype(np.float32)
         x[0, : min(k, 32)] = 0.0  # an all-zero block

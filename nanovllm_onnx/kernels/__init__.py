@@ -29,8 +29,7 @@ SOURCE = Path(__file__).with_name("ops.cc")
 DOMAIN = "nanovllm"
 KEY_TILE = 16  # the key cache is [.., capacity / KEY_TILE, head_dim, KEY_TILE]: see the source
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=c++17",
-         "-fvisibility=hidden"]
+FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-std=c++17", "-fvisibility=hidden"]
 # The headers' API version (21) is older than any onnxruntime this package allows, which is
 # what ONNX Runtime's C API keeps compatible.
 HEADERS_DEB = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/"
@@ -43,19 +42,21 @@ class KernelBuildError(RuntimeError):
     """The engine's ops could not be built (no compiler, no headers)."""
 
 
-def custom_ops_library() -> Path:
-    """The compiled library of the engine's ops for this machine (built once, then cached)."""
+def custom_ops_library(arch: str = "-march=native") -> Path:
+    """The compiled library of the engine's ops for this machine (built once, then cached).
+    `arch`: the target flags (tests build the AVX2 and portable paths with others)."""
+    flags = [*FLAGS, *arch.split()]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), ort.__version__.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), ort.__version__.encode(),
                  _cpu_flags().encode()):
         key.update(part)
     library = cache_dir() / "kernels" / f"nanovllm-ops-{key.hexdigest()[:16]}.so"
     if not library.is_file():
-        _compile(library)
+        _compile(library, flags)
     return library
 
 
-def _compile(library: Path) -> None:
+def _compile(library: Path, flags: list[str]) -> None:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise KernelBuildError(
@@ -63,7 +64,7 @@ def _compile(library: Path) -> None:
             f"found no {compiler!r}: install g++ (Debian/Ubuntu: apt install g++) or set CXX")
     library.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(suffix=".so", dir=library.parent)[1])
-    cmd = [compiler, *FLAGS, "-I", str(_ort_headers()), str(SOURCE), "-o", str(tmp)]
+    cmd = [compiler, *flags, "-I", str(_ort_headers()), str(SOURCE), "-o", str(tmp)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         tmp.unlink(missing_ok=True)

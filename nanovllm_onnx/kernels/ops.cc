@@ -21,7 +21,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -562,6 +562,82 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   const int64_t col = group * kRows;
   const __mmask16 mask = st.n - col >= kRows ? 0xFFFF : (1u << (st.n - col)) - 1;
   for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(st.y + (token + t) * st.n + col, mask, y[t]);
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// AVX2 CPUs: the same tiles as two halves of 8 rows. Without AVX-VNNI, VPMADDUBSW + VPMADDWD
+// make the u8 x s8 dot products of 4 bytes; 8-bit values go as two nibbles so that no int16
+// sum saturates (255 * 127 * 2 would).
+template <int Bits>
+inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (Bits == 4)
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(w, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x), ones));
+  return _mm256_add_epi32(
+      acc, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x), _mm256_set1_epi16(16)));
+#endif
+}
+
+template <int Bits, int TT>
+void block_tile(const BlockStep& st, int64_t group, int64_t token) {
+  constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
+  const int64_t width = st.blocks * kBlock;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 y[TT][2];
+  for (int t = 0; t < TT; ++t) y[t][0] = y[t][1] = _mm256_setzero_ps();
+  const uint8_t* rec = st.weights + group * st.blocks * kRecord;
+  for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
+    __m256i acc[TT][2];
+    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+    // acc += vector v (rows 0-7 in w[0], 8-15 in w[1]) x inputs 4v..4v+3, for each token.
+    auto dot = [&](int v, const __m256i (&w)[2]) {
+      for (int t = 0; t < TT; ++t) {
+        int32_t x4;
+        std::memcpy(&x4, st.xq + (token + t) * width + b * kBlock + 4 * v, 4);
+        const __m256i x = _mm256_set1_epi32(x4);
+        for (int h = 0; h < 2; ++h) acc[t][h] = dot4<Bits>(acc[t][h], w[h], x);
+      }
+    };
+    for (int p = 0; p < Bits; ++p) {  // 64-byte vectors of bytes: 4 at 4 bits, 8 at 8
+      __m256i w[2];
+      for (int h = 0; h < 2; ++h)
+        w[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + p * 64 + h * 32));
+      if constexpr (Bits == 4) {
+        const __m256i lo[2] = {_mm256_and_si256(w[0], low), _mm256_and_si256(w[1], low)};
+        const __m256i hi[2] = {_mm256_and_si256(_mm256_srli_epi16(w[0], 4), low),
+                               _mm256_and_si256(_mm256_srli_epi16(w[1], 4), low)};
+        dot(2 * p, lo);
+        dot(2 * p + 1, hi);
+      } else {
+        dot(p, w);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const auto* half = reinterpret_cast<const __m128i*>(rec + kValueBytes + h * 16);
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(half));
+      const __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128(half + 2));
+      for (int t = 0; t < TT; ++t) {
+        const int64_t xb = (token + t) * st.blocks + b;
+        y[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][h]),
+                                  _mm256_mul_ps(scale, _mm256_set1_ps(st.xscale[xb])), y[t][h]);
+        y[t][h] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(st.xsum[xb]), y[t][h]);
+      }
+    }
+  }
+  const int64_t col = group * kRows;
+  for (int t = 0; t < TT; ++t) {
+    alignas(32) float out[kRows];
+    _mm256_store_ps(out, y[t][0]);
+    _mm256_store_ps(out + 8, y[t][1]);
+    std::memcpy(st.y + (token + t) * st.n + col, out,
+                std::min<int64_t>(kRows, st.n - col) * sizeof(float));
+  }
 }
 #else
 // Portable: the same arithmetic, one token at a time.
