@@ -3,6 +3,7 @@ attention with rotary embeddings on ragged batches of cache rows), SwiGLU and Bl
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,14 +170,14 @@ def test_bad_lengths_are_clear_errors() -> None:
     run([CAPACITY - 1, 0], [1, 0])  # the last position is fine
 
 
-def swiglu_session(per_token: bool) -> ort.InferenceSession:
+def swiglu_session(per_token: bool, arch: str = "-march=native") -> ort.InferenceSession:
     outputs = ["act", "scale"] if per_token else ["act"]
     node = helper.make_node("SwiGLU", ["gate_up"], outputs, domain=DOMAIN)
     info = helper.make_tensor_value_info
     graph = helper.make_graph(
         [node], "swiglu", [info("gate_up", F32, ["tokens", 64])],
         [info("act", F32, ["tokens", 32])] + [info("scale", F32, ["tokens", 1])] * per_token)
-    return ops_session(graph)
+    return ops_session(graph, arch)
 
 
 def test_swiglu_and_its_per_token_scale() -> None:
@@ -259,3 +260,13 @@ def test_block_linear_rejects_weights_of_another_shape() -> None:
     sess = block_session(96, 32, 4, weights)  # K = 96 needs 3 blocks
     with pytest.raises(Exception, match=r"weights must be \[ceil\(N/16\), ceil\(K/32\), 320\]"):
         sess.run(None, {"x": np.zeros((1, 96), np.float32)})
+
+
+def test_loading_the_ops_leaves_subnormals_alone() -> None:
+    """The library is linked without -ffast-math's crtfastmath.o, which would turn on
+    flush-to-zero and denormals-are-zero for the whole process (numpy included) loading it."""
+    for arch, needs in BUILDS.items():
+        if needs <= CPU_FLAGS:
+            swiglu_session(per_token=False, arch=arch)
+    assert sys.float_info.min / 2 > 0
+    assert np.float32(1e-40) > 0 and np.float32(1e-40) * np.float32(0.5) > 0

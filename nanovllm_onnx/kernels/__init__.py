@@ -29,7 +29,10 @@ SOURCE = Path(__file__).with_name("ops.cc")
 DOMAIN = "nanovllm"
 KEY_TILE = 16  # the key cache is [.., capacity / KEY_TILE, head_dim, KEY_TILE]: see the source
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
-FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-std=c++17", "-fvisibility=hidden"]
+# Compiled with -ffast-math (glibc's vector expf: softmax, SiLU) but linked without it: a
+# library linked with it carries crtfastmath.o, which turns on flush-to-zero in whatever
+# process loads it (numpy's subnormals included).
+FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c++17", "-fvisibility=hidden"]
 # The headers' API version (21) is older than any onnxruntime this package allows, which is
 # what ONNX Runtime's C API keeps compatible.
 HEADERS_DEB = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/"
@@ -64,12 +67,16 @@ def _compile(library: Path, flags: list[str]) -> None:
             f"found no {compiler!r}: install g++ (Debian/Ubuntu: apt install g++) or set CXX")
     library.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(suffix=".so", dir=library.parent)[1])
-    cmd = [compiler, *flags, "-I", str(_ort_headers()), str(SOURCE), "-o", str(tmp)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        tmp.unlink(missing_ok=True)
-        raise KernelBuildError(f"building the engine's CPU kernels failed ({' '.join(cmd)}):\n"
-                               f"{result.stderr[-4000:]}")
+    obj = tmp.with_suffix(".o")
+    for cmd in ([compiler, *flags, "-I", str(_ort_headers()), "-c", str(SOURCE), "-o", str(obj)],
+                [compiler, "-shared", str(obj), "-o", str(tmp)]):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode:
+            tmp.unlink(missing_ok=True)
+            obj.unlink(missing_ok=True)
+            raise KernelBuildError(f"building the engine's CPU kernels failed "
+                                   f"({' '.join(cmd)}):\n{result.stderr[-4000:]}")
+    obj.unlink()
     os.replace(tmp, library)  # atomic: concurrent first starts each build and one wins
 
 
