@@ -49,7 +49,7 @@ def report() -> str:
         f"cache: {cache_dir()}",
     ]
     try:
-        lines.append(f"kernels (SlotAttention, SwiGLU): {custom_ops_library()}")
+        lines.append(f"kernels (SlotAttention, SwiGLU, BlockLinear): {custom_ops_library()}")
     except KernelBuildError as e:
         lines.append(f"kernels: NOT AVAILABLE: {e}")
     if "avx512_vnni" not in flags and "avx_vnni" not in flags and "amx_int8" not in flags:

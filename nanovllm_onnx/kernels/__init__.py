@@ -1,5 +1,5 @@
-"""The engine's own ONNX Runtime CPU ops (SlotAttention, SwiGLU: `ops.cc`), compiled on first
-use.
+"""The engine's own ONNX Runtime CPU ops (SlotAttention, SwiGLU, BlockLinear: `ops.cc`), compiled
+on first use.
 
 The C++ source ships with the package; the first session on a machine builds it with the
 system's g++ for that CPU (-march=native) into the cache, keyed by source, flags, CPU and
