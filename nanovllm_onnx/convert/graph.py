@@ -25,7 +25,7 @@ MS = "com.microsoft"
 
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
-BLOCK = 32  # inputs per block of 4-bit weights
+BLOCK = 32  # inputs per block of 4- and 8-bit weights
 
 
 class GraphBuilder:
@@ -37,7 +37,6 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
-        self._shared: set[str] = set()  # names of the constants made by _const_once
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -103,12 +102,6 @@ class GraphBuilder:
         (y,) = self.op("BlockLinear", [x, self.const(name, pack_blocks(blocks, bits))],
                        domain=DOMAIN, K=k, N=n, bits=bits)
         return y
-
-    def _const_once(self, name: str, array: np.ndarray) -> str:
-        """A constant shared by every node that uses it (added on first use)."""
-        if name not in self._shared:
-            self._shared.add(self.const(name, array))
-        return name
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
