@@ -512,131 +512,141 @@ void quantize_row(const float* x, int64_t k, int64_t blocks, int8_t* q, float* s
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-inline __m512 load_half16(const uint8_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// One record group (16 output rows) x TT tokens over every block. A one-token decode keeps
-// two accumulators (even and odd vectors): two independent VNNI chains rather than one.
-template <int Bits, int TT>
-void block_tile(const BlockStep& st, int64_t group, int64_t token) {
-  constexpr int S = TT == 1 ? 2 : 1;
-  constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
-  const int64_t width = st.blocks * kBlock;
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 y[TT];
-  for (int t = 0; t < TT; ++t) y[t] = _mm512_setzero_ps();
-  const uint8_t* rec = st.weights + group * st.blocks * kRecord;
-  for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
-    __m512i acc[TT][S];
-    for (int t = 0; t < TT; ++t)
-      for (int i = 0; i < S; ++i) acc[t][i] = _mm512_setzero_si512();
-    // acc += vector v of 16 rows x inputs 4v..4v+3, for each token.
-    auto dot = [&](int v, __m512i w) {
-      for (int t = 0; t < TT; ++t) {
-        int32_t x4;
-        std::memcpy(&x4, st.xq + (token + t) * width + b * kBlock + 4 * v, 4);
-        acc[t][v % S] = _mm512_dpbusd_epi32(acc[t][v % S], w, _mm512_set1_epi32(x4));
-      }
-    };
-    if constexpr (Bits == 4) {
-      for (int p = 0; p < 4; ++p) {
-        const __m512i w = _mm512_loadu_si512(rec + p * 64);
-        dot(2 * p, _mm512_and_si512(w, low));
-        dot(2 * p + 1, _mm512_and_si512(_mm512_srli_epi16(w, 4), low));
-      }
-    } else {
-      for (int v = 0; v < 8; ++v) dot(v, _mm512_loadu_si512(rec + v * 64));
-    }
-    const __m512 scale = load_half16(rec + kValueBytes);
-    const __m512 minimum = load_half16(rec + kValueBytes + 2 * kRows);
-    for (int t = 0; t < TT; ++t) {
-      const int64_t xb = (token + t) * st.blocks + b;
-      __m512i sum = acc[t][0];
-      if constexpr (S == 2) sum = _mm512_add_epi32(sum, acc[t][1]);
-      y[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
-                             _mm512_mul_ps(scale, _mm512_set1_ps(st.xscale[xb])), y[t]);
-      y[t] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(st.xsum[xb]), y[t]);
-    }
+#define BLOCK_LINEAR_SIMD
+// The vector operations of a tile. AVX-512: one vector holds a record vector's 16 rows.
+struct Isa {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kParts = 1;  // vectors per 16 rows
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I set1(int32_t x) { return _mm512_set1_epi32(x); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  // Low (high = false) or high nibbles of every byte.
+  static I nibbles(I w, bool high) {
+    const I low = _mm512_set1_epi8(0x0F);
+    return _mm512_and_si512(high ? _mm512_srli_epi16(w, 4) : w, low);
   }
-  const int64_t col = group * kRows;
-  const __mmask16 mask = st.n - col >= kRows ? 0xFFFF : (1u << (st.n - col)) - 1;
-  for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(st.y + (token + t) * st.n + col, mask, y[t]);
-}
+  template <int Bits>
+  static I dot4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F fset1(float x) { return _mm512_set1_ps(x); }
+  static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F load_halves(const uint8_t* p) {  // 16 fp16
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static void store(float* p, F v, int64_t count) {  // the first count (<= 16) lanes
+    _mm512_mask_storeu_ps(p, count >= 16 ? 0xFFFF : (1u << count) - 1, v);
+  }
+};
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-// AVX2 CPUs: the same tiles as two halves of 8 rows. Without AVX-VNNI, VPMADDUBSW + VPMADDWD
-// make the u8 x s8 dot products of 4 bytes; 8-bit values go as two nibbles so that no int16
-// sum saturates (255 * 127 * 2 would).
-template <int Bits>
-inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
+#define BLOCK_LINEAR_SIMD
+// AVX2: two vectors of 8 rows per record vector. Without AVX-VNNI, VPMADDUBSW + VPMADDWD make
+// the u8 x s8 dot products of 4 bytes; 8-bit values go as two nibbles so that no int16 sum
+// saturates (255 * 127 * 2 would).
+struct Isa {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kParts = 2;
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I set1(int32_t x) { return _mm256_set1_epi32(x); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I nibbles(I w, bool high) {
+    const I low = _mm256_set1_epi8(0x0F);
+    return _mm256_and_si256(high ? _mm256_srli_epi16(w, 4) : w, low);
+  }
+  template <int Bits>
+  static I dot4(I acc, I w, I x) {
 #ifdef __AVXVNNI__
-  return _mm256_dpbusd_avx_epi32(acc, w, x);
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
 #else
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (Bits == 4)
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_and_si256(w, low);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x), ones));
-  return _mm256_add_epi32(
-      acc, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x), _mm256_set1_epi16(16)));
+    const I ones = _mm256_set1_epi16(1);
+    if constexpr (Bits == 4)
+      return add(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+    acc = add(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(w, false), x), ones));
+    return add(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(w, true), x),
+                                      _mm256_set1_epi16(16)));
 #endif
-}
+  }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F fset1(float x) { return _mm256_set1_ps(x); }
+  static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F load_halves(const uint8_t* p) {  // 8 fp16
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void store(float* p, F v, int64_t count) {  // the first count (<= 8) lanes
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, v);
+    std::memcpy(p, lanes, std::min<int64_t>(count, 8) * sizeof(float));
+  }
+};
+#endif
 
+#ifdef BLOCK_LINEAR_SIMD
+// One record group (16 output rows, in Isa::kParts vectors) x TT tokens over every block. A
+// one-token decode keeps two accumulators (even and odd record vectors): two independent
+// dot-product chains rather than one.
 template <int Bits, int TT>
 void block_tile(const BlockStep& st, int64_t group, int64_t token) {
+  using F = Isa::F;
+  using I = Isa::I;
+  constexpr int P = Isa::kParts, S = TT == 1 ? 2 : 1, kPartBytes = 64 / P;
   constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
   const int64_t width = st.blocks * kBlock;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256 y[TT][2];
-  for (int t = 0; t < TT; ++t) y[t][0] = y[t][1] = _mm256_setzero_ps();
+  F y[TT][P];
+  for (int t = 0; t < TT; ++t)
+    for (int h = 0; h < P; ++h) y[t][h] = Isa::fzero();
   const uint8_t* rec = st.weights + group * st.blocks * kRecord;
   for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
-    __m256i acc[TT][2];
-    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
-    // acc += vector v (rows 0-7 in w[0], 8-15 in w[1]) x inputs 4v..4v+3, for each token.
-    auto dot = [&](int v, const __m256i (&w)[2]) {
+    I acc[TT][P][S];
+    for (int t = 0; t < TT; ++t)
+      for (int h = 0; h < P; ++h)
+        for (int i = 0; i < S; ++i) acc[t][h][i] = Isa::zero();
+    // acc += record vector v (16 rows x inputs 4v..4v+3), for each token.
+    auto dot = [&](int v, const I (&w)[P]) {
       for (int t = 0; t < TT; ++t) {
         int32_t x4;
         std::memcpy(&x4, st.xq + (token + t) * width + b * kBlock + 4 * v, 4);
-        const __m256i x = _mm256_set1_epi32(x4);
-        for (int h = 0; h < 2; ++h) acc[t][h] = dot4<Bits>(acc[t][h], w[h], x);
+        const I x = Isa::set1(x4);
+        for (int h = 0; h < P; ++h)
+          acc[t][h][v % S] = Isa::dot4<Bits>(acc[t][h][v % S], w[h], x);
       }
     };
     for (int p = 0; p < Bits; ++p) {  // 64-byte vectors of bytes: 4 at 4 bits, 8 at 8
-      __m256i w[2];
-      for (int h = 0; h < 2; ++h)
-        w[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + p * 64 + h * 32));
+      I w[P];
+      for (int h = 0; h < P; ++h) w[h] = Isa::load(rec + p * 64 + h * kPartBytes);
       if constexpr (Bits == 4) {
-        const __m256i lo[2] = {_mm256_and_si256(w[0], low), _mm256_and_si256(w[1], low)};
-        const __m256i hi[2] = {_mm256_and_si256(_mm256_srli_epi16(w[0], 4), low),
-                               _mm256_and_si256(_mm256_srli_epi16(w[1], 4), low)};
+        I lo[P], hi[P];
+        for (int h = 0; h < P; ++h) lo[h] = Isa::nibbles(w[h], false);
+        for (int h = 0; h < P; ++h) hi[h] = Isa::nibbles(w[h], true);
         dot(2 * p, lo);
         dot(2 * p + 1, hi);
       } else {
         dot(p, w);
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      const auto* half = reinterpret_cast<const __m128i*>(rec + kValueBytes + h * 16);
-      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(half));
-      const __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128(half + 2));
+    for (int h = 0; h < P; ++h) {
+      const F scale = Isa::load_halves(rec + kValueBytes + h * kPartBytes / 2);
+      const F minimum = Isa::load_halves(rec + kValueBytes + 2 * kRows + h * kPartBytes / 2);
       for (int t = 0; t < TT; ++t) {
         const int64_t xb = (token + t) * st.blocks + b;
-        y[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][h]),
-                                  _mm256_mul_ps(scale, _mm256_set1_ps(st.xscale[xb])), y[t][h]);
-        y[t][h] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(st.xsum[xb]), y[t][h]);
+        I sum = acc[t][h][0];
+        if constexpr (S == 2) sum = Isa::add(sum, acc[t][h][1]);
+        y[t][h] = Isa::fmadd(Isa::to_float(sum), Isa::mul(scale, Isa::fset1(st.xscale[xb])),
+                             y[t][h]);
+        y[t][h] = Isa::fmadd(minimum, Isa::fset1(st.xsum[xb]), y[t][h]);
       }
     }
   }
-  const int64_t col = group * kRows;
-  for (int t = 0; t < TT; ++t) {
-    alignas(32) float out[kRows];
-    _mm256_store_ps(out, y[t][0]);
-    _mm256_store_ps(out + 8, y[t][1]);
-    std::memcpy(st.y + (token + t) * st.n + col, out,
-                std::min<int64_t>(kRows, st.n - col) * sizeof(float));
+  for (int h = 0; h < P; ++h) {
+    const int64_t col = group * kRows + h * (kRows / P);
+    for (int t = 0; t < TT; ++t)
+      if (col < st.n) Isa::store(st.y + (token + t) * st.n + col, y[t][h], st.n - col);
   }
 }
 #else
