@@ -8,8 +8,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
-             "amx_bf16")
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
+             "amx_int8", "amx_bf16")
 
 
 def cpu_summary() -> tuple[str, list[str]]:
@@ -52,6 +52,9 @@ def report() -> str:
         lines.append(f"kernels (SlotAttention, SwiGLU, BlockLinear): {custom_ops_library()}")
     except KernelBuildError as e:
         lines.append(f"kernels: NOT AVAILABLE: {e}")
-    if "avx512_vnni" not in flags and "avx_vnni" not in flags and "amx_int8" not in flags:
-        lines.append("note: no VNNI/AMX: int8 weights gain less over fp32 on this CPU")
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        lines.append("note: no AVX2/FMA/F16C: BlockLinear (int4 weights, the int8 LM head) runs "
+                     "its portable loop, far slower than fp32 weights")
+    elif "avx512_vnni" not in flags and "avx_vnni" not in flags and "amx_int8" not in flags:
+        lines.append("note: no VNNI/AMX: int8 and int4 weights gain less over fp32 on this CPU")
     return "\n".join(lines)
