@@ -4,7 +4,6 @@ attention with rotary embeddings on ragged batches of cache rows), SwiGLU and Bl
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
-from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, custom_ops_library
+from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, cpu_flags, custom_ops_library
 
 HEADS, KV_HEADS, CAPACITY, POSITIONS = 6, 2, 96, 128
 F32, I32 = TensorProto.FLOAT, TensorProto.INT32
@@ -53,8 +52,7 @@ def ops_session(graph: onnx.GraphProto, arch: str = "-march=native") -> ort.Infe
 
 # BlockLinear's code paths: this CPU's (AVX-512 VNNI here), AVX2 with and without AVX-VNNI,
 # and the portable one; each runs where the CPU has what it needs.
-CPU_FLAGS = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text()
-                      .splitlines() if line.startswith("flags")), []))
+CPU_FLAGS = cpu_flags()
 BUILDS = {"-march=native": set(), "-march=x86-64-v3": {"avx2", "fma", "f16c"},
           "-march=x86-64-v3 -mavxvnni": {"avx2", "fma", "f16c", "avx_vnni"}, "-march=x86-64": set()}
 

@@ -51,7 +51,7 @@ def custom_ops_library(arch: str = "-march=native") -> Path:
     flags = [*FLAGS, *arch.split()]
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(flags).encode(), ort.__version__.encode(),
-                 _cpu_flags().encode()):
+                 " ".join(sorted(cpu_flags())).encode()):
         key.update(part)
     library = cache_dir() / "kernels" / f"nanovllm-ops-{key.hexdigest()[:16]}.so"
     if not library.is_file():
@@ -122,8 +122,10 @@ def _ar_member(archive: bytes, name: str) -> bytes:
     raise KernelBuildError(f"{HEADERS_DEB} has no {name}")
 
 
-def _cpu_flags() -> str:
-    """-march=native depends on the CPU: its flags are part of the cache key."""
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo): -march=native depends on them, so
+    they are part of the cache key."""
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
