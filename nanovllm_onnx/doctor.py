@@ -31,7 +31,7 @@ def report() -> str:
 
     from nanovllm_onnx.config import EngineConfig
     from nanovllm_onnx.default_model import cache_dir
-    from nanovllm_onnx.kernels import KernelBuildError, custom_ops_library
+    from nanovllm_onnx.kernels import KernelBuildError, custom_ops_library, kernel_target
 
     lines = [f"python {sys.version.split()[0]} on {platform.platform()}"]
     for package in ("nano-vllm-onnx", "onnxruntime", "onnx", "numpy", "tokenizers", "gguf"):
@@ -49,7 +49,8 @@ def report() -> str:
         f"cache: {cache_dir()}",
     ]
     try:
-        lines.append(f"kernels (SlotAttention, SwiGLU, BlockLinear): {custom_ops_library()}")
+        lines.append(f"kernels (SlotAttention, SwiGLU, BlockLinear): {kernel_target()} build "
+                     f"of {custom_ops_library()}")
     except KernelBuildError as e:
         lines.append(f"kernels: NOT AVAILABLE: {e}")
     if not {"avx2", "fma", "f16c"} <= set(flags):

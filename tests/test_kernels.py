@@ -3,7 +3,9 @@ attention with rotary embeddings on ragged batches of cache rows), SwiGLU and Bl
 
 from __future__ import annotations
 
+import os
 import sys
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -13,7 +15,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
-from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, cpu_flags, custom_ops_library
+from nanovllm_onnx.kernels import (
+    DOMAIN,
+    KEY_TILE,
+    TARGET_ENV,
+    custom_ops_library,
+    kernel_target,
+    supported_targets,
+)
 
 HEADS, KV_HEADS, CAPACITY, POSITIONS = 6, 2, 96, 128
 F32, I32 = TensorProto.FLOAT, TensorProto.INT32
@@ -38,23 +47,24 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray) -> ort.I
     return ops_session(graph)
 
 
-def ops_session(graph: onnx.GraphProto, arch: str = "-march=native") -> ort.InferenceSession:
-    """A 2-thread session of a graph made of the engine's ops, built for `arch`."""
+def ops_session(graph: onnx.GraphProto, target: str = "") -> ort.InferenceSession:
+    """A 2-thread session of a graph made of the engine's ops, in the build the dispatcher
+    picks for this CPU, or the one `target` forces."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    opts.register_custom_ops_library(str(custom_ops_library(arch)))
+    with mock.patch.dict(os.environ, {TARGET_ENV: target}):
+        opts.register_custom_ops_library(str(custom_ops_library()))
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
 
 
-# BlockLinear's code paths: this CPU's (AVX-512 VNNI here), AVX2 with and without AVX-VNNI,
-# and the portable one; each runs where the CPU has what it needs.
-CPU_FLAGS = cpu_flags()
-BUILDS = {"-march=native": set(), "-march=x86-64-v3": {"avx2", "fma", "f16c"},
-          "-march=x86-64-v3 -mavxvnni": {"avx2", "fma", "f16c", "avx_vnni"}, "-march=x86-64": set()}
+# BlockLinear's code paths, one build each: AVX-512 VNNI, AVX2 with and without AVX-VNNI, and
+# the portable one; each runs where the CPU has what it needs.
+TARGETS = ["avx512_vnni", "avx2_vnni", "avx2", "portable"]
+SUPPORTED = supported_targets()
 
 
 def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -168,14 +178,14 @@ def test_bad_lengths_are_clear_errors() -> None:
     run([CAPACITY - 1, 0], [1, 0])  # the last position is fine
 
 
-def swiglu_session(per_token: bool, arch: str = "-march=native") -> ort.InferenceSession:
+def swiglu_session(per_token: bool, target: str = "") -> ort.InferenceSession:
     outputs = ["act", "scale"] if per_token else ["act"]
     node = helper.make_node("SwiGLU", ["gate_up"], outputs, domain=DOMAIN)
     info = helper.make_tensor_value_info
     graph = helper.make_graph(
         [node], "swiglu", [info("gate_up", F32, ["tokens", 64])],
         [info("act", F32, ["tokens", 32])] + [info("scale", F32, ["tokens", 1])] * per_token)
-    return ops_session(graph, arch)
+    return ops_session(graph, target)
 
 
 def test_swiglu_and_its_per_token_scale() -> None:
@@ -198,13 +208,13 @@ def test_swiglu_and_its_per_token_scale() -> None:
 
 
 def block_session(k: int, n: int, bits: int, weights: np.ndarray,
-                  arch: str = "-march=native") -> ort.InferenceSession:
+                  target: str = "") -> ort.InferenceSession:
     node = helper.make_node("BlockLinear", ["x", "w"], ["y"], domain=DOMAIN, K=k, N=n, bits=bits)
     info = helper.make_tensor_value_info
     graph = helper.make_graph([node], "block_linear", [info("x", F32, ["tokens", k])],
                               [info("y", F32, ["tokens", n])],
                               [numpy_helper.from_array(weights, "w")])
-    return ops_session(graph, arch)
+    return ops_session(graph, target)
 
 
 def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,16 +229,16 @@ def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
     return values, scale
 
 
-@pytest.mark.parametrize("arch", BUILDS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n", [(64, 48), (40, 20), (576, 960)])
-def test_block_linear_matches_reference(arch: str, bits: int, k: int, n: int) -> None:
+def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int) -> None:
     """Blocks with a float scale and minimum (Q4_1-style): the op computes, on every token
     count (its 1- to 4-token tiles), the exact dot products of the int8-quantized
     activations with the 4- or 8-bit weights, and lands near the float product; in every
     build of it this CPU can run."""
-    if missing := BUILDS[arch] - CPU_FLAGS:
-        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
+    if target not in SUPPORTED:
+        pytest.skip(f"this CPU cannot run the {target} build")
     rng = np.random.default_rng(k + n + bits)
     blocks = -(-k // 32)
     q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
@@ -237,7 +247,7 @@ def test_block_linear_matches_reference(arch: str, bits: int, k: int, n: int) ->
     minimum = -rng.uniform(0, 0.3, (n, blocks)).astype(np.float16).astype(np.float32)
     w = (q * scale[..., None] + minimum[..., None]).astype(np.float64)  # [n, blocks, 32]
     sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, -minimum / scale), bits),
-                         arch)
+                         target)
     for tokens in (1, 2, 3, 4, 7):
         x = rng.standard_normal((tokens, k)).astype(np.float32)
         x[0, : min(k, 32)] = 0.0  # an all-zero block
@@ -263,8 +273,22 @@ def test_block_linear_rejects_weights_of_another_shape() -> None:
 def test_loading_the_ops_leaves_subnormals_alone() -> None:
     """The library is linked without -ffast-math's crtfastmath.o, which would turn on
     flush-to-zero and denormals-are-zero for the whole process (numpy included) loading it."""
-    for arch, needs in BUILDS.items():
-        if needs <= CPU_FLAGS:
-            swiglu_session(per_token=False, arch=arch)
+    for target in SUPPORTED:
+        swiglu_session(per_token=False, target=target)
     assert sys.float_info.min / 2 > 0
     assert np.float32(1e-40) > 0 and np.float32(1e-40) * np.float32(0.5) > 0
+
+
+def test_dispatch_picks_the_best_build_and_names_bad_targets() -> None:
+    """cpuid picks the first build this CPU runs; a forced target it cannot run, or no
+    target at all, fails the session's setup with a message naming it."""
+    assert SUPPORTED[-1] == "portable" and set(SUPPORTED) <= set(TARGETS)
+    assert SUPPORTED == [t for t in TARGETS if t in SUPPORTED]  # best first
+    assert kernel_target() == SUPPORTED[0]
+    with mock.patch.dict(os.environ, {TARGET_ENV: "avx2"}):
+        assert kernel_target() == "avx2"
+    with pytest.raises(Exception, match="NANO_VLLM_ONNX_KERNEL_TARGET=sse9 is not a target"):
+        swiglu_session(per_token=False, target="sse9")
+    if unsupported := [t for t in TARGETS if t not in SUPPORTED]:
+        with pytest.raises(Exception, match="this CPU cannot run it"):
+            swiglu_session(per_token=False, target=unsupported[0])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx.kernels import kernel_target
 from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -55,3 +56,5 @@ def test_doctor_reports_versions_providers_and_cpu() -> None:
     for expected in ("onnxruntime 1.", "execution providers: ", "CPUExecutionProvider",
                      "cpu: ", "threads (defaults): "):
         assert expected in out.stdout
+    # the build the dispatcher picked for this CPU
+    assert f"kernels (SlotAttention, SwiGLU, BlockLinear): {kernel_target()} build" in out.stdout
