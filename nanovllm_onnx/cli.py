@@ -14,6 +14,8 @@ from nanovllm_onnx.convert.source import ModelLoadError
 from nanovllm_onnx.kernels import KernelBuildError
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 
+logger = logging.getLogger(__name__)
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -87,9 +89,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.getLogger().setLevel(args.serve_log_level.upper())
     args.model = args.model_tag or args.model
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
+    if args.ray:
+        serve_on_ray(args, name)
+        return
     serve(engine_config(args), name, host=args.host, port=args.port, api_key=args.api_key,
           max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
           log_level=args.serve_log_level)
+
+
+def serve_on_ray(args: argparse.Namespace, name: str) -> None:
+    """The same API from Ray Serve: --num-replicas engines on the cluster at --ray-address, or
+    on a local one started here. Replicas share the cores: unless told, each gets its share."""
+    import ray
+    from ray import serve
+
+    from nanovllm_onnx.ray import build_app
+
+    cfg = engine_config(args)
+    if cfg.intra_op_num_threads == EngineConfig().intra_op_num_threads:
+        cfg.intra_op_num_threads = max(1, cfg.intra_op_num_threads // args.num_replicas)
+    engine_args = {k: v for k, v in vars(cfg).items() if k != "model"}
+    app = build_app(cfg.model, engine_args, num_replicas=args.num_replicas,
+                    served_model_name=name, api_key=args.api_key, max_waiting=args.max_waiting,
+                    max_request_bytes=args.max_request_bytes)
+    ray.init(address=args.ray_address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    logger.info("serving %s from %d Ray Serve replicas on http://%s:%d", name,
+                args.num_replicas, args.host, args.port)
+    serve.run(app, name="nano-vllm-onnx", route_prefix="/", blocking=True)
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
@@ -143,6 +170,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="sequences that may wait for a place in the batch; beyond, HTTP 503")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="largest request body accepted; beyond, HTTP 413")
+    p.add_argument("--ray", action="store_true",
+                   help="serve from Ray Serve replicas (pip install 'nano-vllm-onnx[ray]')")
+    p.add_argument("--num-replicas", type=int, default=1,
+                   help="with --ray: engine replicas, with prefix-cache affinity routing")
+    p.add_argument("--ray-address", default=None,
+                   help="with --ray: the cluster to join (default: $RAY_ADDRESS, else a local "
+                        "cluster started here)")
     p.add_argument("--log-level", dest="serve_log_level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error", "critical"])
     p.set_defaults(func=cmd_serve)

@@ -227,7 +227,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": served_model_name, "object": "model", "created": started,
-                "owned_by": "nano-vllm-onnx", "max_model_len": engine.engine.max_model_len}
+                "owned_by": "nano-vllm-onnx", "max_model_len": engine.max_model_len}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")

@@ -76,6 +76,10 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     # ---- event loop side -------------------------------------------------------------------
 
     async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],

@@ -1,0 +1,256 @@
+"""Ray Serve: the OpenAI server over N engine replicas, on one machine or a cluster.
+
+Two deployments. `EngineReplica` (N replicas, one LLMEngine each, in the server's own
+AsyncEngine) streams a request's outputs; `OpenAIIngress` is the same FastAPI app as
+`nano-vllm-onnx serve` (server.api_server.build_app), whose engine is a `RemoteEngine`: it sends
+each request through a handle to the replicas, where `PrefixAffinityRouter` picks the replica.
+Replicas report their health (a dead engine thread fails Ray's health check, which restarts the
+replica) and their queue (record_routing_stats), and Ray's autoscaling sees their ongoing
+requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from nanovllm_onnx.config import EngineConfig
+from nanovllm_onnx.default_model import DEFAULT_MODEL_NAME
+from nanovllm_onnx.engine.llm_engine import LLMEngine
+from nanovllm_onnx.outputs import RequestOutput
+from nanovllm_onnx.sampling_params import SamplingParams
+from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
+from nanovllm_onnx.server.api_server import build_app as build_fastapi_app
+from nanovllm_onnx.server.async_engine import AsyncEngine, ChatPrompt, RequestStream
+from nanovllm_onnx.server.metrics import EngineStats, ServerMetrics
+from nanovllm_onnx.server.protocol import APIError, Prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineRequest:
+    """One OpenAI request's prompts, as the replicas (and the router) get them."""
+
+    request_id: str
+    prompts: Sequence[Prompt | ChatPrompt]
+    params: SamplingParams
+    prompt_param: str
+
+
+@dataclass
+class ReplicaError:
+    """An APIError the replica answered (refused prompt, overload), to raise in the ingress."""
+
+    status: int
+    message: str
+    fields: dict[str, Any]
+
+
+@dataclass
+class ReplicaReport:
+    """A replica's engine state after a request, the last item of every stream."""
+
+    replica: str
+    stats: EngineStats
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                  health_check_period_s=2, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
+class EngineReplica:
+    def __init__(self, engine_args: dict[str, Any], max_waiting: int) -> None:
+        self.engine = AsyncEngine(LLMEngine(EngineConfig(**engine_args)), max_waiting,
+                                  ServerMetrics())
+        self.engine.start()
+        self.name = serve.get_replica_context().replica_id.unique_id
+
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Any]:
+        """The prompt token count, then the latest outputs after each step, then a
+        ReplicaReport; or a ReplicaError. Cancelled (the client left, or the ingress died),
+        the stream's close() aborts the engine requests and frees their KV blocks."""
+        try:
+            stream = await self.engine.submit(request.request_id, request.prompts,
+                                              request.params, request.prompt_param)
+        except APIError as e:
+            yield _replica_error(e)
+            return
+        try:
+            yield stream.prompt_tokens
+            async for outputs in stream.updates():
+                yield list(outputs)
+        except APIError as e:
+            yield _replica_error(e)
+        finally:
+            stream.close()
+        yield self.stats()
+
+    def stats(self) -> ReplicaReport:
+        return ReplicaReport(self.name, self.engine.stats)
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError("the engine thread died")
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        stats = self.engine.stats
+        return {"queue_len": stats.running + stats.waiting,
+                "kv_cache_usage": stats.kv_cache_usage}
+
+    def __del__(self) -> None:
+        self.engine.stop()
+
+
+def _replica_error(e: APIError) -> ReplicaError:
+    return ReplicaError(e.status, e.message, {"type": e.type, "param": e.param, "code": e.code,
+                                              "headers": e.headers})
+
+
+class RemoteEngine:
+    """What the HTTP routes need of AsyncEngine (submit, abort, stats, metrics), over the
+    handle to the engine replicas. A replica that dies mid-request ends its requests with a
+    503 (an error event when streaming), never a hang."""
+
+    def __init__(self, replicas: DeploymentHandle, max_model_len: int) -> None:
+        self.replicas = replicas.options(stream=True)
+        self.max_model_len = max_model_len
+        self.metrics = ServerMetrics()
+        self.reports: dict[str, EngineStats] = {}  # each replica's latest, for /metrics
+        self._responses: dict[str, DeploymentResponseGenerator] = {}
+        self._pumps: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        pass  # the replicas run their engines
+
+    def stop(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return True  # Ray restarts dead replicas; a request in the meantime gets a 503
+
+    @property
+    def stats(self) -> EngineStats:
+        """The replicas' engine stats added up (KV cache usage: their mean)."""
+        reports = list(self.reports.values())
+        total = {f.name: sum(getattr(r, f.name) for r in reports)
+                 for f in dataclasses.fields(EngineStats)}
+        total["kv_cache_usage"] /= max(len(reports), 1)
+        return EngineStats(**total)
+
+    async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],
+                     params: SamplingParams, prompt_param: str) -> RequestStream:
+        stream = RequestStream(self, request_id, len(prompts))
+        responses = self.replicas.generate.remote(
+            EngineRequest(request_id, prompts, params, prompt_param))
+        self._responses[request_id] = responses
+        pump = asyncio.create_task(self._pump(stream, responses))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+        try:
+            await stream.wait_admitted()
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def abort(self, engine_ids: list[str]) -> None:
+        request_id = engine_ids[0].rpartition("-")[0]  # RequestStream's "<request id>-<i>"
+        if (responses := self._responses.pop(request_id, None)) is not None:
+            responses.cancel()  # the replica's generator is cancelled: it aborts and frees
+
+    async def _pump(self, stream: RequestStream, responses: DeploymentResponseGenerator
+                    ) -> None:
+        try:
+            async for item in responses:
+                if isinstance(item, ReplicaReport):
+                    self.reports[item.replica] = item.stats
+                elif isinstance(item, ReplicaError):
+                    stream.deliver(APIError(item.status, item.message, **item.fields))
+                elif isinstance(item, int):
+                    stream.deliver(item)
+                else:
+                    for index, output in enumerate(item):
+                        if isinstance(output, RequestOutput):
+                            stream.deliver((index, output))
+        except Exception as e:  # the replica died, or the request was cancelled
+            logger.warning("request %s: its replica failed: %s", stream.request_id, e)
+            stream.deliver(APIError(503, "the replica running this request failed; retry",
+                                    type="server_error", code="replica_failed",
+                                    headers={"Retry-After": "1"}))
+        finally:
+            self._responses.pop(stream.request_id, None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress()
+class OpenAIIngress:
+    async def __init__(self, replicas: DeploymentHandle, served_model_name: str,
+                       api_key: str | None, max_request_bytes: int) -> None:
+        max_model_len = await replicas.max_model_len.remote()
+        self.engine = RemoteEngine(replicas, max_model_len)
+        self.app_args = (served_model_name, api_key, max_request_bytes)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_fastapi_app(self.engine, *self.app_args)
+
+
+def build_app(model: str | None = None, engine_args: dict[str, Any] | None = None, *,
+              num_replicas: int | None = None,
+              autoscaling_config: dict[str, Any] | None = None,
+              served_model_name: str | None = None, api_key: str | None = None,
+              max_waiting: int = DEFAULT_MAX_WAITING,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              max_imbalance: int = 4) -> serve.Application:
+    """The OpenAI app over engine replicas, for `serve.run(app)`. `engine_args`: EngineConfig's
+    fields (checked here); each replica reserves intra_op_num_threads CPUs of the cluster.
+    `num_replicas` or `autoscaling_config` (Ray Serve's), not both; default one replica.
+    `max_imbalance`: how many more queued requests than the least loaded replica the replica
+    holding a prompt's prefix may have and still get it."""
+    if num_replicas is not None and autoscaling_config is not None:
+        raise ValueError("give num_replicas or autoscaling_config, not both")
+    if num_replicas is not None and num_replicas < 1:
+        raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
+    engine_args = {**(engine_args or {}), "model": model}
+    cfg = EngineConfig(**engine_args)  # a bad argument fails here, not in every replica
+    name = served_model_name or (model.rstrip("/").rsplit("/", 1)[-1] if model
+                                 else DEFAULT_MODEL_NAME)
+    replicas = EngineReplica.options(
+        num_replicas=num_replicas or (None if autoscaling_config else 1),
+        autoscaling_config=autoscaling_config,
+        ray_actor_options={"num_cpus": max(cfg.intra_op_num_threads, 1)},
+        request_router_config={
+            "request_router_class": "nanovllm_onnx.ray.router:PrefixAffinityRouter",
+            "request_router_kwargs": {"max_imbalance": max_imbalance},
+            "request_routing_stats_period_s": 1,
+        },
+    ).bind(engine_args, max_waiting)
+    return OpenAIIngress.bind(replicas, name, api_key, max_request_bytes)
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """For `serve run nanovllm_onnx.ray:app_builder model=... num_replicas=2
+    intra_op_num_threads=1 ...`: build_app's keyword arguments and EngineConfig's fields as
+    key=value (values read as JSON where they parse: numbers, true/false, null)."""
+    values = {key: _json_or_text(value) for key, value in args.items()}
+    own = {k: values.pop(k) for k in inspect.signature(build_app).parameters
+           if k in values and k != "engine_args"}
+    return build_app(own.pop("model", None), values, **own)
+
+
+def _json_or_text(value: Any) -> Any:
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        return value

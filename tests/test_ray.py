@@ -1,0 +1,166 @@
+"""The engine on a local Ray cluster (2 CPUs): Ray Serve replicas behind the OpenAI routes,
+prefix-affinity routing, a replica killed under load, and Ray Data batch inference."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+if os.environ.get("CI") == "true":
+    assert ray  # CI installs the test extra, which includes ray: never skip there
+from ray import serve  # noqa: E402
+
+from nanovllm_onnx import LLM, SamplingParams  # noqa: E402
+from nanovllm_onnx.default_model import default_model_path  # noqa: E402
+from nanovllm_onnx.ray import build_app, generate_dataset  # noqa: E402
+from nanovllm_onnx.ray.deployment import EngineRequest, ReplicaReport  # noqa: E402
+
+ENGINE_ARGS = {"intra_op_num_threads": 1, "kv_cache_memory_gib": 0.1, "max_model_len": 1024,
+               "max_num_seqs": 8}
+APP = "llm"
+
+
+@pytest.fixture(scope="module")
+def reference() -> LLM:
+    """The engine in this process (converting the model once, not in both replicas at once)."""
+    try:
+        default_model_path()
+    except RuntimeError as e:
+        pytest.skip(f"default model unavailable: {e}")
+    return LLM(**ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def cluster(reference: LLM) -> Iterator[str]:
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, object_store_memory=100 << 20, include_dashboard=False,
+             log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(None, ENGINE_ARGS, num_replicas=2), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}/v1"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def client(base_url: str):  # noqa: ANN201
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_replicas_answer_openai_clients_streaming_and_not(cluster: str, reference: LLM) -> None:
+    api = client(cluster)
+    texts = [api.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                         temperature=0, max_tokens=24).choices[0].message.content
+             for _ in range(3)]
+    assert "Paris" in texts[0] and texts == [texts[0]] * 3
+    chunks = api.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                         temperature=0, max_tokens=24, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == texts[0]
+    completion = api.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3,",
+                                        max_tokens=6, temperature=0)
+    expected = reference.generate("1, 2, 3,", SamplingParams(temperature=0, max_tokens=6),
+                                  use_tqdm=False)[0].outputs[0].text
+    assert completion.choices[0].text == expected
+
+
+def replica_stats() -> dict[str, ReplicaReport]:
+    """Each live replica's stats (calls go to the least loaded replica: ask until both)."""
+    handle = serve.get_deployment_handle("EngineReplica", app_name=APP)
+    reports: dict[str, ReplicaReport] = {}
+    for _ in range(40):
+        report = handle.stats.remote().result()
+        reports[report.replica] = report
+        if len(reports) == 2:
+            break
+    return reports
+
+
+def test_shared_prefix_requests_land_on_one_replica(cluster: str) -> None:
+    handle = serve.get_deployment_handle("EngineReplica", app_name=APP).options(stream=True)
+    system = "You are a terse assistant who answers in one word. " * 12  # ~150 tokens
+    before = replica_stats()
+    served = []
+    for i in range(6):
+        request = EngineRequest(f"prefix-{i}", [f"{system}Question {i}: name a color."],
+                                SamplingParams(temperature=0, max_tokens=2), "prompt")
+        items = list(handle.generate.remote(request))
+        assert isinstance(items[-1], ReplicaReport)
+        served.append(items[-1].replica)
+    assert len(set(served)) == 1  # all on the replica that cached the prefix first
+    after = replica_stats()
+    hits = after[served[0]].stats.prefix_cache_hits - before[served[0]].stats.prefix_cache_hits
+    assert hits >= 5 * 8  # the 5 later requests each reused the prefix's blocks (>8 each)
+
+
+def test_a_killed_replica_fails_its_requests_and_is_replaced(cluster: str) -> None:
+    api = client(cluster)
+    results: list[str] = []
+
+    def ask(i: int) -> None:
+        try:
+            stream = api.completions.create(model="SmolLM2-135M-Instruct",
+                                            prompt=f"Count from {i}:", max_tokens=120,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+            text = "".join(c.choices[0].text for c in stream if c.choices)
+            results.append("done" if len(text) > 0 else "empty")
+        except Exception as e:  # the error event or a broken stream
+            results.append(f"error: {type(e).__name__}")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)  # all four are generating by now
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if "EngineReplica" in a["name"])
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert len(results) == 4 and any(r.startswith("error") for r in results)
+
+    deadline = time.time() + 120  # Ray starts a new replica
+    while time.time() < deadline:
+        status = serve.status().applications[APP].deployments["EngineReplica"]
+        if status.replica_states.get("RUNNING", 0) == 2:
+            break
+        time.sleep(1)
+    assert status.replica_states.get("RUNNING", 0) == 2
+    for report in replica_stats().values():  # the aborted requests' KV blocks are free
+        assert report.stats.running == 0 and report.stats.kv_cache_usage == 0
+    answer = api.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                         temperature=0, max_tokens=24)
+    assert "Paris" in answer.choices[0].message.content
+
+
+def test_ray_data_matches_llm_generate(cluster: str, reference: LLM) -> None:
+    prompts = ["The capital of France is", "1, 2, 3,", "Water boils at", "Hello, my name is"]
+    rows = [{"prompt": p, "sampling_params": {"temperature": 0, "max_tokens": 4 + i}}
+            for i, p in enumerate(prompts)]
+    serve.delete(APP)  # its replicas hold the cluster's CPUs
+    out = generate_dataset(ray.data.from_items(rows), None, ENGINE_ARGS, concurrency=1,
+                           batch_size=2).take_all()
+    expected = reference.generate(
+        prompts, [SamplingParams(temperature=0, max_tokens=4 + i) for i in range(4)],
+        use_tqdm=False)
+    by_prompt = {row["prompt"]: row for row in out}
+    for prompt, ref in zip(prompts, expected):
+        row = by_prompt[prompt]
+        assert list(row["generated_token_ids"]) == ref.outputs[0].token_ids
+        assert row["generated_text"] == ref.outputs[0].text
+        assert row["finish_reason"] == "length" and row["error"] == ""
+        assert row["num_generated_tokens"] == len(ref.outputs[0].token_ids)
+        assert row["num_prompt_tokens"] == len(ref.prompt_token_ids)
