@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx import LLM, SamplingParams, kernels
 from nanovllm_onnx.convert.converter import convert
 from nanovllm_onnx.convert.source import ModelLoadError
 from nanovllm_onnx.kernels import KernelBuildError
@@ -24,11 +24,23 @@ def test_missing_model_path(tmp_path: Path) -> None:
         LLM(str(tmp_path / "nope"))
 
 
-def test_missing_compiler_for_the_attention_kernel(converted: dict[str, Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NANO_VLLM_ONNX_CACHE", str(tmp_path))  # nothing built there yet
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(KernelBuildError, match="found no 'no-such-compiler': install g\\+\\+"):
+def test_kernels_not_built_or_older_than_their_sources(converted: dict[str, Path],
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The package refuses to run without its built ops, or with ops built from other sources
+    (an editable install whose ops.cc changed), naming how to rebuild."""
+    monkeypatch.setattr(kernels, "LIBRARY", tmp_path / "ops.so")
+    with pytest.raises(KernelBuildError, match="were not built.*pip install -e"):
+        LLM(str(converted["llama"]))
+    built = Path(kernels.__file__).parent
+    for library in built.glob("ops*.so"):
+        shutil.copy(library, tmp_path)
+    for source in kernels.SOURCES:
+        shutil.copy(built / source, tmp_path)
+    kernels.custom_ops_library()  # the copy is as built
+    with (tmp_path / "ops.cc").open("a") as f:
+        f.write("// changed\n")
+    with pytest.raises(KernelBuildError, match="built from other sources"):
         LLM(str(converted["llama"]))
 
 

@@ -212,12 +212,13 @@ def build_app(model: str | None = None, engine_args: dict[str, Any] | None = Non
               served_model_name: str | None = None, api_key: str | None = None,
               max_waiting: int = DEFAULT_MAX_WAITING,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              max_imbalance: int = 4) -> serve.Application:
+              prefix_affinity: bool = True, max_imbalance: int = 4) -> serve.Application:
     """The OpenAI app over engine replicas, for `serve.run(app)`. `engine_args`: EngineConfig's
     fields (checked here); each replica reserves intra_op_num_threads CPUs of the cluster.
     `num_replicas` or `autoscaling_config` (Ray Serve's), not both; default one replica.
-    `max_imbalance`: how many more queued requests than the least loaded replica the replica
-    holding a prompt's prefix may have and still get it."""
+    `prefix_affinity`: route by prompt prefix (PrefixAffinityRouter), else Ray Serve's default
+    (power of two choices by queue length). `max_imbalance`: how many more queued requests than
+    the least loaded replica the replica holding a prompt's prefix may have and still get it."""
     if num_replicas is not None and autoscaling_config is not None:
         raise ValueError("give num_replicas or autoscaling_config, not both")
     if num_replicas is not None and num_replicas < 1:
@@ -226,15 +227,14 @@ def build_app(model: str | None = None, engine_args: dict[str, Any] | None = Non
     cfg = EngineConfig(**engine_args)  # a bad argument fails here, not in every replica
     name = served_model_name or (model.rstrip("/").rsplit("/", 1)[-1] if model
                                  else DEFAULT_MODEL_NAME)
+    router = {"request_router_class": "nanovllm_onnx.ray.router:PrefixAffinityRouter",
+              "request_router_kwargs": {"max_imbalance": max_imbalance}} \
+        if prefix_affinity else {}
     replicas = EngineReplica.options(
         num_replicas=num_replicas or (None if autoscaling_config else 1),
         autoscaling_config=autoscaling_config,
         ray_actor_options={"num_cpus": max(cfg.intra_op_num_threads, 1)},
-        request_router_config={
-            "request_router_class": "nanovllm_onnx.ray.router:PrefixAffinityRouter",
-            "request_router_kwargs": {"max_imbalance": max_imbalance},
-            "request_routing_stats_period_s": 1,
-        },
+        request_router_config={**router, "request_routing_stats_period_s": 1},
     ).bind(engine_args, max_waiting)
     return OpenAIIngress.bind(replicas, name, api_key, max_request_bytes)
 
