@@ -105,6 +105,21 @@ def test_shared_prefix_requests_land_on_one_replica(cluster: str) -> None:
     assert hits >= 5 * 8  # the 5 later requests each reused the prefix's blocks (>8 each)
 
 
+def test_a_client_that_leaves_frees_its_kv_on_the_replica(cluster: str) -> None:
+    """The ingress cancels the replica's stream; the replica aborts the request."""
+    stream = client(cluster).completions.create(
+        model="SmolLM2-135M-Instruct", prompt="Count to a thousand:", max_tokens=900,
+        temperature=0, stream=True, extra_body={"ignore_eos": True})
+    for _, _chunk in zip(range(3), stream):
+        pass
+    assert any(r.stats.running == 1 for r in replica_stats().values())
+    stream.close()
+    deadline = time.time() + 30
+    while any(r.stats.running or r.stats.kv_cache_usage for r in replica_stats().values()):
+        assert time.time() < deadline, "the request still runs after its client left"
+        time.sleep(0.2)
+
+
 def test_a_killed_replica_fails_its_requests_and_is_replaced(cluster: str) -> None:
     api = client(cluster)
     results: list[str] = []
@@ -164,3 +179,42 @@ def test_ray_data_matches_llm_generate(cluster: str, reference: LLM) -> None:
         assert row["finish_reason"] == "length" and row["error"] == ""
         assert row["num_generated_tokens"] == len(ref.outputs[0].token_ids)
         assert row["num_prompt_tokens"] == len(ref.prompt_token_ids)
+
+
+def test_router_prefers_the_prefix_holder_unless_it_is_overloaded() -> None:
+    """PrefixAffinityRouter alone, on three stand-in replicas: the replica that took a prefix
+    gets the next prompt sharing it (even when another queue is shorter by max_imbalance);
+    a prompt with no known prefix, or a holder more loaded than that, goes by queue length."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
+
+    from nanovllm_onnx.ray.router import PrefixAffinityRouter
+
+    deployment = DeploymentID(name="EngineReplica", app_name="test")
+    router = PrefixAffinityRouter(deployment, DeploymentHandleSource.UNKNOWN,
+                                  use_replica_queue_len_cache=True)
+    router.initialize_state(max_imbalance=2)
+    replicas = [SimpleNamespace(replica_id=ReplicaID(f"r{i}", deployment), routing_stats={})
+                for i in range(3)]
+    ids = [r.replica_id for r in replicas]
+
+    def route(prompt: list[int], queues: list[int]) -> ReplicaID:
+        for replica_id, queue in zip(ids, queues):
+            router.replica_queue_len_cache.update(replica_id, queue)
+        request = SimpleNamespace(args=[EngineRequest("r", [prompt], SamplingParams(), "prompt")])
+        ranks = asyncio.run(router.choose_replicas(replicas, request))
+        chosen = ranks[0][0].replica_id
+        router.on_request_routed(request, chosen, None)
+        return chosen
+
+    system = list(range(100, 164))  # 4 chunks of 16 tokens
+    assert route(system + [1, 2], [3, 0, 5]) == ids[1]  # unknown: the shortest queue
+    assert route(system + [7, 8, 9], [0, 2, 0]) == ids[1]  # holds the prefix, 2 more queued
+    assert route(list(range(500, 540)), [0, 5, 1]) == ids[0]  # another prefix: by queue
+    assert route(system + [3], [0, 3, 0]) in (ids[0], ids[2])  # holder overloaded: fallback
+    holder = route(system + [4], [0, 0, 0])  # the prompt's prefix moved with it
+    assert holder != ids[1]
+    router.on_replica_actor_died(holder)
+    assert route(system + [5], [4, 0, 4]) == ids[1]  # its replica died: by queue again
