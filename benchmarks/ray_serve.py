@@ -95,10 +95,11 @@ def prefix_workload() -> tuple[list[list[int]], list[int]]:
     return prompts, [16] * 48
 
 
-def measure(url: str, label: str) -> None:
+def measure(url: str, label: str, num_prompts: int) -> None:
     b = workload_b()
     asyncio.run(load(url, b.prompts[:2], [4, 4], 2))  # warm-up
-    result = asyncio.run(load(url, b.prompts, b.max_tokens, len(b.prompts)))
+    result = asyncio.run(load(url, b.prompts[:num_prompts], b.max_tokens[:num_prompts],
+                              num_prompts))
     result["tiny_ms"] = tiny_latency(url)
     print(f"{label:28s} B: {result['tok/s']:6.1f} tok/s  TTFT p50 {result['ttft_p50_ms']:6.0f}"
           f" ms  |  1-token request {result['tiny_ms']:6.1f} ms", flush=True)
@@ -133,6 +134,8 @@ def ray_app(port: int, replicas: int, threads: int, affinity: bool = True) -> It
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=32,
+                        help="B's first N prompts (all 32: workload B)")
     args = parser.parse_args()
     import ray
     from ray import serve
@@ -147,12 +150,12 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for _ in range(args.rounds):
         with started_server(None, plain_args, {}) as url:
-            measure(url, "plain server, 2 threads")
+            measure(url, "plain server, 2 threads", args.prompts)
             measure_prefix(url, "plain server, 2 threads")
         with ray_app(port, 1, 2) as url:
-            measure(url, "Ray Serve 1 replica x 2 thr")
+            measure(url, "Ray Serve 1 replica x 2 thr", args.prompts)
         with ray_app(port, 2, 1) as url:
-            measure(url, "Ray Serve 2 replicas x 1 thr")
+            measure(url, "Ray Serve 2 replicas x 1 thr", args.prompts)
             measure_prefix(url, "2x1, prefix affinity")
         with ray_app(port, 2, 1, affinity=False) as url:
             measure_prefix(url, "2x1, Ray's default router")
