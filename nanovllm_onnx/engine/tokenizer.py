@@ -27,6 +27,7 @@ class TextTokenizer:
             self._template = env.from_string(cfg.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        _check_unicode(text)
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.cfg.bos_token_id
         # tokenizer.json may or may not add BOS itself; add it once where the model wants it.
@@ -55,6 +56,17 @@ class TextTokenizer:
         # The template writes any BOS itself.
         text = self.apply_chat_template(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
+
+
+def _check_unicode(text: str) -> None:
+    """Refuse what is not Unicode text: a lone UTF-16 surrogate ("\\ud800" in JSON) has no
+    UTF-8 encoding, so no tokenizer can read it. Refused, not replaced, as OpenAI's API does:
+    a silently altered prompt would be worse than a clear error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: a lone UTF-16 surrogate at character "
+                         f"{e.start}") from None
 
 
 def _raise(message: str) -> None:
