@@ -73,12 +73,13 @@ class Server:
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Each sample by its name and labels, less vLLM's model_name and engine labels, which
-    every metric carries (checked here)."""
+    every engine metric carries (checked here); process_* are the process's."""
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = dict(sample.labels)
-            assert labels.pop("model_name") == MODEL and labels.pop("engine") == "0", sample
+            if not sample.name.startswith("process_"):
+                assert labels.pop("model_name") == MODEL and labels.pop("engine") == "0"
             keys = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
             samples[f"{sample.name}{{{keys}}}" if keys else sample.name] = sample.value
     return samples
@@ -340,6 +341,7 @@ def test_metrics_count_what_a_request_did_under_vllms_names(server: Server) -> N
     assert grew("vllm:prefix_cache_hits_total") >= 32
     assert grew("vllm:prefix_cache_queries_total") >= grew("vllm:prefix_cache_hits_total")
     assert grew("nanovllm_engine_steps_total") >= 7
+    assert after["process_resident_memory_bytes"] > 50 * 2**20
     assert after["nanovllm_prefix_cache_blocks"] >= 2
 
 
@@ -519,13 +521,13 @@ def test_full_queue_gets_503_with_retry_after(limited: Server) -> None:
 
 # ---- fuzzing -------------------------------------------------------------------------------
 
-FUZZ_EXAMPLES = 30  # per operation and mode
+FUZZ_EXAMPLES = 60  # per operation and mode
 
 
-def test_fuzzed_requests_never_get_a_5xx(limited: Server) -> None:
-    """Schemathesis cases (schema-valid and schema-violating) for every operation. The
-    limited server keeps each generation short: its context is 128 tokens."""
-    schema = schemathesis.openapi.from_url(f"{limited.url}/openapi.json")
+def fuzz(server: Server, check: Callable[[Any], None]) -> None:
+    """`check` each of FUZZ_EXAMPLES schemathesis cases, schema-valid and schema-violating,
+    for every operation the server's OpenAPI schema lists."""
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {COMPLETIONS, CHAT, "/v1/models", "/metrics"}
     for operation in operations:
@@ -536,11 +538,26 @@ def test_fuzzed_requests_never_get_a_5xx(limited: Server) -> None:
             @given(case=operation.as_strategy(mode))
             @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
                       database=None, suppress_health_check=list(HealthCheck))
-            def check(case: Any) -> None:
-                case.call_and_validate(base_url=limited.url, headers=AUTH,
-                                       checks=[not_a_server_error], timeout=60)
+            def run(case: Any) -> None:
+                check(case)
 
-            check()
+            run()
+
+
+def test_fuzzed_requests_never_get_a_5xx(limited: Server) -> None:
+    """With the API key. The limited server keeps each generation short: its context is 128
+    tokens."""
+    fuzz(limited, lambda case: case.call_and_validate(
+        base_url=limited.url, headers=AUTH, checks=[not_a_server_error], timeout=60))
+
+
+def test_fuzzed_requests_without_the_api_key_get_401_on_v1(limited: Server) -> None:
+    def check(case: Any) -> None:
+        response = case.call(base_url=limited.url, timeout=60)
+        assert response.status_code == 401 if case.path.startswith("/v1") \
+            else response.status_code < 500, (case.path, response.status_code)
+
+    fuzz(limited, check)
 
 
 # ---- a failing engine step ------------------------------------------------------------------
