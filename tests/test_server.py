@@ -628,6 +628,7 @@ def test_a_dead_engine_thread_fails_every_request_at_once_and_refuses_new_ones(
         assert error.value.status == 503
 
     asyncio.run(main())
+    async_engine.stop()  # joins the thread: it calls on_death after failing the requests
     assert deaths == [True] and not async_engine.is_alive()
 
 
