@@ -6,8 +6,14 @@ requests. After a warm-up it measures for --duration seconds and reports p50/p99
 latency, output tokens/s, outcomes by status, and the server's RSS over time (from /metrics:
 process_resident_memory_bytes).
 
-The bar (exit status 1 if missed): RSS grows less than 5% over the measured time, no 5xx, and
-no request lost: every one ends with a result, the 4xx it asked for, or a 503 to retry.
+The KV cache's pages are committed as they are first written, so the warm-up also fills
+the cache once (distinct prompts, one token each, until the prefix cache and the running
+sequences hold 95% of the KV blocks): after that, memory that still grows is a leak, not the
+cache reaching its budget.
+
+The bar (exit status 1 if missed): RSS grows less than 5% over the measured time (the median
+of the last minute's samples against the first minute's), no 5xx, and no request lost: every
+one ends with a result, the 4xx it asked for, or a 503 to retry.
 
     python benchmarks/soak.py                        # starts the default model, 10 minutes
     python benchmarks/soak.py --duration 60 --warmup 20 --concurrency 8
@@ -29,11 +35,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from serve_load import _given, started_server
 
 TEXT = (Path(__file__).parent / "data" / "apache-2.0.txt").read_text()
 RSS_GROWTH_BAR = 0.05
-RSS_EVERY_S = 10.0
+RSS_EVERY_S = 5.0
+RSS_WINDOW = 12  # samples: a minute
 # Bodies the server must refuse with a 400, whatever else is going on.
 BAD = [
     ("/v1/completions", b'{"prompt": "hi", "temperature": -1}'),
@@ -64,14 +72,14 @@ class Stats:
 def prompt_text(rng: random.Random) -> str:
     """A slice of the license: a few shared starts (prefix cache hits) and random ones."""
     start = rng.choice([0, 0, 1000, rng.randrange(len(TEXT) - 3000)])
-    return TEXT[start:start + rng.randrange(20, 2000)]
+    return TEXT[start:start + rng.randrange(20, 1200)]
 
 
 def request(rng: random.Random) -> tuple[str, str, dict, bool]:
     """(kind, path, body, hang up after a few chunks) of a random valid request."""
     chat = rng.random() < 0.5
     stream = rng.random() < 0.6
-    body: dict = {"max_tokens": rng.randrange(8, 128), "temperature": rng.choice([0, 0.7, 1.0]),
+    body: dict = {"max_tokens": rng.randrange(8, 96), "temperature": rng.choice([0, 0.7, 1.0]),
                   "stream": stream}
     if rng.random() < 0.3:
         body["n"] = rng.randrange(2, 4)
@@ -154,8 +162,8 @@ def _status(response: httpx.Response) -> str:
 
 
 async def client(http: httpx.AsyncClient, rng: random.Random, stats: Stats,
-                 deadline: float) -> None:
-    while time.perf_counter() < deadline:
+                 stop: asyncio.Event) -> None:
+    while not stop.is_set():
         start = time.perf_counter()
         try:
             if rng.random() < 0.08:
@@ -175,37 +183,69 @@ async def client(http: httpx.AsyncClient, rng: random.Random, stats: Stats,
             stats.record("exception lost", repr(e))
 
 
-async def rss(http: httpx.AsyncClient) -> float:
-    text = (await http.get("/metrics")).text
-    line = next(line for line in text.splitlines()
-                if line.startswith("process_resident_memory_bytes "))
-    return float(line.split()[1])
+async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
+    """Each sample's value by name (this server has one model: labels are left out), and the
+    KV cache's number of blocks."""
+    values = {}
+    for family in text_string_to_metric_families((await http.get("/metrics")).text):
+        for sample in family.samples:
+            values[sample.name] = sample.value
+            if sample.name == "vllm:cache_config_info":
+                values["num_blocks"] = float(sample.labels["num_gpu_blocks"])
+    return values
+
+
+def cache_filled(m: dict[str, float]) -> float:
+    """The fraction of KV blocks that hold something (prefix cache or running sequences)."""
+    return m["nanovllm_prefix_cache_blocks"] / m["num_blocks"] + m["vllm:kv_cache_usage_perc"]
+
+
+async def fill_cache(http: httpx.AsyncClient, rng: random.Random, deadline: float) -> None:
+    """Distinct prompts (a random number first: every block is new), one token each, until
+    95% of the KV blocks have been written once."""
+    while time.perf_counter() < deadline and cache_filled(await metrics(http)) < 0.95:
+        start = rng.randrange(len(TEXT) - 2000)
+        await http.post("/v1/completions", json={
+            "prompt": f"{rng.random()} {TEXT[start:start + 2000]}", "max_tokens": 1})
 
 
 async def soak(url: str, headers: dict[str, str], concurrency: int, warmup: float,
-               duration: float, seed: int) -> tuple[Stats, list[tuple[float, float]], dict]:
+               max_warmup: float, duration: float, seed: int
+               ) -> tuple[Stats, list[tuple[float, float]], dict, float]:
     stats = Stats()
     samples: list[tuple[float, float]] = []
-    limits = httpx.Limits(max_connections=concurrency + 2)
+    limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
                                  limits=limits) as http:
         begin = time.perf_counter()
-        end = begin + warmup + duration
-        tasks = [asyncio.create_task(client(http, random.Random(seed + i), stats, end))
+        fill_deadline = begin + max_warmup
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(client(http, random.Random(seed + i), stats, stop))
                  for i in range(concurrency)]
-        await asyncio.sleep(warmup)
+        await asyncio.gather(*(fill_cache(http, random.Random(seed - i - 1), fill_deadline)
+                               for i in range(2)))
+        await asyncio.sleep(max(0.0, begin + warmup - time.perf_counter()))
+        warmed_up = time.perf_counter() - begin
+        print(f"  warm-up {warmed_up:.0f} s: KV cache {cache_filled(await metrics(http)):.0%} "
+              "filled", file=sys.stderr, flush=True)
         stats.measuring = True
         measured_from = time.perf_counter()
+        end = measured_from + duration
         while time.perf_counter() < end:
-            samples.append((time.perf_counter() - measured_from, await rss(http)))
+            m = await metrics(http)
+            samples.append((time.perf_counter() - measured_from,
+                            m["process_resident_memory_bytes"]))
             print(f"  {samples[-1][0]:6.0f} s  RSS {samples[-1][1] / 2**20:7.1f} MiB  "
-                  f"{sum(stats.outcomes.values())} requests", file=sys.stderr, flush=True)
+                  f"{sum(stats.outcomes.values())} requests  KV {cache_filled(m):.0%}",
+                  file=sys.stderr, flush=True)
             await asyncio.sleep(min(RSS_EVERY_S, max(0.0, end - time.perf_counter())))
-        await asyncio.gather(*tasks)
+        stop.set()
+        await asyncio.gather(*tasks)  # requests under way finish, and count
         stats.measuring = False
-        samples.append((time.perf_counter() - measured_from, await rss(http)))
         idle = await wait_idle(http)
-    return stats, samples, idle
+        samples.append((time.perf_counter() - measured_from,
+                        (await metrics(http))["process_resident_memory_bytes"]))
+    return stats, samples, idle, warmed_up
 
 
 async def wait_idle(http: httpx.AsyncClient, timeout: float = 60.0) -> dict[str, float]:
@@ -214,9 +254,8 @@ async def wait_idle(http: httpx.AsyncClient, timeout: float = 60.0) -> dict[str,
              "vllm:kv_cache_usage_perc")
     deadline = time.perf_counter() + timeout
     while True:
-        text = (await http.get("/metrics")).text
-        gauges = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
-                  if line.startswith(names)}
+        m = await metrics(http)
+        gauges = {name: m[name] for name in names}
         if not any(gauges.values()) or time.perf_counter() > deadline:
             return gauges
         await asyncio.sleep(0.5)
@@ -238,7 +277,10 @@ def main() -> None:
                         help="more arguments for the started server")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--warmup", type=float, default=60.0, help="seconds before measuring")
+    parser.add_argument("--warmup", type=float, default=60.0,
+                        help="seconds before measuring, at least (the KV cache fills first)")
+    parser.add_argument("--max-warmup", type=float, default=600.0,
+                        help="seconds to fill the KV cache at most")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds measured")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -246,14 +288,14 @@ def main() -> None:
 
     with (started_server(args.model, shlex.split(args.server_args), headers) if args.url is None
           else _given(args.url)) as url:
-        stats, samples, idle = asyncio.run(soak(url, headers, args.concurrency, args.warmup,
-                                                args.duration, args.seed))
+        stats, samples, idle, warmed_up = asyncio.run(soak(
+            url, headers, args.concurrency, args.warmup, args.max_warmup, args.duration,
+            args.seed))
     elapsed = samples[-1][0]
-    start_rss = np.mean([rss for _, rss in samples[:3]])
-    end_rss = np.mean([rss for _, rss in samples[-3:]])
-    growth = end_rss / start_rss - 1
+    rss = [value for _, value in samples[:-1]]  # the last: after the load
+    growth = np.median(rss[-RSS_WINDOW:]) / np.median(rss[:RSS_WINDOW]) - 1
     total = sum(stats.outcomes.values())
-    print(f"soak: {args.concurrency} clients, {args.warmup:.0f} s warm-up, {elapsed:.0f} s "
+    print(f"soak: {args.concurrency} clients, {warmed_up:.0f} s warm-up, {elapsed:.0f} s "
           f"measured, {total} requests")
     print(f"  TTFT     {_ms(stats.ttft)}")
     print(f"  latency  {_ms(stats.latency)}")
@@ -261,9 +303,11 @@ def main() -> None:
           f"({stats.output_tokens} tokens, completed requests only)")
     for outcome, count in sorted(stats.outcomes.items()):
         print(f"  {outcome:<28} {count}")
-    print("  RSS MiB  " + " ".join(f"{rss / 2**20:.0f}" for _, rss in samples))
-    print(f"  RSS growth {growth:+.2%} (mean of the first 3 samples to the last 3); max "
-          f"{max(rss for _, rss in samples) / 2**20:.0f} MiB")
+    print("  RSS MiB every minute: " + " ".join(f"{value / 2**20:.0f}"
+                                                for value in rss[::RSS_WINDOW]))
+    print(f"  RSS growth {growth:+.2%} (median of the last minute against the first); "
+          f"min {min(rss) / 2**20:.0f} MiB, max {max(rss) / 2**20:.0f} MiB, after the load "
+          f"{samples[-1][1] / 2**20:.0f} MiB")
     print(f"  after: {idle}")
     bars = {
         f"RSS grows less than {RSS_GROWTH_BAR:.0%}": growth < RSS_GROWTH_BAR,

@@ -78,7 +78,9 @@ def parse_metrics(text: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = dict(sample.labels)
-            if not sample.name.startswith("process_"):
+            if sample.name == "vllm:cache_config_info":
+                samples["num_blocks"] = float(labels["num_gpu_blocks"])
+            elif not sample.name.startswith("process_"):
                 assert labels.pop("model_name") == MODEL and labels.pop("engine") == "0"
             keys = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
             samples[f"{sample.name}{{{keys}}}" if keys else sample.name] = sample.value
@@ -342,6 +344,7 @@ def test_metrics_count_what_a_request_did_under_vllms_names(server: Server) -> N
     assert grew("vllm:prefix_cache_queries_total") >= grew("vllm:prefix_cache_hits_total")
     assert grew("nanovllm_engine_steps_total") >= 7
     assert after["process_resident_memory_bytes"] > 50 * 2**20
+    assert after["num_blocks"] > after["nanovllm_prefix_cache_blocks"]
     assert after["nanovllm_prefix_cache_blocks"] >= 2
 
 

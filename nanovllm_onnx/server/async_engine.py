@@ -82,6 +82,11 @@ class AsyncEngine:
         self._progress: dict[str, list[tuple[int, float]]] = {}
         self._counted = (0, 0, 0, 0)  # engine counters already added to the metrics
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        bm = engine.block_manager
+        metrics.cache_config.info({  # vLLM's labels (the blocks are in CPU memory here)
+            "block_size": str(bm.block_size), "num_gpu_blocks": str(bm.num_blocks),
+            "cache_dtype": str(engine.kv_cache.dtype),
+            "enable_prefix_caching": str(engine.config.enable_prefix_caching)})
 
     def start(self) -> None:
         self._thread.start()

@@ -15,6 +15,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     ProcessCollector,
     generate_latest,
 )
@@ -81,6 +82,8 @@ class ServerMetrics:
         self.steps = self.counter("nanovllm_engine_steps", "Engine steps (batched model calls).")
         self.prefix_cache_blocks = self.gauge("nanovllm_prefix_cache_blocks",
                                               "KV blocks held by the prefix cache.")
+        self.cache_config = Info("vllm:cache_config", "The KV cache's configuration.",
+                                 registry=self.registry)  # set once, by the engine
 
     def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
         """A counter; `labels` beyond vLLM's two are given at .labels(...) by the caller."""
