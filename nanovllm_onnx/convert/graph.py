@@ -160,9 +160,16 @@ def pack_blocks(blocks: QuantBlocks, bits: int) -> np.ndarray:
 
 
 def rotary_cache(head_dim: int, max_pos: int, rope: dict) -> np.ndarray:
-    """cos and sin tables [max_pos, head_dim/2] for rotate-half rotary embeddings, from
-    `rope_parameters` (hf_config.rope_parameters) as transformers computes them. YaRN's
-    attention factor scales both tables, as transformers scales its cos and sin."""
+    """cos and sin tables [max_pos, head_dim/2] for rotate-half rotary embeddings. YaRN's
+    attention factor scales both, as transformers scales its cos and sin."""
+    inv_freq, attention_factor = inverse_frequencies(head_dim, max_pos, rope)
+    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
+    return (np.stack([np.cos(freqs), np.sin(freqs)]) * attention_factor).astype(np.float32)
+
+
+def inverse_frequencies(head_dim: int, max_pos: int, rope: dict) -> tuple[np.ndarray, float]:
+    """The rotary frequencies and attention factor of `rope_parameters`
+    (hf_config.rope_parameters) as transformers' ROPE_INIT_FUNCTIONS compute them."""
     inv_freq = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     attention_factor = 1.0
     kind = rope["rope_type"]
@@ -176,8 +183,7 @@ def rotary_cache(head_dim: int, max_pos: int, rope: dict) -> np.ndarray:
         raise ValueError(f"rope_type {kind!r} is not supported")
     if "freq_factors" in rope:  # a GGUF's rope_freqs: llama.cpp divides each frequency by its own
         inv_freq = inv_freq / np.asarray(rope["freq_factors"], np.float64)
-    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
-    return (np.stack([np.cos(freqs), np.sin(freqs)]) * attention_factor).astype(np.float32)
+    return inv_freq, attention_factor
 
 
 def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
