@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import transformers as tf
 from tokenizers import Tokenizer
@@ -18,8 +19,6 @@ from nanovllm_onnx.convert.gguf_source import load_gguf
 from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer, TextTokenizer
 from tests.conftest import write_tokenizer
 from tests.gguf_util import bpe_vocab, sentencepiece_vocab, write_gguf
-
-spm = pytest.importorskip("sentencepiece")
 
 SP_CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello world, hello there!",

@@ -35,7 +35,9 @@ from nanovllm_onnx.runner.optimum_runner import (
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = "16"  # bump when the emitted graph changes, to invalidate caches
+# bump when the emitted graph changes, to invalidate caches (17: checkpoints saved by
+# transformers 5 had their rope_parameters ignored)
+CONVERTER_VERSION = "17"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
 

@@ -59,7 +59,7 @@ _GPT2_SPLIT_PRES = {"default", "gpt2", "gpt-2", "smollm"}
 
 
 def load_gguf(path: Path) -> ModelSource:
-    """Read a GGUF file of a llama or qwen2 model."""
+    """Read a GGUF file of a llama, qwen2 or qwen3 model."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such GGUF file")
