@@ -385,12 +385,13 @@ def _tokenizer(meta: _Metadata) -> tuple[str, dict]:
     added = {name: bool(add) and name in named for name, add in (
         ("bos_token", add_bos), ("eos_token", meta.get("tokenizer.ggml.add_eos_token", False)))}
     # The BOS/EOS the file asks for are added by the tokenizer itself, as in an HF tokenizer.json.
-    bos = [f"{named['bos_token']}:{{}}"] if added["bos_token"] else []
-    eos = [f"{named['eos_token']}:{{}}"] if added["eos_token"] else []
-    single = " ".join(t.format(0) for t in [*bos, "$A:{}", *eos])
-    pair = " ".join([single, *(t.format(1) for t in [*bos, "$B:{}", *eos])])
+    def template(sequence: str, type_id: int) -> list[str]:
+        bos, eos = ([f"{named[name]}:{type_id}"] if added[name] else []
+                    for name in ("bos_token", "eos_token"))
+        return [*bos, f"${sequence}:{type_id}", *eos]
+
     tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair,
+        single=template("A", 0), pair=[*template("A", 0), *template("B", 1)],
         special_tokens=[(named[name], ids[name]) for name, add in added.items() if add],
     )
 
