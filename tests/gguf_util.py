@@ -88,11 +88,12 @@ def bpe_vocab(tok: Tokenizer, pre: str, bos_id: int, eos_id: int, add_bos: bool)
     return write
 
 
-def sentencepiece_vocab(model_file: Path, add_space_prefix: bool | None = True,
-                        add_bos: bool | None = True) -> VocabWriter:
+def sentencepiece_vocab(model_file: Path, add_space_prefix: bool | None = None,
+                        add_bos: bool | None = None, unk_id: bool = False) -> VocabWriter:
     """A SentencePiece model as convert_hf_to_gguf.py's _set_vocab_sentencepiece writes it:
     pieces, scores and types (llama.cpp's TokenType mirrors SentencePiece's piece types),
-    no merges. None leaves a flag out of the file, as older converters did."""
+    no merges. By default as llama.cpp's converter (0.3.36's) writes a folder holding only
+    tokenizer.model: bos and eos ids, no unk id, no add_space_prefix or add_bos_token keys."""
     import sentencepiece as spm
 
     def write(writer: gguf.GGUFWriter) -> None:
@@ -115,7 +116,8 @@ def sentencepiece_vocab(model_file: Path, add_space_prefix: bool | None = True,
         writer.add_token_types(types)
         writer.add_bos_token_id(sp.bos_id())
         writer.add_eos_token_id(sp.eos_id())
-        writer.add_unk_token_id(sp.unk_id())
+        if unk_id:
+            writer.add_unk_token_id(sp.unk_id())
         if add_space_prefix is not None:
             writer.add_add_space_prefix(add_space_prefix)
         if add_bos is not None:

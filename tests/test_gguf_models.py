@@ -86,7 +86,9 @@ def _tiny_model(arch: str, vocab_size: int, **extra: object) -> tf.PreTrainedMod
 
 @pytest.fixture(scope="module")
 def mistral_sp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, spm.SentencePieceProcessor]:
-    """A Mistral-style file: llama architecture, named Mistral, SentencePiece vocabulary."""
+    """A Mistral-style file: llama architecture, named Mistral, SentencePiece vocabulary, the
+    metadata llama.cpp's converter writes for it (no add_bos_token, add_space_prefix or unk id:
+    the defaults apply; checked against a file made by convert_hf_to_gguf.py itself)."""
     tmp = tmp_path_factory.mktemp("mistral")
     sp_model = _sentencepiece(tmp, add_dummy_prefix=True)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
@@ -115,14 +117,14 @@ def test_sentencepiece_tokenizer_matches_transformers(mistral_sp) -> None:  # no
 
 
 def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
-    """add_space_prefix = false (a model trained without SentencePiece's dummy prefix), and no
-    add_bos_token key (llama.cpp then adds BOS): as SentencePiece itself encodes. (transformers'
-    GGUF tokenizer ignores add_space_prefix and always prefixes.)"""
+    """add_space_prefix = false (a model trained without SentencePiece's dummy prefix): as
+    SentencePiece itself encodes. (transformers' GGUF tokenizer ignores add_space_prefix and
+    always prefixes.)"""
     sp_model = _sentencepiece(tmp_path, add_dummy_prefix=False)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     model = _tiny_model("llama", sp.vocab_size(), num_hidden_layers=1)
-    path = write_gguf(tmp_path / "m.gguf", model,
-                      sentencepiece_vocab(sp_model, add_space_prefix=False, add_bos=None))
+    path = write_gguf(tmp_path / "m.gguf", model, sentencepiece_vocab(
+        sp_model, add_space_prefix=False, add_bos=True, unk_id=True))
     src = load_gguf(path)
     mine = Tokenizer.from_str(src.tokenizer_json)
     assert src.tokenizer_config["add_bos_token"] is True

@@ -31,6 +31,7 @@ _ARCHITECTURES = {
 }
 
 # llama.cpp token types (tokenizer.ggml.token_type)
+_UNKNOWN = 2
 _CONTROL = 3
 _USER_DEFINED = 4
 
@@ -364,10 +365,12 @@ def _tokenizer(meta: _Metadata) -> tuple[str, dict]:
                              "BPE 'gpt2', SentencePiece 'llama')")
     ids = {name: meta.get(f"tokenizer.ggml.{key}", None) for name, key in _NAMED_TOKENS.items()}
     named = {name: tokens[i] for name, i in ids.items() if i is not None and 0 <= i < len(tokens)}
-    # Control tokens (<|im_start|>...) and the named ones (transformers adds its bos, eos, unk
-    # and pad tokens so) match whole and are never split. A control token spelled outside a
-    # byte-level alphabet is a converter's mislabel: transformers leaves it out, and so do we.
-    special = [token for token, kind in zip(tokens, types) if kind == _CONTROL]
+    # Control and unknown tokens (<|im_start|>, <unk>...) and the named ones match whole and are
+    # never split, in llama.cpp and in transformers (which adds its bos, eos, unk and pad tokens
+    # so; its SentencePiece unk is "<unk>" even where the file names none). A control token
+    # spelled outside a byte-level alphabet is a converter's mislabel: transformers leaves it
+    # out, and so do we.
+    special = [token for token, kind in zip(tokens, types) if kind in (_UNKNOWN, _CONTROL)]
     tok.add_special_tokens([
         AddedToken(token, special=True, normalized=False)
         for token in dict.fromkeys([*special, *named.values()])
