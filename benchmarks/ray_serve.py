@@ -81,9 +81,8 @@ def tiny_latency(url: str, n: int = 20) -> float:
 
 def prefix_counters(url: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    hits = float(re.search(r"^nanovllm_prefix_cache_hits_total (\S+)", text, re.M).group(1))
-    queries = float(re.search(r"^nanovllm_prefix_cache_queries_total (\S+)", text,
-                              re.M).group(1))
+    hits, queries = (float(re.search(rf"^vllm:prefix_cache_{name}_total{{[^}}]*}} (\S+)", text,
+                                     re.M).group(1)) for name in ("hits", "queries"))
     return hits, queries
 
 

@@ -12,7 +12,6 @@ requests.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import json
 import logging
@@ -31,7 +30,7 @@ from nanovllm_onnx.sampling_params import SamplingParams
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 from nanovllm_onnx.server.api_server import build_app as build_fastapi_app
 from nanovllm_onnx.server.async_engine import AsyncEngine, ChatPrompt, RequestStream
-from nanovllm_onnx.server.metrics import EngineStats, ServerMetrics
+from nanovllm_onnx.server.metrics import ServerMetrics
 from nanovllm_onnx.server.protocol import APIError, Prompt
 
 logger = logging.getLogger(__name__)
@@ -56,21 +55,29 @@ class ReplicaError:
     fields: dict[str, Any]
 
 
+# The engine state a replica reports (its metrics' samples, by the names used here).
+ENGINE_STATE = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
+                "kv_cache_usage": "vllm:kv_cache_usage_perc",
+                "prefix_cache_queries": "vllm:prefix_cache_queries_total",
+                "prefix_cache_hits": "vllm:prefix_cache_hits_total"}
+COUNTERS = ("prefix_cache_queries", "prefix_cache_hits")
+
+
 @dataclass
 class ReplicaReport:
     """A replica's engine state after a request, the last item of every stream."""
 
     replica: str
-    stats: EngineStats
+    state: dict[str, float]  # ENGINE_STATE's keys
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
                   health_check_period_s=2, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=5)
 class EngineReplica:
-    def __init__(self, engine_args: dict[str, Any], max_waiting: int) -> None:
+    def __init__(self, engine_args: dict[str, Any], max_waiting: int, model_name: str) -> None:
         self.engine = AsyncEngine(LLMEngine(EngineConfig(**engine_args)), max_waiting,
-                                  ServerMetrics())
+                                  ServerMetrics(model_name))
         self.engine.start()
         self.name = serve.get_replica_context().replica_id.unique_id
 
@@ -98,16 +105,20 @@ class EngineReplica:
         yield self.stats()
 
     def stats(self) -> ReplicaReport:
-        return ReplicaReport(self.name, self.engine.stats)
+        names = {name: key for key, name in ENGINE_STATE.items()}
+        state = {names[sample.name]: sample.value
+                 for metric in self.engine.metrics.registry.collect()
+                 for sample in metric.samples if sample.name in names}
+        return ReplicaReport(self.name, state)
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
             raise RuntimeError("the engine thread died")
 
     def record_routing_stats(self) -> dict[str, Any]:
-        stats = self.engine.stats
-        return {"queue_len": stats.running + stats.waiting,
-                "kv_cache_usage": stats.kv_cache_usage}
+        state = self.stats().state
+        return {"queue_len": int(state["running"] + state["waiting"]),
+                "kv_cache_usage": state["kv_cache_usage"]}
 
     def __del__(self) -> None:
         self.engine.stop()
@@ -123,11 +134,11 @@ class RemoteEngine:
     handle to the engine replicas. A replica that dies mid-request ends its requests with a
     503 (an error event when streaming), never a hang."""
 
-    def __init__(self, replicas: DeploymentHandle, max_model_len: int) -> None:
+    def __init__(self, replicas: DeploymentHandle, max_model_len: int, model_name: str) -> None:
         self.replicas = replicas.options(stream=True)
         self.max_model_len = max_model_len
-        self.metrics = ServerMetrics()
-        self.reports: dict[str, EngineStats] = {}  # each replica's latest, for /metrics
+        self.metrics = ServerMetrics(model_name)
+        self.reports: dict[str, dict[str, float]] = {}  # each replica's latest state
         self._responses: dict[str, DeploymentResponseGenerator] = {}
         self._pumps: set[asyncio.Task] = set()
 
@@ -140,14 +151,19 @@ class RemoteEngine:
     def is_alive(self) -> bool:
         return True  # Ray restarts dead replicas; a request in the meantime gets a 503
 
-    @property
-    def stats(self) -> EngineStats:
-        """The replicas' engine stats added up (KV cache usage: their mean)."""
-        reports = list(self.reports.values())
-        total = {f.name: sum(getattr(r, f.name) for r in reports)
-                 for f in dataclasses.fields(EngineStats)}
-        total["kv_cache_usage"] /= max(len(reports), 1)
-        return EngineStats(**total)
+    def _record(self, report: ReplicaReport) -> None:
+        """The replicas' engine state into this server's metrics, as they last reported it:
+        queues added up, KV usage their mean, prefix-cache counters by what each added."""
+        before = self.reports.get(report.replica, {})
+        self.reports[report.replica] = report.state
+        m = self.metrics
+        for key in COUNTERS:
+            added = report.state[key] - before.get(key, 0.0)
+            getattr(m, key).inc(added if added >= 0 else report.state[key])  # a new replica
+        states = list(self.reports.values())
+        m.running.set(sum(s["running"] for s in states))
+        m.waiting.set(sum(s["waiting"] for s in states))
+        m.kv_cache_usage.set(sum(s["kv_cache_usage"] for s in states) / len(states))
 
     async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],
                      params: SamplingParams, prompt_param: str) -> RequestStream:
@@ -175,7 +191,7 @@ class RemoteEngine:
         try:
             async for item in responses:
                 if isinstance(item, ReplicaReport):
-                    self.reports[item.replica] = item.stats
+                    self._record(item)
                 elif isinstance(item, ReplicaError):
                     stream.deliver(APIError(item.status, item.message, **item.fields))
                 elif isinstance(item, int):
@@ -199,7 +215,7 @@ class OpenAIIngress:
     async def __init__(self, replicas: DeploymentHandle, served_model_name: str,
                        api_key: str | None, max_request_bytes: int) -> None:
         max_model_len = await replicas.max_model_len.remote()
-        self.engine = RemoteEngine(replicas, max_model_len)
+        self.engine = RemoteEngine(replicas, max_model_len, served_model_name)
         self.app_args = (served_model_name, api_key, max_request_bytes)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -235,7 +251,7 @@ def build_app(model: str | None = None, engine_args: dict[str, Any] | None = Non
         autoscaling_config=autoscaling_config,
         ray_actor_options={"num_cpus": max(cfg.intra_op_num_threads, 1)},
         request_router_config={**router, "request_routing_stats_period_s": 1},
-    ).bind(engine_args, max_waiting)
+    ).bind(engine_args, max_waiting, name)
     return OpenAIIngress.bind(replicas, name, api_key, max_request_bytes)
 
 
