@@ -20,6 +20,7 @@ from nanovllm_onnx.convert.source import (
     load_hf_folder,
     read_folder_source,
 )
+from nanovllm_onnx.convert.weight_file import WeightFile
 from nanovllm_onnx.kernels import HEAD_DIMS
 from nanovllm_onnx.runner.optimum_runner import (
     ATTENTION_MASK,
@@ -206,9 +207,12 @@ def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelCon
     try:
         # An Optimum export's graph is run as it is, from where it is.
         if graph is None:
-            onnx.save_model(build_graph(src, cfg), str(tmp / GRAPH_FILE),
-                            save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=GRAPH_FILE + ".data", size_threshold=1024)
+            weight_file = WeightFile(tmp / (GRAPH_FILE + ".data"))
+            try:
+                model = build_graph(src, cfg, weight_file)
+            finally:
+                weight_file.close()
+            onnx.save_model(model, str(tmp / GRAPH_FILE))
         (tmp / TOKENIZER_FILE).write_text(src.tokenizer_json, encoding="utf-8")
         cfg.save(tmp)
         if out_dir.exists():
