@@ -94,13 +94,19 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def make_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
+    """Llama-3.2-`size`'s shape with the default model's tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config(size)
     write_tokenizer(out)
     gen = json.loads((out / "generation_config.json").read_text())
-    cfg |= {"bos_token_id": gen.get("bos_token_id"), "eos_token_id": gen.get("eos_token_id")}
+    return write_checkpoint(out, config(size) | {"bos_token_id": gen.get("bos_token_id"),
+                                                 "eos_token_id": gen.get("eos_token_id")}, seed)
+
+
+def write_checkpoint(out: Path, cfg: dict, seed: int = 0) -> Path:
+    """The weights of a llama config `cfg` and its config.json (last: it marks the folder as a
+    checkpoint) into `out`, which holds its tokenizer already."""
     write_safetensors(out / "model.safetensors", tensor_shapes(cfg), seed)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))  # last: marks it complete
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 

@@ -27,7 +27,7 @@ MS = "com.microsoft"
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 BLOCK = 32  # inputs per block of 4- and 8-bit weights
-CHUNK_BYTES = 64 << 20  # a large weight is converted this many float32 bytes of rows at a time
+CHUNK_BYTES = 16 << 20  # a large weight is converted this many float32 bytes of rows at a time
 
 
 class GraphBuilder:
