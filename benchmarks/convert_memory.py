@@ -4,7 +4,7 @@ read the source and write as many bytes as the conversion writes (the I/O floor)
     python benchmarks/convert_memory.py /work/data/llama-3b --out /work/data/converted
 
 Each conversion and each I/O floor runs in its own process (peak RSS from getrusage); the
-converted folder is deleted after each.
+converted folder is deleted after each (kept with --keep).
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ def run(code: str, *args: str) -> tuple[float, float]:
     return float(done.stdout.split()[-1]), peak / 2**20
 
 
-def measure(source: Path, out: Path, weights: str) -> dict:
+def measure(source: Path, out: Path, weights: str, keep: bool = False) -> dict:
     folder = out / f"{source.name}-{weights}"
     seconds, rss = run(CONVERT, str(source), str(folder), weights)
     written = sum(f.stat().st_size for f in folder.iterdir())
-    shutil.rmtree(folder)
+    if not keep:
+        shutil.rmtree(folder)
     copy = out / "io-floor.bin"
     floor, _ = run(COPY, str(source), str(copy), str(written))
     copy.unlink()
@@ -74,15 +75,17 @@ def main() -> None:
     parser.add_argument("source", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weights", nargs="+", default=list(WEIGHT_FORMATS))
+    parser.add_argument("--keep", action="store_true", help="keep the converted folders")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for weights in args.weights:
         # getrusage's children peak is a maximum over all children: one parent per format.
         code = "import json, sys; from benchmarks.convert_memory import measure; " \
                "print(json.dumps(measure(*map(__import__('pathlib').Path, sys.argv[1:3]), " \
-               "sys.argv[3])))"
+               "sys.argv[3], sys.argv[4] == 'keep')))"
         done = subprocess.run([sys.executable, "-c", code, str(args.source), str(args.out),
-                               weights], capture_output=True, text=True)
+                               weights, "keep" if args.keep else ""], capture_output=True,
+                              text=True)
         if done.returncode:
             sys.exit(done.stderr)
         print(json.dumps(json.loads(done.stdout.splitlines()[-1])), flush=True)

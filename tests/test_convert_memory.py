@@ -1,5 +1,6 @@
 """Conversion in bounded memory, and atomic: a model bigger than the memory budget converts
-under it, and a killed conversion leaves nothing a later run takes as converted."""
+under it, and a killed conversion leaves nothing a later run takes as converted. Served, its
+weights stay in the file's pages rather than copied."""
 
 from __future__ import annotations
 
@@ -38,6 +39,18 @@ print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
+# Serve the model a few tokens, then its private (anonymous) memory, from smaps_rollup.
+SERVE = """
+import sys
+from pathlib import Path
+from nanovllm_onnx import LLM, SamplingParams
+llm = LLM(sys.argv[1], kv_cache_memory_gib=0.05, max_model_len=256)
+llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))
+rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
+print(next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Anonymous:")))
+"""
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("mid")
@@ -63,6 +76,13 @@ def test_conversion_stays_under_memory_budget(checkpoint: Path, tmp_path: Path) 
 
     expected = load_hf_folder(checkpoint).tensors["model.embed_tokens.weight"][:2]
     np.testing.assert_array_equal(rows, expected)
+
+    # Served, the weights are the file's pages (shared with other processes), not a copy
+    # (ONNX Runtime's prepacking made one of every fp32 matrix).
+    served = subprocess.run([sys.executable, "-c", SERVE, str(out)], capture_output=True,
+                            text=True, check=True)
+    anonymous = int(served.stdout.split()[-1])
+    assert anonymous < written / 2, f"{anonymous / 2**20:.0f} MiB of private memory"
 
 
 def test_interrupted_conversion_is_not_taken_as_converted(

@@ -43,7 +43,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-CONVERTER_VERSION = "16"  # bump when the emitted graph changes, to invalidate caches
+CONVERTER_VERSION = "17"  # bump when the emitted graph changes, to invalidate caches
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 PARTIAL = ".partial"  # suffix of a conversion's folder while it is written
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"

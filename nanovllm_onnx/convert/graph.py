@@ -69,7 +69,8 @@ class GraphBuilder:
         if self.weights == "int4":
             y = self.block_linear(x, name, weight, bits=4)
         else:
-            (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
+            # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it.
+            (y,) = self.op("Gemm", [x, self.const(name, weight)], transB=1)
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
