@@ -47,27 +47,31 @@ print(time.perf_counter() - t)
 """
 
 
-def run(code: str, *args: str) -> tuple[float, float]:
-    """(seconds the code reports, peak RSS in GiB of this process's children so far)."""
+def run(code: str, *args: str) -> tuple[float, float, float]:
+    """(seconds the code reports, its CPU seconds, peak RSS in GiB of this process's children
+    so far). CPU time says more than wall time on a busy machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if done.returncode:
         sys.exit(done.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return float(done.stdout.split()[-1]), peak / 2**20
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return float(done.stdout.split()[-1]), cpu, after.ru_maxrss / 2**20
 
 
 def measure(source: Path, out: Path, weights: str, keep: bool = False) -> dict:
     folder = out / f"{source.name}-{weights}"
-    seconds, rss = run(CONVERT, str(source), str(folder), weights)
+    seconds, cpu, rss = run(CONVERT, str(source), str(folder), weights)
     written = sum(f.stat().st_size for f in folder.iterdir())
     if not keep:
         shutil.rmtree(folder)
     copy = out / "io-floor.bin"
-    floor, _ = run(COPY, str(source), str(copy), str(written))
+    floor, floor_cpu, _ = run(COPY, str(source), str(copy), str(written))
     copy.unlink()
     return dict(weights=weights, seconds=round(seconds, 1), peak_rss_gib=round(rss, 2),
                 written_gib=round(written / 2**30, 2), io_floor_seconds=round(floor, 1),
-                ratio=round(seconds / floor, 2))
+                ratio=round(seconds / floor, 2), cpu_seconds=round(cpu, 1),
+                io_floor_cpu_seconds=round(floor_cpu, 1))
 
 
 def main() -> None:
