@@ -194,3 +194,21 @@ def test_pydantic_model_as_schema(llm: LLM) -> None:
     params = constrained(4, json=City)
     out = llm.generate(random_prompts(1, seed=10), params, use_tqdm=False)[0]
     City.model_validate_json(out.outputs[0].text)
+
+
+def test_a_failed_grammar_ends_only_its_sequence_with_finish_reason_error(llm: LLM) -> None:
+    engine = llm.llm_engine
+    prompts = random_prompts(2, seed=12)
+    engine.add_request("failing", prompts[0], constrained(1, regex="[a-z]{30}"))
+    engine.add_request("free", prompts[1], SamplingParams(temperature=0, max_tokens=8))
+    engine.step()
+    # llguidance fails only past its resource limits; a token its grammar rejects fails it too.
+    matcher = engine.requests["failing"].seqs[0].grammar
+    assert not matcher.matcher.consume_token(engine.tokenizer.encode("7")[0])
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+    failed = outputs["failing"].outputs[0]
+    assert failed.finish_reason == "error" and "grammar dead end" in failed.stop_reason
+    assert len(failed.token_ids) == 1
+    assert outputs["free"].outputs[0].finish_reason == "length"

@@ -259,7 +259,8 @@ class LLMEngine:
             self._finish(seq, "length", None)
         elif seq.grammar is not None and seq.grammar.is_stopped:
             # The output is complete: only EOS could follow, so end here, a step earlier.
-            self._finish(seq, "stop", None)
+            error = seq.grammar.error
+            self._finish(seq, "error" if error else "stop", error and f"grammar error: {error}")
 
     def _stop_string_match(self, seq: Sequence, new_chars: int) -> bool:
         """Finish at the first stop string the new text completes; cut the text as vLLM does."""

@@ -98,7 +98,8 @@ class GrammarMatcher:
 
     @property
     def error(self) -> str | None:
-        return self._m.get_error() or None if self._m.is_error() else None
+        """Why the grammar failed (a resource limit, or a token it did not admit), or None."""
+        return (self._m.get_error() or self._m.stop_reason()) if self._m.is_error() else None
 
     @property
     def matcher(self) -> llg.LLMatcher:
@@ -153,14 +154,17 @@ class GrammarCompiler:
 class TokenMasks:
     """The masks of one step's constrained rows, computed in the background."""
 
-    def __init__(self, rows: list[int], future: Future, bitmask: np.ndarray) -> None:
+    def __init__(self, rows: list[int], matchers: list[GrammarMatcher], future: Future,
+                 bitmask: np.ndarray) -> None:
         self.rows = rows  # rows of the step's logits (and its sampling list) with a grammar
+        self._matchers = matchers
         self._future = future
         self._bitmask = bitmask
 
     def apply(self, logits: np.ndarray) -> list[int]:
-        """Set every token the grammar rules out to -inf. Returns the rows whose grammar admits
-        no token at all (they must not be sampled)."""
+        """Set every token the grammar rules out to -inf. Returns the rows that must not be
+        sampled: their grammar admits no token, or failed (llguidance then admits only EOS,
+        which would pass for a normal end)."""
         self._future.result()
         vocab = logits.shape[1]
         bits = np.unpackbits(self._bitmask.view(np.uint8), axis=1, count=vocab,
@@ -169,7 +173,9 @@ class TokenMasks:
             np.copyto(logits, -np.inf, where=~bits)
         else:
             logits[self.rows] = np.where(bits, logits[self.rows], np.float32(-np.inf))
-        return [self.rows[i] for i in np.flatnonzero(~bits.any(axis=1))]
+        dead = ~bits.any(axis=1)
+        return [row for row, m, d in zip(self.rows, self._matchers, dead)
+                if d or m.error is not None]
 
 
 class StructuredOutputs:
@@ -189,7 +195,8 @@ class StructuredOutputs:
         if self._executor is None:
             self._executor = llg.LLExecutor()
         bitmask = llg_np.allocate_token_bitmask(len(rows), self.compiler.tokenizer.vocab_size)
-        pairs = [(seqs[row].grammar.matcher, i) for i, row in enumerate(rows)]
+        matchers = [seqs[row].grammar for row in rows]
+        pairs = [(m.matcher, i) for i, m in enumerate(matchers)]
         future = self._worker.submit(llg_np.fill_next_token_bitmask_par, self._executor, pairs,
                                      bitmask)
-        return TokenMasks(rows, future, bitmask)
+        return TokenMasks(rows, matchers, future, bitmask)
