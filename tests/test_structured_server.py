@@ -4,6 +4,8 @@ whose chat template knows nothing of tools) spoken to by the `openai` client."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -187,3 +189,39 @@ def test_bad_constraints_and_unimplemented_fields_get_400(server: Server, path: 
     assert error["param"] == param and words in error["message"], error
     assert httpx.post(f"{server.url}/v1/completions", timeout=60,
                       json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_slow_compiling_schema_does_not_stall_other_requests(server: Server) -> None:
+    """A 1,000-property schema takes llguidance seconds to compile. It is compiled off the
+    engine thread, so a stream running meanwhile keeps getting tokens: had the engine thread
+    compiled it, the stream would get at most a chunk or two while it waits."""
+    big = {"type": "object", "properties": {
+        f"f{i}": {"anyOf": [{"type": "string", "pattern": f"^[a-z]{{{i % 5},{i % 5 + 10}}}$"},
+                            {"type": "integer", "minimum": i}]} for i in range(1000)}}
+    stamps: list[float] = []
+    window: list[float] = []
+
+    def constrained() -> None:
+        window.append(time.monotonic())
+        r = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+            "prompt": "x", "max_tokens": 1, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "big", "schema": big}}})
+        window.append(time.monotonic())
+        assert r.status_code == 200, r.text
+
+    worker = threading.Thread(target=constrained)
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120, json={
+            "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            stamps.append(time.monotonic())
+            if len(stamps) == 3:
+                worker.start()
+            elif len(window) == 2:
+                break  # the constrained request is answered: closing the stream aborts it
+    worker.join()
+    start, end = window
+    during = sum(start < t < end for t in stamps)
+    assert during >= 5, (during, end - start)

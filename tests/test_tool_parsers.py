@@ -68,6 +68,13 @@ def test_streamed_auto_sends_content_then_the_calls_whole() -> None:
     assert json.loads(call["function"]["arguments"]) == {"a": [1]}
 
 
+def test_auto_without_parallel_tool_calls_keeps_the_first_call() -> None:
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>' * 2
+    message, _ = ToolCalls("auto", HermesToolParser(), parallel=False).message(
+        Piece(0, text, [], None, 0, "stop", None))
+    assert len(message["tool_calls"]) == 1
+
+
 def test_required_and_named_outputs() -> None:
     required = ToolCalls("required", HermesToolParser())
     message, finish = required.message(Piece(0, '[{"name": "f", "parameters": {"a": 1}}]', [],

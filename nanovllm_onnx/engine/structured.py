@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 # with (vLLM's backends allow any whitespace unless told otherwise; whitespace_pattern opens it).
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 ANY_OBJECT = {"type": "object"}
+CACHE_SIZE = 256  # compiled constraints kept, least recently used dropped first
 
 
 def grammar_of(params: StructuredOutputsParams) -> str:
@@ -114,7 +116,7 @@ class GrammarCompiler:
         self._args = (tokenizer_json, vocab_size, eos_token_ids)
         self._tokenizer: llg.LLTokenizer | None = None
         self._lock = threading.Lock()
-        self._cache: dict[str, llg.LLMatcher] = {}
+        self._cache: OrderedDict[str, llg.LLMatcher] = OrderedDict()
 
     @property
     def tokenizer(self) -> llg.LLTokenizer:
@@ -128,9 +130,11 @@ class GrammarCompiler:
     def compile(self, params: StructuredOutputsParams) -> llg.LLMatcher:
         """The compiled constraint (cached). Raises ValueError naming what is wrong with it."""
         key = params.key()
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
         tokenizer = self.tokenizer
         try:
             grammar = grammar_of(params)
@@ -144,6 +148,8 @@ class GrammarCompiler:
             raise ValueError(f"invalid structured_outputs.{params.kind}: {matcher.get_error()}")
         with self._lock:
             self._cache[key] = matcher
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return matcher
 
     def matcher(self, params: StructuredOutputsParams) -> GrammarMatcher:

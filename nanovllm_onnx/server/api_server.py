@@ -218,7 +218,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         if not isinstance(body, ChatCompletionRequest) or body.tool_mode == "none":
             return None
         name = body.named_tool()["name"] if body.tool_mode == "named" else None
-        return ToolCalls(body.tool_mode, tool_parser, name)
+        return ToolCalls(body.tool_mode, tool_parser, name, body.parallel_tool_calls is not False)
 
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest,
                        prompts: Sequence[Prompt | ChatPrompt], prompt_param: str) -> Response:

@@ -147,14 +147,16 @@ class ToolCalls:
     that function). Streamed, content is sent as it comes until a call may begin; the calls go
     out whole once the choice ends."""
 
-    def __init__(self, mode: str, parser: ToolParser, name: str | None = None) -> None:
-        self.mode, self.parser, self.name = mode, parser, name
+    def __init__(self, mode: str, parser: ToolParser, name: str | None = None,
+                 parallel: bool = True) -> None:
+        self.mode, self.parser, self.name, self.parallel = mode, parser, name, parallel
         self._text: defaultdict[int, str] = defaultdict(str)
         self._sent: defaultdict[int, int] = defaultdict(int)
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.mode == "auto":
-            return self.parser.extract(text)
+            content, calls = self.parser.extract(text)
+            return content, calls if self.parallel else calls[:1]
         if self.mode == "required":
             calls = required_calls(text)
         else:
