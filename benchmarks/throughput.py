@@ -9,10 +9,11 @@ caching off unless --enable-prefix-caching, so the repeated prompt is really com
 B: output tok/s = 5,006 / wall seconds, all 32 requests submitted at once.
 --profile splits B's step time into scheduling, model call, sampling, detokenization and the
 rest; --sampling also runs B with temperature 0.8, top_p 0.95, top_k 50, repetition_penalty 1.1.
---structured runs B with a JSON schema on every request (grammar_engines.SCHEMA: nested object,
-enum, array, bounded number) against B unconstrained with each request's max_tokens set to the
-length of its constrained answer (same tokens, same batches), rounds interleaved; it reports
-the schema's compile time, the mask's ms per step and its share of the step.
+--structured runs, instead of plain B, B with a JSON schema on every request
+(grammar_engines.SCHEMA: nested object, enum, array, bounded number) against B unconstrained
+with each request's max_tokens set to the length of its constrained answer (same tokens, same
+batches), rounds interleaved; it reports the schema's compile time, the mask's ms per step and
+its share of the step.
 Each workload ends with a `RESULT {json}` line (see compare.py).
 """
 
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sampling", action="store_true",
                     help="B: also run with sampling and report the sampler's cost vs greedy")
     ap.add_argument("--structured", action="store_true",
-                    help="B: also run with a JSON schema on every request (vs unconstrained)")
+                    help="B: with a JSON schema on every request vs unconstrained (instead of "
+                         "plain B)")
     ap.add_argument("--with-transformers", action="store_true",
                     help="also run HF transformers (torch CPU, fp32) as the in-run peer")
     ap.add_argument("--transformers-python", default=None,
@@ -234,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             f"decode {res['decode_tok_s']:.1f} tok/s (TPOT {1000 * tpot:.2f} ms)")
         results.append(res)
         emit(res)
-    if "B" in args.workload:
+    if "B" in args.workload and args.structured:
+        emit(structured_b(llm, workload_b(), args.repeats))
+    elif "B" in args.workload:
         wl = workload_b()
         warm = Workload("warm", wl.prompts[:8], [8] * 8)
         run_b(llm, warm)
@@ -256,8 +260,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"{p['ms_per_step'] / g['ms_per_step']:.3f}x the greedy step time")
         results.append(res)
         emit(res)
-        if args.structured:
-            emit(structured_b(llm, wl, args.repeats))
     if args.with_transformers:
         python = args.transformers_python or (
             str(TRANSFORMERS_PYTHON) if TRANSFORMERS_PYTHON.exists() else sys.executable)

@@ -212,3 +212,16 @@ def test_a_failed_grammar_ends_only_its_sequence_with_finish_reason_error(llm: L
     assert failed.finish_reason == "error" and "grammar dead end" in failed.stop_reason
     assert len(failed.token_ids) == 1
     assert outputs["free"].outputs[0].finish_reason == "length"
+
+
+def test_abort_mid_grammar_frees_everything(llm: LLM) -> None:
+    engine = llm.llm_engine
+    params = constrained(2, json=SCHEMAS[1])
+    engine.add_request("aborted", random_prompts(1, seed=13)[0], params)
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("aborted")
+    assert not engine.has_unfinished_requests() and not engine.scheduler.running
+    assert engine.block_manager.num_seq_blocks == 0
+    out = llm.generate(random_prompts(1, seed=13), params, use_tqdm=False)[0]  # same grammar
+    jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[1])
