@@ -225,6 +225,10 @@ class TextContent(OpenAIModel):
     text: str
 
 
+# OpenAI's message roles; any other is a 400, as from OpenAI (a template would render it).
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class FunctionCall(OpenAIModel):
     name: str
     arguments: str
@@ -237,7 +241,7 @@ class ToolCallBody(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    role: str
+    role: Role
     content: str | list[TextContent] | None = None
     tool_calls: list[ToolCallBody] | None = None
     tool_call_id: str | None = None
