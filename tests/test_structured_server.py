@@ -15,6 +15,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from nanovllm_onnx.convert.converter import resolve_model
+from tests.conftest import default_model_or_skip
 from tests.test_server import Server, client, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -35,8 +37,11 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # No model argument: the default model.
-    s = start_server("", tmp_path_factory.mktemp("structured") / "server.log")  # type: ignore[arg-type]
+    # Converted here (once, cached), so the server's start-up timeout covers only loading it.
+    default_model_or_skip()
+    model = resolve_model(None)
+    s = start_server(model, tmp_path_factory.mktemp("structured") / "server.log",
+                     "--served-model-name", MODEL)
     yield s
     s.stop()
 
