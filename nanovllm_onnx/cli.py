@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         serve(engine_config(args), name, host=args.host, port=args.port, api_key=args.api_key,
               max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
-              log_level=args.serve_log_level)
+              log_level=args.serve_log_level, tool_call_parser=args.tool_call_parser)
     except EngineDeadError as e:  # exit non-zero: the supervisor restarts the server
         sys.exit(f"error: {e}")
 
@@ -115,7 +115,8 @@ def serve_on_ray(args: argparse.Namespace, name: str) -> None:
     engine_args = {k: v for k, v in vars(cfg).items() if k != "model"}
     app = build_app(cfg.model, engine_args, num_replicas=args.num_replicas,
                     served_model_name=name, api_key=args.api_key, max_waiting=args.max_waiting,
-                    max_request_bytes=args.max_request_bytes)
+                    max_request_bytes=args.max_request_bytes,
+                    tool_call_parser=args.tool_call_parser)
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
     logger.info("serving %s from %d Ray Serve replicas on http://%s:%d", name,
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ray-address", default=None,
                    help="with --ray: the cluster to join (default: $RAY_ADDRESS, else a local "
                         "cluster started here)")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="the format of the model's tool calls (default: from the chat template)")
     p.add_argument("--log-level", dest="serve_log_level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error", "critical"])
     p.set_defaults(func=cmd_serve)

@@ -26,7 +26,7 @@ from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.default_model import DEFAULT_MODEL_NAME
 from nanovllm_onnx.engine.llm_engine import LLMEngine
 from nanovllm_onnx.outputs import RequestOutput
-from nanovllm_onnx.sampling_params import SamplingParams
+from nanovllm_onnx.sampling_params import SamplingParams, StructuredOutputsParams
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 from nanovllm_onnx.server.api_server import build_app as build_fastapi_app
 from nanovllm_onnx.server.async_engine import AsyncEngine, ChatPrompt, RequestStream
@@ -84,6 +84,17 @@ class EngineReplica:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def chat_template(self) -> str | None:
+        return self.engine.chat_template
+
+    async def compile_constraint(self, constraint: StructuredOutputsParams) -> str | None:
+        """Why the constraint does not compile, or None (then cached here)."""
+        try:
+            await self.engine.compile_constraint(constraint)
+        except ValueError as e:
+            return str(e)
+        return None
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[Any]:
         """The prompt token count, then the latest outputs after each step, then a
         ReplicaReport; or a ReplicaError. Cancelled (the client left, or the ingress died),
@@ -129,14 +140,23 @@ def _replica_error(e: APIError) -> ReplicaError:
                                               "headers": e.headers})
 
 
-class RemoteEngine:
-    """What the HTTP routes need of AsyncEngine (submit, abort, stats, metrics), over the
-    handle to the engine replicas. A replica that dies mid-request ends its requests with a
-    503 (an error event when streaming), never a hang."""
+def _replica_failed() -> APIError:
+    return APIError(503, "the replica running this request failed; retry", type="server_error",
+                    code="replica_failed", headers={"Retry-After": "1"})
 
-    def __init__(self, replicas: DeploymentHandle, max_model_len: int, model_name: str) -> None:
-        self.replicas = replicas.options(stream=True)
+
+class RemoteEngine:
+    """What the HTTP routes need of AsyncEngine (submit, abort, compile_constraint, metrics,
+    max_model_len, chat_template), over the handle to the engine replicas. A replica that
+    dies mid-request ends its requests with a 503 (an error event when streaming), never a
+    hang."""
+
+    def __init__(self, replicas: DeploymentHandle, max_model_len: int,
+                 chat_template: str | None, model_name: str) -> None:
+        self.replicas = replicas
+        self.streams = replicas.options(stream=True)
         self.max_model_len = max_model_len
+        self.chat_template = chat_template
         self.metrics = ServerMetrics(model_name)
         self.reports: dict[str, dict[str, float]] = {}  # each replica's latest state
         self._responses: dict[str, DeploymentResponseGenerator] = {}
@@ -168,7 +188,7 @@ class RemoteEngine:
     async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],
                      params: SamplingParams, prompt_param: str) -> RequestStream:
         stream = RequestStream(self, request_id, len(prompts))
-        responses = self.replicas.generate.remote(
+        responses = self.streams.generate.remote(
             EngineRequest(request_id, prompts, params, prompt_param))
         self._responses[request_id] = responses
         pump = asyncio.create_task(self._pump(stream, responses))
@@ -180,6 +200,17 @@ class RemoteEngine:
             stream.close()
             raise
         return stream
+
+    async def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
+        """Compiled (and so checked) by a replica: the ingress may run where the model's
+        files are not. The replica keeps it cached for its requests."""
+        try:
+            error = await self.replicas.compile_constraint.remote(constraint)
+        except Exception as e:
+            logger.warning("compiling a constraint: the replica failed: %s", e)
+            raise _replica_failed() from e
+        if error is not None:
+            raise ValueError(error)
 
     def abort(self, engine_ids: list[str]) -> None:
         request_id = engine_ids[0].rpartition("-")[0]  # RequestStream's "<request id>-<i>"
@@ -202,9 +233,7 @@ class RemoteEngine:
                             stream.deliver((index, output))
         except Exception as e:  # the replica died, or the request was cancelled
             logger.warning("request %s: its replica failed: %s", stream.request_id, e)
-            stream.deliver(APIError(503, "the replica running this request failed; retry",
-                                    type="server_error", code="replica_failed",
-                                    headers={"Retry-After": "1"}))
+            stream.deliver(_replica_failed())
         finally:
             self._responses.pop(stream.request_id, None)
 
@@ -213,10 +242,12 @@ class RemoteEngine:
 @serve.ingress()
 class OpenAIIngress:
     async def __init__(self, replicas: DeploymentHandle, served_model_name: str,
-                       api_key: str | None, max_request_bytes: int) -> None:
+                       api_key: str | None, max_request_bytes: int,
+                       tool_call_parser: str | None) -> None:
         max_model_len = await replicas.max_model_len.remote()
-        self.engine = RemoteEngine(replicas, max_model_len, served_model_name)
-        self.app_args = (served_model_name, api_key, max_request_bytes)
+        chat_template = await replicas.chat_template.remote()
+        self.engine = RemoteEngine(replicas, max_model_len, chat_template, served_model_name)
+        self.app_args = (served_model_name, api_key, max_request_bytes, tool_call_parser)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(self.engine, *self.app_args)
@@ -228,13 +259,15 @@ def build_app(model: str | None = None, engine_args: dict[str, Any] | None = Non
               served_model_name: str | None = None, api_key: str | None = None,
               max_waiting: int = DEFAULT_MAX_WAITING,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              prefix_affinity: bool = True, max_imbalance: int = 4) -> serve.Application:
+              prefix_affinity: bool = True, max_imbalance: int = 4,
+              tool_call_parser: str | None = None) -> serve.Application:
     """The OpenAI app over engine replicas, for `serve.run(app)`. `engine_args`: EngineConfig's
     fields (checked here); each replica reserves intra_op_num_threads CPUs of the cluster.
     `num_replicas` or `autoscaling_config` (Ray Serve's), not both; default one replica.
     `prefix_affinity`: route by prompt prefix (PrefixAffinityRouter), else Ray Serve's default
     (power of two choices by queue length). `max_imbalance`: how many more queued requests than
-    the least loaded replica the replica holding a prompt's prefix may have and still get it."""
+    the least loaded replica the replica holding a prompt's prefix may have and still get it.
+    `tool_call_parser`: as `serve --tool-call-parser` (default: from the chat template)."""
     if num_replicas is not None and autoscaling_config is not None:
         raise ValueError("give num_replicas or autoscaling_config, not both")
     if num_replicas is not None and num_replicas < 1:
@@ -252,7 +285,7 @@ def build_app(model: str | None = None, engine_args: dict[str, Any] | None = Non
         ray_actor_options={"num_cpus": max(cfg.intra_op_num_threads, 1)},
         request_router_config={**router, "request_routing_stats_period_s": 1},
     ).bind(engine_args, max_waiting, name)
-    return OpenAIIngress.bind(replicas, name, api_key, max_request_bytes)
+    return OpenAIIngress.bind(replicas, name, api_key, max_request_bytes, tool_call_parser)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

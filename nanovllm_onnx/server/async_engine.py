@@ -17,10 +17,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nanovllm_onnx.engine.llm_engine import LLMEngine
 from nanovllm_onnx.outputs import RequestOutput
-from nanovllm_onnx.sampling_params import SamplingParams
+from nanovllm_onnx.sampling_params import SamplingParams, StructuredOutputsParams
 from nanovllm_onnx.server.metrics import ServerMetrics
 from nanovllm_onnx.server.protocol import APIError, Prompt, bad_request, param_in, server_error
 
@@ -33,8 +34,9 @@ RETRY_AFTER_S = 1
 class ChatPrompt:
     """A conversation, rendered by the chat template in the engine thread (its tokenizer's)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -101,6 +103,16 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.engine.model_config.chat_template
+
+    async def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
+        """Compile a request's grammar off the engine thread (the engine then finds it
+        cached): a slow one delays only its own request. Raises ValueError naming what is
+        wrong with it."""
+        await asyncio.to_thread(self.engine.structured.compiler.compile, constraint)
 
     # ---- event loop side -------------------------------------------------------------------
 
@@ -186,8 +198,8 @@ class AsyncEngine:
         try:
             for request_id, prompt in zip(stream.engine_ids, command.prompts):
                 if isinstance(prompt, ChatPrompt):
-                    prompt = engine.tokenizer.chat_prompt_ids(prompt.messages,
-                                                              prompt.add_generation_prompt)
+                    prompt = engine.tokenizer.chat_prompt_ids(
+                        prompt.messages, prompt.add_generation_prompt, prompt.tools)
                 ids = engine.tokenize_prompt(prompt)
                 _check_room(len(ids), command.params.max_tokens, engine.max_model_len)
                 engine.add_request(request_id, ids, command.params)
