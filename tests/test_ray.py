@@ -76,6 +76,36 @@ def test_replicas_answer_openai_clients_streaming_and_not(cluster: str, referenc
     assert completion.choices[0].text == expected
 
 
+def test_structured_outputs_and_tool_calls_through_the_ingress(cluster: str) -> None:
+    """The ingress has no engine: a replica compiles the grammar (a bad one is a 400 naming
+    the field), and tool calls parse with the replicas' chat template."""
+    import json
+
+    import openai
+
+    api = client(cluster)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+              "required": ["city"], "additionalProperties": False}
+    reply = api.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=0, max_tokens=40,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    assert list(json.loads(reply.choices[0].message.content)) == ["city"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        api.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=4,
+                               extra_body={"structured_outputs": {"regex": "(unclosed"}})
+    assert bad.value.body["param"] == "structured_outputs"
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    reply = api.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=0, max_tokens=60,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert reply.choices[0].finish_reason == "tool_calls"
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert list(json.loads(call.function.arguments)) == ["city"]
+
+
 def replica_stats() -> dict[str, ReplicaReport]:
     """Each live replica's stats (calls go to the least loaded replica: ask until both)."""
     handle = serve.get_deployment_handle("EngineReplica", app_name=APP)
