@@ -103,9 +103,10 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _write_gguf(
     path: Path, model: PreTrainedModel, tok: Tokenizer, pre: str, add_bos: bool,
-    q4_0: bool = False,
+    q4_0: bool = False, raw: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
 ) -> None:
-    """q4_0: the projections quantized to Q4_0, as llama-quantize writes them."""
+    """q4_0: the projections quantized to Q4_0, as llama-quantize writes them. raw: tensors
+    (by GGUF name) written as the given quantized bytes instead of the model's."""
     cfg = model.config
     arch = cfg.model_type
     writer = gguf.GGUFWriter(str(path), arch)
@@ -154,7 +155,10 @@ def _write_gguf(
             data = _llama_permute(data, cfg.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:
             data = _llama_permute(data, cfg.num_key_value_heads)
-        if q4_0 and name.endswith("proj.weight"):
+        if raw and _gguf_name(name) in raw:
+            data, qtype = raw[_gguf_name(name)]
+            writer.add_tensor(_gguf_name(name), data, raw_dtype=qtype)
+        elif q4_0 and name.endswith("proj.weight"):
             writer.add_tensor(_gguf_name(name), quantize(data, GGMLQuantizationType.Q4_0),
                               raw_dtype=GGMLQuantizationType.Q4_0)
         else:
@@ -356,7 +360,7 @@ def test_tiny_gguf_generates_transformers_tokens(fixture: str, request: pytest.F
             for _ in range(12):
                 ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
             expected.append(ids[len(prompt):])
-    convert(path, tmp_path / "onnx")
+    convert(path, tmp_path / "onnx", "fp32")
     outs = LLM(str(tmp_path / "onnx"), kv_cache_dtype="fp32").generate(
         prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
@@ -371,9 +375,7 @@ def test_q4_0_blocks_are_kept_exactly(tiny_llama, tmp_path: Path) -> None:  # no
     path = tmp_path / "q4_0.gguf"
     _write_gguf(path, hf, _tiny_tokenizer(), "smollm", add_bos=True, q4_0=True)
     src = load_gguf(path)
-    assert len(src.int4_blocks) == 2 * 7  # every projection of the 2 layers
-    for name, blocks in src.int4_blocks.items():
-        assert np.all(blocks.zero == 8)
-        dequantized = (blocks.q - blocks.zero[..., None]) * blocks.scale[..., None]
-        np.testing.assert_array_equal(dequantized.reshape(src.tensors[name].shape),
-                                      src.tensors[name])
+    assert len(src.quant_blocks) == 2 * 7  # every projection of the 2 layers
+    for name, blocks in src.quant_blocks.items():
+        np.testing.assert_array_equal(blocks.minimum, -8 * blocks.scale)
+        np.testing.assert_array_equal(blocks.dequantize(), src.tensors[name])
