@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from workloads import THREADS, Workload, emit, log, median, pid_peak_rss_mib, workload_a, workload_b
 
-PEERS = Path.home() / ".cache/nano-vllm-onnx/peers/llamacpp"
+PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers")) / "llamacpp"
 
 
 def free_port() -> int:
@@ -48,9 +49,10 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError("llama-server did not come up")
 
-    def complete(self, prompt: list[int], n: int) -> dict:
+    def complete(self, prompt: list[int], n: int, return_tokens: bool = False) -> dict:
         body = {"prompt": prompt, "n_predict": n, "ignore_eos": True, "temperature": 0.0,
-                "top_k": 1, "cache_prompt": False, "stream": False}
+                "top_k": 1, "cache_prompt": False, "stream": False,
+                "return_tokens": return_tokens}
         req = urllib.request.Request(self.url + "/completion", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=3600) as r:
@@ -75,7 +77,7 @@ def run_b(server: Server, wl: Workload) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--weights", choices=["Q8_0", "Q4_1", "F32"], default="Q8_0")
+    ap.add_argument("--weights", choices=["Q8_0", "Q4_1", "Q4_K_M", "F32"], default="Q8_0")
     ap.add_argument("--workload", choices=["A", "B"], required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--server-args", default="", help="extra llama-server arguments")

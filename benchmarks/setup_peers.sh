@@ -90,13 +90,18 @@ step_llamacpp() {
             || return 1
         mkdir -p "$dir/bin" && cp "$dir"/build/bin/llama-{server,quantize,bench} "$dir/bin/"
     fi
-    # The HF checkpoint is the dequantized Q4_1, so requantizing the GGUF gives the same weights.
+    # The HF checkpoint is the dequantized Q4_1, so requantizing the GGUF gives the same weights
+    # (F32: those weights as they are, which convert_hf_to_gguf.py of the checkpoint also gives).
     ln -sf "$GGUF" "$dir/model-Q4_1.gguf"
     local t
     for t in Q8_0 F32; do
         [ -f "$dir/model-$t.gguf" ] || "$dir/bin/llama-quantize" --allow-requantize "$GGUF" \
             "$dir/model-$t.gguf" "$t" 2 || return 1
     done
+    # Q4_K_M from the F32 weights (SmolLM2's 576-wide rows are no multiple of 256: llama-quantize
+    # falls back to Q5_0/Q8_0 there and keeps K-quants for the 1536-wide down projections).
+    [ -f "$dir/model-Q4_K_M.gguf" ] || "$dir/bin/llama-quantize" "$dir/model-F32.gguf" \
+        "$dir/model-Q4_K_M.gguf" Q4_K_M 2 || return 1
 }
 
 steps=("$@")

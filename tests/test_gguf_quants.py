@@ -210,3 +210,45 @@ def test_unsupported_type_names_tensor_and_type(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="tensor blk.0.ffn_up.weight is IQ2_XXS, which "
                                              "nano-vllm-onnx does not run"):
         load_gguf(path)
+
+
+def test_quantized_embedding_gives_the_fp32_tables_tokens(hf_models: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """The embedding gathered from its blocks (BlockGather) against an fp32 table holding the
+    same dequantized values (the same graph with a plain Gather): the same greedy tokens and
+    log-probabilities, on a tied model whose LM head reads the same blocks."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from nanovllm_onnx import LLM, SamplingParams
+    from nanovllm_onnx.config import GRAPH_FILE
+    from nanovllm_onnx.convert.converter import convert
+    from nanovllm_onnx.convert.graph import quantize_blocks
+    from nanovllm_onnx.convert.source import load_hf_folder
+    from tests.conftest import random_prompts
+
+    blocks_dir, table_dir = tmp_path / "blocks", tmp_path / "table"
+    convert(hf_models["llama_tied"], blocks_dir, "q8_0")
+    shutil.copytree(blocks_dir, table_dir)
+    model = onnx.load(str(table_dir / GRAPH_FILE))
+    (gather,) = [n for n in model.graph.node if n.op_type == "BlockGather"]
+    assert [n.op_type for n in model.graph.node if gather.input[1] in n.input] == [
+        "BlockGather", "BlockLinear"]  # the tied LM head reads the same blocks
+    embedding = load_hf_folder(hf_models["llama_tied"]).tensors["model.embed_tokens.weight"]
+    table = quantize_blocks(embedding, 8).dequantize()[:, :embedding.shape[1]]
+    model.graph.initializer.append(numpy_helper.from_array(table, "embedding_table"))
+    gather.CopyFrom(helper.make_node("Gather", ["embedding_table", "input_ids"], gather.output))
+    (table_dir / GRAPH_FILE).unlink()
+    (table_dir / (GRAPH_FILE + ".data")).unlink()
+    onnx.save_model(model, str(table_dir / GRAPH_FILE), save_as_external_data=True,
+                    location=GRAPH_FILE + ".data")
+    prompts = random_prompts(3, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    runs = [LLM(str(d), kv_cache_dtype="fp32").generate(prompts, params, use_tqdm=False)
+            for d in (blocks_dir, table_dir)]
+    for ours, theirs in zip(*runs, strict=True):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+        for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs, strict=True):
+            assert {k: v.logprob for k, v in a.items()} == {k: v.logprob for k, v in b.items()}
