@@ -5,19 +5,23 @@
 The reference is transformers on the file's dequantized weights (fp32). For each held-out chat
 prompt, the fraction of the greedy continuation that agrees with the reference before the
 first difference (a near-tie flips every token after it, so the mean of that fraction is the
-measure); EOS is ignored. llama.cpp (llama-server from setup_peers.sh, $PEERS) runs the same
-file and the same prompt ids. Both round activations to 8 bits per block, so neither should
-lose more than the other.
+measure); EOS is ignored. llama.cpp runs the same file and the same prompt ids through its C API
+(benchmarks/llamacpp_greedy.cpp, built by setup_peers.sh under $PEERS: the argmax of its logits
+at each step). Both round activations to 8 bits per block, so neither should lose more than the
+other.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 from pathlib import Path
 
 import numpy as np
-from peer_llamacpp import PEERS, Server
-from workloads import log
+from peer_llamacpp import PEERS
+from workloads import THREADS, log
+
+LLAMACPP_GREEDY = PEERS / "bin/llamacpp_greedy"
 
 PROMPTS = [  # held out: used for nothing else in the project
     "Write a short poem about the sea at night.",
@@ -62,15 +66,10 @@ def ours_greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]
 
 
 def llamacpp_greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
-    server = Server(path, 1, 4096, [])
-    try:
-        out = []
-        for prompt in prompts:
-            result = server.complete(prompt, n, return_tokens=True)
-            out.append(result["tokens"])
-        return out
-    finally:
-        server.close()
+    stdin = "".join(" ".join(map(str, p)) + "\n" for p in prompts)
+    result = subprocess.run([str(LLAMACPP_GREEDY), str(path), str(n), str(THREADS)],
+                            input=stdin, capture_output=True, text=True, check=True)
+    return [[int(t) for t in line.split()[2:]] for line in result.stdout.splitlines()]
 
 
 def main() -> None:
@@ -88,7 +87,7 @@ def main() -> None:
                                            return_dict=False) for p in PROMPTS]
         reference = transformers_greedy(path, prompts, args.tokens)
         shares = {"ours auto": ours_greedy(path, prompts, args.tokens)}
-        if (PEERS / "bin/llama-server").exists():
+        if LLAMACPP_GREEDY.exists():
             shares["llama.cpp"] = llamacpp_greedy(path, prompts, args.tokens)
         for engine, tokens in shares.items():
             per_prompt = [prefix_share(t, r) for t, r in zip(tokens, reference, strict=True)]

@@ -49,10 +49,9 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError("llama-server did not come up")
 
-    def complete(self, prompt: list[int], n: int, return_tokens: bool = False) -> dict:
+    def complete(self, prompt: list[int], n: int) -> dict:
         body = {"prompt": prompt, "n_predict": n, "ignore_eos": True, "temperature": 0.0,
-                "top_k": 1, "cache_prompt": False, "stream": False,
-                "return_tokens": return_tokens}
+                "top_k": 1, "cache_prompt": False, "stream": False}
         req = urllib.request.Request(self.url + "/completion", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=3600) as r:

@@ -90,6 +90,14 @@ step_llamacpp() {
             || return 1
         mkdir -p "$dir/bin" && cp "$dir"/build/bin/llama-{server,quantize,bench} "$dir/bin/"
     fi
+    # Greedy tokens through llama.cpp's C API (benchmarks/greedy_agreement.py).
+    if [ ! -x "$dir/bin/llamacpp_greedy" ]; then
+        src=$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)
+        g++ -O2 -std=c++17 "$(dirname "$0")/llamacpp_greedy.cpp" -I "$src/include" \
+            -I "$src/ggml/include" "$dir"/build/src/libllama.a "$dir"/build/ggml/src/libggml{,-cpu,-base}.a \
+            "$dir"/build/vendor/hash/libvendor-hash.a -lpthread -fopenmp \
+            -o "$dir/bin/llamacpp_greedy" || return 1
+    fi
     # The HF checkpoint is the dequantized Q4_1, so requantizing the GGUF gives the same weights
     # (F32: those weights as they are, which convert_hf_to_gguf.py of the checkpoint also gives).
     ln -sf "$GGUF" "$dir/model-Q4_1.gguf"
