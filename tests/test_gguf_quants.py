@@ -118,11 +118,12 @@ def tiny_llama(hidden: int = 256, layers: int = 2) -> object:
         tie_word_embeddings=False))
 
 
-def write_gguf(path: Path, model: object, types: dict[str, GGMLQuantizationType],
+def write_blocks_gguf(path: Path, model: object, types: dict[str, GGMLQuantizationType],
                std: float) -> None:
     """The tiny model as a GGUF whose tensors named in `types` are random blocks of that
     type (weights of spread `std`), the rest F32."""
-    from tests.test_gguf import _tiny_tokenizer, _write_gguf
+    from tests.gguf_util import bpe_vocab, write_gguf
+    from tests.test_gguf import _tiny_tokenizer
 
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": model.model.embed_tokens.weight.shape,
@@ -136,7 +137,7 @@ def write_gguf(path: Path, model: object, types: dict[str, GGMLQuantizationType]
             shapes[f"blk.{i}.{name}.weight"] = module.weight.shape
     raw = {name: (make_tensor(qtype, *shapes[name], rng, std), qtype)
            for name, qtype in types.items()}
-    _write_gguf(path, model, _tiny_tokenizer(), "smollm", add_bos=False, raw=raw)
+    write_gguf(path, model, bpe_vocab(_tiny_tokenizer(), "smollm", 1, 2, False), raw=raw)
 
 
 # Q4_K_M's mix on a tiny model, every K-quant and a Q4_K beside a Q6_K in one stacked matrix.
@@ -166,7 +167,7 @@ def test_mixed_k_quant_gguf_gives_transformers_tokens(tmp_path: Path) -> None:
     from nanovllm_onnx.convert.converter import convert
 
     path = tmp_path / "mixed.gguf"
-    write_gguf(path, tiny_llama(), MIXED, std=0.02)
+    write_blocks_gguf(path, tiny_llama(), MIXED, std=0.02)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
                                               dtype=torch.float32).eval()
     convert(path, tmp_path / "onnx")
@@ -203,10 +204,11 @@ def test_unsupported_type_names_tensor_and_type(tmp_path: Path) -> None:
     path = tmp_path / "iq.gguf"
     rows, cols = model.model.layers[0].mlp.up_proj.weight.shape
     garbage = np.random.default_rng(0).integers(0, 256, (rows, cols // 256 * 66), dtype=np.uint8)
-    from tests.test_gguf import _tiny_tokenizer, _write_gguf
+    from tests.gguf_util import bpe_vocab, write_gguf
+    from tests.test_gguf import _tiny_tokenizer
 
-    _write_gguf(path, model, _tiny_tokenizer(), "smollm", add_bos=False,
-                raw={"blk.0.ffn_up.weight": (garbage, T.IQ2_XXS)})
+    write_gguf(path, model, bpe_vocab(_tiny_tokenizer(), "smollm", 1, 2, False),
+               raw={"blk.0.ffn_up.weight": (garbage, T.IQ2_XXS)})
     with pytest.raises(ModelLoadError, match="tensor blk.0.ffn_up.weight is IQ2_XXS, which "
                                              "nano-vllm-onnx does not run"):
         load_gguf(path)
