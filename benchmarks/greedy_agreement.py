@@ -76,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("gguf", nargs="+", type=Path)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -84,7 +85,7 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}],
                                            add_generation_prompt=True, tokenize=True,
-                                           return_dict=False) for p in PROMPTS]
+                                           return_dict=False) for p in PROMPTS[:args.prompts]]
         reference = transformers_greedy(path, prompts, args.tokens)
         shares = {"ours auto": ours_greedy(path, prompts, args.tokens)}
         if LLAMACPP_GREEDY.exists():
@@ -93,7 +94,7 @@ def main() -> None:
             per_prompt = [prefix_share(t, r) for t, r in zip(tokens, reference, strict=True)]
             log(f"{path.name} {engine}: {[round(s, 2) for s in per_prompt]}")
             rows.append((path.name, engine, float(np.mean(per_prompt))))
-    print(f"\nGreedy agreement with transformers on the file ({len(PROMPTS)} prompts, "
+    print(f"\nGreedy agreement with transformers on the file ({args.prompts} prompts, "
           f"{args.tokens} tokens each)\n\n| file | engine | agreement |\n| --- | --- | --- |")
     for name, engine, share in rows:
         print(f"| {name} | {engine} | {share:.0%} |")
