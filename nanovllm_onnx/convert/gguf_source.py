@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from .gguf_blocks import FLOAT_TYPES, SUPPORTED, file_blocks
-from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, QuantBlocks
+from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, QuantBlocks, Rows
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,14 @@ def load_gguf(path: Path) -> ModelSource:
         key: config[key] for key in ("bos_token_id", "eos_token_id") if config.get(key) is not None
     }
     loaders, blocks = _weight_loaders(path, arch, config, tensors)
+    # The vocabulary-sized ones are converted a slice at a time.
+    vocabulary = {"token_embd.weight": "model.embed_tokens.weight",
+                  "output.weight": "lm_head.weight"}
+    rows = {hf: _row_reader(path, tensors[name]) for name, hf in vocabulary.items()
+            if name in tensors}
     return ModelSource(
         config=config,
-        tensors=LazyTensors(loaders),
+        tensors=LazyTensors(loaders, rows),
         quant_blocks=LazyMapping(blocks),
         tokenizer_json=tokenizer_json,
         tokenizer_config=tokenizer_config,
@@ -298,12 +303,22 @@ def _tensor_loader(
     path: Path, tensor: ReaderTensor, shape: tuple[int, ...], permute_heads: int | None
 ) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        # A copy, so the result neither pins the memory map nor is read-only.
-        weights = np.array(weights.reshape(shape), dtype=np.float32)
+        weights = _dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         return weights if permute_heads is None else _unpermute_rows(weights, permute_heads)
 
     return load
+
+
+def _row_reader(path: Path, tensor: ReaderTensor) -> Rows:
+    """A 2-D tensor by ranges of rows (the reader's layout is [rows, bytes of a row])."""
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return Rows(shape, lambda lo, hi: _dequantize(tensor.data[lo:hi], tensor.tensor_type))
+
+
+def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Float32 weights of raw GGUF data; a copy, so the result neither pins the memory map nor
+    is read-only."""
+    return np.array(dequantize(data, qtype), dtype=np.float32)
 
 
 def _unpermute_rows(weights: np.ndarray, n_heads: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from nanovllm_onnx.engine.block_manager import BlockManager
 from nanovllm_onnx.engine.sampler import Sampler, log_softmax, logprob_dict
 from nanovllm_onnx.engine.scheduler import Scheduler
 from nanovllm_onnx.engine.sequence import Sequence
+from nanovllm_onnx.engine.structured import GrammarCompiler, StructuredOutputs
 from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer, TextTokenizer
 from nanovllm_onnx.kernels import KEY_TILE
 from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
@@ -81,6 +82,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens)
         self.sampler = Sampler(mc.eos_token_ids)
+        self.structured = StructuredOutputs(GrammarCompiler(
+            self.tokenizer.tokenizer.to_str(), mc.vocab_size, mc.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._request_ids = count()
         self.num_steps = 0
@@ -128,6 +131,8 @@ class LLMEngine:
         seqs = [Sequence(request_id, ids, params, index=i, prompt=text) for i in range(params.n)]
         for seq in seqs:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            if params.structured_outputs is not None:  # compiled once, then cached
+                seq.grammar = self.structured.compiler.matcher(params.structured_outputs)
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, seqs[1:])
         self.scheduler.add(seqs[0])
 
@@ -156,6 +161,9 @@ class LLMEngine:
             return []
         self.num_steps += 1
         self.kv_cache.copy_in(copies.copy_in)
+        # The grammar masks are computed while the model runs.
+        masks = self.structured.start_masks(
+            [seq for i, seq in enumerate(step.seqs) if step.samples(i)])
         logits = self.runner.run(step)
         sampling, sample_rows, row = [], [], 0
         for i, seq in enumerate(step.seqs):
@@ -170,6 +178,13 @@ class LLMEngine:
                 sample_rows.append(row - 1)
         if len(sample_rows) < len(logits):  # some rows were prompt logprobs only
             logits = logits[sample_rows]
+        dead_ends: list[Sequence] = []
+        if masks is not None:
+            dead = masks.apply(logits)
+            if dead:  # their grammar admits no token: they end instead of sampling
+                dead_ends = [sampling[i] for i in dead]
+                keep = np.setdiff1d(np.arange(len(sampling)), dead)
+                logits, sampling = logits[keep], [sampling[i] for i in keep]
         tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
         for seq, n in zip(step.seqs, step.num_tokens):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -179,9 +194,14 @@ class LLMEngine:
         self.kv_cache.copy_out(copies.copy_out)
         self.kv_cache.release_store_blocks(self.block_manager.take_evicted_store_blocks())
         touched: dict[str, Request] = {}
-        for seq, token, lp in zip(sampling, tokens, logprobs):
+        results = [(seq, None, None) for seq in dead_ends] + list(zip(sampling, tokens, logprobs))
+        for seq, token, lp in results:
             request = self.requests[seq.request_id]
-            self._append_token(seq, int(token), lp)
+            if token is None:
+                self._finish(seq, "error", "grammar dead end: "
+                             f"{seq.grammar.error or 'the grammar admits no token here'}")
+            else:
+                self._append_token(seq, int(token), lp)
             touched[seq.request_id] = request
             if request.pending_samples and seq.index == 0:
                 # The prompt is computed and cached: its siblings now reuse it.
@@ -214,6 +234,10 @@ class LLMEngine:
         seq.append_token(token)
         if logprobs is not None:
             seq.logprobs.append(self._logprobs(logprobs))
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # The mask admits only what the grammar takes; this is a bug, not the user's.
+            self._finish(seq, "error", f"grammar rejected token {token}: {seq.grammar.error}")
+            return
         may_stop = seq.num_output_tokens >= p.min_tokens
         stop_token: int | None = None
         if may_stop and token in p.stop_token_ids:
@@ -226,12 +250,17 @@ class LLMEngine:
             seq.output_text += new_text
         if stop_token is not None:
             # vLLM reports the id for stop_token_ids and None for EOS.
-            self._finish(seq, "stop", token if token in p.stop_token_ids else None)
+            self._finish(seq, "stop", token if token in p.stop_token_ids else None,
+                         drop_last=not p.include_stop_str_in_output)
             return
         if p.stop_strings and may_stop and self._stop_string_match(seq, len(new_text)):
             return
         if seq.num_output_tokens >= (p.max_tokens or 0):
             self._finish(seq, "length", None)
+        elif seq.grammar is not None and seq.grammar.is_stopped:
+            # The output is complete: only EOS could follow, so end here, a step earlier.
+            error = seq.grammar.error
+            self._finish(seq, "error" if error else "stop", error and f"grammar error: {error}")
 
     def _stop_string_match(self, seq: Sequence, new_chars: int) -> bool:
         """Finish at the first stop string the new text completes; cut the text as vLLM does."""
@@ -247,12 +276,13 @@ class LLMEngine:
         return False
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None,
-                flush_text: bool = True) -> None:
+                flush_text: bool = True, drop_last: bool = False) -> None:
+        """drop_last: the last token (a stop token) is left out of the text."""
         if flush_text:
             # Bytes the incremental detokenizer still holds (an unfinished character) are
             # emitted now, as a full decode would.
             ids = seq.output_token_ids
-            if reason == "stop" and not seq.params.include_stop_str_in_output:
+            if drop_last:
                 ids = ids[:-1]
             seq.output_text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
         seq.finish_reason, seq.stop_reason = reason, stop_reason
