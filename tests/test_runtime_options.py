@@ -57,4 +57,5 @@ def test_doctor_reports_versions_providers_and_cpu() -> None:
                      "cpu: ", "threads (defaults): "):
         assert expected in out.stdout
     # the build the dispatcher picked for this CPU
-    assert f"kernels (SlotAttention, SwiGLU, BlockLinear): {kernel_target()} build" in out.stdout
+    assert (f"kernels (SlotAttention, SwiGLU, BlockLinear, BlockGather): {kernel_target()} build"
+            in out.stdout)
