@@ -74,6 +74,24 @@ def test_replicas_answer_openai_clients_streaming_and_not(cluster: str, referenc
     expected = reference.generate("1, 2, 3,", SamplingParams(temperature=0, max_tokens=6),
                                   use_tqdm=False)[0].outputs[0].text
     assert completion.choices[0].text == expected
+    # The ingress's /metrics: its own request metrics, and the engine state the replicas
+    # reported (3 equal chats on 2 replicas: one replica saw the prompt twice, a prefix hit).
+    metrics = ingress_metrics(cluster)
+    assert sum(v for k, v in metrics.items() if k.startswith("vllm:request_success_total")) == 5
+    assert metrics["vllm:generation_tokens_total"] >= 5
+    assert metrics["nanovllm_engine_steps_total"] >= 5
+    assert metrics["vllm:prefix_cache_hits_total"] >= 16
+    assert metrics["vllm:num_requests_running"] == metrics["vllm:num_requests_waiting"] == 0
+
+
+def ingress_metrics(base_url: str) -> dict[str, float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+    return {s.name + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())
+                              if k not in ("model_name", "engine")): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_structured_outputs_and_tool_calls_through_the_ingress(cluster: str) -> None:

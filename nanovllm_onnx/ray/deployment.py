@@ -58,9 +58,14 @@ class ReplicaError:
 # The engine state a replica reports (its metrics' samples, by the names used here).
 ENGINE_STATE = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
                 "kv_cache_usage": "vllm:kv_cache_usage_perc",
+                "prefix_cache_blocks": "nanovllm_prefix_cache_blocks",
                 "prefix_cache_queries": "vllm:prefix_cache_queries_total",
-                "prefix_cache_hits": "vllm:prefix_cache_hits_total"}
-COUNTERS = ("prefix_cache_queries", "prefix_cache_hits")
+                "prefix_cache_hits": "vllm:prefix_cache_hits_total",
+                "prompt_tokens": "vllm:prompt_tokens_total",
+                "generation_tokens": "vllm:generation_tokens_total",
+                "preemptions": "vllm:num_preemptions_total", "steps": "nanovllm_engine_steps_total"}
+COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens",
+            "preemptions", "steps")
 
 
 @dataclass
@@ -173,7 +178,8 @@ class RemoteEngine:
 
     def _record(self, report: ReplicaReport) -> None:
         """The replicas' engine state into this server's metrics, as they last reported it:
-        queues added up, KV usage their mean, prefix-cache counters by what each added."""
+        queues and cached blocks added up, KV usage their mean, counters (tokens, prefix-cache
+        lookups, preemptions, steps) by what each added."""
         before = self.reports.get(report.replica, {})
         self.reports[report.replica] = report.state
         m = self.metrics
@@ -184,6 +190,7 @@ class RemoteEngine:
         m.running.set(sum(s["running"] for s in states))
         m.waiting.set(sum(s["waiting"] for s in states))
         m.kv_cache_usage.set(sum(s["kv_cache_usage"] for s in states) / len(states))
+        m.prefix_cache_blocks.set(sum(s["prefix_cache_blocks"] for s in states))
 
     async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],
                      params: SamplingParams, prompt_param: str) -> RequestStream:
