@@ -110,7 +110,9 @@ class SpeculativeConfig:
 
     num_speculative_tokens: int
     method: str = "ngram"  # ngram | draft_model (implied by `model`)
-    model: str | None = None  # the draft: HF folder, GGUF file or converted folder
+    # The draft: HF folder, GGUF file or converted folder; with method draft_model and no
+    # model, the target's own source (converted with `weights`).
+    model: str | None = None
     weights: str | None = None  # fp32 | int8 | int4 for the draft (as EngineConfig.weights)
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
@@ -147,8 +149,6 @@ class SpeculativeConfig:
         if not isinstance(k, int) or not 1 <= k <= self.MAX_TOKENS:
             raise ValueError(f"speculative_config num_speculative_tokens must be an integer in "
                              f"[1, {self.MAX_TOKENS}]; got {k!r}")
-        if self.method == "draft_model" and not self.model:
-            raise ValueError("speculative_config method draft_model needs a draft 'model'")
         if self.method == "ngram":
             if self.model is not None or self.weights is not None:
                 raise ValueError("speculative_config method ngram takes no 'model' or 'weights'")

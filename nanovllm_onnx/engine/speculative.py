@@ -185,7 +185,8 @@ class DraftModelSpeculator(Speculator):
         super().__init__(cfg)
         from nanovllm_onnx.engine.tokenizer import TextTokenizer
 
-        model_dir = resolve_model(cfg.model, cfg.weights)
+        model_dir = resolve_model(cfg.model if cfg.model is not None else engine_cfg.model,
+                                  cfg.weights)
         self.model_config = mc = ModelConfig.load(model_dir)
         if mc.runner != "slots":
             raise ValueError(f"speculative draft model {cfg.model}: an Optimum export cannot be "

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nanovllm_onnx.engine.llm_engine import LLMEngine
 from nanovllm_onnx.outputs import RequestOutput
@@ -177,7 +177,7 @@ class AsyncEngine:
             logger.exception("engine step failed; failing its requests and carrying on")
             self._fail_step()
             return
-        sampled = 0  # each sequence that sampled this step added exactly one token
+        sampled = 0  # tokens this step (a verified speculation adds several to a sequence)
         for output in outputs:
             request_id = output.request_id
             num_tokens = sum(len(c.token_ids) for c in output.outputs)
@@ -207,12 +207,14 @@ class AsyncEngine:
 
     def _publish_stats(self) -> None:
         bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        spec = self.engine.spec_decode_stats
         self.stats = EngineStats(
             running=len(scheduler.running), waiting=len(scheduler.waiting),
             kv_cache_usage=bm.num_seq_blocks / bm.num_blocks,
             prefix_cache_blocks=len(bm.cached), prefix_cache_hits=bm.prefix_hits,
             prefix_cache_queries=bm.prefix_queries, preemptions=scheduler.num_preemptions,
             steps=self.engine.num_steps,
+            spec_decode=None if spec is None else replace(spec),  # a snapshot
         )
 
 

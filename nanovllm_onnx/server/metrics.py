@@ -6,6 +6,8 @@ import threading
 from bisect import bisect_left
 from dataclasses import dataclass
 
+from nanovllm_onnx.engine.speculative import SpecDecodeStats
+
 PREFIX = "nanovllm_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -74,6 +76,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     preemptions: int = 0
     steps: int = 0
+    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
 
 
 def _gauge(name: str, help: str, value: float) -> list[str]:
@@ -125,6 +128,20 @@ class ServerMetrics:
                          stats.preemptions),
             *_cumulative("engine_steps", "Engine steps (batched model calls).", stats.steps),
         ]
+        spec = stats.spec_decode
+        if spec is not None:  # vLLM's spec_decode counters, and what they give
+            lines += [
+                *_cumulative("spec_decode_num_drafts", "Verified proposals (one sequence, one "
+                             "step).", spec.num_drafts),
+                *_cumulative("spec_decode_num_draft_tokens", "Proposed tokens verified.",
+                             spec.num_draft_tokens),
+                *_cumulative("spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                             spec.num_accepted_tokens),
+                *_gauge("spec_decode_acceptance_rate", "Accepted / proposed tokens so far.",
+                        spec.acceptance_rate),
+                *_gauge("spec_decode_mean_accepted_length", "Tokens per verification so far "
+                        "(accepted drafts + 1).", spec.mean_accepted_length),
+            ]
         for metric in (self.prompt_tokens, self.generation_tokens, self.requests_finished,
                        self.batch_size, self.ttft, self.tpot, self.e2e):
             lines += metric.render()
