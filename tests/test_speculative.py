@@ -9,6 +9,7 @@ path of the verification gets exercised."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -296,3 +297,30 @@ def test_default_model_same_tokens_on_a_quoting_prompt() -> None:
             llm.llm_engine.speculator = speculator
         assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want
         assert stats(llm)[2] > 12
+
+
+def test_server_streams_speculative_runs(models: dict[str, Path], tmp_path: Path) -> None:
+    """`serve --speculative-config`: streamed text equals the plain engine's; /metrics counts
+    the verifications; nothing is held afterwards."""
+    import openai
+
+    from tests.test_server import THREADS, start_server
+
+    spec = {**ngram(4), "model": str(models["int4"]), "method": "draft_model"}
+    server = start_server(models[TARGET], tmp_path / "server.log", "--kv-cache-dtype", "fp32",
+                          "--speculative-config", json.dumps(spec))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        plain = LLM(str(models[TARGET]), **FP32, intra_op_num_threads=int(THREADS[1]))
+        for prompt in prompts()[:2]:
+            want = plain.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].text
+            chunks = client.completions.create(model=TARGET, prompt=prompt, max_tokens=NEW_TOKENS,
+                                               temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True})
+            assert "".join(c.choices[0].text for c in chunks) == want
+        metrics = server.wait_idle()
+        assert metrics["nanovllm_spec_decode_num_accepted_tokens_total"] > 0
+        assert (metrics["nanovllm_spec_decode_num_draft_tokens_total"]
+                >= metrics["nanovllm_spec_decode_num_accepted_tokens_total"])
+    finally:
+        server.stop()

@@ -211,7 +211,6 @@ class LLMEngine:
             self.block_manager.on_computed(seq, copies)
             if num_samples > 1:
                 self.block_manager.release_rejected(seq)
-                seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
                 seq.draft_token_ids = []
         self.kv_cache.copy_out(copies.copy_out)
         self.kv_cache.release_store_blocks(self.block_manager.take_evicted_store_blocks())

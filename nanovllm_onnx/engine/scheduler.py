@@ -36,6 +36,8 @@ class Scheduler:
             seq = self.running[i]
             # Draft tokens are verified in this step, so they are run (and hold blocks) too.
             n = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
+            if n > seq.num_uncomputed_tokens and not bm.can_allocate(bm.blocks_needed(seq, n)):
+                n = seq.num_uncomputed_tokens  # drafts never cost another sequence its place
             del seq.draft_token_ids[max(0, n - seq.num_uncomputed_tokens):]
             while not bm.can_allocate(bm.blocks_needed(seq, n)):
                 # Out of KV memory: preempt the newest running sequence (maybe this one).

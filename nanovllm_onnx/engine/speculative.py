@@ -113,6 +113,9 @@ class Speculator:
         eligible = []
         for seq in running:
             seq.draft_token_ids = []
+            # The draft model's cache holds what the target verified (or, for a sequence not
+            # scheduled last step, at least what the target computed); the rest is redone.
+            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
             if seq.num_uncomputed_tokens != 1:
                 continue  # still in prefill
             if seq.spec_pause:
