@@ -248,7 +248,7 @@ class LLMEngine:
         stats.num_drafts += 1
         stats.num_draft_tokens += len(drafts)
         stats.num_accepted_tokens += num_emitted - 1
-        update_acceptance(seq, len(drafts), num_emitted - 1)
+        update_acceptance(seq, num_emitted - 1)
         return num_emitted
 
     def _add_prompt_logprobs(self, seq: Sequence, positions: list[int],

@@ -61,7 +61,9 @@ class Sequence:
         # unchecked), tokens whose K/V the draft model holds, and when to propose.
         self.draft_token_ids: list[int] = []
         self.num_draft_computed = 0
-        self.spec_acceptance = 1.0  # running mean of accepted / proposed
+        # Running mean of accepted tokens per verification; it starts high, so a new sequence
+        # pauses only after six rejections in a row.
+        self.spec_accepted = 4.0
         self.spec_pause = 0  # steps left without proposals (acceptance was too low)
         self.logprobs: list[dict[int, Logprob]] = []
         # Prompt logprobs so far (vLLM's layout: None for the first prompt token).

@@ -25,11 +25,13 @@ from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.runner.kv_cache import KVCache
 from nanovllm_onnx.runner.model_runner import ModelRunner, StepInput
 
-# A sequence whose running acceptance rate falls below this stops proposing for PAUSE_STEPS
-# steps, then tries again: rejected drafts cost a verification for nothing.
-MIN_ACCEPTANCE = 0.3
-PAUSE_STEPS = 16
-ACCEPTANCE_DECAY = 0.7  # weight of the past in the running acceptance rate
+# A sequence whose running mean of accepted tokens per verification falls below this stops
+# proposing for PAUSE_STEPS steps, then tries again: a verification costs a fraction of a
+# step, so even one accepted token in two pays, and acceptance comes in bursts (a model
+# quoting, then rephrasing, then quoting again): only a long run of rejections pauses.
+MIN_ACCEPTED = 0.5
+PAUSE_STEPS = 8
+ACCEPTANCE_DECAY = 0.7  # weight of the past in the running mean
 
 
 @dataclass
@@ -93,12 +95,11 @@ def give_back_uniforms(rows: list[VerifyRow]) -> None:
             row.seq.unused_uniforms.append(row.uniform)
 
 
-def update_acceptance(seq: Sequence, proposed: int, accepted: int) -> None:
-    seq.spec_acceptance = (ACCEPTANCE_DECAY * seq.spec_acceptance
-                           + (1 - ACCEPTANCE_DECAY) * accepted / proposed)
-    if seq.spec_acceptance < MIN_ACCEPTANCE:
+def update_acceptance(seq: Sequence, accepted: int) -> None:
+    seq.spec_accepted = ACCEPTANCE_DECAY * seq.spec_accepted + (1 - ACCEPTANCE_DECAY) * accepted
+    if seq.spec_accepted < MIN_ACCEPTED:
         seq.spec_pause = PAUSE_STEPS
-        seq.spec_acceptance = MIN_ACCEPTANCE  # after the pause, one more poor run pauses again
+        seq.spec_accepted = MIN_ACCEPTED  # after the pause, one more rejection pauses again
 
 
 class Speculator:
