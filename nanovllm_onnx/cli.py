@@ -97,14 +97,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from nanovllm_onnx.default_model import DEFAULT_MODEL_NAME
     from nanovllm_onnx.server.api_server import serve
+    from nanovllm_onnx.server.async_engine import EngineDeadError
 
     # The serve subcommand's own --log-level (default info: one line per request).
     logging.getLogger().setLevel(args.serve_log_level.upper())
     args.model = args.model_tag or args.model
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
-    serve(engine_config(args), name, host=args.host, port=args.port, api_key=args.api_key,
-          max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
-          log_level=args.serve_log_level)
+    try:
+        serve(engine_config(args), name, host=args.host, port=args.port, api_key=args.api_key,
+              max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
+              log_level=args.serve_log_level)
+    except EngineDeadError as e:  # exit non-zero: the supervisor restarts the server
+        sys.exit(f"error: {e}")
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:

@@ -81,7 +81,15 @@ class LLM:
         start, generated = time.perf_counter(), 0
         pending = set(order) - set(results)
         while pending:
-            for out in engine.step():
+            steps = engine.num_steps
+            outputs = engine.step()
+            if engine.num_steps == steps:  # nothing was scheduled, and nothing will change
+                bar.close()
+                raise RuntimeError(
+                    f"{len(pending)} requests cannot progress: the scheduler can run none of "
+                    f"them ({engine.get_num_unfinished_requests()} unfinished in the engine; "
+                    "too little free KV cache, or aborted from outside)")
+            for out in outputs:
                 generated += sum(len(o.token_ids) for o in out.outputs) if out.finished else 0
                 if out.finished:
                     results[out.request_id] = out

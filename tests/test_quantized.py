@@ -13,7 +13,7 @@ from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.convert.converter import convert
 from nanovllm_onnx.convert.graph import MS, GraphBuilder, pack_blocks, quantize_blocks
 from nanovllm_onnx.kernels import DOMAIN, custom_ops_library
-from tests.conftest import VOCAB, random_prompts
+from tests.conftest import VOCAB, default_model_or_skip, random_prompts
 
 PROMPTS = random_prompts(4, seed=21, lo=20, hi=40)
 
@@ -117,12 +117,8 @@ def test_gguf_q4_blocks_are_kept_exactly() -> None:
     blocks come back exactly, so both dequantize to exactly what the gguf package dequantizes
     (Q/K rows un-permuted alike)."""
     from nanovllm_onnx.convert.gguf_source import load_gguf
-    from nanovllm_onnx.default_model import default_model_path
 
-    try:
-        src = load_gguf(default_model_path())
-    except RuntimeError as e:
-        pytest.skip(f"default model unavailable: {e}")
+    src = load_gguf(default_model_or_skip())
     assert len(src.int4_blocks) == 30 * 7  # every projection of the 30 layers
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight"):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import openai
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
@@ -29,7 +30,7 @@ from nanovllm_onnx.outputs import CompletionOutput, RequestOutput
 from nanovllm_onnx.server.async_engine import AsyncEngine
 from nanovllm_onnx.server.metrics import ServerMetrics
 from nanovllm_onnx.server.protocol import APIError
-from nanovllm_onnx.server.serving import DeltaTracker
+from nanovllm_onnx.server.serving import DONE, DeltaTracker, ResponseMeta, event_stream
 from tests.conftest import random_prompts
 
 MODEL = "llama"  # the served name: the converted folder's name
@@ -48,17 +49,15 @@ class Server:
     process: subprocess.Popen
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.url}/metrics").text
-        return {name: float(value) for name, value in re.findall(r"^([^#\s]\S*) (\S+)$", text,
-                                                                  re.MULTILINE)}
+        return parse_metrics(httpx.get(f"{self.url}/metrics").text)
 
     def wait_idle(self, timeout: float = 10.0) -> dict[str, float]:
         """Metrics once nothing runs or waits and no KV block is held by a sequence."""
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            if (m["nanovllm_num_requests_running"] == m["nanovllm_num_requests_waiting"]
-                    == m["nanovllm_kv_cache_usage_perc"] == 0):
+            if (m["vllm:num_requests_running"] == m["vllm:num_requests_waiting"]
+                    == m["vllm:kv_cache_usage_perc"] == 0):
                 return m
             assert time.monotonic() < deadline, f"the server did not go idle: {m}"
             time.sleep(0.05)
@@ -72,13 +71,30 @@ class Server:
             self.process.wait()
 
 
-def start_server(model: Path, log: Path, *args: str, env: dict[str, str] | None = None
-                 ) -> Server:
+def parse_metrics(text: str) -> dict[str, float]:
+    """Each sample by its name and labels, less vLLM's model_name and engine labels, which
+    every engine metric carries (checked here); process_* are the process's."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if sample.name == "vllm:cache_config_info":
+                samples["num_blocks"] = float(labels["num_gpu_blocks"])
+            elif not sample.name.startswith("process_"):
+                assert labels.pop("model_name") == MODEL and labels.pop("engine") == "0"
+            keys = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            samples[f"{sample.name}{{{keys}}}" if keys else sample.name] = sample.value
+    return samples
+
+
+def start_server(model: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                 launcher: Sequence[str] = ("-m", "nanovllm_onnx.cli")) -> Server:
+    """`launcher`: python's arguments before `serve` (a script, to inject a fault)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "nanovllm_onnx.cli", "serve", str(model), "--port", str(port),
-           *THREADS, *args]
+    cmd = [sys.executable, *launcher, "serve", str(model), "--port", str(port), *THREADS,
+           *args]
     with log.open("w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})})
@@ -300,6 +316,38 @@ def _batched_steps(metrics: dict[str, float]) -> float:
     return metrics["nanovllm_batch_size_count"] - metrics['nanovllm_batch_size_bucket{le="1.0"}']
 
 
+def test_metrics_count_what_a_request_did_under_vllms_names(server: Server) -> None:
+    before = server.wait_idle()
+    prompt = random_prompts(1, seed=9, lo=40, hi=40)[0]
+    for _ in range(2):  # the second finds the prompt's 2 full blocks in the prefix cache
+        httpx.post(f"{server.url}{COMPLETIONS}", json={
+            "prompt": prompt, "max_tokens": 7, "n": 2, "seed": 1, "ignore_eos": True})
+    after = server.wait_idle()
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew("vllm:prompt_tokens_total") == 2 * 40
+    assert grew("vllm:generation_tokens_total") == 2 * 2 * 7
+    assert grew('vllm:request_success_total{finished_reason="length"}') == 2 * 2  # choices
+    for histogram in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+                      "vllm:request_time_per_output_token_seconds"):
+        assert grew(f"{histogram}_count") == 2
+        assert 0 < grew(f"{histogram}_sum") < 60
+    assert grew("vllm:request_prompt_tokens_sum") == 2 * 40
+    assert grew("vllm:request_generation_tokens_sum") == 2 * 2 * 7
+    # Each of the 2 x 2 sequences waited between its 7 tokens 6 times.
+    assert grew("vllm:inter_token_latency_seconds_count") == 2 * 2 * 6
+    # In tokens, as vLLM counts them: the second request's 32 cached of its first 32 queried
+    # (more when the first found blocks of earlier tests' prompts: never here, seed 9).
+    assert grew("vllm:prefix_cache_hits_total") >= 32
+    assert grew("vllm:prefix_cache_queries_total") >= grew("vllm:prefix_cache_hits_total")
+    assert grew("nanovllm_engine_steps_total") >= 7
+    assert after["process_resident_memory_bytes"] > 50 * 2**20
+    assert after["num_blocks"] > after["nanovllm_prefix_cache_blocks"]
+    assert after["nanovllm_prefix_cache_blocks"] >= 2
+
+
 # ---- disconnects ---------------------------------------------------------------------------
 
 LONG = {"prompt": "Hello", "max_tokens": 1000, "n": 32, "ignore_eos": True}
@@ -309,13 +357,13 @@ def _aborted(server: Server, generated_before: float, aborts_before: int) -> Non
     metrics = server.wait_idle()
     # Stopped early: fewer tokens than the 32 x 1000 asked for (the tiny model makes ~8,000
     # in the 0.2 s before a disconnect).
-    assert metrics["nanovllm_generation_tokens_total"] - generated_before < 32 * 1000
+    assert metrics["vllm:generation_tokens_total"] - generated_before < 32 * 1000
     log = server.log.read_text()
     assert log.count("finish=abort") == aborts_before + 1
 
 
 def test_disconnect_mid_stream_aborts_and_frees_kv(server: Server) -> None:
-    generated = server.wait_idle()["nanovllm_generation_tokens_total"]
+    generated = server.wait_idle()["vllm:generation_tokens_total"]
     aborts = server.log.read_text().count("finish=abort")
     with httpx.Client(timeout=30) as http, http.stream(
             "POST", f"{server.url}/v1/completions", json={**LONG, "stream": True}) as response:
@@ -329,7 +377,7 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(server: Server) -> None:
 
 
 def test_disconnect_while_waiting_for_a_full_response_aborts(server: Server) -> None:
-    generated = server.wait_idle()["nanovllm_generation_tokens_total"]
+    generated = server.wait_idle()["vllm:generation_tokens_total"]
     aborts = server.log.read_text().count("finish=abort")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=0.2)
@@ -370,6 +418,18 @@ BAD_REQUESTS = [  # (name, method, path, JSON body or raw bytes, status, param)
     ("stop token past the vocabulary", "POST", COMPLETIONS,
      {"prompt": "hi", "stop_token_ids": [10**6], "min_tokens": 2}, 400, "stop_token_ids"),
     ("negative seed", "POST", COMPLETIONS, {"prompt": "hi", "seed": -1}, 400, "seed"),
+    # JSON's "\ud800" escape gives a lone surrogate: not Unicode text, no tokenizer reads it.
+    ("lone surrogate in a prompt", "POST", COMPLETIONS, b'{"prompt": "ab\\udfffc"}', 400,
+     "prompt"),
+    ("lone surrogate in a message", "POST", CHAT,
+     b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages"),
+    ("body not UTF-8", "POST", COMPLETIONS, b'{"prompt": "\xff\xfe"}', 400, None),
+    ("unknown role", "POST", CHAT, {"messages": [{"role": "alien", "content": "hi"}]}, 400,
+     "messages"),
+    ("max_tokens beyond the context", "POST", COMPLETIONS, {"prompt": "hi", "max_tokens": 10**9},
+     400, "max_tokens"),
+    ("max_completion_tokens beyond the context", "POST", CHAT,
+     {"messages": HELLO, "max_completion_tokens": 1020}, 400, "max_tokens"),
     ("unknown route", "POST", "/v1/embeddings", {"input": "hi"}, 404, None),
     ("wrong method", "GET", COMPLETIONS, None, 405, None),
 ]
@@ -391,6 +451,20 @@ def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(
     assert ok.status_code == 200
 
 
+def test_max_tokens_beyond_the_context_gets_vllms_400(limited: Server) -> None:
+    ids = [5, 6, 7, 8, 9]
+    response = httpx.post(f"{limited.url}{COMPLETIONS}", headers=AUTH,
+                          json={"prompt": ids, "max_tokens": 124})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        "'max_tokens' or 'max_completion_tokens' is too large: 124. This model's maximum "
+        "context length is 128 tokens and your request has 5 input tokens (124 > 128 - 5)")
+    # What fits is run (the prompt and max_tokens together fill the context exactly).
+    ok = httpx.post(f"{limited.url}{COMPLETIONS}", headers=AUTH,
+                    json={"prompt": ids, "max_tokens": 123, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 123
+
+
 def test_api_key_is_required_on_v1(limited: Server) -> None:
     body = {"prompt": "hi", "max_tokens": 2}
     for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}]:
@@ -409,6 +483,22 @@ def test_api_key_is_required_on_v1(limited: Server) -> None:
 def test_request_body_size_is_bounded(limited: Server) -> None:
     body = {"prompt": "hi " * 30000, "max_tokens": 2}
     response = httpx.post(f"{limited.url}{COMPLETIONS}", json=body, headers=AUTH)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_streamed_body_without_content_length_is_bounded_too(limited: Server) -> None:
+    """A chunked body declares no size: it is counted as it arrives."""
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(100):  # 100 KiB in all, past --max-request-bytes 65536
+            yield b"a" * 1024
+        yield b'"}'
+
+    response = httpx.post(f"{limited.url}{COMPLETIONS}", content=chunks(),
+                          headers={**AUTH, "Content-Type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
@@ -434,13 +524,13 @@ def test_full_queue_gets_503_with_retry_after(limited: Server) -> None:
 
 # ---- fuzzing -------------------------------------------------------------------------------
 
-FUZZ_EXAMPLES = 30  # per operation and mode
+FUZZ_EXAMPLES = 60  # per operation and mode
 
 
-def test_fuzzed_requests_never_get_a_5xx(limited: Server) -> None:
-    """Schemathesis cases (schema-valid and schema-violating) for every operation. The
-    limited server keeps each generation short: its context is 128 tokens."""
-    schema = schemathesis.openapi.from_url(f"{limited.url}/openapi.json")
+def fuzz(server: Server, check: Callable[[Any], None]) -> None:
+    """`check` each of FUZZ_EXAMPLES schemathesis cases, schema-valid and schema-violating,
+    for every operation the server's OpenAPI schema lists."""
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {COMPLETIONS, CHAT, "/v1/models", "/metrics"}
     for operation in operations:
@@ -451,11 +541,26 @@ def test_fuzzed_requests_never_get_a_5xx(limited: Server) -> None:
             @given(case=operation.as_strategy(mode))
             @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
                       database=None, suppress_health_check=list(HealthCheck))
-            def check(case: Any) -> None:
-                case.call_and_validate(base_url=limited.url, headers=AUTH,
-                                       checks=[not_a_server_error], timeout=60)
+            def run(case: Any) -> None:
+                check(case)
 
-            check()
+            run()
+
+
+def test_fuzzed_requests_never_get_a_5xx(limited: Server) -> None:
+    """With the API key. The limited server keeps each generation short: its context is 128
+    tokens."""
+    fuzz(limited, lambda case: case.call_and_validate(
+        base_url=limited.url, headers=AUTH, checks=[not_a_server_error], timeout=60))
+
+
+def test_fuzzed_requests_without_the_api_key_get_401_on_v1(limited: Server) -> None:
+    def check(case: Any) -> None:
+        response = case.call(base_url=limited.url, timeout=60)
+        assert response.status_code == 401 if case.path.startswith("/v1") \
+            else response.status_code < 500, (case.path, response.status_code)
+
+    fuzz(limited, check)
 
 
 # ---- a failing engine step ------------------------------------------------------------------
@@ -473,7 +578,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(
         return step()
 
     engine.step = flaky_step  # type: ignore[method-assign]
-    async_engine = AsyncEngine(engine, max_waiting=8, metrics=ServerMetrics())
+    async_engine = AsyncEngine(engine, max_waiting=8, metrics=ServerMetrics(MODEL))
     async_engine.start()
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -492,3 +597,114 @@ def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(
     async_engine.stop()
     assert len(outputs[0].outputs[0].token_ids) == 20
     assert not engine.has_unfinished_requests() and engine.block_manager.num_seq_blocks == 0
+
+
+# ---- a dead engine thread, a failing stream --------------------------------------------------
+
+def test_a_dead_engine_thread_fails_every_request_at_once_and_refuses_new_ones(
+        converted: dict[str, Path]) -> None:
+    engine = LLMEngine(EngineConfig(model=str(converted[MODEL]), intra_op_num_threads=1))
+    deaths = []
+    async_engine = AsyncEngine(engine, max_waiting=8, metrics=ServerMetrics(MODEL),
+                               on_death=lambda: deaths.append(True))
+    publish = async_engine._publish_stats
+
+    def publish_then_break() -> None:  # a bug outside any step: the thread itself dies
+        publish()
+        if len(engine.requests) == 6:  # once all three requests (two prompts each) run
+            raise RuntimeError("injected engine-thread bug")
+
+    async_engine._publish_stats = publish_then_break  # type: ignore[method-assign]
+    async_engine.start()
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main() -> None:
+        streams = [await async_engine.submit(f"r{i}", ["Hello"] * 2, params, "prompt")
+                   for i in range(3)]
+        for stream in streams:
+            with pytest.raises(APIError) as error:
+                await asyncio.wait_for(stream.final(), 30)
+            assert error.value.status == 500 and error.value.code == "engine_dead"
+            stream.close()
+        with pytest.raises(APIError) as error:
+            await async_engine.submit("late", ["Hello"], params, "prompt")
+        assert error.value.status == 503
+
+    asyncio.run(main())
+    async_engine.stop()  # joins the thread: it calls on_death after failing the requests
+    assert deaths == [True] and not async_engine.is_alive()
+
+
+KILLER = """import sys
+from nanovllm_onnx import cli
+from nanovllm_onnx.server.async_engine import AsyncEngine
+
+publish = AsyncEngine._publish_stats
+
+
+def publish_then_break(self):
+    publish(self)
+    if len(self.engine.requests) == 2:  # both requests run: some steps on, die
+        self.doomed = getattr(self, "doomed", 0) + 1
+        if self.doomed > 50:
+            raise RuntimeError("injected engine-thread bug")
+
+
+AsyncEngine._publish_stats = publish_then_break
+cli.main(sys.argv[1:])
+"""
+
+
+def test_engine_death_ends_streams_with_an_error_and_exits_the_server_non_zero(
+        converted: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "killer.py").write_text(KILLER)
+    s = start_server(converted[MODEL], tmp_path / "server.log",
+                     launcher=[str(tmp_path / "killer.py")])
+    try:
+        body = {"prompt": "Hello", "max_tokens": 500, "ignore_eos": True}
+
+        async def main() -> tuple[list[str], httpx.Response]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as http:
+                async def stream() -> list[str]:
+                    async with http.stream("POST", COMPLETIONS,
+                                           json={**body, "stream": True}) as response:
+                        assert response.status_code == 200
+                        return [line async for line in response.aiter_lines() if line]
+
+                return await asyncio.gather(stream(), http.post(COMPLETIONS, json=body))
+
+        events, full = asyncio.run(main())
+        assert events[-1] == DONE.strip()
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "engine_dead" and error["type"] == "server_error"
+        assert "choices" in events[0]  # it had started
+        assert full.status_code == 500 and full.json()["error"]["code"] == "engine_dead"
+        assert s.process.wait(30) != 0
+        assert "the engine thread died" in s.log.read_text()
+    finally:
+        s.stop()
+
+
+class _FailingStream:
+    """A RequestStream whose second update meets a bug."""
+
+    engine_ids = ["x-0"]
+    prompt_tokens = 1
+    outputs: list[RequestOutput | None] = []
+
+    async def updates(self) -> AsyncIterator[list[RequestOutput | None]]:
+        yield [RequestOutput("x", None, [1], [CompletionOutput(0, "Hi", [7])])]
+        raise RuntimeError("injected bug")
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_a_bug_mid_stream_ends_it_with_an_error_event_and_done(chat: bool) -> None:
+    async def main() -> list[str]:
+        meta = ResponseMeta("x", 0, MODEL, chat)
+        return [event async for event in event_stream(
+            meta, _FailingStream(), SamplingParams(), include_usage=True)]  # type: ignore[arg-type]
+
+    events = asyncio.run(main())
+    assert events[-1] == DONE
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "internal_error"
+    assert "Hi" in events[-3]  # what came before the bug was sent

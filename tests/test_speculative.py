@@ -304,23 +304,29 @@ def test_server_streams_speculative_runs(models: dict[str, Path], tmp_path: Path
     the verifications; nothing is held afterwards."""
     import openai
 
-    from tests.test_server import THREADS, start_server
+    from tests.test_server import MODEL, THREADS, start_server
 
     spec = {**ngram(4), "model": str(models["int4"]), "method": "draft_model"}
+    # Served under test_server's model name, which its metrics parser checks.
     server = start_server(models[TARGET], tmp_path / "server.log", "--kv-cache-dtype", "fp32",
-                          "--speculative-config", json.dumps(spec))
+                          "--speculative-config", json.dumps(spec), "--served-model-name", MODEL)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         plain = LLM(str(models[TARGET]), **FP32, intra_op_num_threads=int(THREADS[1]))
         for prompt in prompts()[:2]:
             want = plain.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].text
-            chunks = client.completions.create(model=TARGET, prompt=prompt, max_tokens=NEW_TOKENS,
+            chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=NEW_TOKENS,
                                                temperature=0, stream=True,
                                                extra_body={"ignore_eos": True})
             assert "".join(c.choices[0].text for c in chunks) == want
         metrics = server.wait_idle()
-        assert metrics["nanovllm_spec_decode_num_accepted_tokens_total"] > 0
-        assert (metrics["nanovllm_spec_decode_num_draft_tokens_total"]
-                >= metrics["nanovllm_spec_decode_num_accepted_tokens_total"])
+        accepted = metrics["vllm:spec_decode_num_accepted_tokens_total"]
+        proposed = metrics["vllm:spec_decode_num_draft_tokens_total"]
+        drafts = metrics["vllm:spec_decode_num_drafts_total"]
+        assert 0 < accepted <= proposed and drafts > 0
+        assert metrics["nanovllm_spec_decode_acceptance_rate"] == pytest.approx(
+            accepted / proposed)
+        assert metrics["nanovllm_spec_decode_mean_accepted_length"] == pytest.approx(
+            1 + accepted / drafts)
     finally:
         server.stop()

@@ -14,6 +14,7 @@ import onnx
 
 from nanovllm_onnx.config import GRAPH_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig
 from nanovllm_onnx.convert.graph import WEIGHT_FORMATS, build_graph
+from nanovllm_onnx.convert.hf_config import resolved
 from nanovllm_onnx.convert.source import (
     ModelLoadError,
     ModelSource,
@@ -34,48 +35,48 @@ from nanovllm_onnx.runner.optimum_runner import (
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
-CONVERTER_VERSION = "16"  # bump when the emitted graph changes, to invalidate caches
+# bump when the emitted graph changes, to invalidate caches (17: checkpoints saved by
+# transformers 5 had their rope_parameters ignored)
+CONVERTER_VERSION = "17"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
 
 
 def load_source(path: Path) -> ModelSource:
+    """A GGUF file or HF folder, its config completed and checked (hf_config.resolved)."""
     if path.is_file() and path.suffix == ".gguf":
         from nanovllm_onnx.convert.gguf_source import load_gguf
 
-        return load_gguf(path)
-    if path.is_dir():
-        return load_hf_folder(path)
-    if not path.exists():
+        src = load_gguf(path)
+    elif path.is_dir():
+        src = load_hf_folder(path)
+    elif not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
-    raise ModelLoadError(
-        f"{path} is neither a GGUF file, a Hugging Face checkpoint folder nor a converted folder"
-    )
+    else:
+        raise ModelLoadError(f"{path} is neither a GGUF file, a Hugging Face checkpoint folder "
+                             "nor a converted folder")
+    src.config = resolved(src.config)
+    return src
 
 
 def model_config_from_source(src: ModelSource) -> ModelConfig:
+    """The engine's config of a source from load_source."""
     hf = src.config
-    arch = (hf.get("architectures") or ["<none>"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    heads = hf["num_attention_heads"]
+    # The graph adds biases to q, k and v only: others would be dropped without a word.
+    dropped = [name for name in src.tensors
+               if name.endswith(".bias") and not name.endswith(("q_proj.bias", "k_proj.bias",
+                                                                  "v_proj.bias"))]
+    if dropped:
+        raise ModelLoadError(f"biases other than q/k/v_proj's are not supported: {dropped[0]}")
     return ModelConfig(
-        architecture=arch,
+        architecture=hf["architectures"][0],
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_key_value_heads"],
+        head_dim=hf["head_dim"],
         vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        max_position_embeddings=hf["max_position_embeddings"],
         **tokenizer_fields(src),
     )
 
@@ -159,6 +160,10 @@ def optimum_model_config(src: ModelSource, graph: Path) -> ModelConfig:
         raise ModelLoadError(f"{graph}: neither the logits output nor config.json gives the "
                              "vocabulary size")
     kv_heads, head_dim = dims[1], dims[3]
+    max_pos = _first(hf, "max_position_embeddings", "n_positions")
+    if not max_pos:
+        raise ModelLoadError(f"{graph}: config.json gives no max_position_embeddings (or "
+                             "n_positions): the longest sequence the model takes")
     heads = _first(hf, "num_attention_heads", "n_head") or kv_heads
     return ModelConfig(
         architecture=(hf.get("architectures") or [hf.get("model_type", "<unknown>")])[0],
@@ -168,7 +173,7 @@ def optimum_model_config(src: ModelSource, graph: Path) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=vocab,
-        max_position_embeddings=_first(hf, "max_position_embeddings", "n_positions") or 4096,
+        max_position_embeddings=max_pos,
         runner="optimum",
         graph_path=str(graph.resolve()),
         **tokenizer_fields(src),

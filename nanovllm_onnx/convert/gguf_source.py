@@ -23,9 +23,15 @@ from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, Quant
 
 logger = logging.getLogger(__name__)
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# llama covers Mistral's files too: llama.cpp writes them as llama (no sliding window).
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 # llama.cpp token types (tokenizer.ggml.token_type)
+_UNKNOWN = 2
 _CONTROL = 3
 _USER_DEFINED = 4
 
@@ -54,7 +60,7 @@ _GPT2_SPLIT_PRES = {"default", "gpt2", "gpt-2", "smollm"}
 
 
 def load_gguf(path: Path) -> ModelSource:
-    """Read a GGUF file of a llama or qwen2 model."""
+    """Read a GGUF file of a llama, qwen2 or qwen3 model."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such GGUF file")
@@ -107,12 +113,6 @@ class _Metadata:
 
 def _config(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor]) -> dict:
     path = meta.path
-    # Silently dropping a RoPE scaling would give a model that runs but talks nonsense.
-    if "rope_freqs.weight" in tensors:
-        raise ModelLoadError(f"{path}: llama3-style RoPE scaling (rope_freqs) is not supported")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ModelLoadError(f"{path}: RoPE scaling {scaling!r} is not supported")
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor")
 
@@ -137,8 +137,7 @@ def _config(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor]) -> dic
         "head_dim": head_dim,
         "vocab_size": vocab_size,
         "max_position_embeddings": int(meta.get(f"{arch}.context_length")),
-        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        "rope_scaling": None,
+        "rope_parameters": _rope_parameters(meta, arch, tensors, head_dim),
         "rms_norm_eps": _f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -149,6 +148,50 @@ def _config(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor]) -> dic
     if (pad := meta.get("tokenizer.ggml.padding_token_id", None)) is not None:
         config["pad_token_id"] = pad
     return config
+
+
+# YaRN settings that llama.cpp and transformers read apart (llama.cpp multiplies its attention
+# factor into YaRN's own, transformers puts one in its place): refused rather than guessed.
+_YARN_UNSUPPORTED = ("yarn_attn_factor", "yarn_log_multiplier", "attn_factor")
+
+
+def _rope_parameters(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor],
+                     head_dim: int) -> dict[str, Any]:
+    """The rotary settings as transformers' rope_parameters, read as llama.cpp reads them."""
+    path, key = meta.path, f"{arch}.rope.scaling"
+    # llama.cpp's default base (llama_model_loader: rope_freq_base_train = 10000).
+    rope: dict[str, Any] = {"rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+                            "rope_type": "default"}
+    # llama.cpp: the factor (or the older rope.scale_linear) with no type means linear.
+    factor = meta.get(f"{key}.factor", None) or meta.get(f"{arch}.rope.scale_linear", None)
+    kind = meta.get(f"{key}.type", "linear" if factor else "none")
+    if kind == "linear" and factor not in (None, 0, 1):
+        rope |= {"rope_type": "linear", "factor": _f32(factor)}
+    elif kind == "yarn":
+        unsupported = [name for name in _YARN_UNSUPPORTED
+                       if meta.get(f"{key}.{name}", None) is not None]
+        if meta.get(f"{key}.yarn_ext_factor", 1.0) != 1.0:  # 1: llama.cpp's default for YaRN
+            unsupported.append("yarn_ext_factor")
+        if unsupported:
+            raise ModelLoadError(f"{path}: YaRN with {key}.{unsupported[0]} is not supported")
+        rope |= {
+            "rope_type": "yarn",
+            "factor": _f32(meta.get(f"{key}.factor")),
+            "original_max_position_embeddings": int(meta.get(f"{key}.original_context_length")),
+            "beta_fast": _f32(meta.get(f"{key}.yarn_beta_fast", 32.0)),  # llama.cpp's defaults
+            "beta_slow": _f32(meta.get(f"{key}.yarn_beta_slow", 1.0)),
+        }
+    elif kind not in ("none", "linear"):
+        raise ModelLoadError(f"{path}: RoPE scaling {kind!r} is not supported "
+                             "(supported: none, linear, yarn, llama3's rope_freqs)")
+    # Llama 3.1+: convert_hf_to_gguf.py stores llama3 scaling as one divisor per frequency.
+    if (freqs := tensors.get("rope_freqs.weight")) is not None:
+        factors = dequantize(freqs.data, freqs.tensor_type).reshape(-1)
+        if factors.shape != (head_dim // 2,):
+            raise ModelLoadError(f"{path}: rope_freqs has {factors.size} values, expected "
+                                 f"{head_dim // 2} (head_dim / 2)")
+        rope["freq_factors"] = [float(f) for f in factors]
+    return rope
 
 
 def _f32(value: float) -> float:
@@ -206,6 +249,10 @@ def _weight_loaders(
             for gguf_name, rows in (("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
                 hf_name = _BLOCK_TENSORS[gguf_name]
                 wanted[f"blk.{i}.{gguf_name}.bias"] = (f"model.layers.{i}.{hf_name}.bias", (rows,))
+        if arch == "qwen3":  # RMSNorm of each q and k head
+            for kind in "qk":
+                wanted[f"blk.{i}.attn_{kind}_norm.weight"] = (
+                    f"model.layers.{i}.self_attn.{kind}_norm.weight", (config["head_dim"],))
 
     loaders: dict[str, Callable[[], np.ndarray]] = {}
     blocks: dict[str, Callable[[], QuantBlocks]] = {}
@@ -301,17 +348,76 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _tokenizer(meta: _Metadata) -> tuple[str, dict]:
+    """The file's vocabulary as a `tokenizers` JSON that encodes and decodes as transformers'
+    tokenizer for the same file does, and the tokenizer_config facts."""
     path = meta.path
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ModelLoadError(
-            f"{path}: tokenizer {model!r} is not supported (only byte-level BPE, 'gpt2')"
-        )
     tokens: list[str] = meta.get("tokenizer.ggml.tokens")
     # Without token types nothing is marked special or user-defined.
     types: list[int] = meta.get("tokenizer.ggml.token_type", [])
-    merges: list[str] = meta.get("tokenizer.ggml.merges")
+    alphabet: set[str] | None = None  # a byte-level vocabulary's
+    if model == "gpt2":
+        tok, alphabet = _byte_level_bpe(meta, tokens)
+    elif model == "llama":
+        tok = _sentencepiece_bpe(meta, tokens)
+    else:
+        raise ModelLoadError(f"{path}: tokenizer {model!r} is not supported (supported: byte-level "
+                             "BPE 'gpt2', SentencePiece 'llama')")
+    ids = {name: meta.get(f"tokenizer.ggml.{key}", None) for name, key in _NAMED_TOKENS.items()}
+    named = {name: tokens[i] for name, i in ids.items() if i is not None and 0 <= i < len(tokens)}
+    # Control and unknown tokens (<|im_start|>, <unk>...) and the named ones match whole and are
+    # never split, in llama.cpp and in transformers (which adds its bos, eos, unk and pad tokens
+    # so; its SentencePiece unk is "<unk>" even where the file names none). A control token
+    # spelled outside a byte-level alphabet is a converter's mislabel: transformers leaves it
+    # out, and so do we.
+    special = [token for token, kind in zip(tokens, types) if kind in (_UNKNOWN, _CONTROL)]
+    tok.add_special_tokens([
+        AddedToken(token, special=True, normalized=False)
+        for token in dict.fromkeys([*special, *named.values()])
+        if alphabet is None or set(token) <= alphabet
+    ])
+    # User-defined tokens (like <think>) also match whole, but are ordinary text.
+    vocab = tok.get_vocab()
+    tok.add_tokens([
+        AddedToken(token, special=False, normalized=False)
+        for token, kind in zip(tokens, types) if kind == _USER_DEFINED and token in vocab
+    ])
 
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")
+    added = {name: bool(add) and name in named for name, add in (
+        ("bos_token", add_bos), ("eos_token", meta.get("tokenizer.ggml.add_eos_token", False)))}
+    # The BOS/EOS the file asks for are added by the tokenizer itself, as in an HF tokenizer.json.
+    def template(sequence: str, type_id: int) -> list[str]:
+        bos, eos = ([f"{named[name]}:{type_id}"] if added[name] else []
+                    for name in ("bos_token", "eos_token"))
+        return [*bos, f"${sequence}:{type_id}", *eos]
+
+    tok.post_processor = processors.TemplateProcessing(
+        single=template("A", 0), pair=[*template("A", 0), *template("B", 1)],
+        special_tokens=[(named[name], ids[name]) for name, add in added.items() if add],
+    )
+
+    tokenizer_config: dict[str, Any] = {
+        "bos_token": named.get("bos_token"),
+        "eos_token": named.get("eos_token"),
+        "add_bos_token": added["bos_token"],
+        "add_eos_token": added["eos_token"],
+        **{name: named[name] for name in ("unk_token", "pad_token") if name in named},
+    }
+    if (template := meta.get("tokenizer.chat_template", None)) is not None:
+        tokenizer_config["chat_template"] = template
+    return tok.to_str(), tokenizer_config
+
+
+_NAMED_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                 "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def _byte_level_bpe(meta: _Metadata, tokens: list[str]) -> tuple[Tokenizer, set[str]]:
+    """GPT-2 style BPE over bytes spelled as printable characters, and that alphabet."""
+    path = meta.path
+    merges: list[str] = meta.get("tokenizer.ggml.merges")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
 
@@ -345,53 +451,42 @@ def _tokenizer(meta: _Metadata) -> tuple[str, dict]:
             ]
         )
     tok.decoder = decoders.ByteLevel()
+    return tok, alphabet
 
-    # Control tokens (<|im_start|>...) must match whole and never be split. One spelled outside
-    # the byte alphabet is a converter's mislabel; transformers leaves it out, and so do we.
-    tok.add_special_tokens(
-        [
-            AddedToken(token, special=True, normalized=False)
-            for token, kind in zip(tokens, types, strict=False)
-            if kind == _CONTROL and set(token) <= alphabet
-        ]
-    )
-    # User-defined tokens (like <think>) also match whole, but are ordinary text.
-    tok.add_tokens(
-        [
-            AddedToken(token, special=False, normalized=False)
-            for token, kind in zip(tokens, types, strict=False)
-            if kind == _USER_DEFINED and token in vocab
-        ]
-    )
 
-    def token_at(key: str) -> str | None:
-        index = meta.get(key, None)
-        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+def _sentencepiece_bpe(meta: _Metadata, tokens: list[str]) -> Tokenizer:
+    """A SentencePiece vocabulary (Llama 2, Mistral...) as transformers' LlamaTokenizer builds it:
+    BPE merges in score order, "▁" for a space, bytes without a token as <0xNN> tokens."""
+    scores: list[float] = meta.get("tokenizer.ggml.scores")
+    if (merges := meta.get("tokenizer.ggml.merges", None)) is not None:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:  # llama.cpp's converter writes none: merging by score is SentencePiece's BPE
+        pairs = _merges_by_score(tokens, scores)
+    tok = Tokenizer(BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=pairs,
+                        fuse_unk=True, byte_fallback=True, dropout=None))
+    # llama.cpp's add_space_prefix (default true): one "▁" before the text, not after
+    # special tokens (transformers' non-legacy "first"), and stripped again when decoding.
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        *([decoders.Strip(content=" ", left=1, right=0)] if prefix else []),
+    ])
+    return tok
 
-    bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    # The BOS/EOS the file asks for are added by the tokenizer itself, as in an HF tokenizer.json.
-    single = " ".join(
-        [*([f"{bos}:0"] if add_bos else []), "$A:0", *([f"{eos}:0"] if add_eos else [])]
-    )
-    pair = " ".join(
-        [single, *([f"{bos}:1"] if add_bos else []), "$B:1", *([f"{eos}:1"] if add_eos else [])]
-    )
-    special = [(t, vocab[spelled(t)]) for t, add in ((bos, add_bos), (eos, add_eos)) if add and t]
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=special
-    )
 
-    tokenizer_config: dict[str, Any] = {
-        "bos_token": bos,
-        "eos_token": eos,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-    }
-    for name, key in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        if (token := token_at(f"tokenizer.ggml.{key}")) is not None:
-            tokenizer_config[name] = token
-    if (template := meta.get("tokenizer.chat_template", None)) is not None:
-        tokenizer_config["chat_template"] = template
-    return tok.to_str(), tokenizer_config
+def _merges_by_score(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best score first (transformers'
+    generate_merges: ties by the lengths of the parts, then by the parts' ids)."""
+    ids = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, score in dict(zip(tokens, scores)).items():
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))]
+        splits = sorted((s for s in splits if s[0] in ids and s[1] in ids),
+                        key=lambda s: (ids[s[0]], ids[s[1]]))
+        merges += [(left, right, score) for left, right in splits]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+

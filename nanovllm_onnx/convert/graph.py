@@ -10,6 +10,7 @@ Layout of a step (T packed tokens, row after row, for B cache rows):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -158,15 +159,31 @@ def pack_blocks(blocks: QuantBlocks, bits: int) -> np.ndarray:
         [vectors.reshape(groups, num_blocks, -1), halves(scale), halves(minimum)], axis=-1))
 
 
-def rotary_cache(head_dim: int, max_pos: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """cos and sin tables [max_pos, head_dim/2] for rotate-half rotary embeddings."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
-        inv_freq = _llama3_scaling(inv_freq, scaling)
-    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"rope_scaling {scaling} is not supported (supported: default, llama3)")
+def rotary_cache(head_dim: int, max_pos: int, rope: dict) -> np.ndarray:
+    """cos and sin tables [max_pos, head_dim/2] for rotate-half rotary embeddings. YaRN's
+    attention factor scales both, as transformers scales its cos and sin."""
+    inv_freq, attention_factor = inverse_frequencies(head_dim, max_pos, rope)
     freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
-    return np.stack([np.cos(freqs), np.sin(freqs)]).astype(np.float32)
+    return (np.stack([np.cos(freqs), np.sin(freqs)]) * attention_factor).astype(np.float32)
+
+
+def inverse_frequencies(head_dim: int, max_pos: int, rope: dict) -> tuple[np.ndarray, float]:
+    """The rotary frequencies and attention factor of `rope_parameters`
+    (hf_config.rope_parameters) as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    inv_freq = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    attention_factor = 1.0
+    kind = rope["rope_type"]
+    if kind == "linear":
+        inv_freq = inv_freq / rope["factor"]
+    elif kind == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, rope)
+    elif kind == "yarn":
+        inv_freq, attention_factor = _yarn_scaling(inv_freq, head_dim, max_pos, rope)
+    elif kind not in ("default", "dynamic"):  # dynamic: see hf_config.ROPE_TYPES
+        raise ValueError(f"rope_type {kind!r} is not supported")
+    if "freq_factors" in rope:  # a GGUF's rope_freqs: llama.cpp divides each frequency by its own
+        inv_freq = inv_freq / np.asarray(rope["freq_factors"], np.float64)
+    return inv_freq, attention_factor
 
 
 def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
@@ -179,10 +196,37 @@ def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     return np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
+def _yarn_scaling(inv_freq: np.ndarray, dim: int, max_pos: int, s: dict
+                  ) -> tuple[np.ndarray, float]:
+    """transformers' _compute_yarn_parameters (llama.cpp's YaRN with ext_factor 1 is the same)."""
+    base, original = s["rope_theta"], s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_pos / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else \
+            mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / ((high - low) or 0.001), 0, 1)
+    extrapolation = 1 - ramp  # the share of each frequency left as it was
+    return inv_freq / factor * ramp + inv_freq * extrapolation, float(attention_factor)
+
+
 def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
     w, hf = src.tensors, src.config
     g = GraphBuilder(cfg.weights)
-    eps = float(hf.get("rms_norm_eps", 1e-6))
+    eps = float(hf["rms_norm_eps"])
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
 
@@ -192,8 +236,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
             return QuantBlocks.concat([src.int4_blocks[n] for n in names])
         return np.concatenate([w[n] for n in names])
 
-    cos_sin = rotary_cache(hd, cfg.max_position_embeddings, float(hf.get("rope_theta", 10000.0)),
-                           hf.get("rope_scaling"))
+    cos_sin = rotary_cache(hd, cfg.max_position_embeddings, hf["rope_parameters"])
     cos, sin = g.const("rotary.cos", cos_sin[0]), g.const("rotary.sin", cos_sin[1])
     embed = w["model.embed_tokens.weight"]
     (x,) = g.op("Gather", [g.const("model.embed_tokens.weight", embed), "input_ids"])

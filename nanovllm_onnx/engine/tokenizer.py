@@ -8,7 +8,6 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 from nanovllm_onnx.config import TOKENIZER_FILE, ModelConfig
 
@@ -27,6 +26,7 @@ class TextTokenizer:
             self._template = env.from_string(cfg.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        _check_unicode(text)
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.cfg.bos_token_id
         # tokenizer.json may or may not add BOS itself; add it once where the model wants it.
@@ -57,16 +57,45 @@ class TextTokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
+def _check_unicode(text: str) -> None:
+    """Refuse what is not Unicode text: a lone UTF-16 surrogate ("\\ud800" in JSON) has no
+    UTF-8 encoding, so no tokenizer can read it. Refused, not replaced, as OpenAI's API does:
+    a silently altered prompt would be worse than a clear error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: a lone UTF-16 surrogate at character "
+                         f"{e.start}") from None
+
+
 def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
 class IncrementalDetokenizer:
-    """Text of a growing token list, never emitting half of a multi-byte character."""
+    """Text of a growing token list, never emitting half of a multi-byte character.
+
+    vLLM's way: decode a short window (the tokens already shown, then the new ones) and emit
+    what the new ones add once it ends in a whole character. tokenizers' DecodeStream does the
+    same but raises when a window's text changes its start, which byte-fallback tokens
+    (SentencePiece's <0xNN>) forming no valid UTF-8 do.
+    """
 
     def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool) -> None:
         self._tokenizer = tokenizer.tokenizer
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        self._shown = 0  # tokens whose text was emitted
+        self._window = 0  # where the decoded window starts: at the last token shown
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, token_id) or ""
+        self._ids.append(token_id)
+        shown = self._decode(self._ids[self._window:self._shown])
+        text = self._decode(self._ids[self._window:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return ""
+        self._window, self._shown = self._shown, len(self._ids)
+        return text[len(shown):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)

@@ -15,14 +15,20 @@ import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.engine.llm_engine import LLMEngine
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
-from nanovllm_onnx.server.async_engine import AsyncEngine, ChatPrompt, RequestStream
+from nanovllm_onnx.server.async_engine import (
+    AsyncEngine,
+    ChatPrompt,
+    EngineDeadError,
+    RequestStream,
+)
 from nanovllm_onnx.server.metrics import ServerMetrics
 from nanovllm_onnx.server.protocol import (
     APIError,
@@ -220,9 +226,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         return Response(status_code=200 if engine.is_alive() else 503)
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(engine.metrics.render(engine.stats),
-                                 media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -248,11 +253,21 @@ def serve(config: EngineConfig, served_model_name: str, *, host: str = "127.0.0.
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "info") -> None:
     if max_waiting < 1 or max_request_bytes < 1:
         raise ValueError("max_waiting and max_request_bytes must be at least 1")
-    engine = AsyncEngine(LLMEngine(config), max_waiting, ServerMetrics())
+    engine = AsyncEngine(LLMEngine(config), max_waiting, ServerMetrics(served_model_name))
     app = build_app(engine, served_model_name, api_key, max_request_bytes)
     logger.info("serving %s on http://%s:%d%s", served_model_name, host, port,
                 " (API key required)" if api_key else "")
     # log_config=None: uvicorn logs through the handlers the CLI set up. No access log: each
     # request gets one line of our own.
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), log_config=None,
-                access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level.lower(), log_config=None,
+        access_log=False, timeout_graceful_shutdown=5))
+
+    def shut_down() -> None:  # from the engine thread; uvicorn polls the flag
+        server.should_exit = True
+
+    engine.on_death = shut_down
+    server.run()
+    if engine.died:
+        raise EngineDeadError("the engine thread died (see the log above); the server stopped "
+                              "so that its supervisor can restart it")

@@ -3,7 +3,9 @@
 LLMEngine is not thread-safe, so only the engine thread touches it. Handlers put commands (add,
 abort) on a thread-safe queue; the thread applies them between steps, steps, and hands each
 request's outputs to that request's asyncio queue with call_soon_threadsafe. The event loop never
-waits on inference, and nothing a request does can stop the thread.
+waits on inference, and nothing a request does can stop the thread. Should the thread die all
+the same (a bug), every request it holds fails at once, new ones get 503, and `on_death` tells
+the server to exit (as vLLM's EngineDeadError): a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 from nanovllm_onnx.engine.llm_engine import LLMEngine
 from nanovllm_onnx.outputs import RequestOutput
 from nanovllm_onnx.sampling_params import SamplingParams
-from nanovllm_onnx.server.metrics import EngineStats, ServerMetrics
+from nanovllm_onnx.server.metrics import ServerMetrics
 from nanovllm_onnx.server.protocol import APIError, Prompt, bad_request, param_in, server_error
 
 logger = logging.getLogger(__name__)
@@ -54,17 +56,37 @@ _STOP = object()
 _Item = int | tuple[int, RequestOutput] | APIError
 
 
+class EngineDeadError(RuntimeError):
+    """The engine thread died: the server cannot go on."""
+
+
+def _unavailable() -> APIError:
+    return APIError(503, "the engine is not running", type="server_error", code="unavailable")
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics,
+                 on_death: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.metrics = metrics
-        self.stats = EngineStats()  # replaced whole by the engine thread: readers see a snapshot
+        self.on_death = on_death  # called by the dying engine thread, after failing requests
+        self.died = False
         self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
-        # Engine-thread state: where each engine request's outputs go, and its token count so far.
+        # Held while a request is queued and while the dying thread drains the queue: no
+        # request can be queued after the drain and wait forever.
+        self._accepting = threading.Lock()
+        # Engine-thread state: where each engine request's outputs go, and for each of its
+        # sequences the tokens so far and when the latest came.
         self._routes: dict[str, tuple[RequestStream, int]] = {}
-        self._num_tokens: dict[str, int] = {}
+        self._progress: dict[str, list[tuple[int, float]]] = {}
+        self._counted = (0,) * 7  # engine counters already added to the metrics
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        bm = engine.block_manager
+        metrics.cache_config.info({  # vLLM's labels (the blocks are in CPU memory here)
+            "block_size": str(bm.block_size), "num_gpu_blocks": str(bm.num_blocks),
+            "cache_dtype": str(engine.kv_cache.dtype),
+            "enable_prefix_caching": str(engine.config.enable_prefix_caching)})
 
     def start(self) -> None:
         self._thread.start()
@@ -74,7 +96,7 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self.died
 
     # ---- event loop side -------------------------------------------------------------------
 
@@ -86,11 +108,11 @@ class AsyncEngine:
         if needed > self.max_waiting:
             raise bad_request(f"the request asks for {needed} sequences; this server queues at "
                               f"most {self.max_waiting}", "n")
-        if not self.is_alive():
-            raise APIError(503, "the engine is not running", type="server_error",
-                           code="unavailable")
         stream = RequestStream(self, request_id, len(prompts))
-        self._commands.put(_Add(stream, prompts, params, prompt_param))
+        with self._accepting:
+            if not self.is_alive():
+                raise _unavailable()
+            self._commands.put(_Add(stream, prompts, params, prompt_param))
         try:
             await stream.wait_admitted()
         except BaseException:
@@ -109,8 +131,26 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish_stats()
-        except Exception:  # a bug here; /health reports the dead thread
-            logger.critical("the engine thread died", exc_info=True)
+        except Exception:  # a bug: nothing can be trusted to run on, so fail all and exit
+            logger.critical("the engine thread died; failing every request", exc_info=True)
+            self._die()
+
+    def _die(self) -> None:
+        with self._accepting:
+            self.died = True
+            queued = []
+            while not self._commands.empty():
+                queued.append(self._commands.get_nowait())
+        dead = APIError(500, "the engine died while running this request; the server is "
+                        "shutting down", type="server_error", code="engine_dead")
+        for stream in {stream for stream, _ in self._routes.values()}:
+            stream.deliver(dead)
+        for command in queued:
+            if isinstance(command, _Add):
+                command.stream.deliver(_unavailable())
+        self._routes.clear()
+        if self.on_death is not None:
+            self.on_death()
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one if block); False once told to stop."""
@@ -144,11 +184,15 @@ class AsyncEngine:
                 if isinstance(prompt, ChatPrompt):
                     prompt = engine.tokenizer.chat_prompt_ids(prompt.messages,
                                                               prompt.add_generation_prompt)
-                engine.add_request(request_id, prompt, command.params)
+                ids = engine.tokenize_prompt(prompt)
+                _check_room(len(ids), command.params.max_tokens, engine.max_model_len)
+                engine.add_request(request_id, ids, command.params)
                 added.append(request_id)
         except Exception as e:  # all of the request's prompts run, or none
             engine.abort_request(added)
-            if isinstance(e, ValueError):
+            if isinstance(e, APIError):
+                stream.deliver(e)
+            elif isinstance(e, ValueError):
                 stream.deliver(bad_request(str(e), param_in(e) or command.prompt_param))
             else:
                 logger.exception("request %s could not be added", stream.request_id)
@@ -158,13 +202,13 @@ class AsyncEngine:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         for index, request_id in enumerate(added):
             self._routes[request_id] = (stream, index)
-            self._num_tokens[request_id] = 0
+            self._progress[request_id] = [(0, 0.0)] * command.params.n
         stream.deliver(prompt_tokens)
 
     def _abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self._routes.pop(request_id, None)
-            self._num_tokens.pop(request_id, None)
+            self._progress.pop(request_id, None)
         try:
             self.engine.abort_request(request_ids)
         except Exception:  # keep the engine thread alive; these requests are gone anyway
@@ -177,22 +221,30 @@ class AsyncEngine:
             logger.exception("engine step failed; failing its requests and carrying on")
             self._fail_step()
             return
-        sampled = 0  # tokens this step (a verified speculation adds several to a sequence)
+        new_tokens = sampled = 0  # tokens, and sequences that sampled this step
+        now = time.perf_counter()
         for output in outputs:
             request_id = output.request_id
-            num_tokens = sum(len(c.token_ids) for c in output.outputs)
-            sampled += num_tokens - self._num_tokens.get(request_id, 0)
+            progress = self._progress.get(request_id, [(0, 0.0)] * len(output.outputs))
+            for i, choice in enumerate(output.outputs):
+                before, last_token_at = progress[i]
+                if len(choice.token_ids) > before:
+                    new_tokens += len(choice.token_ids) - before
+                    sampled += 1
+                    if before:  # as vLLM's: between a sequence's successive tokens
+                        self.metrics.inter_token.observe(now - last_token_at)
+                    progress[i] = (len(choice.token_ids), now)
             if output.finished:
                 route = self._routes.pop(request_id, None)
-                self._num_tokens.pop(request_id, None)
+                self._progress.pop(request_id, None)
             else:
                 route = self._routes.get(request_id)
-                self._num_tokens[request_id] = num_tokens
+                self._progress[request_id] = progress
             if route is not None:
                 stream, index = route
                 stream.deliver((index, output))
         if sampled:
-            self.metrics.generation_tokens.inc(sampled)
+            self.metrics.generation_tokens.inc(new_tokens)
             self.metrics.batch_size.observe(sampled)
 
     def _fail_step(self) -> None:
@@ -206,16 +258,39 @@ class AsyncEngine:
                 route[0].deliver(server_error("the engine failed while running this request"))
 
     def _publish_stats(self) -> None:
-        bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        """The engine's state after this iteration into the metrics; its own running counts
+        go in as what they added since the last time."""
+        bm, scheduler, m = self.engine.block_manager, self.engine.scheduler, self.metrics
+        m.running.set(len(scheduler.running))
+        m.waiting.set(len(scheduler.waiting))
+        m.kv_cache_usage.set(bm.num_seq_blocks / bm.num_blocks)
+        m.prefix_cache_blocks.set(len(bm.cached))
         spec = self.engine.spec_decode_stats
-        self.stats = EngineStats(
-            running=len(scheduler.running), waiting=len(scheduler.waiting),
-            kv_cache_usage=bm.num_seq_blocks / bm.num_blocks,
-            prefix_cache_blocks=len(bm.cached), prefix_cache_hits=bm.prefix_hits,
-            prefix_cache_queries=bm.prefix_queries, preemptions=scheduler.num_preemptions,
-            steps=self.engine.num_steps,
-            spec_decode=None if spec is None else replace(spec),  # a snapshot
-        )
+        if spec is not None:
+            m.spec_decode_acceptance_rate.set(spec.acceptance_rate)
+            m.spec_decode_mean_accepted_length.set(spec.mean_accepted_length)
+        counts = (bm.prefix_queries * bm.block_size, bm.prefix_hits * bm.block_size,
+                  scheduler.num_preemptions, self.engine.num_steps,
+                  *((spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+                    if spec is not None else (0, 0, 0)))
+        counters = (m.prefix_cache_queries, m.prefix_cache_hits, m.preemptions, m.steps,
+                    m.spec_decode_num_drafts, m.spec_decode_num_draft_tokens,
+                    m.spec_decode_num_accepted_tokens)
+        for counter, now, before in zip(counters, counts, self._counted, strict=True):
+            if now > before:
+                counter.inc(now - before)
+        self._counted = counts
+
+
+def _check_room(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """vLLM's 400 for a max_tokens the context cannot hold (the offline API caps it instead,
+    as vLLM's does)."""
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise bad_request(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"maximum context length is {max_model_len} tokens and your request has "
+            f"{prompt_tokens} input tokens ({max_tokens} > {max_model_len} - {prompt_tokens})",
+            "max_tokens")
 
 
 class RequestStream:
@@ -295,17 +370,20 @@ class RequestStream:
             reasons = [c.finish_reason or "abort" for c in choices]
         metrics = self._engine.metrics
         for reason in reasons:
-            metrics.requests_finished.inc(label_value=reason)
+            metrics.finished(reason)
         total = time.perf_counter() - self._start
         metrics.e2e.observe(total)
         completion_tokens = sum(len(c.token_ids) for c in choices)
+        metrics.request_prompt_tokens.observe(self.prompt_tokens)
+        metrics.request_generation_tokens.observe(completion_tokens)
         ttft = "-"
         if self._first_token is not None:
             metrics.ttft.observe(self._first_token - self._start)
             ttft = f"{self._first_token - self._start:.3f}s"
             longest = max(len(c.token_ids) for c in choices)
             if longest > 1:
-                metrics.tpot.observe((self._last_token - self._first_token) / (longest - 1))
+                metrics.time_per_output_token.observe(
+                    (self._last_token - self._first_token) / (longest - 1))
         logger.info("%s: prompt_tokens=%d completion_tokens=%d ttft=%s total=%.3fs finish=%s",
                     self.request_id, self.prompt_tokens, completion_tokens, ttft, total,
                     ",".join(sorted(set(reasons))))

@@ -1,148 +1,116 @@
-"""Prometheus metrics in the text exposition format, written by hand (no client library)."""
+"""Prometheus metrics (prometheus_client), named and meant as vLLM's where vLLM has them, so
+dashboards and alerts written for vLLM work unchanged; the engine's own carry `nanovllm_`.
+
+Adding one is a line in ServerMetrics.__init__: `self.x = self.counter("vllm:x", "What it
+counts.")` (or gauge / histogram), then `metrics.x.inc()` where it happens. Every metric carries
+vLLM's labels, model_name and engine.
+"""
 
 from __future__ import annotations
 
-import threading
-from bisect import bisect_left
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from nanovllm_onnx.engine.speculative import SpecDecodeStats
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 
-PREFIX = "nanovllm_"
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# vLLM's buckets for each histogram of the same name.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                         2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def _number(value: float) -> str:
-    return repr(float(value))  # Python's float repr (3.0, 0.25, 1e-05) is valid Prometheus text
-
-
-class Counter:
-    def __init__(self, name: str, help: str, label: str | None = None) -> None:
-        self.name, self.help, self.label = PREFIX + name, help, label
-        self._values: dict[str, float] = {}
-        self._lock = threading.Lock()  # updated from the engine thread and the event loop
-
-    def inc(self, amount: float = 1.0, label_value: str = "") -> None:
-        with self._lock:
-            self._values[label_value] = self._values.get(label_value, 0.0) + amount
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name}_total {self.help}", f"# TYPE {self.name}_total counter"]
-        with self._lock:
-            values = dict(self._values)
-        if not values and not self.label:
-            values = {"": 0.0}  # a labelled counter has no sample until a label value is seen
-        for label_value, value in sorted(values.items()):
-            labels = f'{{{self.label}="{label_value}"}}' if self.label else ""
-            lines.append(f"{self.name}_total{labels} {_number(value)}")
-        return lines
-
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help, self.buckets = PREFIX + name, help, buckets
-        self._counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self._sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self._counts[bisect_left(self.buckets, value)] += 1
-            self._sum += value
-
-    def render(self) -> list[str]:
-        with self._lock:
-            counts, total = list(self._counts), self._sum
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, count in zip([*map(_number, self.buckets), "+Inf"], counts):
-            cumulative += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        lines += [f"{self.name}_sum {_number(total)}", f"{self.name}_count {cumulative}"]
-        return lines
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The engine's state after its latest iteration, published by the engine thread."""
-
-    running: int = 0  # sequences: each of a request's n samples counts once, as in vLLM
-    waiting: int = 0
-    kv_cache_usage: float = 0.0  # blocks held by sequences; the prefix cache is reclaimable
-    prefix_cache_blocks: int = 0
-    prefix_cache_hits: int = 0  # blocks
-    prefix_cache_queries: int = 0
-    preemptions: int = 0
-    steps: int = 0
-    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
-
-
-def _gauge(name: str, help: str, value: float) -> list[str]:
-    name = PREFIX + name
-    return [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {_number(value)}"]
-
-
-def _cumulative(name: str, help: str, value: float) -> list[str]:
-    """A counter kept by the engine itself, read at scrape time."""
-    name = PREFIX + name
-    return [f"# HELP {name}_total {help}", f"# TYPE {name}_total counter",
-            f"{name}_total {_number(value)}"]
+LABELS = ("model_name", "engine")
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
-        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of admitted requests.")
-        self.generation_tokens = Counter("generation_tokens", "Tokens generated.")
-        self.requests_finished = Counter(
-            "requests_finished", "Requests ended, by reason (stop, length, abort, error).",
-            label="reason")
-        self.batch_size = Histogram(
-            "batch_size", "Sequences that sampled a token in one engine step.", BATCH_BUCKETS)
-        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token.",
-                              LATENCY_BUCKETS)
-        self.tpot = Histogram("time_per_output_token_seconds",
-                              "Time per output token after the first.", LATENCY_BUCKETS)
-        self.e2e = Histogram("e2e_request_latency_seconds", "Request latency.",
-                             LATENCY_BUCKETS)
+    """The server's metrics, in a registry of their own (one per server: tests make several)."""
 
-    def render(self, stats: EngineStats) -> str:
-        hit_rate = stats.prefix_cache_hits / stats.prefix_cache_queries \
-            if stats.prefix_cache_queries else 0.0
-        lines = [
-            *_gauge("num_requests_running", "Sequences in the running batch.", stats.running),
-            *_gauge("num_requests_waiting", "Sequences waiting to run.", stats.waiting),
-            *_gauge("kv_cache_usage_perc",
-                    "Fraction of KV cache blocks held by sequences (0 to 1).",
-                    stats.kv_cache_usage),
-            *_gauge("prefix_cache_blocks", "KV blocks held by the prefix cache.",
-                    stats.prefix_cache_blocks),
-            *_gauge("prefix_cache_hit_rate", "Prompt blocks found in the prefix cache, "
-                    "as a fraction of those looked up.", hit_rate),
-            *_cumulative("prefix_cache_queries", "Prompt blocks looked up in the prefix cache.",
-                         stats.prefix_cache_queries),
-            *_cumulative("prefix_cache_hits", "Prompt blocks found in the prefix cache.",
-                         stats.prefix_cache_hits),
-            *_cumulative("num_preemptions", "Sequences preempted for KV memory.",
-                         stats.preemptions),
-            *_cumulative("engine_steps", "Engine steps (batched model calls).", stats.steps),
-        ]
-        spec = stats.spec_decode
-        if spec is not None:  # vLLM's spec_decode counters, and what they give
-            lines += [
-                *_cumulative("spec_decode_num_drafts", "Verified proposals (one sequence, one "
-                             "step).", spec.num_drafts),
-                *_cumulative("spec_decode_num_draft_tokens", "Proposed tokens verified.",
-                             spec.num_draft_tokens),
-                *_cumulative("spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
-                             spec.num_accepted_tokens),
-                *_gauge("spec_decode_acceptance_rate", "Accepted / proposed tokens so far.",
-                        spec.acceptance_rate),
-                *_gauge("spec_decode_mean_accepted_length", "Tokens per verification so far "
-                        "(accepted drafts + 1).", spec.mean_accepted_length),
-            ]
-        for metric in (self.prompt_tokens, self.generation_tokens, self.requests_finished,
-                       self.batch_size, self.ttft, self.tpot, self.e2e):
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, ...: as vLLM's /metrics.
+        ProcessCollector(registry=self.registry)
+        self._labels = {"model_name": model_name, "engine": "0"}
+        # The engine's state after its latest iteration (set by the engine thread).
+        self.running = self.gauge("vllm:num_requests_running",
+                                  "Sequences in the running batch (each of n samples counts).")
+        self.waiting = self.gauge("vllm:num_requests_waiting", "Sequences waiting to run.")
+        self.kv_cache_usage = self.gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV cache usage: 1 means 100 percent (blocks held by sequences; the prefix cache "
+            "is reclaimable).")
+        self.prefix_cache_queries = self.counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = self.counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = self.counter("vllm:num_preemptions",
+                                        "Sequences preempted for KV memory.")
+        self.prompt_tokens = self.counter("vllm:prompt_tokens", "Prompt tokens admitted.")
+        self.generation_tokens = self.counter("vllm:generation_tokens", "Tokens generated.")
+        self.requests_finished = self.counter(
+            "vllm:request_success", "Requests ended, by reason (stop, length, abort, error).",
+            ["finished_reason"])
+        self.ttft = self.histogram("vllm:time_to_first_token_seconds",
+                                   "Time to first token.", TTFT_BUCKETS)
+        self.inter_token = self.histogram(
+            "vllm:inter_token_latency_seconds", "Time between a request's successive tokens.",
+            TOKEN_LATENCY_BUCKETS)
+        self.time_per_output_token = self.histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "A request's mean time per output token after the first.", TOKEN_LATENCY_BUCKETS)
+        self.e2e = self.histogram("vllm:e2e_request_latency_seconds",
+                                  "Request latency, from arrival to the end.",
+                                  REQUEST_LATENCY_BUCKETS)
+        self.request_prompt_tokens = self.histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens of each request.", TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = self.histogram(
+            "vllm:request_generation_tokens", "Tokens generated for each request.",
+            TOKEN_COUNT_BUCKETS)
+        # The engine's own.
+        self.batch_size = self.histogram(
+            "nanovllm_batch_size", "Sequences that sampled a token in one engine step.",
+            BATCH_BUCKETS)
+        self.steps = self.counter("nanovllm_engine_steps", "Engine steps (batched model calls).")
+        self.prefix_cache_blocks = self.gauge("nanovllm_prefix_cache_blocks",
+                                              "KV blocks held by the prefix cache.")
+        # Speculative decoding (zero without it); vLLM's counters, and what they give.
+        self.spec_decode_num_drafts = self.counter(
+            "vllm:spec_decode_num_drafts", "Verified proposals (one sequence, one step).")
+        self.spec_decode_num_draft_tokens = self.counter(
+            "vllm:spec_decode_num_draft_tokens", "Proposed tokens verified.")
+        self.spec_decode_num_accepted_tokens = self.counter(
+            "vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.")
+        self.spec_decode_acceptance_rate = self.gauge(
+            "nanovllm_spec_decode_acceptance_rate", "Accepted / proposed tokens so far.")
+        self.spec_decode_mean_accepted_length = self.gauge(
+            "nanovllm_spec_decode_mean_accepted_length",
+            "Tokens per verification so far (accepted proposals + 1).")
+        self.cache_config = Info("vllm:cache_config", "The KV cache's configuration.",
+                                 registry=self.registry)  # set once, by the engine
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        """A counter; `labels` beyond vLLM's two are given at .labels(...) by the caller."""
+        metric = Counter(name, documentation, [*LABELS, *labels], registry=self.registry)
+        return metric if labels else metric.labels(**self._labels)
+
+    def gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(name, documentation, LABELS, registry=self.registry).labels(**self._labels)
+
+    def histogram(self, name: str, documentation: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(name, documentation, LABELS, buckets=buckets,
+                         registry=self.registry).labels(**self._labels)
+
+    def finished(self, reason: str) -> None:
+        self.requests_finished.labels(finished_reason=reason, **self._labels).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -144,8 +144,12 @@ class TextContent(OpenAIModel):
     text: str
 
 
+# OpenAI's message roles; any other is a 400, as from OpenAI (a template would render it).
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatMessage(OpenAIModel):
-    role: str
+    role: Role
     content: str | list[TextContent] | None = None
 
     def text(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from typing import Any
 from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm_onnx.sampling_params import SamplingParams
 from nanovllm_onnx.server.async_engine import RequestStream
-from nanovllm_onnx.server.protocol import APIError
+from nanovllm_onnx.server.protocol import APIError, server_error
+
+logger = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same
 DONE = "data: [DONE]\n\n"
@@ -176,7 +179,21 @@ def _event(data: dict[str, Any]) -> str:
 async def event_stream(meta: ResponseMeta, stream: RequestStream, params: SamplingParams,
                        include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per choice that changed, then usage if asked, then
-    [DONE]. An engine failure mid-stream becomes an error event."""
+    [DONE]. A failure mid-stream (the engine's, or a bug here) becomes an error event, then
+    [DONE]: the client always learns the stream ended and why."""
+    try:
+        async for event in _events(meta, stream, params, include_usage):
+            yield event
+    except APIError as e:
+        yield _event(e.body())
+    except Exception:
+        logger.exception("%s: the stream failed", meta.id)
+        yield _event(server_error("the server failed while streaming this response").body())
+    yield DONE
+
+
+async def _events(meta: ResponseMeta, stream: RequestStream, params: SamplingParams,
+                  include_usage: bool) -> AsyncIterator[str]:
     envelope = _envelope(meta, True)
     if include_usage:
         envelope["usage"] = None  # as OpenAI: only the last chunk carries usage
@@ -189,15 +206,9 @@ async def event_stream(meta: ResponseMeta, stream: RequestStream, params: Sampli
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
     tracker = DeltaTracker(params)
-    try:
-        async for outputs in stream.updates():
-            for piece in tracker.pieces(outputs):
-                yield chunk([_choice(meta, piece, params, True)])
-    except APIError as e:
-        yield _event(e.body())
-        yield DONE
-        return
+    async for outputs in stream.updates():
+        for piece in tracker.pieces(outputs):
+            yield chunk([_choice(meta, piece, params, True)])
     if include_usage:
         yield _event({**envelope, "choices": [],
                       "usage": usage(stream.prompt_tokens, stream.outputs)})
-    yield DONE
