@@ -13,6 +13,11 @@ C (issue 17): each of 3 chat prompts that quote a passage of the Apache-2.0 text
 decoding (interleaved), and reports the ratio, whether the tokens are identical, and acceptance.
 --profile splits B's step time into scheduling, model call, sampling, detokenization and the
 rest; --sampling also runs B with temperature 0.8, top_p 0.95, top_k 50, repetition_penalty 1.1.
+--structured runs, instead of plain B, B with a JSON schema on every request
+(grammar_engines.SCHEMA: nested object, enum, array, bounded number) against B unconstrained
+with each request's max_tokens set to the length of its constrained answer (same tokens, same
+batches), rounds interleaved; it reports the schema's compile time, the mask's ms per step and
+its share of the step.
 Each workload ends with a `RESULT {json}` line (see compare.py).
 """
 
@@ -41,7 +46,8 @@ from workloads import (
     workload_c_messages,
 )
 
-from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx import LLM, SamplingParams, StructuredOutputsParams
+from nanovllm_onnx.engine import structured as structured_module
 from nanovllm_onnx.engine import tokenizer as tokenizer_module
 
 SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1)
@@ -70,14 +76,20 @@ def run_a(llm: LLM, prompt: list[int], n: int) -> tuple[float, float, list[int]]
     return first - start, (last - first) / (n - 1), tokens
 
 
-def run_b(llm: LLM, wl: Workload, sampling: bool = False) -> float:
+def run_b(llm: LLM, wl: Workload, sampling: bool = False,
+          schema: dict | None = None) -> tuple[float, list[int]]:
+    """Wall time and each request's output length (with a schema, the answer may end before
+    max_tokens: the grammar completes)."""
     extra = SAMPLING if sampling else dict(temperature=0.0)
+    if schema is not None:
+        extra["structured_outputs"] = StructuredOutputsParams(json=schema)
     params = [SamplingParams(max_tokens=n, ignore_eos=True, **extra) for n in wl.max_tokens]
     start = time.perf_counter()
     outputs = llm.generate(wl.prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
-    assert sum(len(o.outputs[0].token_ids) for o in outputs) == wl.output_tokens
-    return wall
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    assert schema is not None or sum(lengths) == wl.output_tokens
+    return wall, lengths
 
 
 def c_prompts(llm: LLM) -> list[list[int]]:
@@ -104,7 +116,7 @@ def measure(llm: LLM, workload: str) -> tuple[float, list[list[int]] | None]:
         return 1 / tpot, [tokens]
     if workload == "B":
         wl = workload_b()
-        return wl.output_tokens / run_b(llm, wl), None
+        return wl.output_tokens / run_b(llm, wl)[0], None
     return run_c(llm, c_prompts(llm))
 
 
@@ -159,7 +171,13 @@ class StepProfile:
                                (engine.runner, "run", "model call"),
                                (engine, "sampler", "sampler"),
                                (engine, "_append_token", "append token"),
-                               (det, "step", "detokenize")]:
+                               (det, "step", "detokenize"),
+                               (engine.structured, "start_masks", "mask start"),
+                               (structured_module.TokenMasks, "apply", "mask wait+apply"),
+                               # On the mask worker, overlapping the model call: not a part
+                               # of the step's own time (left out of "other python").
+                               (structured_module.llg_np, "fill_next_token_bitmask_par",
+                                "mask compute (worker)")]:
             own = vars(obj).get(name)  # None: a method looked up on the class
             self._patched.append((obj, name, own))
             setattr(obj, name, self._timed(key, getattr(obj, name)))
@@ -184,22 +202,62 @@ class StepProfile:
         s = dict(self.seconds)
         # append token includes detokenize; report them apart.
         s["append token"] = s.get("append token", 0.0) - s.get("detokenize", 0.0)
+        worker = s.pop("mask compute (worker)", 0.0)
         s["other python"] = wall - sum(s.values())
+        if worker:
+            s["mask compute (worker)"] = worker
         return {"wall_s": wall, "steps": steps, "ms_per_step": 1000 * wall / steps,
                 "share": {k: v / wall for k, v in s.items()},
                 "ms_per_step_by_part": {k: 1000 * v / steps for k, v in s.items()}}
 
 
-def profiled_b(llm: LLM, wl: Workload, sampling: bool) -> dict:
+def profiled_b(llm: LLM, wl: Workload, sampling: bool, schema: dict | None = None) -> dict:
     prof = StepProfile(llm)
     steps0 = llm.llm_engine.num_steps
     try:
-        wall = run_b(llm, wl, sampling)
+        wall, lengths = run_b(llm, wl, sampling, schema)
     finally:
         prof.restore()
     out = prof.report(wall, llm.llm_engine.num_steps - steps0)
-    out["output_tok_s"] = wl.output_tokens / wall
+    out["output_tok_s"] = sum(lengths) / wall
     return out
+
+
+def structured_b(llm: LLM, wl: Workload, repeats: int) -> dict:
+    """B with a schema on every request vs B unconstrained with the same output lengths."""
+    from grammar_engines import SCHEMA
+
+    compiler = llm.llm_engine.structured.compiler
+    _ = compiler.tokenizer  # built once per engine, not per schema
+    t = time.perf_counter()
+    compiler.compile(StructuredOutputsParams(json=SCHEMA))
+    compile_s = time.perf_counter() - t
+    _, lengths = run_b(llm, wl, schema=SCHEMA)  # warm-up; greedy: the same lengths every run
+    same = Workload("B-lengths", wl.prompts, lengths)
+    walls: dict[str, list[float]] = {"unconstrained": [], "json_schema": []}
+    for _ in range(repeats):
+        walls["unconstrained"].append(run_b(llm, same)[0])
+        wall, again = run_b(llm, wl, schema=SCHEMA)
+        assert again == lengths
+        walls["json_schema"].append(wall)
+    tok_s = {k: sum(lengths) / median(v) for k, v in walls.items()}
+    prof = profiled_b(llm, wl, False, SCHEMA)
+    parts = prof["ms_per_step_by_part"]
+    on_step = parts.get("mask start", 0.0) + parts.get("mask wait+apply", 0.0)
+    res = {"engine": "nano-vllm-onnx", "workload": "B-structured", "output_tokens": sum(lengths),
+           "output_tok_s": tok_s, "ratio": tok_s["json_schema"] / tok_s["unconstrained"],
+           "walls_s": walls, "schema_compile_ms": 1000 * compile_s,
+           "mask_ms_per_step_on_step": on_step,
+           "mask_ms_per_step_worker": parts.get("mask compute (worker)", 0.0),
+           "mask_share_of_step": on_step / prof["ms_per_step"], "profile": prof}
+    log(f"B structured ({sum(lengths)} output tokens): json_schema "
+        f"{tok_s['json_schema']:.1f} tok/s vs unconstrained {tok_s['unconstrained']:.1f} -> "
+        f"{res['ratio']:.3f}x; schema compile {res['schema_compile_ms']:.1f} ms; mask on the "
+        f"step {on_step:.3f} ms/step ({100 * res['mask_share_of_step']:.1f}% of "
+        f"{prof['ms_per_step']:.2f} ms), computing it on the worker "
+        f"{res['mask_ms_per_step_worker']:.3f} ms/step (overlaps the model call)")
+    print_profile("json_schema", prof)
+    return res
 
 
 def print_profile(name: str, p: dict) -> None:
@@ -226,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="B: where the step time goes")
     ap.add_argument("--sampling", action="store_true",
                     help="B: also run with sampling and report the sampler's cost vs greedy")
+    ap.add_argument("--structured", action="store_true",
+                    help="B: with a JSON schema on every request vs unconstrained (instead of "
+                         "plain B)")
     ap.add_argument("--with-transformers", action="store_true",
                     help="also run HF transformers (torch CPU, fp32) as the in-run peer")
     ap.add_argument("--transformers-python", default=None,
@@ -270,11 +331,13 @@ def main(argv: list[str] | None = None) -> None:
         log(f"C: decode {res['decode_tok_s']:.1f} tok/s")
         results.append(res)
         emit(res)
-    if "B" in args.workload:
+    if "B" in args.workload and args.structured:
+        emit(structured_b(llm, workload_b(), args.repeats))
+    elif "B" in args.workload:
         wl = workload_b()
         warm = Workload("warm", wl.prompts[:8], [8] * 8)
         run_b(llm, warm)
-        walls = [run_b(llm, wl) for _ in range(args.repeats)]
+        walls = [run_b(llm, wl)[0] for _ in range(args.repeats)]
         res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": "B",
                "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
                "walls_s": walls, "peak_rss_mib": peak_rss_mib()}

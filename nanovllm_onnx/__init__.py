@@ -4,7 +4,7 @@ from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.engine.llm_engine import LLMEngine
 from nanovllm_onnx.llm import LLM
 from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
-from nanovllm_onnx.sampling_params import SamplingParams
+from nanovllm_onnx.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = [
     "LLM",
@@ -14,4 +14,5 @@ __all__ = [
     "Logprob",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]

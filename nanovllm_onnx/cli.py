@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         serve(engine_config(args), name, host=args.host, port=args.port, api_key=args.api_key,
               max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
-              log_level=args.serve_log_level)
+              log_level=args.serve_log_level, tool_call_parser=args.tool_call_parser)
     except EngineDeadError as e:  # exit non-zero: the supervisor restarts the server
         sys.exit(f"error: {e}")
 
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="sequences that may wait for a place in the batch; beyond, HTTP 503")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="largest request body accepted; beyond, HTTP 413")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="the format of the model's tool calls (default: from the chat template)")
     p.add_argument("--log-level", dest="serve_log_level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error", "critical"])
     p.set_defaults(func=cmd_serve)

@@ -53,14 +53,17 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them."""
+        """Apply the model's chat template to one conversation or a list of them (with the
+        tools, in OpenAI's form, where given)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.llm_engine.tokenizer
-        prompts = [tok.chat_prompt_ids(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        prompts = [tok.chat_prompt_ids(c, add_generation_prompt, tools)  # type: ignore[arg-type]
+                   for c in conversations]
         outputs = self.generate(prompts, sampling_params, use_tqdm)
         for out, conv in zip(outputs, conversations):
-            out.prompt = tok.apply_chat_template(conv, add_generation_prompt)  # type: ignore[arg-type]
+            out.prompt = tok.apply_chat_template(conv, add_generation_prompt, tools)  # type: ignore[arg-type]
         return outputs
 
     def _run(self, prompts: list[str | list[int]], params: list[SamplingParams],

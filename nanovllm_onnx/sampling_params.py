@@ -2,7 +2,69 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+# StructuredOutputsParams' constraint fields: exactly one is set.
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's constrained-decoding request: exactly one of json (a JSON schema as a dict, a JSON
+    string or a Pydantic model class), regex, choice (a list of strings), grammar (Lark or
+    GBNF), json_object (any JSON object) or structural_tag (vLLM's JSON string or dict).
+    whitespace_pattern: the regex JSON whitespace must match (default: no free whitespace,
+    as vLLM's backends)."""
+
+    json: str | dict | type | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict | None = None
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, type):  # a Pydantic model class, as vLLM takes it
+            schema = getattr(self.json, "model_json_schema", None)
+            if schema is None:
+                raise ValueError("StructuredOutputsParams.json must be a JSON schema (dict or "
+                                 f"string) or a Pydantic model, got {self.json!r}")
+            self.json = schema()
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"StructuredOutputsParams.json is not valid JSON: {e}") from e
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise ValueError("StructuredOutputsParams.json must be a JSON schema object, "
+                             f"got {type(self.json).__name__}")
+        if self.json_object is False:
+            self.json_object = None
+        set_ = [name for name in CONSTRAINTS if getattr(self, name) is not None]
+        if len(set_) != 1:
+            raise ValueError("StructuredOutputsParams needs exactly one of "
+                             f"{', '.join(CONSTRAINTS)}; got {', '.join(set_) or 'none'}")
+        if self.choice is not None and (
+                not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("StructuredOutputsParams.choice must be a non-empty list of "
+                             f"strings, got {self.choice!r}")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"StructuredOutputsParams.{name} must be a string, "
+                                 f"got {value!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in CONSTRAINTS if getattr(self, name) is not None)
+
+    def key(self) -> str:
+        """A string naming the constraint exactly: compiled grammars are cached under it."""
+        value: Any = getattr(self, self.kind)
+        return json.dumps([self.kind, value, self.whitespace_pattern], sort_keys=True)
 
 
 @dataclass
@@ -26,6 +88,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

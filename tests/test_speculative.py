@@ -13,15 +13,17 @@ import json
 import math
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 
-from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx import LLM, SamplingParams, StructuredOutputsParams
 from nanovllm_onnx.config import SpeculativeConfig
 from nanovllm_onnx.default_model import default_model_path
 from nanovllm_onnx.engine.speculative import NgramSpeculator
 from tests.conftest import build_hf_model, random_prompts, reference_greedy
 from tests.test_engine import assert_all_free
+from tests.test_structured import SCHEMAS
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -95,6 +97,26 @@ def test_greedy_tokens_equal_transformers(spec: dict | str, engine_args: dict,
         assert llm.llm_engine.scheduler.num_preemptions > 0
     if spec != "llama":  # verified runs emitted several tokens at once
         assert llm.llm_engine.num_steps < NEW_TOKENS * len(prompts()) / 2
+    assert_all_free(llm)
+
+
+def test_structured_and_speculative_requests_in_one_batch(models: dict[str, Path],
+                                                        reference: list[list[int]]) -> None:
+    """Grammar-constrained sequences do not propose; the others verify drafts in the same
+    steps. Both stay exact: greedy tokens as transformers', the constrained ones (seeded) as
+    a plain engine's, and valid."""
+    constrained = [SamplingParams(temperature=1.0, seed=seed, max_tokens=200,
+                                  structured_outputs=StructuredOutputsParams(json=SCHEMAS[1]))
+                   for seed in (1, 2)]
+    batch = prompts()[:3] + random_prompts(2, seed=7)
+    llm = spec_llm(models, ngram(4))
+    outputs = llm.generate(batch, [GREEDY] * 3 + constrained, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs[:3]] == reference[:3]
+    assert stats(llm)[2] > 0  # the greedy ones accepted drafts
+    plain = LLM(str(models[TARGET]), **FP32).generate(batch[3:], constrained, use_tqdm=False)
+    for out, alone in zip(outputs[3:], plain):
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[1])
     assert_all_free(llm)
 
 

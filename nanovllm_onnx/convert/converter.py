@@ -3,8 +3,10 @@ cached."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +23,7 @@ from nanovllm_onnx.convert.source import (
     load_hf_folder,
     read_folder_source,
 )
+from nanovllm_onnx.convert.weight_file import WeightFile
 from nanovllm_onnx.kernels import HEAD_DIMS
 from nanovllm_onnx.runner.optimum_runner import (
     ATTENTION_MASK,
@@ -36,9 +39,11 @@ from nanovllm_onnx.runner.optimum_runner import (
 logger = logging.getLogger(__name__)
 
 # bump when the emitted graph changes, to invalidate caches (17: checkpoints saved by
-# transformers 5 had their rope_parameters ignored)
-CONVERTER_VERSION = "17"
+# transformers 5 had their rope_parameters ignored; 18: fp32 projections as Gemm, weights
+# written as they are made)
+CONVERTER_VERSION = "18"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
+PARTIAL = ".partial"  # suffix of a conversion's folder while it is written
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
 
 
@@ -207,13 +212,20 @@ def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelCon
     logger.info("converting %s (%s, %d layers) to %s", source_path, cfg.architecture,
                 cfg.num_layers, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    _remove_stale_partials(out_dir)
+    # Written beside the target and renamed when complete: an interrupted run leaves a
+    # `.partial` folder, never an entry taken for a converted model.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.{os.getpid()}.", suffix=PARTIAL,
+                                dir=out_dir.parent))
     try:
         # An Optimum export's graph is run as it is, from where it is.
         if graph is None:
-            onnx.save_model(build_graph(src, cfg), str(tmp / GRAPH_FILE),
-                            save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=GRAPH_FILE + ".data", size_threshold=1024)
+            weight_file = WeightFile(tmp / (GRAPH_FILE + ".data"))
+            try:
+                model = build_graph(src, cfg, weight_file)
+            finally:
+                weight_file.close()
+            onnx.save_model(model, str(tmp / GRAPH_FILE))
         (tmp / TOKENIZER_FILE).write_text(src.tokenizer_json, encoding="utf-8")
         cfg.save(tmp)
         if out_dir.exists():
@@ -223,6 +235,25 @@ def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelCon
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cfg
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """The partial folders of conversions to `out_dir` whose process is gone (killed)."""
+    for partial in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.*{PARTIAL}"):
+        pid = partial.name[len(out_dir.name) + 1:].split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            logger.info("removing %s, left by an interrupted conversion", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 def is_converted(folder: Path) -> bool:

@@ -19,7 +19,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, QuantBlocks
+from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, QuantBlocks, Rows
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,14 @@ def load_gguf(path: Path) -> ModelSource:
         key: config[key] for key in ("bos_token_id", "eos_token_id") if config.get(key) is not None
     }
     loaders, blocks = _weight_loaders(path, arch, config, tensors)
+    # The vocabulary-sized ones are converted a slice at a time.
+    vocabulary = {"token_embd.weight": "model.embed_tokens.weight",
+                  "output.weight": "lm_head.weight"}
+    rows = {hf: _row_reader(path, tensors[name]) for name, hf in vocabulary.items()
+            if name in tensors}
     return ModelSource(
         config=config,
-        tensors=LazyTensors(loaders),
+        tensors=LazyTensors(loaders, rows),
         int4_blocks=LazyMapping(blocks),
         tokenizer_json=tokenizer_json,
         tokenizer_config=tokenizer_config,
@@ -308,18 +313,28 @@ def _tensor_loader(
     path: Path, tensor: ReaderTensor, shape: tuple[int, ...], permute_heads: int | None
 ) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        try:
-            weights = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as e:
-            raise ModelLoadError(
-                f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which cannot be "
-                f"dequantized: {e}"
-            ) from e
-        # A copy, so the result neither pins the memory map nor is read-only.
-        weights = np.array(weights.reshape(shape), dtype=np.float32)
+        weights = _dequantize(path, tensor, tensor.data).reshape(shape)
         return weights if permute_heads is None else _unpermute_rows(weights, permute_heads)
 
     return load
+
+
+def _row_reader(path: Path, tensor: ReaderTensor) -> Rows:
+    """A 2-D tensor by ranges of rows (the reader's layout is [rows, bytes of a row])."""
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return Rows(shape, lambda lo, hi: _dequantize(path, tensor, tensor.data[lo:hi]))
+
+
+def _dequantize(path: Path, tensor: ReaderTensor, data: np.ndarray) -> np.ndarray:
+    try:
+        weights = dequantize(data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which cannot be "
+            f"dequantized: {e}"
+        ) from e
+    # A copy, so the result neither pins the memory map nor is read-only.
+    return np.array(weights, dtype=np.float32)
 
 
 def _unpermute_rows(weights: np.ndarray, n_heads: int) -> np.ndarray:

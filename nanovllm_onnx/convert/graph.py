@@ -11,7 +11,7 @@ Layout of a step (T packed tokens, row after row, for B cache rows):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from nanovllm_onnx.config import ModelConfig
-from nanovllm_onnx.convert.source import ModelSource, QuantBlocks
+from nanovllm_onnx.convert.source import ModelSource, QuantBlocks, Rows
+from nanovllm_onnx.convert.weight_file import WeightFile
 from nanovllm_onnx.kernels import DOMAIN, KEY_TILE
 
 MS = "com.microsoft"
@@ -27,20 +28,27 @@ MS = "com.microsoft"
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 BLOCK = 32  # inputs per block of 4- and 8-bit weights
+CHUNK_BYTES = 16 << 20  # a large weight is converted this many float32 bytes of rows at a time
 
 
 class GraphBuilder:
     """Accumulates nodes and initializers with unique names; emits linear layers in the
-    chosen weight format."""
+    chosen weight format. With a `weight_file`, initializers go there as they are made."""
 
-    def __init__(self, weights: str = "fp32") -> None:
+    def __init__(self, weights: str = "fp32", weight_file: WeightFile | None = None) -> None:
         self.weights = weights  # one of WEIGHT_FORMATS, checked where a conversion starts
+        self.weight_file = weight_file
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
 
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(array, name))
+    def const(self, name: str, data: np.ndarray | Iterable[np.ndarray]) -> str:
+        """An initializer: an array, or chunks of rows of one (see WeightFile.tensor)."""
+        if self.weight_file is not None:
+            self.initializers.append(self.weight_file.tensor(name, data))
+        else:
+            array = data if isinstance(data, np.ndarray) else np.concatenate(list(data))
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "",
@@ -62,7 +70,8 @@ class GraphBuilder:
         if self.weights == "int4":
             y = self.block_linear(x, name, weight, bits=4)
         else:
-            (y,) = self.op("MatMul", [x, self.const(name, np.ascontiguousarray(weight.T))])
+            # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it.
+            (y,) = self.op("Gemm", [x, self.const(name, weight)], transB=1)
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
@@ -92,15 +101,20 @@ class GraphBuilder:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
 
-    def block_linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks,
+    def block_linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks | Rows,
                      bits: int) -> str:
         """4- or 8-bit blocks of 32 inputs, a scale and a minimum each, through the engine's
         BlockLinear (activations quantized per block of 32 too). GGUF's Q4_0/Q4_1 blocks go
-        in as they are: no second rounding."""
-        blocks = weight if isinstance(weight, QuantBlocks) else quantize_blocks(weight, bits)
-        n, num_blocks, _ = blocks.q.shape
-        k = weight.shape[1] if isinstance(weight, np.ndarray) else num_blocks * BLOCK
-        (y,) = self.op("BlockLinear", [x, self.const(name, pack_blocks(blocks, bits))],
+        in as they are: no second rounding. Others are quantized and packed a chunk of rows
+        (whole groups of 16) at a time."""
+        if isinstance(weight, QuantBlocks):
+            n, num_blocks, _ = weight.q.shape
+            k, packed = num_blocks * BLOCK, pack_blocks(weight, bits)
+        else:
+            rows = weight if isinstance(weight, Rows) else Rows.of(weight)
+            (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
+            packed = (pack_blocks(quantize_blocks(c, bits), bits) for c in rows.chunks(step))
+        (y,) = self.op("BlockLinear", [x, self.const(name, packed)],
                        domain=DOMAIN, K=k, N=n, bits=bits)
         return y
 
@@ -108,6 +122,11 @@ class GraphBuilder:
         (y,) = self.op("SimplifiedLayerNormalization", [x, self.const(name, weight)],
                        axis=-1, epsilon=eps, stash_type=1)
         return y
+
+
+def chunk_rows(columns: int, multiple: int = 1) -> int:
+    """Rows of a `columns`-wide weight converted at a time: CHUNK_BYTES of float32."""
+    return max(multiple, CHUNK_BYTES // (4 * columns) // multiple * multiple)
 
 
 def quantize_blocks(weight: np.ndarray, bits: int) -> QuantBlocks:
@@ -223,9 +242,11 @@ def _yarn_scaling(inv_freq: np.ndarray, dim: int, max_pos: int, s: dict
     return inv_freq / factor * ramp + inv_freq * extrapolation, float(attention_factor)
 
 
-def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
+def build_graph(src: ModelSource, cfg: ModelConfig,
+                weight_file: WeightFile | None = None) -> onnx.ModelProto:
+    """The graph; its weights go to `weight_file` as they are made, when one is given."""
     w, hf = src.tensors, src.config
-    g = GraphBuilder(cfg.weights)
+    g = GraphBuilder(cfg.weights, weight_file)
     eps = float(hf["rms_norm_eps"])
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
@@ -238,8 +259,9 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
 
     cos_sin = rotary_cache(hd, cfg.max_position_embeddings, hf["rope_parameters"])
     cos, sin = g.const("rotary.cos", cos_sin[0]), g.const("rotary.sin", cos_sin[1])
-    embed = w["model.embed_tokens.weight"]
-    (x,) = g.op("Gather", [g.const("model.embed_tokens.weight", embed), "input_ids"])
+    embed = src.rows("model.embed_tokens.weight")
+    (x,) = g.op("Gather", [g.const("model.embed_tokens.weight",
+                                   embed.chunks(chunk_rows(embed.shape[1]))), "input_ids"])
     residual: str | None = None
     pre = "model.layers"
     for i in tqdm(range(cfg.num_layers), desc="Building graph", unit="layer"):
@@ -286,7 +308,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
     (last,) = g.op("Gather", [last, "logits_index"])
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
     tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
-    head = embed if tied else w["lm_head.weight"]
+    head = embed if tied else src.rows("lm_head.weight")
     if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step
         # 8-bit blocks, as GGUF files keep the output matrix at 6-8 bits: SmolLM2's Q8_0
         # embedding comes back exactly (int4 perplexity 12.55 vs 14.26 in 4-bit blocks; int8
@@ -295,7 +317,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig) -> onnx.ModelProto:
     elif tied:  # reuse the embedding table, transposed by Gemm rather than copied
         g.op("Gemm", [last, "model.embed_tokens.weight"], transB=1)
     else:
-        g.op("Gemm", [last, g.const("lm_head.weight", head)], transB=1)
+        g.op("Gemm", [last, g.const("lm_head.weight", head.chunks(chunk_rows(head.shape[1])))],
+             transB=1)
     g.nodes[-1].output[0] = "logits"
     return _make_model(g, cfg)
 

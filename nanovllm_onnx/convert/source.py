@@ -38,11 +38,38 @@ class LazyMapping(Mapping[str, T]):
         return len(self._loaders)
 
 
+@dataclass
+class Rows:
+    """A 2-D weight [rows, columns] read by ranges of rows as float32: a large one (the
+    embedding, an LM head) is converted a slice at a time, never whole in memory."""
+
+    shape: tuple[int, int]
+    read: Callable[[int, int], np.ndarray]  # rows [lo, hi)
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        for lo in range(0, self.shape[0], rows):
+            yield self.read(lo, min(lo + rows, self.shape[0]))
+
+    @staticmethod
+    def of(array: np.ndarray) -> Rows:
+        return Rows(array.shape, lambda lo, hi: array[lo:hi])
+
+
 class LazyTensors(LazyMapping[np.ndarray]):
-    """HF-named weights, each read (and dequantized) only when asked for, as float32."""
+    """HF-named weights, each read (and dequantized) only when asked for, as float32; those
+    in `rows` can also be read a range of rows at a time."""
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]],
+                 rows: dict[str, Rows] | None = None) -> None:
+        super().__init__(loaders)
+        self._rows = rows or {}
 
     def __getitem__(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
+
+    def rows(self, name: str) -> Rows:
+        """`name` by ranges of rows (read whole first where its source cannot read part)."""
+        return self._rows[name] if name in self._rows else Rows.of(self[name])
 
 
 @dataclass
@@ -70,6 +97,12 @@ class ModelSource:
     # Weights already in 4-bit blocks (GGUF Q4_0/Q4_1), by HF name, read when asked for.
     int4_blocks: Mapping[str, QuantBlocks] = field(default_factory=dict)
 
+    def rows(self, name: str) -> Rows:
+        """A 2-D weight by ranges of rows (see Rows)."""
+        if isinstance(self.tensors, LazyTensors):
+            return self.tensors.rows(name)
+        return Rows.of(np.asarray(self.tensors[name], np.float32))
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -92,15 +125,23 @@ def load_hf_folder(folder: Path) -> ModelSource:
             "re-save with save_pretrained(..., safe_serialization=True))"
         )
     loaders: dict[str, Callable[[], np.ndarray]] = {}
+    rows: dict[str, Rows] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="numpy") as f:
                 names = list(f.keys())
         except Exception as e:  # safetensors raises its own error types
             raise ModelLoadError(f"cannot read {file}: {e}") from e
+        data_start, header = _safetensors_header(file)
         for name in names:
-            loaders[name] = _safetensors_loader(file, name)
-    return read_folder_source(folder, LazyTensors(loaders))
+            tensor = _safetensors_rows(file, data_start, header[name])
+            if tensor is None:
+                loaders[name] = _safetensors_loader(file, name)
+            else:
+                loaders[name] = _whole(tensor)
+                if len(tensor.shape) == 2:
+                    rows[name] = tensor
+    return read_folder_source(folder, LazyTensors(loaders, rows))
 
 
 def read_folder_source(folder: Path, tensors: Mapping[str, np.ndarray]) -> ModelSource:
@@ -121,23 +162,49 @@ def read_folder_source(folder: Path, tensors: Mapping[str, np.ndarray]) -> Model
     )
 
 
+# safetensors dtype -> how it is stored and read; bfloat16 (which numpy lacks) as uint16 bits
+_FLOATS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """Where a safetensors file's data starts, and its header (name -> dtype, shape, offsets)."""
+    with file.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        return 8 + header_len, json.loads(fh.read(header_len))
+
+
+def _safetensors_rows(file: Path, data_start: int, info: dict) -> Rows | None:
+    """A float tensor read by ranges of rows straight from the file (plain reads: no mapping
+    whose pages would count towards this process's memory); None for other dtypes and
+    scalars."""
+    dtype = _FLOATS.get(info["dtype"])
+    if dtype is None or not info["shape"]:
+        return None
+    shape = tuple(info["shape"])
+    row_items = int(np.prod(shape[1:]))
+    start = data_start + info["data_offsets"][0]
+
+    def read(lo: int, hi: int) -> np.ndarray:
+        raw = np.fromfile(file, dtype, count=(hi - lo) * row_items,
+                          offset=start + lo * row_items * np.dtype(dtype).itemsize)
+        if dtype is np.uint16:  # bf16 is the top half of a float32's bits
+            raw = raw.astype(np.uint32)
+            raw <<= 16
+            raw = raw.view(np.float32)
+        return raw.astype(np.float32, copy=False).reshape(hi - lo, *shape[1:])
+
+    return Rows(shape, read)
+
+
+def _whole(tensor: Rows) -> Callable[[], np.ndarray]:
+    return lambda: tensor.read(0, tensor.shape[0])
+
+
 def _safetensors_loader(file: Path, name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         from safetensors import safe_open
 
         with safe_open(str(file), framework="numpy") as f:
-            if f.get_slice(name).get_dtype() == "BF16":  # numpy has no bfloat16
-                return _read_bf16(file, name)
             return f.get_tensor(name)
 
     return load
-
-
-def _read_bf16(file: Path, name: str) -> np.ndarray:
-    """A bfloat16 tensor as float32: bf16 is the top half of a float32's bits."""
-    with file.open("rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        info = json.loads(fh.read(header_len))[name]
-    start, end = info["data_offsets"]
-    raw = np.fromfile(file, np.uint16, count=(end - start) // 2, offset=8 + header_len + start)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])

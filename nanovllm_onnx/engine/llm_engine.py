@@ -22,6 +22,7 @@ from nanovllm_onnx.engine.speculative import (
     make_speculator,
     update_acceptance,
 )
+from nanovllm_onnx.engine.structured import GrammarCompiler, StructuredOutputs
 from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer, TextTokenizer
 from nanovllm_onnx.kernels import KEY_TILE
 from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
@@ -91,6 +92,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens)
         self.sampler = Sampler(mc.eos_token_ids)
+        self.structured = StructuredOutputs(GrammarCompiler(
+            self.tokenizer.tokenizer.to_str(), mc.vocab_size, mc.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._request_ids = count()
         self.num_steps = 0
@@ -147,6 +150,8 @@ class LLMEngine:
         seqs = [Sequence(request_id, ids, params, index=i, prompt=text) for i in range(params.n)]
         for seq in seqs:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            if params.structured_outputs is not None:  # compiled once, then cached
+                seq.grammar = self.structured.compiler.matcher(params.structured_outputs)
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, seqs[1:])
         self.scheduler.add(seqs[0])
 
@@ -177,8 +182,15 @@ class LLMEngine:
             return []
         self.num_steps += 1
         self.kv_cache.copy_in(copies.copy_in)
-        logits = self.runner.run(step)
         rows: list[Sequence | VerifyRow] = []  # what the sampler sees for each sampled row
+        for i, seq in enumerate(step.seqs):
+            num_samples = step.num_samples(i)
+            rows.extend([seq] if num_samples == 1 else
+                        [VerifyRow(seq, j) for j in range(num_samples)])
+        # The grammar masks are computed while the model runs (a sequence with a grammar
+        # does not propose: its one row is a plain decode's).
+        masks = self.structured.start_masks(rows)  # type: ignore[arg-type]
+        logits = self.runner.run(step)
         sample_rows, row = [], 0
         for i, seq in enumerate(step.seqs):
             positions = step.logit_positions(i)
@@ -189,10 +201,14 @@ class LLMEngine:
                                           logits[row:row + num_prompt])
             row += len(positions)
             sample_rows.extend(range(row - num_samples, row))
-            rows.extend([seq] if num_samples == 1 else
-                        [VerifyRow(seq, j) for j in range(num_samples)])
         if len(sample_rows) < len(logits):  # some rows were prompt logprobs only
             logits = logits[sample_rows]
+        dead_ends: set[Sequence | VerifyRow] = set()
+        if masks is not None:
+            dead = masks.apply(logits)
+            # Their grammar admits no token: they end instead of taking what is drawn here.
+            dead_ends = {rows[i] for i in dead}
+            logits[dead] = 0.0
         tokens, logprobs = self.sampler(logits, rows) if rows else ([], [])
         emitted: list[tuple[Sequence, list[int], list[dict[int, float] | None]]] = []
         row = 0
@@ -217,6 +233,10 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for seq, new_tokens, new_logprobs in emitted:
             request = self.requests[seq.request_id]
+            if seq in dead_ends:
+                self._finish(seq, "error", "grammar dead end: "
+                             f"{seq.grammar.error or 'the grammar admits no token here'}")
+                new_tokens = []
             for token, lp in zip(new_tokens, new_logprobs):
                 self._append_token(seq, token, lp)
                 if seq.is_finished:  # a stop inside an accepted run cuts it there
@@ -269,6 +289,10 @@ class LLMEngine:
         seq.append_token(token)
         if logprobs is not None:
             seq.logprobs.append(self._logprobs(logprobs))
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # The mask admits only what the grammar takes; this is a bug, not the user's.
+            self._finish(seq, "error", f"grammar rejected token {token}: {seq.grammar.error}")
+            return
         may_stop = seq.num_output_tokens >= p.min_tokens
         stop_token: int | None = None
         if may_stop and token in p.stop_token_ids:
@@ -281,12 +305,17 @@ class LLMEngine:
             seq.output_text += new_text
         if stop_token is not None:
             # vLLM reports the id for stop_token_ids and None for EOS.
-            self._finish(seq, "stop", token if token in p.stop_token_ids else None)
+            self._finish(seq, "stop", token if token in p.stop_token_ids else None,
+                         drop_last=not p.include_stop_str_in_output)
             return
         if p.stop_strings and may_stop and self._stop_string_match(seq, len(new_text)):
             return
         if seq.num_output_tokens >= (p.max_tokens or 0):
             self._finish(seq, "length", None)
+        elif seq.grammar is not None and seq.grammar.is_stopped:
+            # The output is complete: only EOS could follow, so end here, a step earlier.
+            error = seq.grammar.error
+            self._finish(seq, "error" if error else "stop", error and f"grammar error: {error}")
 
     def _stop_string_match(self, seq: Sequence, new_chars: int) -> bool:
         """Finish at the first stop string the new text completes; cut the text as vLLM does."""
@@ -302,12 +331,13 @@ class LLMEngine:
         return False
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None,
-                flush_text: bool = True) -> None:
+                flush_text: bool = True, drop_last: bool = False) -> None:
+        """drop_last: the last token (a stop token) is left out of the text."""
         if flush_text:
             # Bytes the incremental detokenizer still holds (an unfinished character) are
             # emitted now, as a full decode would.
             ids = seq.output_token_ids
-            if reason == "stop" and not seq.params.include_stop_str_in_output:
+            if drop_last:
                 ids = ids[:-1]
             seq.output_text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
         seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -11,6 +11,7 @@ import numpy as np
 from nanovllm_onnx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from nanovllm_onnx.engine.structured import GrammarMatcher
     from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer
     from nanovllm_onnx.outputs import Logprob
 
@@ -70,6 +71,9 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, Logprob] | None] = [None]
         self.output_text = ""
         self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
+        # Where the output is in its structured_outputs grammar (set by the engine). It has
+        # consumed every output token, so a preempted sequence keeps it as it is.
+        self.grammar: GrammarMatcher | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.engine.llm_engine import LLMEngine
+from nanovllm_onnx.sampling_params import SamplingParams
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
 from nanovllm_onnx.server.async_engine import (
     AsyncEngine,
@@ -38,7 +39,8 @@ from nanovllm_onnx.server.protocol import (
     bad_request,
     server_error,
 )
-from nanovllm_onnx.server.serving import ResponseMeta, event_stream, response_body
+from nanovllm_onnx.server.serving import ResponseMeta, ToolCalls, event_stream, response_body
+from nanovllm_onnx.server.tool_parsers import parser_for
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +165,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              tool_call_parser: str | None = None) -> FastAPI:
     started = int(time.time())
+    tool_parser = parser_for(engine.engine.model_config.chat_template, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -202,24 +206,46 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             raise APIError(400, f"the model '{name}' does not exist; this server serves "
                            f"'{served_model_name}'", param="model", code="model_not_found")
 
+    async def compile_constraint(body: CompletionRequest | ChatCompletionRequest,
+                                 params: SamplingParams) -> None:
+        """Compile the request's grammar here, off the engine thread: a slow one delays only
+        its own request, and a bad one is a 400 before the engine sees it."""
+        constraint = params.structured_outputs
+        if constraint is None:
+            return
+        try:
+            await asyncio.to_thread(engine.engine.structured.compiler.compile, constraint)
+        except ValueError as e:
+            param = next((name for name in ("response_format", "structured_outputs")
+                          if getattr(body, name) is not None), "tools")
+            raise bad_request(str(e), param) from e
+
+    def tool_calls(body: CompletionRequest | ChatCompletionRequest) -> ToolCalls | None:
+        if not isinstance(body, ChatCompletionRequest) or body.tool_mode == "none":
+            return None
+        name = body.named_tool()["name"] if body.tool_mode == "named" else None
+        return ToolCalls(body.tool_mode, tool_parser, name, body.parallel_tool_calls is not False)
+
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest,
                        prompts: Sequence[Prompt | ChatPrompt], prompt_param: str) -> Response:
         check_model(body.model)
         params = body.sampling_params()
+        await compile_constraint(body, params)
+        tools = tool_calls(body)
         chat = isinstance(body, ChatCompletionRequest)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         stream = await engine.submit(request_id, prompts, params, prompt_param)
         meta = ResponseMeta(request_id, int(time.time()), served_model_name, chat)
         if body.stream:
             return EventStreamResponse(
-                stream, event_stream(meta, stream, params, body.include_usage))
+                stream, event_stream(meta, stream, params, body.include_usage, tools))
         try:
             outputs = await _unless_disconnected(request, stream.final())
         finally:
             stream.close()
         if outputs is None:
             return Response(status_code=499)  # nginx's "client closed request": unread
-        return JSONResponse(response_body(meta, outputs, params, stream.prompt_tokens))
+        return JSONResponse(response_body(meta, outputs, params, stream.prompt_tokens, tools))
 
     @app.get("/health")
     async def health() -> Response:
@@ -241,7 +267,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        prompt = ChatPrompt(body.conversation(), body.add_generation_prompt)
+        prompt = ChatPrompt(body.conversation(), body.add_generation_prompt,
+                            body.tool_definitions() or None)
         return await generate(request, body, [prompt], "messages")
 
     return app
@@ -250,11 +277,12 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 def serve(config: EngineConfig, served_model_name: str, *, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None,
           max_waiting: int = DEFAULT_MAX_WAITING,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "info") -> None:
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "info",
+          tool_call_parser: str | None = None) -> None:
     if max_waiting < 1 or max_request_bytes < 1:
         raise ValueError("max_waiting and max_request_bytes must be at least 1")
     engine = AsyncEngine(LLMEngine(config), max_waiting, ServerMetrics(served_model_name))
-    app = build_app(engine, served_model_name, api_key, max_request_bytes)
+    app = build_app(engine, served_model_name, api_key, max_request_bytes, tool_call_parser)
     logger.info("serving %s on http://%s:%d%s", served_model_name, host, port,
                 " (API key required)" if api_key else "")
     # log_config=None: uvicorn logs through the handlers the CLI set up. No access log: each

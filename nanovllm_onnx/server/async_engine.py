@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nanovllm_onnx.engine.llm_engine import LLMEngine
 from nanovllm_onnx.outputs import RequestOutput
@@ -33,8 +34,9 @@ RETRY_AFTER_S = 1
 class ChatPrompt:
     """A conversation, rendered by the chat template in the engine thread (its tokenizer's)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -182,8 +184,8 @@ class AsyncEngine:
         try:
             for request_id, prompt in zip(stream.engine_ids, command.prompts):
                 if isinstance(prompt, ChatPrompt):
-                    prompt = engine.tokenizer.chat_prompt_ids(prompt.messages,
-                                                              prompt.add_generation_prompt)
+                    prompt = engine.tokenizer.chat_prompt_ids(
+                        prompt.messages, prompt.add_generation_prompt, prompt.tools)
                 ids = engine.tokenize_prompt(prompt)
                 _check_room(len(ids), command.params.max_tokens, engine.max_model_len)
                 engine.add_request(request_id, ids, command.params)

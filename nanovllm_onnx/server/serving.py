@@ -13,6 +13,7 @@ from nanovllm_onnx.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm_onnx.sampling_params import SamplingParams
 from nanovllm_onnx.server.async_engine import RequestStream
 from nanovllm_onnx.server.protocol import APIError, server_error
+from nanovllm_onnx.server.tool_parsers import ToolCall, ToolParser, required_calls
 
 logger = logging.getLogger(__name__)
 
@@ -143,19 +144,72 @@ def chat_logprobs(piece: Piece, num_top: int) -> dict[str, Any] | None:
     return {"content": content}
 
 
-def _choice(meta: ResponseMeta, piece: Piece, params: SamplingParams, streaming: bool
-            ) -> dict[str, Any]:
+class ToolCalls:
+    """How a chat request with tools reads its outputs: mode "auto" (the parser finds calls in
+    free text), "required" (a JSON array of calls) or "named" (the output is the arguments of
+    that function). Streamed, content is sent as it comes until a call may begin; the calls go
+    out whole once the choice ends."""
+
+    def __init__(self, mode: str, parser: ToolParser, name: str | None = None,
+                 parallel: bool = True) -> None:
+        self.mode, self.parser, self.name, self.parallel = mode, parser, name, parallel
+        self._text: defaultdict[int, str] = defaultdict(str)
+        self._sent: defaultdict[int, int] = defaultdict(int)
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.mode == "auto":
+            content, calls = self.parser.extract(text)
+            return content, calls if self.parallel else calls[:1]
+        if self.mode == "required":
+            calls = required_calls(text)
+        else:
+            try:
+                calls = [ToolCall(self.name, text)] if isinstance(json.loads(text), dict) else []
+            except json.JSONDecodeError:
+                calls = []
+        return (None, calls) if calls else (text, [])
+
+    def message(self, piece: Piece) -> tuple[dict[str, Any], str | None]:
+        content, calls = self.extract(piece.text)
+        message = {"role": "assistant", "content": content,
+                   "tool_calls": [c.body() for c in calls]}
+        return message, "tool_calls" if calls else piece.finish_reason
+
+    def delta(self, piece: Piece) -> tuple[dict[str, Any], str | None]:
+        i = piece.index
+        text = self._text[i] = self._text[i] + piece.text
+        sent = self._sent[i]
+        content_end = self.parser.content_end(text) if self.mode == "auto" else 0
+        if piece.finish_reason is None:
+            self._sent[i] = max(sent, content_end)
+            return ({"content": text[sent:content_end]} if content_end > sent else {}), None
+        _, calls = self.extract(text)
+        if not calls:
+            return ({"content": text[sent:]} if len(text) > sent else {}), piece.finish_reason
+        delta: dict[str, Any] = {"tool_calls": [c.body(k) for k, c in enumerate(calls)]}
+        if content_end > sent:
+            delta["content"] = text[sent:content_end]
+        return delta, "tool_calls"
+
+
+def _choice(meta: ResponseMeta, piece: Piece, params: SamplingParams, streaming: bool,
+            tools: ToolCalls | None = None) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": piece.index}
+    finish_reason = piece.finish_reason
     if not meta.chat:
         choice["text"] = piece.text
         choice["logprobs"] = completion_logprobs(piece)
     else:
-        if streaming:
+        if streaming and tools is not None:
+            choice["delta"], finish_reason = tools.delta(piece)
+        elif streaming:
             choice["delta"] = {"content": piece.text} if piece.text else {}
+        elif tools is not None:
+            choice["message"], finish_reason = tools.message(piece)
         else:
             choice["message"] = {"role": "assistant", "content": piece.text}
         choice["logprobs"] = chat_logprobs(piece, params.logprobs or 0)
-    choice["finish_reason"] = piece.finish_reason
+    choice["finish_reason"] = finish_reason
     choice["stop_reason"] = piece.stop_reason  # vLLM's: the stop string or token id
     return choice
 
@@ -167,8 +221,9 @@ def _envelope(meta: ResponseMeta, streaming: bool) -> dict[str, Any]:
 
 
 def response_body(meta: ResponseMeta, outputs: Sequence[RequestOutput | None],
-                  params: SamplingParams, prompt_tokens: int) -> dict[str, Any]:
-    choices = [_choice(meta, p, params, False) for p in final_pieces(outputs, params.n)]
+                  params: SamplingParams, prompt_tokens: int,
+                  tools: ToolCalls | None = None) -> dict[str, Any]:
+    choices = [_choice(meta, p, params, False, tools) for p in final_pieces(outputs, params.n)]
     return {**_envelope(meta, False), "choices": choices, "usage": usage(prompt_tokens, outputs)}
 
 
@@ -177,12 +232,13 @@ def _event(data: dict[str, Any]) -> str:
 
 
 async def event_stream(meta: ResponseMeta, stream: RequestStream, params: SamplingParams,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool, tools: ToolCalls | None = None
+                       ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per choice that changed, then usage if asked, then
     [DONE]. A failure mid-stream (the engine's, or a bug here) becomes an error event, then
     [DONE]: the client always learns the stream ended and why."""
     try:
-        async for event in _events(meta, stream, params, include_usage):
+        async for event in _events(meta, stream, params, include_usage, tools):
             yield event
     except APIError as e:
         yield _event(e.body())
@@ -193,7 +249,7 @@ async def event_stream(meta: ResponseMeta, stream: RequestStream, params: Sampli
 
 
 async def _events(meta: ResponseMeta, stream: RequestStream, params: SamplingParams,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, tools: ToolCalls | None) -> AsyncIterator[str]:
     envelope = _envelope(meta, True)
     if include_usage:
         envelope["usage"] = None  # as OpenAI: only the last chunk carries usage
@@ -208,7 +264,7 @@ async def _events(meta: ResponseMeta, stream: RequestStream, params: SamplingPar
     tracker = DeltaTracker(params)
     async for outputs in stream.updates():
         for piece in tracker.pieces(outputs):
-            yield chunk([_choice(meta, piece, params, True)])
+            yield chunk([_choice(meta, piece, params, True, tools)])
     if include_usage:
         yield _event({**envelope, "choices": [],
                       "usage": usage(stream.prompt_tokens, stream.outputs)})
