@@ -102,21 +102,27 @@ def test_greedy_tokens_equal_transformers(spec: dict | str, engine_args: dict,
 
 def test_structured_and_speculative_requests_in_one_batch(models: dict[str, Path],
                                                         reference: list[list[int]]) -> None:
-    """Grammar-constrained sequences do not propose; the others verify drafts in the same
-    steps. Both stay exact: greedy tokens as transformers', the constrained ones (seeded) as
-    a plain engine's, and valid."""
-    constrained = [SamplingParams(temperature=1.0, seed=seed, max_tokens=200,
-                                  structured_outputs=StructuredOutputsParams(json=SCHEMAS[1]))
-                   for seed in (1, 2)]
-    batch = prompts()[:3] + random_prompts(2, seed=7)
+    """Grammar-constrained sequences propose too: drafts cut at the first the grammar
+    forbids, each verified row masked by the grammar after the drafts before it. Both kinds
+    stay exact in one batch: the greedy ones equal transformers', the constrained ones (greedy
+    and seeded) a plain engine's, and validate."""
+    schema = SCHEMAS[1]
+    constrained = [SamplingParams(temperature=t, seed=seed, max_tokens=200,
+                                  structured_outputs=StructuredOutputsParams(json=schema))
+                   for t, seed in ((0, None), (1.0, 1), (1.0, 2))]
+    batch = prompts()[:3] + random_prompts(3, seed=7)
     llm = spec_llm(models, ngram(4))
     outputs = llm.generate(batch, [GREEDY] * 3 + constrained, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs[:3]] == reference[:3]
-    assert stats(llm)[2] > 0  # the greedy ones accepted drafts
     plain = LLM(str(models[TARGET]), **FP32).generate(batch[3:], constrained, use_tqdm=False)
     for out, alone in zip(outputs[3:], plain):
         assert out.outputs[0].token_ids == alone.outputs[0].token_ids
-        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[1])
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    before = stats(llm)
+    again = llm.generate(batch[3:], constrained, use_tqdm=False)  # constrained ones alone
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in plain]
+    drafts, _, accepted = (x - y for x, y in zip(stats(llm), before))
+    assert drafts > 0 and accepted > 0
     assert_all_free(llm)
 
 

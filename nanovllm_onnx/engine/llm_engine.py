@@ -187,9 +187,8 @@ class LLMEngine:
             num_samples = step.num_samples(i)
             rows.extend([seq] if num_samples == 1 else
                         [VerifyRow(seq, j) for j in range(num_samples)])
-        # The grammar masks are computed while the model runs (a sequence with a grammar
-        # does not propose: its one row is a plain decode's).
-        masks = self.structured.start_masks(rows)  # type: ignore[arg-type]
+        # The grammar masks are computed while the model runs.
+        masks = self.structured.start_masks(rows)
         logits = self.runner.run(step)
         sample_rows, row = [], 0
         for i, seq in enumerate(step.seqs):
@@ -203,11 +202,13 @@ class LLMEngine:
             sample_rows.extend(range(row - num_samples, row))
         if len(sample_rows) < len(logits):  # some rows were prompt logprobs only
             logits = logits[sample_rows]
-        dead_ends: set[Sequence | VerifyRow] = set()
+        dead_ends: set[Sequence] = set()
         if masks is not None:
             dead = masks.apply(logits)
-            # Their grammar admits no token: they end instead of taking what is drawn here.
-            dead_ends = {rows[i] for i in dead}
+            # Their grammar admits no token: they end instead of taking what is drawn here
+            # (a verification's sequence ends without the tokens of this step).
+            dead_ends = {rows[i].seq if isinstance(rows[i], VerifyRow) else rows[i]
+                         for i in dead}
             logits[dead] = 0.0
         tokens, logprobs = self.sampler(logits, rows) if rows else ([], [])
         emitted: list[tuple[Sequence, list[int], list[dict[int, float] | None]]] = []

@@ -63,7 +63,7 @@ class VerifyRow:
         self.generator = seq.generator
         self.num_drafts = num_drafts
         self.num_prompt_tokens = seq.num_prompt_tokens
-        self.grammar = None  # a sequence with a grammar does not propose
+        self.grammar = seq.grammar  # its mask: the grammar's after the drafts before it
         self.num_output_tokens = seq.num_output_tokens + num_drafts
         self.uniform: float | None = None  # drawn for this row, if it was sampled
 
@@ -118,8 +118,8 @@ class Speculator:
             # The draft model's cache holds what the target verified (or, for a sequence not
             # scheduled last step, at least what the target computed); the rest is redone.
             seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
-            if seq.num_uncomputed_tokens != 1 or seq.grammar is not None:
-                continue  # still in prefill, or constrained (drafts are not grammar-checked)
+            if seq.num_uncomputed_tokens != 1:
+                continue  # still in prefill
             if seq.spec_pause:
                 seq.spec_pause -= 1
                 continue
@@ -131,6 +131,12 @@ class Speculator:
                 eligible.append((seq, k))
         if eligible and len(running) <= self.cfg.disable_by_batch_size:
             self._propose(eligible)
+            for seq, _ in eligible:
+                if seq.grammar is not None and seq.draft_token_ids:
+                    # The target's sample is masked: a draft the grammar forbids is rejected
+                    # anyway, so the verification stops before it.
+                    seq.draft_token_ids = seq.draft_token_ids[
+                        :seq.grammar.validate(seq.draft_token_ids)]
 
     def _propose(self, seqs: list[tuple[Sequence, int]]) -> None:
         raise NotImplementedError
