@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 from workloads import log, median, run_runner
 
 HERE = Path(__file__).resolve().parent
-PEERS = Path.home() / ".cache/nano-vllm-onnx/peers"
+PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers"))
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ def venv_python(name: str) -> Path:
     return PEERS / name / "venv/bin/python"
 
 
+def gguf(quantization: str) -> Path:
+    """The default model as a GGUF of this quantization (setup_peers.sh makes them)."""
+    return PEERS / "llamacpp" / f"model-{quantization}.gguf"
+
+
 def configs(ours_args: list[str]) -> list[Config]:
     ov, og = venv_python("openvino"), venv_python("ortgenai")
     return [
@@ -54,8 +60,11 @@ def configs(ours_args: list[str]) -> list[Config]:
                  PEERS / "openvino" / w / "openvino_model.xml") for w in ("int8", "fp32", "int4")],
         *[Config("ortgenai", "peer_ortgenai.py", ("--precision", p), og,
                  PEERS / "ortgenai" / p / "genai_config.json") for p in ("int4", "fp32")],
-        *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w), None,
-                 PEERS / "llamacpp" / f"model-{w}.gguf") for w in ("Q8_0", "Q4_1")],
+        # The same GGUF files: ours runs their own blocks (auto), llama.cpp runs them.
+        *[Config("ours", "throughput.py", ("--model", str(gguf(w)), "--weights", "auto",
+                                           *ours_args), None, gguf(w)) for w in ("Q4_K_M", "Q8_0")],
+        *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w), None, gguf(w))
+          for w in ("Q8_0", "Q4_1", "Q4_K_M")],
         Config("transformers", "peer_transformers.py", (), venv_python("transformers"),
                PEERS / "hf/SmolLM2-135M-Instruct/model.safetensors"),
     ]

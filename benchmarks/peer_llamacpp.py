@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from workloads import THREADS, Workload, emit, log, median, pid_peak_rss_mib, workload_a, workload_b
 
-PEERS = Path.home() / ".cache/nano-vllm-onnx/peers/llamacpp"
+PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers")) / "llamacpp"
 
 
 def free_port() -> int:
@@ -75,7 +76,7 @@ def run_b(server: Server, wl: Workload) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--weights", choices=["Q8_0", "Q4_1", "F32"], default="Q8_0")
+    ap.add_argument("--weights", choices=["Q8_0", "Q4_1", "Q4_K_M", "F32"], default="Q8_0")
     ap.add_argument("--workload", choices=["A", "B"], required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--server-args", default="", help="extra llama-server arguments")

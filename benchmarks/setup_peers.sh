@@ -90,13 +90,26 @@ step_llamacpp() {
             || return 1
         mkdir -p "$dir/bin" && cp "$dir"/build/bin/llama-{server,quantize,bench} "$dir/bin/"
     fi
-    # The HF checkpoint is the dequantized Q4_1, so requantizing the GGUF gives the same weights.
+    # Greedy tokens through llama.cpp's C API (benchmarks/greedy_agreement.py).
+    if [ ! -x "$dir/bin/llamacpp_greedy" ]; then
+        src=$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)
+        g++ -O2 -std=c++17 "$(dirname "$0")/llamacpp_greedy.cpp" -I "$src/include" \
+            -I "$src/ggml/include" "$dir"/build/src/libllama.a "$dir"/build/ggml/src/libggml{,-cpu,-base}.a \
+            "$dir"/build/vendor/hash/libvendor-hash.a -lpthread -fopenmp \
+            -o "$dir/bin/llamacpp_greedy" || return 1
+    fi
+    # The HF checkpoint is the dequantized Q4_1, so requantizing the GGUF gives the same weights
+    # (F32: those weights as they are, which convert_hf_to_gguf.py of the checkpoint also gives).
     ln -sf "$GGUF" "$dir/model-Q4_1.gguf"
     local t
     for t in Q8_0 F32; do
         [ -f "$dir/model-$t.gguf" ] || "$dir/bin/llama-quantize" --allow-requantize "$GGUF" \
             "$dir/model-$t.gguf" "$t" 2 || return 1
     done
+    # Q4_K_M from the F32 weights (SmolLM2's 576-wide rows are no multiple of 256: llama-quantize
+    # falls back to Q5_0/Q8_0 there and keeps K-quants for the 1536-wide down projections).
+    [ -f "$dir/model-Q4_K_M.gguf" ] || "$dir/bin/llama-quantize" "$dir/model-F32.gguf" \
+        "$dir/model-Q4_K_M.gguf" Q4_K_M 2 || return 1
 }
 
 steps=("$@")

@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                        intra_op_num_threads=args.threads)
     llm = LLM(args.model, **extra, **engine_args)
     weights = llm.llm_engine.model_config.weights
+    if args.model and args.model.endswith(".gguf"):  # auto runs the file's own blocks: name it
+        weights += f" ({Path(args.model).name})"
     log(f"nano-vllm-onnx: loaded in {time.perf_counter() - t:.1f} s, weights {weights}, "
         f"{args.threads} threads, prefix caching {'on' if args.enable_prefix_caching else 'off'}")
     if args.speculative_config is not None:

@@ -11,9 +11,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from nanovllm_onnx.config import KV_CACHE_DTYPES, EngineConfig
+from nanovllm_onnx.convert.graph import WEIGHT_FORMATS
 from nanovllm_onnx.convert.source import ModelLoadError
 from nanovllm_onnx.kernels import KernelBuildError
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
+
+WEIGHTS_HELP = ("auto (default): a GGUF's quantized tensors run their own blocks, other "
+                "weights q8_0 (the default model: fp32, see README); q8_0: 8-bit blocks of 32; "
+                "int8: per-channel weights, dynamically quantized activations; int4: 4-bit "
+                "blocks of 32; fp32")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +27,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="HF checkpoint folder, GGUF file or converted folder "
                              "(default: SmolLM2-135M-Instruct)")
     defaults = EngineConfig()
-    parser.add_argument("--weights", choices=["fp32", "int8", "int4"], default=None,
-                        help="weight format when converting the model (default fp32)")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
+                        help="weight format when converting the model: " + WEIGHTS_HELP)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int,
@@ -129,10 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("convert", help="convert a HF folder or GGUF file to this engine's ONNX")
     p.add_argument("source")
     p.add_argument("out")
-    p.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="int8: per-channel weights, dynamically quantized activations "
-                        "(fastest on batched steps); int4: 4-bit blocks of 32 (a GGUF's "
-                        "Q4_0/Q4_1 as they are)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto", help=WEIGHTS_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text for one prompt")

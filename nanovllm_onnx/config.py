@@ -57,7 +57,7 @@ class EngineConfig:
     """Engine arguments (vLLM's names where vLLM has one)."""
 
     model: str | None = None  # HF folder, GGUF file or converted folder; None = default model
-    weights: str | None = None  # fp32 | int8 | int4 when converting (default fp32)
+    weights: str | None = None  # converting: auto (default) | q8_0 | fp32 | int8 | int4
     max_model_len: int | None = None  # default: the model's context, capped at 4096
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048

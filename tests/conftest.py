@@ -97,7 +97,7 @@ def converted(hf_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
     root = tmp_path_factory.mktemp("onnx")
     for name, folder in hf_models.items():
-        convert(folder, root / name)
+        convert(folder, root / name, "fp32")  # compared with transformers token for token
     return {name: root / name for name in hf_models}
 
 

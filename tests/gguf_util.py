@@ -167,11 +167,13 @@ def _add_rope(writer: gguf.GGUFWriter, rope: dict) -> None:
 def write_gguf(
     path: Path, model: object, vocab: VocabWriter, name: str | None = None,
     tensor_type: Callable[[str], GGMLQuantizationType] | None = None,
+    raw: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
 ) -> Path:
     """`model` (a transformers llama/mistral/qwen2/qwen3 CausalLM) as llama.cpp writes it.
     Mistral is written as llama (llama.cpp has no mistral architecture for these files), named
     so that transformers' GGUF loader takes it for Mistral. `tensor_type(hf_name)` picks the
-    type of each 2-D weight (default F32)."""
+    type of each 2-D weight (default F32); `raw` gives tensors (by GGUF name) as quantized
+    bytes of a type instead (types gguf cannot quantize to)."""
     cfg = model.config
     arch = {"mistral": "llama"}.get(cfg.model_type, cfg.model_type)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -206,7 +208,10 @@ def write_gguf(
         elif arch == "llama" and ".k_proj." in hf_name:
             data = llama_permute(data, cfg.num_key_value_heads)
         kind = tensor_type(hf_name) if tensor_type and data.ndim == 2 else GGMLQuantizationType.F32
-        if kind == GGMLQuantizationType.F32:
+        if raw and gguf_name(hf_name) in raw:
+            data, kind = raw[gguf_name(hf_name)]
+            writer.add_tensor(gguf_name(hf_name), data, raw_dtype=kind)
+        elif kind == GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name(hf_name), data)
         else:
             writer.add_tensor(gguf_name(hf_name), quantize(data, kind), raw_dtype=kind)

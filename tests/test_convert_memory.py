@@ -34,7 +34,7 @@ import resource, sys
 from pathlib import Path
 from nanovllm_onnx.convert.converter import convert
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-convert(Path(sys.argv[1]), Path(sys.argv[2]))
+convert(Path(sys.argv[1]), Path(sys.argv[2]), "fp32")
 print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 

@@ -199,7 +199,7 @@ def test_bfloat16_checkpoint(hf_models: dict[str, Path], tmp_path: Path) -> None
     model.save_pretrained(tmp_path / "bf16")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "bf16" / name).write_bytes((hf_models["qwen2"] / name).read_bytes())
-    convert(tmp_path / "bf16", tmp_path / "onnx")
+    convert(tmp_path / "bf16", tmp_path / "onnx", "fp32")
     prompts = random_prompts(3, seed=5)
     expected = reference_greedy(tmp_path / "bf16", prompts, 8)  # loaded as float32 too
     out = LLM(str(tmp_path / "onnx"), **FP32).generate(

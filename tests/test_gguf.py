@@ -251,7 +251,7 @@ def test_tiny_gguf_generates_transformers_tokens(fixture: str, request: pytest.F
             for _ in range(12):
                 ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
             expected.append(ids[len(prompt):])
-    convert(path, tmp_path / "onnx")
+    convert(path, tmp_path / "onnx", "fp32")
     outs = LLM(str(tmp_path / "onnx"), kv_cache_dtype="fp32").generate(
         prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
@@ -267,9 +267,7 @@ def test_q4_0_blocks_are_kept_exactly(tiny_llama, tmp_path: Path) -> None:  # no
     write_gguf(path, hf, bpe_vocab(_tiny_tokenizer(), "smollm", 1, 2, add_bos=True),
                tensor_type=lambda name: Q4_0 if name.endswith("proj.weight") else F32)
     src = load_gguf(path)
-    assert len(src.int4_blocks) == 2 * 7  # every projection of the 2 layers
-    for name, blocks in src.int4_blocks.items():
-        assert np.all(blocks.zero == 8)
-        dequantized = (blocks.q - blocks.zero[..., None]) * blocks.scale[..., None]
-        np.testing.assert_array_equal(dequantized.reshape(src.tensors[name].shape),
-                                      src.tensors[name])
+    assert len(src.quant_blocks) == 2 * 7  # every projection of the 2 layers
+    for name, blocks in src.quant_blocks.items():
+        np.testing.assert_array_equal(blocks.minimum, -8 * blocks.scale)
+        np.testing.assert_array_equal(blocks.dequantize(), src.tensors[name])

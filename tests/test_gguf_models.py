@@ -153,7 +153,7 @@ def test_mistral_style_gguf_generates_transformers_text(mistral_sp, tmp_path: Pa
             out = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
             expected.append((ids, out[0, len(ids):].tolist()))
-    convert(path, tmp_path / "onnx")
+    convert(path, tmp_path / "onnx", "fp32")  # compared with transformers token for token
     llm = LLM(str(tmp_path / "onnx"), kv_cache_dtype="fp32")
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
                         use_tqdm=False)
@@ -196,7 +196,7 @@ def test_qwen3_gguf_matches_transformers(tmp_path: Path) -> None:
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
             expected.append(out[0, len(prompt):].tolist())
-    convert(path, tmp_path / "onnx")
+    convert(path, tmp_path / "onnx", "fp32")  # compared with transformers token for token
     outs = LLM(str(tmp_path / "onnx"), kv_cache_dtype="fp32").generate(
         prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected

@@ -1,5 +1,6 @@
 """The engine's own ops against numpy references: SlotAttention (causal grouped-query
-attention with rotary embeddings on ragged batches of cache rows), SwiGLU and BlockLinear."""
+attention with rotary embeddings on ragged batches of cache rows), SwiGLU, BlockLinear and
+BlockGather."""
 
 from __future__ import annotations
 
@@ -260,7 +261,7 @@ def test_block_linear_matches_reference(arch: str, bits: int, k: int, n: int) ->
     scale = scale.astype(np.float16).astype(np.float32)
     minimum = -rng.uniform(0, 0.3, (n, blocks)).astype(np.float16).astype(np.float32)
     w = (q * scale[..., None] + minimum[..., None]).astype(np.float64)  # [n, blocks, 32]
-    sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, -minimum / scale), bits),
+    sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, minimum, bits)),
                          arch)
     for tokens in (1, 2, 3, 4, 7):
         x = rng.standard_normal((tokens, k)).astype(np.float32)
@@ -278,10 +279,37 @@ def test_block_linear_matches_reference(arch: str, bits: int, k: int, n: int) ->
 def test_block_linear_rejects_weights_of_another_shape() -> None:
     weights = pack_blocks(QuantBlocks(np.zeros((32, 2, 32), np.uint8),
                                       np.ones((32, 2), np.float32),
-                                      np.zeros((32, 2), np.float32)), bits=4)
+                                      np.zeros((32, 2), np.float32), 4))
     sess = block_session(96, 32, 4, weights)  # K = 96 needs 3 blocks
     with pytest.raises(Exception, match=r"weights must be \[ceil\(N/16\), ceil\(K/32\), 320\]"):
         sess.run(None, {"x": np.zeros((1, 96), np.float32)})
+
+
+@pytest.mark.parametrize("arch", BUILDS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_gather_dequantizes_the_rows_exactly(arch: str, bits: int) -> None:
+    """An embedding kept in BlockLinear's blocks: each gathered row is exactly the row's
+    q * scale + min (fp32 holds a product of an fp16 and a code of 8 bits or fewer exactly),
+    K need not be a whole number of blocks, and an id past N is an error, not a stray read."""
+    if missing := BUILDS[arch] - CPU_FLAGS:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
+    rng = np.random.default_rng(bits)
+    k, n = 40, 37
+    blocks = QuantBlocks(rng.integers(0, 2**bits, (n, 2, 32), dtype=np.uint8),
+                         rng.uniform(-0.1, 0.1, (n, 2)).astype(np.float32),
+                         rng.uniform(-1, 1, (n, 2)).astype(np.float32), bits)
+    node = helper.make_node("BlockGather", ["ids", "w"], ["rows"], domain=DOMAIN, K=k, N=n,
+                            bits=bits)
+    info = helper.make_tensor_value_info
+    sess = ops_session(helper.make_graph(
+        [node], "block_gather", [info("ids", TensorProto.INT64, ["tokens"])],
+        [info("rows", F32, ["tokens", k])],
+        [numpy_helper.from_array(pack_blocks(blocks), "w")]), arch)
+    ids = np.array([0, 36, 5, 5, 17, 16, 15], np.int64)
+    (rows,) = sess.run(None, {"ids": ids})
+    np.testing.assert_array_equal(rows, blocks.dequantize()[ids, :k])
+    with pytest.raises(Exception, match="BlockGather: id 37 is not below N = 37"):
+        sess.run(None, {"ids": np.array([3, 37], np.int64)})
 
 
 def test_loading_the_ops_leaves_subnormals_alone() -> None:

@@ -119,16 +119,17 @@ def test_gguf_q4_blocks_are_kept_exactly() -> None:
     from nanovllm_onnx.convert.gguf_source import load_gguf
 
     src = load_gguf(default_model_or_skip())
-    assert len(src.int4_blocks) == 30 * 7  # every projection of the 30 layers
+    assert len(src.quant_blocks) == 30 * 7 + 1  # every projection of the 30 layers, embedding
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight"):
-        blocks, ref = src.int4_blocks[name], src.tensors[name]
-        dequantized = ((blocks.q - blocks.zero[..., None]) * blocks.scale[..., None])
-        np.testing.assert_allclose(dequantized.reshape(ref.shape), ref, atol=1e-6, rtol=1e-5)
-        np.testing.assert_allclose(unpack(pack_blocks(blocks, 4), 4), ref, atol=1e-6, rtol=1e-5)
+        blocks, ref = src.quant_blocks[name], src.tensors[name]
+        assert blocks.bits == 4
+        np.testing.assert_array_equal(blocks.dequantize(), ref)
+        np.testing.assert_array_equal(unpack(pack_blocks(blocks), 4), ref)
     embedding = src.tensors["model.embed_tokens.weight"]
-    records = pack_blocks(quantize_blocks(embedding, 8), 8)
-    np.testing.assert_array_equal(unpack(records, 8), embedding)
+    np.testing.assert_array_equal(unpack(pack_blocks(src.quant_blocks[
+        "model.embed_tokens.weight"]), 8), embedding)
+    np.testing.assert_array_equal(unpack(pack_blocks(quantize_blocks(embedding, 8)), 8), embedding)
 
 
 def unpack(records: np.ndarray, bits: int) -> np.ndarray:

@@ -88,7 +88,7 @@ def rope_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _ours(source: Path, out: Path) -> list[list[int]]:
-    convert(source, out)
+    convert(source, out, "fp32")  # compared with transformers token for token
     llm = LLM(str(out), kv_cache_dtype="fp32", max_model_len=MAX_POS)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
                                                 ignore_eos=True), use_tqdm=False)
@@ -152,7 +152,7 @@ def test_missing_facts(hf_models: dict[str, Path], tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(defaulted))
     prompts = PROMPTS[:2]
     out = tmp_path / "defaulted"
-    convert(folder, out)
+    convert(folder, out, "fp32")
     got = LLM(str(out), kv_cache_dtype="fp32").generate(
         prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == reference_greedy(folder, prompts, 8)

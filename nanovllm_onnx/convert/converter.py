@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 # bump when the emitted graph changes, to invalidate caches (17: checkpoints saved by
 # transformers 5 had their rope_parameters ignored; 18: fp32 projections as Gemm, weights
-# written as they are made)
-CONVERTER_VERSION = "18"
+# written as they are made; 19: GGUF blocks kept, auto weights, the embedding in blocks)
+CONVERTER_VERSION = "19"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 PARTIAL = ".partial"  # suffix of a conversion's folder while it is written
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
@@ -190,13 +190,14 @@ def _first(config: dict, *keys: str) -> Any:
     return next((config[k] for k in keys if config.get(k)), None)
 
 
-def convert(source_path: Path, out_dir: Path, weights: str = "fp32") -> ModelConfig:
+def convert(source_path: Path, out_dir: Path, weights: str = "auto") -> ModelConfig:
     """Convert a HF folder, GGUF file or Optimum export into `out_dir` (written atomically).
-    `weights` (fp32, int8, int4) is the format of the projection, MLP and LM head weights."""
+    `weights` (one of WEIGHT_FORMATS) is the format of the projection, MLP, embedding and LM
+    head weights."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
     graph = optimum_graph(source_path)
-    if graph is not None and weights != "fp32":
+    if graph is not None and weights not in ("auto", "fp32"):
         raise ModelLoadError(f"{source_path} is an Optimum export, which runs as exported: "
                              "quantize it when exporting, or convert the HF checkpoint instead")
     if graph is None:
@@ -264,7 +265,9 @@ def is_converted(folder: Path) -> bool:
 
 def resolve_model(model: str | None, weights: str | None = None) -> Path:
     """The converted folder for `model`, converting (once, cached) when needed. `weights`
-    picks the format to convert to (default fp32); a converted folder runs as it is."""
+    picks the format to convert to (default auto; for the default model fp32: its answer to
+    the README's question is a near-tie that any 8-bit activation rounding flips, see
+    README); a converted folder runs as it is."""
     from nanovllm_onnx.default_model import cache_dir, default_model_path
 
     path = default_model_path() if model is None else Path(model).expanduser()
@@ -279,7 +282,7 @@ def resolve_model(model: str | None, weights: str | None = None) -> Path:
         return path
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
-    weights = weights or "fp32"
+    weights = weights or ("fp32" if model is None else "auto")
     out = cache_dir() / "converted" / f"{path.name}-{weights}-{_source_key(path)}"
     if not is_converted(out):
         convert(path, out, weights)

@@ -19,6 +19,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .gguf_blocks import FLOAT_TYPES, SUPPORTED, file_blocks
 from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, QuantBlocks, Rows
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def load_gguf(path: Path) -> ModelSource:
     return ModelSource(
         config=config,
         tensors=LazyTensors(loaders, rows),
-        int4_blocks=LazyMapping(blocks),
+        quant_blocks=LazyMapping(blocks),
         tokenizer_json=tokenizer_json,
         tokenizer_config=tokenizer_config,
         generation_config=generation_config,
@@ -221,7 +222,7 @@ _BLOCK_TENSORS = {
 def _weight_loaders(
     path: Path, arch: str, config: dict, tensors: dict[str, ReaderTensor]
 ) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Callable[[], QuantBlocks]]]:
-    """Loaders of the dequantized weights, and of the 4-bit blocks of Q4_0/Q4_1 ones."""
+    """Loaders of the dequantized weights, and of the BlockLinear blocks of quantized ones."""
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     q_dim, kv_dim = heads * config["head_dim"], kv_heads * config["head_dim"]
@@ -266,6 +267,11 @@ def _weight_loaders(
         if tensor is None:
             raise ModelLoadError(f"{path}: tensor {gguf_name} ({hf_name}) is missing")
         got = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if tensor.tensor_type not in SUPPORTED:
+            raise ModelLoadError(
+                f"{path}: tensor {gguf_name} is {tensor.tensor_type.name}, which nano-vllm-onnx "
+                f"does not run (supported: {', '.join(t.name for t in SUPPORTED)}); "
+                "requantize the model to one of those with llama.cpp's llama-quantize")
         if got != shape:
             raise ModelLoadError(f"{path}: tensor {gguf_name} has shape {got}, expected {shape}")
         # llama.cpp reorders the Q and K rows of llama models for its interleaved RoPE; qwen2
@@ -276,35 +282,19 @@ def _weight_loaders(
         elif arch == "llama" and ".attn_k." in gguf_name:
             permute_heads = kv_heads
         loaders[hf_name] = _tensor_loader(path, tensor, shape, permute_heads)
-        if tensor.tensor_type in _Q4_ZERO:
-            blocks[hf_name] = _int4_loader(tensor, shape, permute_heads)
+        if tensor.tensor_type not in FLOAT_TYPES:
+            blocks[hf_name] = _blocks_loader(tensor, shape, permute_heads)
     return loaders, blocks
 
 
-# Q4_0 block: fp16 d, 16 bytes of nibbles, w = (q - 8) d. Q4_1: fp16 d, fp16 m, nibbles,
-# w = q d + m = (q - (-m / d)) d. Low nibbles hold elements 0-15 of the block, high 16-31.
-_Q4_ZERO = {GGMLQuantizationType.Q4_0: None, GGMLQuantizationType.Q4_1: "min"}
-
-
-def _int4_loader(tensor: ReaderTensor, shape: tuple[int, ...],
-                 permute_heads: int | None) -> Callable[[], QuantBlocks]:
+def _blocks_loader(tensor: ReaderTensor, shape: tuple[int, ...],
+                   permute_heads: int | None) -> Callable[[], QuantBlocks]:
     def load() -> QuantBlocks:
-        rows, cols = shape
-        raw = np.asarray(tensor.data).reshape(rows, cols // 32, -1)
-        header = 4 if _Q4_ZERO[tensor.tensor_type] else 2
-        d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        nibbles = raw[..., header:]
-        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-        if header == 4:
-            m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            d = np.where(d == 0, np.float32(1e-8), d)  # a constant block: all of it is m
-            zero = -m / d
-        else:
-            zero = np.full_like(d, 8.0)
-        parts = [q, d, zero]
+        blocks = file_blocks(tensor.data, tensor.tensor_type, *shape)
         if permute_heads is not None:
-            parts = [_unpermute_rows(p, permute_heads) for p in parts]
-        return QuantBlocks(*parts)
+            blocks = QuantBlocks(*(_unpermute_rows(getattr(blocks, f), permute_heads)
+                                   for f in ("q", "scale", "minimum")), blocks.bits)
+        return blocks
 
     return load
 
@@ -313,7 +303,7 @@ def _tensor_loader(
     path: Path, tensor: ReaderTensor, shape: tuple[int, ...], permute_heads: int | None
 ) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        weights = _dequantize(path, tensor, tensor.data).reshape(shape)
+        weights = _dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         return weights if permute_heads is None else _unpermute_rows(weights, permute_heads)
 
     return load
@@ -322,19 +312,13 @@ def _tensor_loader(
 def _row_reader(path: Path, tensor: ReaderTensor) -> Rows:
     """A 2-D tensor by ranges of rows (the reader's layout is [rows, bytes of a row])."""
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return Rows(shape, lambda lo, hi: _dequantize(path, tensor, tensor.data[lo:hi]))
+    return Rows(shape, lambda lo, hi: _dequantize(tensor.data[lo:hi], tensor.tensor_type))
 
 
-def _dequantize(path: Path, tensor: ReaderTensor, data: np.ndarray) -> np.ndarray:
-    try:
-        weights = dequantize(data, tensor.tensor_type)
-    except NotImplementedError as e:
-        raise ModelLoadError(
-            f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, which cannot be "
-            f"dequantized: {e}"
-        ) from e
-    # A copy, so the result neither pins the memory map nor is read-only.
-    return np.array(weights, dtype=np.float32)
+def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Float32 weights of raw GGUF data; a copy, so the result neither pins the memory map nor
+    is read-only."""
+    return np.array(dequantize(data, qtype), dtype=np.float32)
 
 
 def _unpermute_rows(weights: np.ndarray, n_heads: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -26,16 +27,29 @@ from nanovllm_onnx.kernels import DOMAIN, KEY_TILE
 MS = "com.microsoft"
 
 
-WEIGHT_FORMATS = ("fp32", "int8", "int4")
+# auto: a GGUF's quantized tensors run their own blocks, every other weight is q8_0. q8_0:
+# 8-bit blocks of 32 (GGUF's Q8_0 rounding) of every weight. int8: per-channel. int4: 4-bit
+# blocks of 32 (a GGUF's own Q4_0/Q4_1/Q4_K ones where it has them).
+WEIGHT_FORMATS = ("auto", "q8_0", "fp32", "int8", "int4")
 BLOCK = 32  # inputs per block of 4- and 8-bit weights
 CHUNK_BYTES = 16 << 20  # a large weight is converted this many float32 bytes of rows at a time
+
+
+@dataclass
+class BlockWeights:
+    """An initializer of packed blocks (pack_blocks) and the matrix it holds, [n, k]."""
+
+    name: str
+    k: int
+    n: int
+    bits: int
 
 
 class GraphBuilder:
     """Accumulates nodes and initializers with unique names; emits linear layers in the
     chosen weight format. With a `weight_file`, initializers go there as they are made."""
 
-    def __init__(self, weights: str = "fp32", weight_file: WeightFile | None = None) -> None:
+    def __init__(self, weights: str = "auto", weight_file: WeightFile | None = None) -> None:
         self.weights = weights  # one of WEIGHT_FORMATS, checked where a conversion starts
         self.weight_file = weight_file
         self.nodes: list[onnx.NodeProto] = []
@@ -61,14 +75,14 @@ class GraphBuilder:
 
     def linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks,
                bias: np.ndarray | None = None, token_scale: str | None = None) -> str:
-        """x @ weight.T (+ bias); weight is HF's [out_features, in_features], or blocks that
-        are 4-bit already (int4 only). int8 only: `token_scale` [tokens, 1] says that x comes
+        """x @ weight.T (+ bias); weight is HF's [out_features, in_features], or a GGUF's
+        blocks (auto, int4). int8 only: `token_scale` [tokens, 1] says that x comes
         divided by it already (SwiGLU's second output), so that the activations are quantized
         with one scale per token rather than one per tensor."""
         if self.weights == "int8":
             return self._int8_linear(x, name, weight, bias, token_scale)
-        if self.weights == "int4":
-            y = self.block_linear(x, name, weight, bits=4)
+        if self.weights != "fp32":
+            y = self.block_linear(x, name, weight, bits=4 if self.weights == "int4" else 8)
         else:
             # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it.
             (y,) = self.op("Gemm", [x, self.const(name, weight)], transB=1)
@@ -104,18 +118,27 @@ class GraphBuilder:
     def block_linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks | Rows,
                      bits: int) -> str:
         """4- or 8-bit blocks of 32 inputs, a scale and a minimum each, through the engine's
-        BlockLinear (activations quantized per block of 32 too). GGUF's Q4_0/Q4_1 blocks go
-        in as they are: no second rounding. Others are quantized and packed a chunk of rows
-        (whole groups of 16) at a time."""
+        BlockLinear (activations quantized per block of 32 too). A GGUF's blocks go in as
+        they are (at their own width): no second rounding."""
+        return self.block_op("BlockLinear", x, self.block_const(name, weight, bits))
+
+    def block_const(self, name: str, weight: np.ndarray | Rows | QuantBlocks,
+                    bits: int) -> BlockWeights:
+        """Packed blocks as an initializer: `weight`'s own, or it rounded to `bits` and packed
+        a chunk of rows (whole groups of 16) at a time."""
         if isinstance(weight, QuantBlocks):
             n, num_blocks, _ = weight.q.shape
-            k, packed = num_blocks * BLOCK, pack_blocks(weight, bits)
-        else:
-            rows = weight if isinstance(weight, Rows) else Rows.of(weight)
-            (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
-            packed = (pack_blocks(quantize_blocks(c, bits), bits) for c in rows.chunks(step))
-        (y,) = self.op("BlockLinear", [x, self.const(name, packed)],
-                       domain=DOMAIN, K=k, N=n, bits=bits)
+            return BlockWeights(self.const(name, pack_blocks(weight)), num_blocks * BLOCK, n,
+                                weight.bits)
+        rows = weight if isinstance(weight, Rows) else Rows.of(weight)
+        (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
+        packed = (pack_blocks(quantize_blocks(c, bits)) for c in rows.chunks(step))
+        return BlockWeights(self.const(name, packed), k, n, bits)
+
+    def block_op(self, op_type: str, x: str, weights: BlockWeights) -> str:
+        """BlockLinear (x [..., K] -> [..., N]) or BlockGather (token ids -> rows [..., K])."""
+        (y,) = self.op(op_type, [x, weights.name], domain=DOMAIN, K=weights.k, N=weights.n,
+                       bits=weights.bits)
         return y
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
@@ -129,37 +152,46 @@ def chunk_rows(columns: int, multiple: int = 1) -> int:
     return max(multiple, CHUNK_BYTES // (4 * columns) // multiple * multiple)
 
 
-def quantize_blocks(weight: np.ndarray, bits: int) -> QuantBlocks:
-    """Blocks of 32 inputs, K padded to whole blocks. 4 bits: from each block's minimum to
-    its maximum (GGUF's Q4_1 rounding: BlockLinear takes a float minimum at no cost). 8 bits:
-    symmetric, max |w| / 127 (Q8_0's rounding, so a Q8_0 source comes back exactly). Scales
-    and minimums are rounded to fp16 first, as BlockLinear stores them."""
+def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool | None = None) -> QuantBlocks:
+    """Blocks of 32 inputs, K padded to whole blocks. From each block's minimum to its maximum
+    (GGUF's Q4_1 rounding: BlockLinear takes a float minimum at no cost), or symmetric,
+    max |w| / (2^(bits-1) - 1) (Q8_0's rounding, so a Q8_0 source comes back exactly); by
+    default 4 bits from min to max, 8 bits symmetric. Scales and minimums are rounded to fp16
+    first, as BlockLinear stores them."""
+    from nanovllm_onnx.convert.gguf_blocks import blocks_from_values
+
+    symmetric = bits == 8 if symmetric is None else symmetric
     n, k = weight.shape
     blocks = -(-k // BLOCK)
     w = np.zeros((n, blocks * BLOCK), np.float32)
     w[:, :k] = weight
     w = w.reshape(n, blocks, BLOCK)
-    if bits == 4:
-        low = _fp16(w.min(axis=-1))
-        scale = _fp16(np.maximum((w.max(axis=-1) - low) / 15, np.finfo(np.float16).tiny))
-    else:
-        scale = _fp16(np.maximum(np.abs(w).max(axis=-1) / 127, np.finfo(np.float16).tiny))
-        low = -128 * scale
-    q = np.clip(np.round((w - low[..., None]) / scale[..., None]), 0, 2**bits - 1)
-    return QuantBlocks(q.astype(np.uint8), scale, -low / scale)
+    tiny = np.finfo(np.float16).tiny
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = _fp16(np.maximum(np.abs(w).max(axis=-1) / (half - 1), tiny))
+        low = -half * scale
+    else:  # fp16 rounded outwards, so that the extremes need no code past the range
+        low = _fp16(w.min(axis=-1), toward=-np.inf)
+        scale = _fp16(np.maximum((w.max(axis=-1) - low) / (2**bits - 1), tiny), toward=np.inf)
+    return blocks_from_values(w, scale, low, bits)
 
 
-def _fp16(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float16).astype(np.float32)
+def _fp16(a: np.ndarray, toward: float | None = None) -> np.ndarray:
+    """a rounded to fp16 (to nearest, or in the direction of `toward`), as float32."""
+    h = a.astype(np.float16)
+    if toward is not None:
+        past = h < a if toward > 0 else h > a
+        h = np.where(past, np.nextafter(h, np.float16(toward)), h)
+    return h.astype(np.float32)
 
 
-def pack_blocks(blocks: QuantBlocks, bits: int) -> np.ndarray:
+def pack_blocks(blocks: QuantBlocks) -> np.ndarray:
     """BlockLinear's weights: one record per 16 output rows x 32 inputs, the values as 8
     vectors of [16 rows, 4 inputs] (VNNI's layout; at 4 bits vectors 2p and 2p + 1 share
     bytes, low and high nibbles), then 16 fp16 scales and 16 fp16 minimums
     (w = q * scale + min). Rows padded to a multiple of 16."""
-    q, scale = blocks.q, blocks.scale
-    minimum = -blocks.zero * blocks.scale
+    q, scale, minimum, bits = blocks.q, blocks.scale, blocks.minimum, blocks.bits
     n, num_blocks, _ = q.shape
     groups = -(-n // 16)
     pad = ((0, groups * 16 - n), (0, 0))
@@ -252,16 +284,41 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
 
     def stacked(names: list[str]) -> np.ndarray | QuantBlocks:
-        """The named weights stacked by rows; for int4, GGUF's own 4-bit blocks if it has them."""
-        if cfg.weights == "int4" and all(n in src.int4_blocks for n in names):
-            return QuantBlocks.concat([src.int4_blocks[n] for n in names])
+        """The named weights stacked by rows: a GGUF's own blocks for auto (float ones beside
+        them in 8-bit blocks; 4-bit ones widened to 8 beside 8-bit ones), and for int4 where
+        all are 4-bit."""
+        own = src.quant_blocks
+        if cfg.weights == "auto" and any(n in own for n in names):
+            return QuantBlocks.concat([own[n] if n in own else quantize_blocks(w[n], 8)
+                                       for n in names])
+        if cfg.weights == "int4" and all(n in own for n in names):
+            parts = [own[n] for n in names]
+            if all(p.bits == 4 for p in parts):
+                return QuantBlocks.concat(parts)
         return np.concatenate([w[n] for n in names])
+
+    def table(name: str) -> Rows | QuantBlocks:
+        """The embedding or LM head: a GGUF's own blocks for auto; otherwise 8-bit blocks, as
+        GGUF files keep the output matrix at 6-8 bits: SmolLM2's Q8_0 embedding comes back
+        exactly (int4 perplexity 12.55 vs 14.26 in 4-bit blocks; int8 13.16 vs 13.25 per
+        channel, at the same speed)."""
+        if cfg.weights == "auto" and name in src.quant_blocks:
+            return src.quant_blocks[name]
+        return src.rows(name)
 
     cos_sin = rotary_cache(hd, cfg.max_position_embeddings, hf["rope_parameters"])
     cos, sin = g.const("rotary.cos", cos_sin[0]), g.const("rotary.sin", cos_sin[1])
-    embed = src.rows("model.embed_tokens.weight")
-    (x,) = g.op("Gather", [g.const("model.embed_tokens.weight",
-                                   embed.chunks(chunk_rows(embed.shape[1]))), "input_ids"])
+    # fp32 gathers from a float table; every other format from the embedding's blocks, one row
+    # dequantized per token (no float copy of the vocabulary), and a tied LM head reads the
+    # same blocks.
+    embed_name = "model.embed_tokens.weight"
+    if cfg.weights == "fp32":
+        embed = src.rows(embed_name)
+        (x,) = g.op("Gather", [g.const(embed_name, embed.chunks(chunk_rows(embed.shape[1]))),
+                               "input_ids"])
+    else:
+        embed = g.block_const(embed_name, table(embed_name), bits=8)
+        x = g.block_op("BlockGather", "input_ids", embed)
     residual: str | None = None
     pre = "model.layers"
     for i in tqdm(range(cfg.num_layers), desc="Building graph", unit="layer"):
@@ -308,15 +365,13 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
     (last,) = g.op("Gather", [last, "logits_index"])
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
     tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
-    head = embed if tied else src.rows("lm_head.weight")
     if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step
-        # 8-bit blocks, as GGUF files keep the output matrix at 6-8 bits: SmolLM2's Q8_0
-        # embedding comes back exactly (int4 perplexity 12.55 vs 14.26 in 4-bit blocks; int8
-        # 13.16 vs 13.25 per channel, at the same speed).
-        g.block_linear(last, "lm_head.weight.q", head, bits=8)
+        head = embed if tied else g.block_const("lm_head.weight", table("lm_head.weight"), 8)
+        g.block_op("BlockLinear", last, head)
     elif tied:  # reuse the embedding table, transposed by Gemm rather than copied
-        g.op("Gemm", [last, "model.embed_tokens.weight"], transB=1)
+        g.op("Gemm", [last, embed_name], transB=1)
     else:
+        head = src.rows("lm_head.weight")
         g.op("Gemm", [last, g.const("lm_head.weight", head.chunks(chunk_rows(head.shape[1])))],
              transB=1)
     g.nodes[-1].output[0] = "logits"

@@ -74,17 +74,26 @@ class LazyTensors(LazyMapping[np.ndarray]):
 
 @dataclass
 class QuantBlocks:
-    """Quantized weights in blocks of 32 along the input dimension, w = (q - zero) * scale:
-    GGUF's Q4_0/Q4_1 blocks (kept as they are: no second rounding)."""
+    """Weights in blocks of 32 along the input dimension, w = q * scale + minimum, as
+    BlockLinear runs them (scale and minimum are stored as fp16 there). A GGUF's own blocks
+    come in as they are: no second rounding."""
 
-    q: np.ndarray  # uint8 [out_features, blocks, 32], 0..15 for 4 bits
+    q: np.ndarray  # uint8 [out_features, blocks, 32], below 2**bits
     scale: np.ndarray  # float32 [out_features, blocks]
-    zero: np.ndarray  # float32 [out_features, blocks]
+    minimum: np.ndarray  # float32 [out_features, blocks]
+    bits: int  # 4 or 8
 
     @staticmethod
     def concat(parts: list[QuantBlocks]) -> QuantBlocks:
+        """Stacked by rows; 4-bit parts beside 8-bit ones are 8-bit blocks (same values)."""
         return QuantBlocks(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in ("q", "scale", "zero")))
+                             for f in ("q", "scale", "minimum")), max(p.bits for p in parts))
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 [out_features, blocks * 32] weights, as BlockLinear sees them."""
+        scale, minimum = (a.astype(np.float16).astype(np.float32)[..., None]
+                          for a in (self.scale, self.minimum))
+        return (self.q * scale + minimum).reshape(len(self.q), -1)
 
 
 @dataclass
@@ -94,8 +103,8 @@ class ModelSource:
     tokenizer_json: str  # the tokenizers library's JSON
     tokenizer_config: dict = field(default_factory=dict)  # chat_template, bos/eos, add_bos_token
     generation_config: dict = field(default_factory=dict)
-    # Weights already in 4-bit blocks (GGUF Q4_0/Q4_1), by HF name, read when asked for.
-    int4_blocks: Mapping[str, QuantBlocks] = field(default_factory=dict)
+    # A GGUF's quantized weights as BlockLinear blocks, by HF name, read when asked for.
+    quant_blocks: Mapping[str, QuantBlocks] = field(default_factory=dict)
 
     def rows(self, name: str) -> Rows:
         """A 2-D weight by ranges of rows (see Rows)."""

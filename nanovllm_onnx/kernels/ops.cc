@@ -1,5 +1,5 @@
-// nano-vllm-onnx's own ONNX Runtime CPU ops (domain "nanovllm"): SlotAttention, then SwiGLU
-// and BlockLinear.
+// nano-vllm-onnx's own ONNX Runtime CPU ops (domain "nanovllm"): SlotAttention, then SwiGLU,
+// BlockLinear and BlockGather.
 //
 // SlotAttention: causal grouped-query attention over per-sequence KV-cache slots, updated in
 // place. ONNX Runtime's
@@ -481,6 +481,19 @@ constexpr int kBlock = 32;  // inputs of one record
 
 constexpr int64_t record_bytes(int64_t bits) { return kRows * kBlock * bits / 8 + 4 * kRows; }
 
+// The code of row r's input i (0..31) in a record, and the row's scale and minimum.
+inline int record_code(const uint8_t* rec, int64_t bits, int r, int i) {
+  const int v = i / 4, c = i % 4;
+  if (bits == 8) return rec[v * 64 + r * 4 + c];
+  return (rec[(v / 2) * 64 + r * 4 + c] >> (4 * (v % 2))) & 0x0F;
+}
+// index 0..15: the rows' scales, 16..31: their minimums.
+inline float record_half(const uint8_t* rec, int64_t bits, int index) {
+  _Float16 h;
+  std::memcpy(&h, rec + kRows * kBlock * bits / 8 + 2 * index, 2);
+  return float(h);
+}
+
 struct BlockStep {
   const uint8_t* weights;
   const int8_t* xq;      // [T, blocks * 32] activations as int8
@@ -653,7 +666,7 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 // Portable: the same arithmetic, one token at a time.
 template <int Bits, int TT>
 void block_tile(const BlockStep& st, int64_t group, int64_t token) {
-  constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
+  constexpr int64_t kRecord = record_bytes(Bits);
   const int64_t width = st.blocks * kBlock;
   for (int t = 0; t < TT; ++t) {
     float y[kRows] = {};
@@ -663,16 +676,9 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
       const int64_t xb = (token + t) * st.blocks + b;
       for (int r = 0; r < kRows; ++r) {
         int dot = 0;
-        for (int i = 0; i < kBlock; ++i) {
-          const int v = i / 4, c = i % 4;
-          const int q = Bits == 8 ? rec[v * 64 + r * 4 + c]
-                                  : (rec[(v / 2) * 64 + r * 4 + c] >> (4 * (v % 2))) & 0x0F;
-          dot += q * xq[i];
-        }
-        _Float16 scale, minimum;
-        std::memcpy(&scale, rec + kValueBytes + 2 * r, 2);
-        std::memcpy(&minimum, rec + kValueBytes + 2 * (kRows + r), 2);
-        y[r] += dot * float(scale) * st.xscale[xb] + float(minimum) * st.xsum[xb];
+        for (int i = 0; i < kBlock; ++i) dot += record_code(rec, Bits, r, i) * xq[i];
+        y[r] += dot * record_half(rec, Bits, r) * st.xscale[xb] +
+                record_half(rec, Bits, kRows + r) * st.xsum[xb];
       }
     }
     const int64_t col = group * kRows;
@@ -700,17 +706,34 @@ void block_task(void* data, size_t group) {
   }
 }
 
-struct BlockLinearKernel {
-  int64_t k, n, bits;
+// The attributes of a packed block matrix [N, K] (BlockLinear's and BlockGather's), checked.
+struct BlockMatrix {
+  int64_t k, n, bits, blocks, groups;
 
-  BlockLinearKernel(const OrtApi&, const OrtKernelInfo* info) {
+  BlockMatrix(const OrtKernelInfo* info, const char* op) {
     Ort::ConstKernelInfo ki(info);
     k = ki.GetAttribute<int64_t>("K");
     n = ki.GetAttribute<int64_t>("N");
     bits = ki.GetAttribute<int64_t>("bits");
-    if (bits != 4 && bits != 8)
-      ORT_CXX_API_THROW("BlockLinear: bits must be 4 or 8", ORT_INVALID_ARGUMENT);
+    if (bits != 4 && bits != 8) ORT_CXX_API_THROW(std::string(op) + ": bits must be 4 or 8",
+                                                  ORT_INVALID_ARGUMENT);
+    blocks = (k + kBlock - 1) / kBlock;
+    groups = (n + kRows - 1) / kRows;
   }
+
+  void check(const Ort::ConstValue& weights, const char* op) const {
+    if (weights.GetTensorTypeAndShapeInfo().GetShape() !=
+        std::vector<int64_t>{groups, blocks, record_bytes(bits)})
+      ORT_CXX_API_THROW(std::string(op) + ": weights must be [ceil(N/16), ceil(K/32), " +
+                            std::to_string(record_bytes(bits)) + "]",
+                        ORT_INVALID_ARGUMENT);
+  }
+};
+
+struct BlockLinearKernel {
+  BlockMatrix m;
+
+  BlockLinearKernel(const OrtApi&, const OrtKernelInfo* info) : m(info, "BlockLinear") {}
 
   struct Rows {
     const float* x;
@@ -731,17 +754,13 @@ struct BlockLinearKernel {
       Ort::KernelContext ctx(context);
       auto x = ctx.GetInput(0), weights = ctx.GetInput(1);
       auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
-      const int64_t blocks = (k + kBlock - 1) / kBlock, groups = (n + kRows - 1) / kRows;
-      if (shape.empty() || shape.back() != k)
+      const int64_t blocks = m.blocks, groups = m.groups;
+      if (shape.empty() || shape.back() != m.k)
         ORT_CXX_API_THROW("BlockLinear: x must be [..., K]", ORT_INVALID_ARGUMENT);
-      if (weights.GetTensorTypeAndShapeInfo().GetShape() !=
-          std::vector<int64_t>{groups, blocks, record_bytes(bits)})
-        ORT_CXX_API_THROW("BlockLinear: weights must be [ceil(N/16), ceil(K/32), " +
-                              std::to_string(record_bytes(bits)) + "]",
-                          ORT_INVALID_ARGUMENT);
+      m.check(weights, "BlockLinear");
       int64_t tokens = 1;
       for (size_t i = 0; i + 1 < shape.size(); ++i) tokens *= shape[i];
-      shape.back() = n;
+      shape.back() = m.n;
       float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
       if (tokens == 0) return;
       thread_local std::vector<int8_t> q;
@@ -749,11 +768,11 @@ struct BlockLinearKernel {
       q.resize(tokens * blocks * kBlock);
       scale.resize(tokens * blocks);
       sum.resize(tokens * blocks);
-      Rows rows{x.GetTensorData<float>(), k, blocks, q.data(), scale.data(), sum.data()};
+      Rows rows{x.GetTensorData<float>(), m.k, blocks, q.data(), scale.data(), sum.data()};
       ctx.ParallelFor(quantize, tokens, 0, &rows);
       BlockStep st{weights.GetTensorData<uint8_t>(), q.data(), scale.data(), sum.data(), y,
-                   tokens, n, blocks};
-      ctx.ParallelFor(bits == 4 ? block_task<4> : block_task<8>, groups, 0, &st);
+                   tokens, m.n, blocks};
+      ctx.ParallelFor(m.bits == 4 ? block_task<4> : block_task<8>, groups, 0, &st);
     });
   }
 };
@@ -775,6 +794,62 @@ struct BlockLinearOp : Ort::CustomOpBase<BlockLinearOp, BlockLinearKernel, true>
   }
 };
 
+// BlockGather: rows [..., K] = W[ids] for int64 ids (input 0) and a matrix packed as
+// BlockLinear's weights (input 1), each row dequantized as it is gathered (w = q * scale +
+// min): an embedding kept in its blocks, which a tied LM head (BlockLinear) reads too.
+// Attributes: K, N, bits.
+struct BlockGatherKernel {
+  BlockMatrix m;
+
+  BlockGatherKernel(const OrtApi&, const OrtKernelInfo* info) : m(info, "BlockGather") {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      auto ids = ctx.GetInput(0), weights = ctx.GetInput(1);
+      m.check(weights, "BlockGather");
+      auto shape = ids.GetTensorTypeAndShapeInfo().GetShape();
+      const int64_t count = ids.GetTensorTypeAndShapeInfo().GetElementCount();
+      shape.push_back(m.k);
+      float* out = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+      const int64_t* id = ids.GetTensorData<int64_t>();
+      const uint8_t* w = weights.GetTensorData<uint8_t>();
+      const int64_t record = record_bytes(m.bits);
+      for (int64_t t = 0; t < count; ++t, out += m.k) {
+        if (id[t] < 0 || id[t] >= m.n)
+          ORT_CXX_API_THROW("BlockGather: id " + std::to_string(id[t]) + " is not below N = " +
+                                std::to_string(m.n), ORT_INVALID_ARGUMENT);
+        const int r = static_cast<int>(id[t] % kRows);
+        const uint8_t* rec = w + id[t] / kRows * m.blocks * record;
+        for (int64_t b = 0; b < m.blocks; ++b, rec += record) {
+          const float scale = record_half(rec, m.bits, r);
+          const float minimum = record_half(rec, m.bits, kRows + r);
+          const int width = static_cast<int>(std::min<int64_t>(kBlock, m.k - b * kBlock));
+          for (int i = 0; i < width; ++i)
+            out[b * kBlock + i] = record_code(rec, m.bits, r, i) * scale + minimum;
+        }
+      }
+    });
+  }
+};
+
+struct BlockGatherOp : Ort::CustomOpBase<BlockGatherOp, BlockGatherKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                              void** kernel) const {
+    return guarded([&] { *kernel = new BlockGatherKernel(api, info); });
+  }
+  const char* GetName() const { return "BlockGather"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -784,6 +859,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
   static SwiGLUOp swiglu;
   static BlockLinearOp block_linear;
+  static BlockGatherOp block_gather;
   static Ort::CustomOpDomain domain{"nanovllm"};
   static bool added = false;
   if (!added) {
@@ -791,6 +867,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&op_half);
     domain.Add(&swiglu);
     domain.Add(&block_linear);
+    domain.Add(&block_gather);
     added = true;
   }
   Ort::UnownedSessionOptions(options).Add(domain);

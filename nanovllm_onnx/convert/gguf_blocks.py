@@ -1,0 +1,75 @@
+"""A GGUF tensor's quantized blocks as BlockLinear blocks (w = q * scale + minimum per 32
+inputs), kept as the file has them wherever the format allows.
+
+Every type is dequantized by `gguf.quants.dequantize` (the reference), and each block's q is
+read back from those values against the scale and minimum the file's own block gives: exact
+where the file's scale and minimum are fp16 values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K,
+IQ4_NL), within fp16 rounding of a product where they are products (Q4_K, Q5_K: d x a 6-bit
+sub-block scale). Q6_K and Q2_K keep a scale (and Q2_K a minimum) per 16 inputs, which one
+8-bit block of 32 cannot hold: those are rounded again, to 8 bits from their minimum to their
+maximum per 32 (see benchmarks/gguf_blocks.py for the error and bytes of each choice).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import Q4_K, dequantize
+
+from .source import QuantBlocks
+
+T = GGMLQuantizationType
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+# Blocks of 32 with one fp16 d and w = d * (code - offset): offset per type. IQ4_NL's codes
+# index a table of int8 values, which are the 8-bit code minus 128.
+_SYMMETRIC = {T.Q4_0: 8, T.Q5_0: 16, T.Q8_0: 128, T.IQ4_NL: 128}
+_WITH_MIN = (T.Q4_1, T.Q5_1)  # fp16 d and fp16 m, w = d * code + m
+_K_QUANTS = (T.Q4_K, T.Q5_K)  # super-blocks of 256: fp16 d, dmin and 6-bit scales/mins per 32
+_REROUNDED = (T.Q2_K, T.Q6_K)  # a scale per 16 inputs: rounded again to 8 bits per 32
+SUPPORTED = (*FLOAT_TYPES, *_SYMMETRIC, *_WITH_MIN, T.Q3_K, *_K_QUANTS, *_REROUNDED)
+_FOUR_BIT = (T.Q4_0, T.Q4_1, T.Q4_K)
+
+
+def file_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int,
+                cols: int) -> QuantBlocks:
+    """BlockLinear blocks of a quantized [rows, cols] tensor from its raw GGUF bytes."""
+    from .graph import quantize_blocks
+
+    values = dequantize(raw, qtype).reshape(rows, cols)
+    if qtype in _REROUNDED:
+        return quantize_blocks(values, 8, symmetric=False)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = np.asarray(raw).reshape(rows, cols // block_size, type_size)
+    d = _half(blocks, 0)
+    if qtype in _SYMMETRIC:
+        scale, minimum = d, -_SYMMETRIC[qtype] * d
+    elif qtype in _WITH_MIN:
+        scale, minimum = d, _half(blocks, 2)
+    elif qtype in _K_QUANTS:
+        sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+        scale = (d[..., None] * sc.reshape(rows, -1, 8)).reshape(rows, -1)
+        minimum = -(_half(blocks, 2)[..., None] * m.reshape(rows, -1, 8)).reshape(rows, -1)
+    else:  # Q3_K: w = d * s * c, s a 6-bit signed scale per 16 and c in -4..3, so s * c is in
+        # -124..128: 8-bit codes 128 - s * c with scale -d and minimum 128 d, both exact.
+        d = np.repeat(_half(blocks, type_size - 2), block_size // 32, axis=1)
+        scale, minimum = -d, 128 * d
+    bits = 4 if qtype in _FOUR_BIT else 8
+    return blocks_from_values(values, scale, minimum, bits)
+
+
+def blocks_from_values(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray,
+                       bits: int) -> QuantBlocks:
+    """The codes of `values` [rows, cols] against a given scale and minimum per 32 inputs
+    (rounded to fp16 first, as BlockLinear stores them): the nearest code, the file's own
+    where the scale and minimum are exact."""
+    scale, minimum = (a.astype(np.float16).astype(np.float32) for a in (scale, minimum))
+    w = values.reshape(*scale.shape, 32)
+    safe = np.where(scale == 0, np.float32(1), scale)[..., None]  # a constant block: code 0
+    q = np.rint((w - minimum[..., None]) / safe) * (scale != 0)[..., None]
+    return QuantBlocks(np.clip(q, 0, 2**bits - 1).astype(np.uint8), scale, minimum, bits)
+
+
+def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The fp16 at byte `offset` of each block, as float32."""
+    return np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0].astype(
+        np.float32)
