@@ -7,6 +7,10 @@
 A: prefill tok/s = 128 / time to first token, decode tok/s = 1 / time per output token (prefix
 caching off unless --enable-prefix-caching, so the repeated prompt is really computed).
 B: output tok/s = 5,006 / wall seconds, all 32 requests submitted at once.
+C (issue 17): each of 3 chat prompts that quote a passage of the Apache-2.0 text, run alone,
+256 greedy tokens: decode tok/s as in A, over all three.
+--speculative-config JSON runs every workload twice per round, without and with speculative
+decoding (interleaved), and reports the ratio, whether the tokens are identical, and acceptance.
 --profile splits B's step time into scheduling, model call, sampling, detokenization and the
 rest; --sampling also runs B with temperature 0.8, top_p 0.95, top_k 50, repetition_penalty 1.1.
 --structured runs, instead of plain B, B with a JSON schema on every request
@@ -20,13 +24,16 @@ Each workload ends with a `RESULT {json}` line (see compare.py).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from workloads import (
+    C_MAX_TOKENS,
     THREADS,
     Workload,
     emit,
@@ -36,6 +43,7 @@ from workloads import (
     run_runner,
     workload_a,
     workload_b,
+    workload_c_messages,
 )
 
 from nanovllm_onnx import LLM, SamplingParams, StructuredOutputsParams
@@ -51,17 +59,21 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def run_a(llm: LLM, prompt: list[int], n: int) -> tuple[float, float]:
-    """Time to first token and time per output token after it, for one request alone."""
+def run_a(llm: LLM, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    """Time to first token, time per output token after it, and the tokens, for one request
+    alone (with speculative decoding a step may bring several tokens)."""
     engine = llm.llm_engine
     start = time.perf_counter()
     engine.add_request(engine.new_request_id(), prompt, greedy(n))
-    stamps = []
+    first = last = 0.0
+    tokens: list[int] = []
     while engine.has_unfinished_requests():
-        if engine.step():  # one request: a returned output is one new token
-            stamps.append(time.perf_counter())
-    assert len(stamps) == n, (len(stamps), n)
-    return stamps[0] - start, (stamps[-1] - stamps[0]) / (n - 1)
+        for out in engine.step():  # one request
+            last = time.perf_counter()
+            first = first or last
+            tokens = out.outputs[0].token_ids
+    assert len(tokens) == n, (len(tokens), n)
+    return first - start, (last - first) / (n - 1), tokens
 
 
 def run_b(llm: LLM, wl: Workload, sampling: bool = False,
@@ -78,6 +90,73 @@ def run_b(llm: LLM, wl: Workload, sampling: bool = False,
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     assert schema is not None or sum(lengths) == wl.output_tokens
     return wall, lengths
+
+
+def c_prompts(llm: LLM) -> list[list[int]]:
+    tok = llm.llm_engine.tokenizer
+    return [tok.chat_prompt_ids([{"role": "user", "content": m}]) for m in workload_c_messages()]
+
+
+def run_c(llm: LLM, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+    """Decode tok/s over workload C (every prompt alone; time after each first token) and the
+    tokens."""
+    seconds, tokens = 0.0, []
+    for prompt in prompts:
+        _, tpot, out = run_a(llm, prompt, C_MAX_TOKENS)
+        seconds += tpot * (C_MAX_TOKENS - 1)
+        tokens.append(out)
+    return len(prompts) * (C_MAX_TOKENS - 1) / seconds, tokens
+
+
+def measure(llm: LLM, workload: str) -> tuple[float, list[list[int]] | None]:
+    """One run of a workload: A and C decode tok/s with the tokens, B output tok/s."""
+    if workload == "A":
+        wl = workload_a()
+        _, tpot, tokens = run_a(llm, wl.prompts[0], wl.max_tokens[0])
+        return 1 / tpot, [tokens]
+    if workload == "B":
+        wl = workload_b()
+        return wl.output_tokens / run_b(llm, wl)[0], None
+    return run_c(llm, c_prompts(llm))
+
+
+def compare_speculative(engines: dict[str, LLM], workloads: list[str], repeats: int,
+                        weights: str) -> None:
+    """Each workload without and with speculative decoding, interleaved round by round."""
+    spec = engines["with"]
+    for workload in workloads:
+        for llm in engines.values():  # warm-up
+            run_a(llm, workload_a().prompts[0], 8)
+        stats = spec.llm_engine.spec_decode_stats
+        before = replace(stats)
+        speeds: dict[str, list[float]] = {name: [] for name in engines}
+        tokens: dict[str, list] = {name: [] for name in engines}
+        for _ in range(repeats):
+            for name, llm in engines.items():
+                tok_s, out = measure(llm, workload)
+                speeds[name].append(tok_s)
+                tokens[name].append(out)
+        drafts = stats.num_drafts - before.num_drafts
+        draft_tokens = stats.num_draft_tokens - before.num_draft_tokens
+        accepted = stats.num_accepted_tokens - before.num_accepted_tokens
+        ratio = median(speeds["with"]) / median(speeds["without"])
+        same = None if tokens["with"][0] is None else all(
+            t == tokens["without"][0] for t in tokens["with"] + tokens["without"])
+        res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": workload,
+               "speculative_config": spec.llm_engine.config.speculative_config,
+               "tok_s_without": speeds["without"], "tok_s_with": speeds["with"],
+               "ratio": ratio, "identical_tokens": same, "num_drafts": drafts,
+               "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
+               "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+               "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0}
+        kind = "output" if workload == "B" else "decode"
+        log(f"{workload}: {kind} tok/s without {median(speeds['without']):.1f} "
+            f"({', '.join(f'{v:.1f}' for v in speeds['without'])}), with "
+            f"{median(speeds['with']):.1f} ({', '.join(f'{v:.1f}' for v in speeds['with'])}) "
+            f"-> {ratio:.2f}x; identical tokens: {same}; acceptance "
+            f"{res['acceptance_rate']:.2f} of {draft_tokens} draft tokens, mean accepted "
+            f"length {res['mean_accepted_length']:.2f} over {drafts} verifications")
+        emit(res)
 
 
 class StepProfile:
@@ -192,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF, HF folder or converted folder")
     ap.add_argument("--weights", default=None, help="fp32 | int8 | int4 (when converting)")
-    ap.add_argument("--workload", nargs="+", choices=["A", "B"], default=["A", "B"])
+    ap.add_argument("--workload", nargs="+", choices=["A", "B", "C"], default=["A", "B"])
+    ap.add_argument("--speculative-config", type=json.loads, default=None,
+                    help="JSON, as LLM(speculative_config=...): compare without and with it")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -215,16 +296,22 @@ def main(argv: list[str] | None = None) -> None:
 
     t = time.perf_counter()
     extra = {"weights": args.weights} if args.weights else {}
-    llm = LLM(args.model, **extra, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_gib=args.kv_cache_memory_gib, kv_cache_dtype=args.kv_cache_dtype,
-              enable_prefix_caching=args.enable_prefix_caching,
-              intra_op_num_threads=args.threads)
+    engine_args = dict(max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       kv_cache_memory_gib=args.kv_cache_memory_gib,
+                       kv_cache_dtype=args.kv_cache_dtype,
+                       enable_prefix_caching=args.enable_prefix_caching,
+                       intra_op_num_threads=args.threads)
+    llm = LLM(args.model, **extra, **engine_args)
     weights = llm.llm_engine.model_config.weights
     if args.model and args.model.endswith(".gguf"):  # auto runs the file's own blocks: name it
         weights += f" ({Path(args.model).name})"
     log(f"nano-vllm-onnx: loaded in {time.perf_counter() - t:.1f} s, weights {weights}, "
         f"{args.threads} threads, prefix caching {'on' if args.enable_prefix_caching else 'off'}")
+    if args.speculative_config is not None:
+        spec = LLM(args.model, **extra, **engine_args, speculative_config=args.speculative_config)
+        compare_speculative({"without": llm, "with": spec}, args.workload, args.repeats, weights)
+        return
     results = []
     if "A" in args.workload:
         wl = workload_a()
@@ -233,9 +320,17 @@ def main(argv: list[str] | None = None) -> None:
         ttft, tpot = median([r[0] for r in runs]), median([r[1] for r in runs])
         res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": "A",
                "prefill_tok_s": 128 / ttft, "decode_tok_s": 1 / tpot,
-               "runs": [{"ttft_s": a, "tpot_s": b} for a, b in runs]}
+               "runs": [{"ttft_s": a, "tpot_s": b} for a, b, _ in runs]}
         log(f"A: prefill {res['prefill_tok_s']:.0f} tok/s (TTFT {1000 * ttft:.1f} ms), "
             f"decode {res['decode_tok_s']:.1f} tok/s (TPOT {1000 * tpot:.2f} ms)")
+        results.append(res)
+        emit(res)
+    if "C" in args.workload:
+        run_a(llm, workload_a().prompts[0], 8)  # warm-up
+        speeds = [run_c(llm, c_prompts(llm))[0] for _ in range(args.repeats)]
+        res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": "C",
+               "decode_tok_s": median(speeds), "runs": speeds}
+        log(f"C: decode {res['decode_tok_s']:.1f} tok/s")
         results.append(res)
         emit(res)
     if "B" in args.workload and args.structured:

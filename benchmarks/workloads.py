@@ -1,4 +1,4 @@
-"""The benchmark workloads of issue 6, defined once for every engine (ours and the peers).
+"""The benchmark workloads of issue 6 (and C of issue 17), defined once for every engine.
 
 Standard library only: the peer runners import this from their own virtual environments.
 """
@@ -48,6 +48,25 @@ def workload_b() -> Workload:
                for _ in range(32)]
     max_tokens = [rng.randint(64, 256) for _ in range(32)]
     return Workload("B", prompts, max_tokens)
+
+
+APACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "apache-2.0.txt")
+C_TASKS = [  # (instruction, first and last line of the passage in apache-2.0.txt)
+    ("Repeat the following text exactly, word for word.", 8, 38),
+    ("Quote this passage of the Apache License exactly as it is written.", 50, 80),
+    ("Copy the text below, replacing every \"License\" with \"Licence\".", 86, 116),
+]
+C_MAX_TOKENS = 256
+
+
+def workload_c_messages() -> list[str]:
+    """Issue 17's input-grounded workload: each prompt (one user message, run alone with the
+    model's chat template, 256 greedy tokens, EOS ignored) asks to repeat, quote or lightly
+    edit a passage of the Apache-2.0 text that it embeds."""
+    with open(APACHE) as f:
+        lines = f.read().splitlines()
+    return [f"{task}\n\n" + "\n".join(line.strip() for line in lines[first:last])
+            for task, first, last in C_TASKS]
 
 
 B_PROMPT_TOKENS, B_OUTPUT_TOKENS = 9_850, 5_006

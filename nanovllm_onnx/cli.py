@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -50,9 +51,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         choices=["sequential", "parallel"])
     parser.add_argument("--no-mem-pattern", dest="enable_mem_pattern", action="store_false")
     parser.add_argument("--no-cpu-mem-arena", dest="enable_cpu_mem_arena", action="store_false")
+    parser.add_argument("--speculative-config", type=_json_object, default=None,
+                        help='speculative decoding, as JSON: \'{"method": "ngram", '
+                             '"num_speculative_tokens": 4}\' or \'{"model": DRAFT, '
+                             '"num_speculative_tokens": 4}\' (see README)')
     parser.add_argument("--providers", default="cpu",
                         help="comma-separated execution providers in order, e.g. cuda,cpu "
                              "(a missing one is skipped with a warning; CPU is always last)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -72,6 +72,8 @@ class EngineConfig:
     enable_mem_pattern: bool = True
     enable_cpu_mem_arena: bool = True
     providers: list[str] = field(default_factory=lambda: ["cpu"])
+    # vLLM's speculative_config: {"method": "ngram", ...} or {"model": DRAFT, ...}
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,8 +94,71 @@ class EngineConfig:
         if self.execution_mode not in ("sequential", "parallel"):
             raise ValueError(f"execution_mode must be sequential or parallel; "
                              f"got {self.execution_mode!r}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)  # fail early, with the key named
         if self.graph_optimization_level not in ("disable", "basic", "extended", "all"):
             raise ValueError(
                 "graph_optimization_level must be one of disable, basic, extended, all; "
                 f"got {self.graph_optimization_level!r}"
             )
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's speculative_config keys; `weights` is this engine's own:
+    the draft's weight format when converting it, e.g. the target's own checkpoint in int4)."""
+
+    num_speculative_tokens: int
+    method: str = "ngram"  # ngram | draft_model (implied by `model`)
+    # The draft: HF folder, GGUF file or converted folder; with method draft_model and no
+    # model, the target's own source (converted with `weights`).
+    model: str | None = None
+    weights: str | None = None  # fp32 | int8 | int4 for the draft (as EngineConfig.weights)
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # No proposals while more sequences than this run: a big batch is compute-bound, so
+    # verifying rejected tokens costs real time (measured: benchmarks/README.md).
+    disable_by_batch_size: int = 4
+
+    METHODS = ("ngram", "draft_model")
+    MAX_TOKENS = 16
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SpeculativeConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(values).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: "
+                             f"{sorted(known)}")
+        if "num_speculative_tokens" not in values:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        values = dict(values)
+        if values.get("model") is not None:
+            values.setdefault("method", "draft_model")
+        cfg = cls(**values)
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        if self.method not in self.METHODS:
+            raise ValueError(f"speculative_config method must be one of {', '.join(self.METHODS)}"
+                             f"; got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or not 1 <= k <= self.MAX_TOKENS:
+            raise ValueError(f"speculative_config num_speculative_tokens must be an integer in "
+                             f"[1, {self.MAX_TOKENS}]; got {k!r}")
+        if self.method == "ngram":
+            if self.model is not None or self.weights is not None:
+                raise ValueError("speculative_config method ngram takes no 'model' or 'weights'")
+            lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= "
+                                 f"prompt_lookup_max; got {lo!r} and {hi!r}")
+        if self.weights not in (None, "fp32", "int8", "int4"):
+            raise ValueError(f"speculative_config weights must be fp32, int8 or int4; "
+                             f"got {self.weights!r}")
+        if not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1:
+            raise ValueError("speculative_config disable_by_batch_size must be at least 1; got "
+                             f"{self.disable_by_batch_size!r}")

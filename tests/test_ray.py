@@ -23,6 +23,9 @@ from nanovllm_onnx.ray.deployment import EngineRequest, ReplicaReport  # noqa: E
 
 ENGINE_ARGS = {"intra_op_num_threads": 1, "kv_cache_memory_gib": 0.1, "max_model_len": 1024,
                "max_num_seqs": 8}
+# The replicas speculate (ngram): greedy answers must still equal the plain engine's.
+REPLICA_ARGS = {**ENGINE_ARGS, "speculative_config": {"method": "ngram",
+                                                       "num_speculative_tokens": 4}}
 APP = "llm"
 
 
@@ -45,7 +48,7 @@ def cluster(reference: LLM) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(None, ENGINE_ARGS, num_replicas=2), name=APP, route_prefix="/")
+    serve.run(build_app(None, REPLICA_ARGS, num_replicas=2), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}/v1"
     serve.shutdown()
     ray.shutdown()
@@ -82,6 +85,10 @@ def test_replicas_answer_openai_clients_streaming_and_not(cluster: str, referenc
     assert metrics["nanovllm_engine_steps_total"] >= 5
     assert metrics["vllm:prefix_cache_hits_total"] >= 16
     assert metrics["vllm:num_requests_running"] == metrics["vllm:num_requests_waiting"] == 0
+    drafted, accepted = (metrics[f"vllm:spec_decode_num_{k}_total"]
+                         for k in ("draft_tokens", "accepted_tokens"))
+    assert drafted > 0  # "1, 2, 3, 4, 5," proposes its own ", "
+    assert metrics["nanovllm_spec_decode_acceptance_rate"] == pytest.approx(accepted / drafted)
 
 
 def ingress_metrics(base_url: str) -> dict[str, float]:

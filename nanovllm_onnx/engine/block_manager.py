@@ -126,7 +126,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self._hash_full_blocks(seq)
-        num_full = seq.num_computed_tokens // self.block_size
+        # Accepted draft tokens are computed before the engine appends them: their blocks are
+        # stored next step, once their tokens are known.
+        num_full = min(seq.num_computed_tokens, len(seq)) // self.block_size
         for i in range(seq.num_stored_blocks, num_full):
             h = seq.block_hashes[i]
             if h in self.cached:
@@ -142,6 +144,13 @@ class BlockManager:
             copies.copy_out.append((seq.slot, i, store_block))
         seq.num_stored_blocks = max(seq.num_stored_blocks, num_full)
 
+    def release_rejected(self, seq: Sequence) -> None:
+        """After verification: give back the blocks that held only rejected draft tokens."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if seq.num_blocks > keep:
+            self.num_seq_blocks -= seq.num_blocks - keep
+            seq.num_blocks = keep
+
     def _hash_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size
         for i in range(len(seq.block_hashes), len(seq) // bs):
@@ -155,4 +164,4 @@ class BlockManager:
             self.free_slots.append(seq.slot)
         self.num_seq_blocks -= seq.num_blocks
         seq.slot, seq.num_blocks, seq.num_stored_blocks = None, 0, 0
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0

@@ -14,6 +14,14 @@ from nanovllm_onnx.engine.block_manager import BlockManager
 from nanovllm_onnx.engine.sampler import Sampler, log_softmax, logprob_dict
 from nanovllm_onnx.engine.scheduler import Scheduler
 from nanovllm_onnx.engine.sequence import Sequence
+from nanovllm_onnx.engine.speculative import (
+    SpecDecodeStats,
+    VerifyRow,
+    accepted_run,
+    give_back_uniforms,
+    make_speculator,
+    update_acceptance,
+)
 from nanovllm_onnx.engine.structured import GrammarCompiler, StructuredOutputs
 from nanovllm_onnx.engine.tokenizer import IncrementalDetokenizer, TextTokenizer
 from nanovllm_onnx.kernels import KEY_TILE
@@ -76,9 +84,11 @@ class LLMEngine:
                                 tiled_keys=own_graph, dtype=kv_dtype)
         runner_cls = ModelRunner if own_graph else OptimumRunner
         self.runner = runner_cls(model_dir, mc, cfg, self.kv_cache)
+        self.speculator = make_speculator(cfg, mc, self.tokenizer.tokenizer.get_vocab(),
+                                          capacity, kv_dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.max_num_seqs,
                                           cfg.enable_prefix_caching,
-                                          release_slot=self.kv_cache.release_slot)
+                                          release_slot=self._release_slot)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens)
         self.sampler = Sampler(mc.eos_token_ids)
@@ -88,6 +98,15 @@ class LLMEngine:
         self._request_ids = count()
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt tokens the model computed (not from the cache)
+
+    def _release_slot(self, slot: int) -> None:
+        self.kv_cache.release_slot(slot)
+        if self.speculator is not None:
+            self.speculator.release_slot(slot)
+
+    @property
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        return self.speculator.stats if self.speculator is not None else None
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -156,52 +175,73 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batched model call; return the requests that got new tokens."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         step, copies = self.scheduler.schedule()
         if not step.seqs:
             return []
         self.num_steps += 1
         self.kv_cache.copy_in(copies.copy_in)
+        rows: list[Sequence | VerifyRow] = []  # what the sampler sees for each sampled row
+        for i, seq in enumerate(step.seqs):
+            num_samples = step.num_samples(i)
+            rows.extend([seq] if num_samples == 1 else
+                        [VerifyRow(seq, j) for j in range(num_samples)])
         # The grammar masks are computed while the model runs.
-        masks = self.structured.start_masks(
-            [seq for i, seq in enumerate(step.seqs) if step.samples(i)])
+        masks = self.structured.start_masks(rows)
         logits = self.runner.run(step)
-        sampling, sample_rows, row = [], [], 0
+        sample_rows, row = [], 0
         for i, seq in enumerate(step.seqs):
             positions = step.logit_positions(i)
-            num_prompt = len(positions) - step.samples(i)
+            num_samples = step.num_samples(i)
+            num_prompt = len(positions) - num_samples
             if num_prompt:
                 self._add_prompt_logprobs(seq, positions[:num_prompt],
                                           logits[row:row + num_prompt])
             row += len(positions)
-            if step.samples(i):
-                sampling.append(seq)
-                sample_rows.append(row - 1)
+            sample_rows.extend(range(row - num_samples, row))
         if len(sample_rows) < len(logits):  # some rows were prompt logprobs only
             logits = logits[sample_rows]
-        dead_ends: list[Sequence] = []
+        dead_ends: set[Sequence] = set()
         if masks is not None:
             dead = masks.apply(logits)
-            if dead:  # their grammar admits no token: they end instead of sampling
-                dead_ends = [sampling[i] for i in dead]
-                keep = np.setdiff1d(np.arange(len(sampling)), dead)
-                logits, sampling = logits[keep], [sampling[i] for i in keep]
-        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
-        for seq, n in zip(step.seqs, step.num_tokens):
+            # Their grammar admits no token: they end instead of taking what is drawn here
+            # (a verification's sequence ends without the tokens of this step).
+            dead_ends = {rows[i].seq if isinstance(rows[i], VerifyRow) else rows[i]
+                         for i in dead}
+            logits[dead] = 0.0
+        tokens, logprobs = self.sampler(logits, rows) if rows else ([], [])
+        emitted: list[tuple[Sequence, list[int], list[dict[int, float] | None]]] = []
+        row = 0
+        for i, (seq, n) in enumerate(zip(step.seqs, step.num_tokens)):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.num_prefill_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += n
+            num_samples = step.num_samples(i)
+            num_emitted = self._verify(seq, tokens[row:row + num_samples],
+                                       rows[row:row + num_samples]) if num_samples else 0
+            if num_samples:
+                emitted.append((seq, tokens[row:row + num_emitted].tolist(),
+                                logprobs[row:row + num_emitted]))
+                row += num_samples
+            # Positions of rejected draft tokens stay in the slot, to be overwritten.
+            seq.num_computed_tokens += n - (num_samples - num_emitted)
             self.block_manager.on_computed(seq, copies)
+            if num_samples > 1:
+                self.block_manager.release_rejected(seq)
+                seq.draft_token_ids = []
         self.kv_cache.copy_out(copies.copy_out)
         self.kv_cache.release_store_blocks(self.block_manager.take_evicted_store_blocks())
         touched: dict[str, Request] = {}
-        results = [(seq, None, None) for seq in dead_ends] + list(zip(sampling, tokens, logprobs))
-        for seq, token, lp in results:
+        for seq, new_tokens, new_logprobs in emitted:
             request = self.requests[seq.request_id]
-            if token is None:
+            if seq in dead_ends:
                 self._finish(seq, "error", "grammar dead end: "
                              f"{seq.grammar.error or 'the grammar admits no token here'}")
-            else:
-                self._append_token(seq, int(token), lp)
+                new_tokens = []
+            for token, lp in zip(new_tokens, new_logprobs):
+                self._append_token(seq, token, lp)
+                if seq.is_finished:  # a stop inside an accepted run cuts it there
+                    break
             touched[seq.request_id] = request
             if request.pending_samples and seq.index == 0:
                 # The prompt is computed and cached: its siblings now reuse it.
@@ -215,6 +255,22 @@ class LLMEngine:
                 del self.requests[request.request_id]
             outputs.append(output)
         return outputs
+
+    def _verify(self, seq: Sequence, sampled: np.ndarray,
+                rows: list[Sequence | VerifyRow]) -> int:
+        """How many of the sampled tokens the sequence takes: all of a plain decode's one; of a
+        verification, the accepted drafts and the token after them. Counts the acceptance."""
+        drafts = seq.draft_token_ids
+        if not drafts:
+            return 1
+        num_emitted = accepted_run(drafts, sampled.tolist())
+        give_back_uniforms(rows[num_emitted:])  # type: ignore[arg-type]
+        stats = self.speculator.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += len(drafts)
+        stats.num_accepted_tokens += num_emitted - 1
+        update_acceptance(seq, num_emitted - 1)
+        return num_emitted
 
     def _add_prompt_logprobs(self, seq: Sequence, positions: list[int],
                              logits: np.ndarray) -> None:

@@ -20,11 +20,15 @@ tokens alone or in any batch.
 from __future__ import annotations
 
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm_onnx.engine.speculative import VerifyRow
 
 # vLLM samples greedily below this temperature; dividing by it would overflow anyway.
 _GREEDY_EPS = 1e-5
@@ -49,9 +53,10 @@ class Sampler:
         self._rng = np.random.default_rng()
 
     def __call__(
-        self, logits: np.ndarray, seqs: list[Sequence]
+        self, logits: np.ndarray, seqs: list[Sequence | VerifyRow]
     ) -> tuple[np.ndarray, list[dict[int, float] | None]]:
-        """logits: float32 [B, V], one row per seq (may be modified in place). Returns the sampled
+        """logits: float32 [B, V], one row per seq, or per verified position of a sequence's
+        draft tokens (a VerifyRow), (may be modified in place). Returns the sampled
         token ids (int64 [B]) and, per row, None or {token_id: logprob} for the top
         `params.logprobs` tokens plus the sampled one, from the raw logits."""
         logits = np.require(logits, dtype=np.float32, requirements=["C", "W"])
@@ -84,7 +89,7 @@ class Sampler:
             logprobs[i] = logprob_dict(raw_logprobs[row], params[i].logprobs, int(tokens[i]))
         return tokens, logprobs
 
-    def _sample(self, x: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+    def _sample(self, x: np.ndarray, seqs: list[Sequence | VerifyRow]) -> np.ndarray:
         """min_p, top_k, top_p and one draw per row of temperature-scaled logits x."""
         n, vocab = x.shape
         params = [seq.params for seq in seqs]
@@ -115,7 +120,7 @@ class Sampler:
             )
         return tokens
 
-    def _uniforms(self, seqs: list[Sequence]) -> np.ndarray:
+    def _uniforms(self, seqs: list[Sequence | VerifyRow]) -> np.ndarray:
         """One uniform in [0, 1) per row."""
         u = np.empty(len(seqs))
         unseeded = [i for i, seq in enumerate(seqs) if seq.generator is None]
@@ -123,7 +128,7 @@ class Sampler:
             u[unseeded] = self._rng.random(len(unseeded))
         for i, seq in enumerate(seqs):
             if seq.generator is not None:
-                u[i] = seq.generator.random()
+                u[i] = seq.next_uniform()
         return u
 
 
@@ -166,7 +171,7 @@ def _apply_min_tokens(logits: np.ndarray, rows: list[int], stop_ids: list[list[i
     logits.reshape(-1)[_flat_index(rows, stop_ids, logits.shape[1])] = -np.inf
 
 
-def _apply_penalties(logits: np.ndarray, seqs: list[Sequence]) -> None:
+def _apply_penalties(logits: np.ndarray, seqs: list[Sequence | VerifyRow]) -> None:
     """vLLM's definitions: repetition over prompt and output tokens (positive logits divided,
     the rest multiplied); frequency (per occurrence) and presence (once) over output tokens."""
     vocab = logits.shape[1]

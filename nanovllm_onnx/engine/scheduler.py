@@ -34,7 +34,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            # Draft tokens are verified in this step, so they are run (and hold blocks) too.
+            n = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
+            if n > seq.num_uncomputed_tokens and not bm.can_allocate(bm.blocks_needed(seq, n)):
+                n = seq.num_uncomputed_tokens  # drafts never cost another sequence its place
+            del seq.draft_token_ids[max(0, n - seq.num_uncomputed_tokens):]
             while not bm.can_allocate(bm.blocks_needed(seq, n)):
                 # Out of KV memory: preempt the newest running sequence (maybe this one).
                 self._preempt(self.running.pop())
@@ -67,6 +71,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence; it is recomputed later from its tokens (nothing lost)."""
         self.block_manager.free(seq)
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -54,6 +54,18 @@ class Sequence:
         self.generator: np.random.Generator | None = (
             np.random.default_rng(seed) if seed is not None else None
         )
+        # Uniforms drawn for verification rows past a rejected draft token, handed back so
+        # that output token m always uses the generator's m-th uniform: a seed gives the same
+        # tokens with speculation or without (top of the stack = the next one).
+        self.unused_uniforms: list[float] = []
+        # Speculative decoding: tokens proposed for the next step (verified, never appended
+        # unchecked), tokens whose K/V the draft model holds, and when to propose.
+        self.draft_token_ids: list[int] = []
+        self.num_draft_computed = 0
+        # Running mean of accepted tokens per verification; it starts high, so a new sequence
+        # pauses only after six rejections in a row.
+        self.spec_accepted = 4.0
+        self.spec_pause = 0  # steps left without proposals (acceptance was too low)
         self.logprobs: list[dict[int, Logprob]] = []
         # Prompt logprobs so far (vLLM's layout: None for the first prompt token).
         self.prompt_logprobs: list[dict[int, Logprob] | None] = [None]
@@ -90,3 +102,8 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def next_uniform(self) -> float:
+        """The next uniform of this sequence's seeded generator."""
+        assert self.generator is not None
+        return self.unused_uniforms.pop() if self.unused_uniforms else self.generator.random()

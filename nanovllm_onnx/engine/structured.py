@@ -10,6 +10,9 @@ A grammar is compiled once per constraint (StructuredOutputsParams.key()) and ca
 sequence gets a copy of the compiled matcher. The masks of a step are computed on a worker
 thread while ONNX Runtime runs the model (both release the GIL), then applied to the logits in
 numpy before sampling.
+With speculative decoding a sequence's drafts are first cut to what its grammar takes, and its
+verified rows get the masks after the drafts before them (the matcher consumes the drafts
+while the masks are filled, then is rolled back).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import llguidance as llg
 import llguidance.numpy as llg_np
 import numpy as np
 
+from nanovllm_onnx.engine.speculative import VerifyRow
 from nanovllm_onnx.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -192,17 +196,41 @@ class StructuredOutputs:
         self._executor: llg.LLExecutor | None = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
 
-    def start_masks(self, seqs: Seq[Sequence]) -> TokenMasks | None:
-        """Start computing the next-token masks of the constrained ones among `seqs` (the
-        step's sampling sequences, in order); None when none is constrained."""
-        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
-        if not rows:
+    def start_masks(self, rows: Seq[Sequence | VerifyRow]) -> TokenMasks | None:
+        """Start computing the masks of the constrained ones among `rows` (the step's sampled
+        rows, in order); None when none is constrained. A verification's row after j drafts
+        gets the grammar's mask after those drafts."""
+        constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if not constrained:
             return None
         if self._executor is None:
             self._executor = llg.LLExecutor()
-        bitmask = llg_np.allocate_token_bitmask(len(rows), self.compiler.tokenizer.vocab_size)
-        matchers = [seqs[row].grammar for row in rows]
-        pairs = [(m.matcher, i) for i, m in enumerate(matchers)]
-        future = self._worker.submit(llg_np.fill_next_token_bitmask_par, self._executor, pairs,
-                                     bitmask)
-        return TokenMasks(rows, matchers, future, bitmask)
+        bitmask = llg_np.allocate_token_bitmask(len(constrained),
+                                                self.compiler.tokenizer.vocab_size)
+        matchers = [rows[i].grammar for i in constrained]
+        future = self._worker.submit(fill_masks, self._executor,
+                                     [rows[i] for i in constrained], bitmask)
+        return TokenMasks(constrained, matchers, future, bitmask)
+
+
+def fill_masks(executor: llg.LLExecutor, rows: list[Sequence | VerifyRow],
+               bitmask: np.ndarray) -> None:
+    """Row b's mask into bitmask[b]. Rows by depth (drafts before them): each level in
+    parallel, then every matcher with a deeper row consumes its draft at that depth; the
+    matchers are rolled back to where they were after the last level."""
+    depths = [row.num_drafts if isinstance(row, VerifyRow) else 0 for row in rows]
+    consumed: dict[GrammarMatcher, int] = {}
+    try:
+        for depth in range(max(depths) + 1):
+            level = [b for b, d in enumerate(depths) if d == depth]
+            llg_np.fill_next_token_bitmask_par(
+                executor, [(rows[b].grammar.matcher, b) for b in level], bitmask)
+            for b in level:
+                row = rows[b]
+                if isinstance(row, VerifyRow) and depth < len(row.seq.draft_token_ids):
+                    # The drafts were validated: the grammar takes them.
+                    row.grammar.accept(row.seq.draft_token_ids[depth])
+                    consumed[row.grammar] = consumed.get(row.grammar, 0) + 1
+    finally:
+        for matcher, n in consumed.items():
+            matcher.rollback(n)

@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.default_model import DEFAULT_MODEL_NAME
 from nanovllm_onnx.engine.llm_engine import LLMEngine
+from nanovllm_onnx.engine.speculative import SpecDecodeStats
 from nanovllm_onnx.outputs import RequestOutput
 from nanovllm_onnx.sampling_params import SamplingParams, StructuredOutputsParams
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
@@ -63,9 +64,14 @@ ENGINE_STATE = {"running": "vllm:num_requests_running", "waiting": "vllm:num_req
                 "prefix_cache_hits": "vllm:prefix_cache_hits_total",
                 "prompt_tokens": "vllm:prompt_tokens_total",
                 "generation_tokens": "vllm:generation_tokens_total",
-                "preemptions": "vllm:num_preemptions_total", "steps": "nanovllm_engine_steps_total"}
+                "preemptions": "vllm:num_preemptions_total", "steps": "nanovllm_engine_steps_total",
+                "spec_decode_num_drafts": "vllm:spec_decode_num_drafts_total",
+                "spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
+                "spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens_total"}
+SPEC_COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                 "spec_decode_num_accepted_tokens")  # SpecDecodeStats' fields, in order
 COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens",
-            "preemptions", "steps")
+            "preemptions", "steps", *SPEC_COUNTERS)
 
 
 @dataclass
@@ -179,7 +185,8 @@ class RemoteEngine:
     def _record(self, report: ReplicaReport) -> None:
         """The replicas' engine state into this server's metrics, as they last reported it:
         queues and cached blocks added up, KV usage their mean, counters (tokens, prefix-cache
-        lookups, preemptions, steps) by what each added."""
+        lookups, preemptions, steps, speculative drafts) by what each added, and the
+        acceptance gauges from the replicas' counters."""
         before = self.reports.get(report.replica, {})
         self.reports[report.replica] = report.state
         m = self.metrics
@@ -191,6 +198,9 @@ class RemoteEngine:
         m.waiting.set(sum(s["waiting"] for s in states))
         m.kv_cache_usage.set(sum(s["kv_cache_usage"] for s in states) / len(states))
         m.prefix_cache_blocks.set(sum(s["prefix_cache_blocks"] for s in states))
+        spec = SpecDecodeStats(*(int(sum(s[key] for s in states)) for key in SPEC_COUNTERS))
+        m.spec_decode_acceptance_rate.set(spec.acceptance_rate)
+        m.spec_decode_mean_accepted_length.set(spec.mean_accepted_length)
 
     async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],
                      params: SamplingParams, prompt_param: str) -> RequestStream:

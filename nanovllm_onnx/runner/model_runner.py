@@ -28,19 +28,35 @@ OPT_LEVELS = {
 
 @dataclass
 class StepInput:
-    """One step: for each sequence, how many of its uncomputed tokens to run."""
+    """One step: for each sequence, how many of its uncomputed tokens to run, followed by its
+    proposed draft tokens (speculative decoding) when it decodes."""
 
     seqs: list[Sequence]
     num_tokens: list[int]
 
+    def start(self, i: int) -> int:
+        """Tokens of sequence i already in its cache slot: where its new tokens go."""
+        return self.seqs[i].num_computed_tokens
+
+    def input_ids(self, i: int) -> list[int]:
+        seq, start, n = self.seqs[i], self.start(i), self.num_tokens[i]
+        ids = seq.token_ids[start:start + n]
+        first_draft = max(0, start - len(seq))
+        return ids + seq.draft_token_ids[first_draft:first_draft + n - len(ids)]
+
     def samples(self, i: int) -> bool:
         """Whether sequence i reaches its last token this step (so it samples)."""
         seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_tokens[i] == len(seq)
+        return seq.num_computed_tokens + self.num_tokens[i] == len(seq) + len(seq.draft_token_ids)
+
+    def num_samples(self, i: int) -> int:
+        """Rows sequence i samples: its next token, and one more per draft token to verify."""
+        return 1 + len(self.seqs[i].draft_token_ids) if self.samples(i) else 0
 
     def logit_positions(self, i: int) -> list[int]:
         """Which of sequence i's new tokens need logits: prompt tokens whose next token's
-        prompt logprob is still owed (when asked for), then the last one when it samples."""
+        prompt logprob is still owed (when asked for), then the last one when it samples
+        (and the drafts' positions: each gives the logits that verify the next draft)."""
         seq, n = self.seqs[i], self.num_tokens[i]
         start = seq.num_computed_tokens
         positions: list[int] = []
@@ -49,8 +65,7 @@ class StepInput:
             first = max(start, len(seq.prompt_logprobs) - 1)
             end = min(start + n, seq.num_prompt_tokens - 1)
             positions = list(range(first - start, end - start))
-        if self.samples(i):
-            positions.append(n - 1)
+        positions.extend(range(n - self.num_samples(i), n))
         return positions
 
 
@@ -160,8 +175,8 @@ class ModelRunner:
         first_token = {}
         for i, offset in zip(order, offsets):
             seq, n = step.seqs[i], step.num_tokens[i]
-            start = seq.num_computed_tokens
-            input_ids[offset:offset + n] = seq.token_ids[start:start + n]
+            start = step.start(i)
+            input_ids[offset:offset + n] = step.input_ids(i)
             past_lens[seq.slot - lo], query_lens[seq.slot - lo] = start, n
             first_token[i] = offset
         logits_index = np.array([first_token[i] + j for i in range(len(step.seqs))

@@ -60,8 +60,8 @@ class OptimumRunner:
         # Without position_ids the graph numbers the new tokens from the past's length (GPT-2's
         # learned positions), so only rows with as much past can share a call.
         groups: dict[int, list[int]] = {}
-        for i, seq in enumerate(step.seqs):
-            groups.setdefault(seq.num_computed_tokens, []).append(i)
+        for i in range(len(step.seqs)):
+            groups.setdefault(step.start(i), []).append(i)
         return list(groups.values())
 
     def _run_group(self, step: StepInput, rows: list[int]) -> np.ndarray:
@@ -69,13 +69,13 @@ class OptimumRunner:
         [rows, longest new tokens, vocab]."""
         seqs = [step.seqs[i] for i in rows]
         counts = [step.num_tokens[i] for i in rows]
-        starts = [seq.num_computed_tokens for seq in seqs]
+        starts = [step.start(i) for i in rows]
         batch, past, width = len(rows), max(starts), max(counts)
         input_ids = np.zeros((batch, width), np.int64)
         mask = np.zeros((batch, past + width), np.int64)
         positions = np.empty((batch, width), np.int64)
-        for r, (seq, start, n) in enumerate(zip(seqs, starts, counts)):
-            input_ids[r, :n] = seq.token_ids[start:start + n]
+        for r, (i, start, n) in enumerate(zip(rows, starts, counts)):
+            input_ids[r, :n] = step.input_ids(i)
             # The row's past ends where the new tokens start (left padding, as in HF batches);
             # the padding on both sides is masked out, so attention gives it exactly zero weight.
             mask[r, past - start:past + n] = 1

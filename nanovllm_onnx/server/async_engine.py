@@ -82,7 +82,7 @@ class AsyncEngine:
         # sequences the tokens so far and when the latest came.
         self._routes: dict[str, tuple[RequestStream, int]] = {}
         self._progress: dict[str, list[tuple[int, float]]] = {}
-        self._counted = (0, 0, 0, 0)  # engine counters already added to the metrics
+        self._counted = (0,) * 7  # engine counters already added to the metrics
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         bm = engine.block_manager
         metrics.cache_config.info({  # vLLM's labels (the blocks are in CPU memory here)
@@ -281,10 +281,18 @@ class AsyncEngine:
         m.waiting.set(len(scheduler.waiting))
         m.kv_cache_usage.set(bm.num_seq_blocks / bm.num_blocks)
         m.prefix_cache_blocks.set(len(bm.cached))
+        spec = self.engine.spec_decode_stats
+        if spec is not None:
+            m.spec_decode_acceptance_rate.set(spec.acceptance_rate)
+            m.spec_decode_mean_accepted_length.set(spec.mean_accepted_length)
         counts = (bm.prefix_queries * bm.block_size, bm.prefix_hits * bm.block_size,
-                  scheduler.num_preemptions, self.engine.num_steps)
-        for counter, now, before in zip((m.prefix_cache_queries, m.prefix_cache_hits,
-                                         m.preemptions, m.steps), counts, self._counted):
+                  scheduler.num_preemptions, self.engine.num_steps,
+                  *((spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+                    if spec is not None else (0, 0, 0)))
+        counters = (m.prefix_cache_queries, m.prefix_cache_hits, m.preemptions, m.steps,
+                    m.spec_decode_num_drafts, m.spec_decode_num_draft_tokens,
+                    m.spec_decode_num_accepted_tokens)
+        for counter, now, before in zip(counters, counts, self._counted, strict=True):
             if now > before:
                 counter.inc(now - before)
         self._counted = counts

@@ -82,6 +82,18 @@ class ServerMetrics:
         self.steps = self.counter("nanovllm_engine_steps", "Engine steps (batched model calls).")
         self.prefix_cache_blocks = self.gauge("nanovllm_prefix_cache_blocks",
                                               "KV blocks held by the prefix cache.")
+        # Speculative decoding (zero without it); vLLM's counters, and what they give.
+        self.spec_decode_num_drafts = self.counter(
+            "vllm:spec_decode_num_drafts", "Verified proposals (one sequence, one step).")
+        self.spec_decode_num_draft_tokens = self.counter(
+            "vllm:spec_decode_num_draft_tokens", "Proposed tokens verified.")
+        self.spec_decode_num_accepted_tokens = self.counter(
+            "vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.")
+        self.spec_decode_acceptance_rate = self.gauge(
+            "nanovllm_spec_decode_acceptance_rate", "Accepted / proposed tokens so far.")
+        self.spec_decode_mean_accepted_length = self.gauge(
+            "nanovllm_spec_decode_mean_accepted_length",
+            "Tokens per verification so far (accepted proposals + 1).")
         self.cache_config = Info("vllm:cache_config", "The KV cache's configuration.",
                                  registry=self.registry)  # set once, by the engine
 
