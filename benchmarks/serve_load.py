@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -144,11 +144,7 @@ def started_server(model: str | None, extra: list[str], headers: dict[str, str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=None, help="a running server (default: start one)")
-    parser.add_argument("--model", default=None, help="model for the started server")
-    parser.add_argument("--server-args", default="",
-                        help="more arguments for the started server, e.g. '--max-num-seqs 64'")
-    parser.add_argument("--api-key", default=None)
+    add_server_arguments(parser)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per level (default: 4 per client, at least 8)")
@@ -158,10 +154,9 @@ def main() -> None:
     parser.add_argument("--prompt", default="Write a short story about a robot who learns "
                                             "to paint, in the style of a fairy tale.")
     args = parser.parse_args()
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args)
 
-    with (started_server(args.model, shlex.split(args.server_args), headers) if args.url is None
-          else _given(args.url)) as url:
+    with target_server(args, headers) as url:
         # Warm up (first-call allocations, caches) outside the measurement.
         asyncio.run(run_level(url, headers, 1, 1, args.duration, 8, args.prompt))
         print(f"{'clients':>7} {'done':>5} {'errors':>6} {'req/s':>7} {'out tok/s':>9}   "
@@ -179,6 +174,27 @@ def main() -> None:
 @contextmanager
 def _given(url: str) -> Iterator[str]:
     yield url.rstrip("/")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the server a load script drives (shared with soak.py)."""
+    parser.add_argument("--url", default=None, help="a running server (default: start one)")
+    parser.add_argument("--model", default=None, help="model for the started server")
+    parser.add_argument("--server-args", default="",
+                        help="more arguments for the started server, e.g. '--max-num-seqs 64'")
+    parser.add_argument("--api-key", default=None)
+
+
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def target_server(args: argparse.Namespace, headers: dict[str, str]
+                  ) -> AbstractContextManager[str]:
+    """--url as given, or a server started for the run (stopped after it)."""
+    if args.url is not None:
+        return _given(args.url)
+    return started_server(args.model, shlex.split(args.server_args), headers)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import random
-import shlex
 import sys
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from serve_load import _given, started_server
+from serve_load import add_server_arguments, auth_headers, target_server
 
 TEXT = (Path(__file__).parent / "data" / "apache-2.0.txt").read_text()
 RSS_GROWTH_BAR = 0.05
@@ -271,11 +270,7 @@ def _ms(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=None, help="a running server (default: start one)")
-    parser.add_argument("--model", default=None, help="model for the started server")
-    parser.add_argument("--server-args", default="",
-                        help="more arguments for the started server")
-    parser.add_argument("--api-key", default=None)
+    add_server_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=float, default=60.0,
                         help="seconds before measuring, at least (the KV cache fills first)")
@@ -284,10 +279,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds measured")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args)
 
-    with (started_server(args.model, shlex.split(args.server_args), headers) if args.url is None
-          else _given(args.url)) as url:
+    with target_server(args, headers) as url:
         stats, samples, idle, warmed_up = asyncio.run(soak(
             url, headers, args.concurrency, args.warmup, args.max_warmup, args.duration,
             args.seed))

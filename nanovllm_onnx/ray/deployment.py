@@ -211,11 +211,7 @@ class RemoteEngine:
         pump = asyncio.create_task(self._pump(stream, responses))
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
-        try:
-            await stream.wait_admitted()
-        except BaseException:
-            stream.close()
-            raise
+        await stream.wait_admitted()
         return stream
 
     async def compile_constraint(self, constraint: StructuredOutputsParams) -> None:

@@ -129,11 +129,7 @@ class AsyncEngine:
             if not self.is_alive():
                 raise _unavailable()
             self._commands.put(_Add(stream, prompts, params, prompt_param))
-        try:
-            await stream.wait_admitted()
-        except BaseException:
-            stream.close()
-            raise
+        await stream.wait_admitted()
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
@@ -334,9 +330,14 @@ class RequestStream:
             pass  # the event loop is closed: the server is shutting down
 
     async def wait_admitted(self) -> None:
-        item = await self._queue.get()
-        if isinstance(item, APIError):
-            raise item
+        """Until the engine takes the request; on refusal or cancellation the stream closes."""
+        try:
+            item = await self._queue.get()
+            if isinstance(item, APIError):
+                raise item
+        except BaseException:
+            self.close()
+            raise
         assert isinstance(item, int)
         self.prompt_tokens = item
         self._admitted = True
