@@ -7,7 +7,13 @@ import os
 import random
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import helper
+
+from nanovllm_onnx.convert.graph import MS
+from nanovllm_onnx.kernels import DOMAIN, TARGET_ENV, custom_ops_library
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
@@ -140,3 +146,19 @@ def default_model_or_skip() -> Path:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"default model unavailable under CI=true: {e}")
         pytest.skip(f"default model unavailable: {e}")
+
+
+def ops_session(graph: onnx.GraphProto, target: str = "") -> ort.InferenceSession:
+    """A 2-thread session of a graph made of the engine's ops (and ONNX Runtime's contrib ops),
+    in the build the dispatcher picks for this CPU, or the one `target` forces."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(MS, 1),
+                                                    helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 9
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(TARGET_ENV, target)
+        opts.register_custom_ops_library(str(custom_ops_library()))
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])

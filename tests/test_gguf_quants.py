@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -20,7 +19,7 @@ from onnx import TensorProto, helper
 
 from nanovllm_onnx.convert.gguf_blocks import file_blocks
 from nanovllm_onnx.convert.graph import GraphBuilder
-from nanovllm_onnx.kernels import DOMAIN, custom_ops_library
+from tests.conftest import ops_session
 
 T = GGMLQuantizationType
 ROWS, COLS = 48, 512
@@ -60,13 +59,7 @@ def block_linear(blocks: object, x: np.ndarray) -> np.ndarray:
     info = helper.make_tensor_value_info
     graph = helper.make_graph(g.nodes, "linear", [info("x", TensorProto.FLOAT, x.shape)],
                               [info("y", TensorProto.FLOAT, [len(x), ROWS])], g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 9
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(custom_ops_library()))
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = ops_session(graph)
     return sess.run(None, {"x": x})[0]
 
 

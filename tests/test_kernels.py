@@ -9,7 +9,6 @@ import sys
 from unittest import mock
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -20,10 +19,10 @@ from nanovllm_onnx.kernels import (
     DOMAIN,
     KEY_TILE,
     TARGET_ENV,
-    custom_ops_library,
     kernel_target,
     supported_targets,
 )
+from tests.conftest import ops_session
 
 HEADS, KV_HEADS, CAPACITY, POSITIONS = 6, 2, 96, 128
 F32, F16, I32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32
@@ -50,20 +49,6 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray,
          info("present_value", cache_type, value_shape)],
         [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")])
     return ops_session(graph, target)
-
-
-def ops_session(graph: onnx.GraphProto, target: str = "") -> ort.InferenceSession:
-    """A 2-thread session of a graph made of the engine's ops, in the build the dispatcher
-    picks for this CPU, or the one `target` forces."""
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 9
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    with mock.patch.dict(os.environ, {TARGET_ENV: target}):
-        opts.register_custom_ops_library(str(custom_ops_library()))
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
 
 
 # BlockLinear's code paths, one build each: AVX-512 VNNI, AVX2 with and without AVX-VNNI, and

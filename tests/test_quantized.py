@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.convert.converter import convert
-from nanovllm_onnx.convert.graph import MS, GraphBuilder, pack_blocks, quantize_blocks
-from nanovllm_onnx.kernels import DOMAIN, custom_ops_library
-from tests.conftest import VOCAB, default_model_or_skip, random_prompts
+from nanovllm_onnx.convert.graph import GraphBuilder, pack_blocks, quantize_blocks
+from tests.conftest import VOCAB, default_model_or_skip, ops_session, random_prompts
 
 PROMPTS = random_prompts(4, seed=21, lo=20, hi=40)
 
@@ -35,14 +33,7 @@ def run_linear(weights: str, w: np.ndarray, x: np.ndarray, per_token: bool = Fal
         inputs.append(info("scale", TensorProto.FLOAT, [len(x), 1]))
     graph = helper.make_graph(g.nodes, "linear", inputs,
                               [info("y", TensorProto.FLOAT, [len(x), len(w)])], g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(MS, 1),
-                                                    helper.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 9
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(custom_ops_library()))
-    session = ort.InferenceSession(model.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
+    session = ops_session(graph)
     if not per_token:
         return session.run(None, {"x": x})[0]
     scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30)
