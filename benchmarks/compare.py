@@ -3,11 +3,13 @@
     python benchmarks/compare.py                       # workloads A and B, median of 3
     python benchmarks/compare.py --workload B --only ours openvino
     python benchmarks/compare.py --rounds 3 --markdown results.md --json results.json
+    python benchmarks/compare.py --only ours llamacpp --files Q4_K_M Q8_0   # the same GGUFs
 
 Each engine runs in its own process with its own virtual environment's python (peers are set up
 by setup_peers.sh under ~/.cache/nano-vllm-onnx/peers), one process per workload, so B's peak
-RSS is B's alone. Ratios are our best weight format's figure (the format named) / the peer's:
-above 1 means nano-vllm-onnx is faster. With
+RSS is B's alone. Ratios are our best weight format's figure (the format named) / the peer's,
+or, for a peer running a GGUF file ours also ran, ours on that file / the peer's: above 1 means
+nano-vllm-onnx is faster. With
 --rounds N the whole sequence of engines runs N times and each figure is the median over the
 rounds: a shared machine's slow drifts then fall on every engine alike.
 """
@@ -36,6 +38,7 @@ class Config:
     args: tuple[str, ...]
     python: Path | None  # None: this python (ours, and llama.cpp's stdlib-only client)
     needs: Path  # installed when this exists
+    file: str | None = None  # the default model's GGUF of this quantization, where it runs one
 
     def argv(self, workload: str, repeats: int) -> list[str]:
         return [str(self.python or sys.executable), str(HERE / self.script), *self.args,
@@ -62,8 +65,9 @@ def configs(ours_args: list[str]) -> list[Config]:
                  PEERS / "ortgenai" / p / "genai_config.json") for p in ("int4", "fp32")],
         # The same GGUF files: ours runs their own blocks (auto), llama.cpp runs them.
         *[Config("ours", "throughput.py", ("--model", str(gguf(w)), "--weights", "auto",
-                                           *ours_args), None, gguf(w)) for w in ("Q4_K_M", "Q8_0")],
-        *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w), None, gguf(w))
+                                           *ours_args), None, gguf(w), w)
+          for w in ("Q4_K_M", "Q8_0")],
+        *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w), None, gguf(w), w)
           for w in ("Q8_0", "Q4_1", "Q4_K_M")],
         Config("transformers", "peer_transformers.py", (), venv_python("transformers"),
                PEERS / "hf/SmolLM2-135M-Instruct/model.safetensors"),
@@ -103,11 +107,18 @@ def is_ours(row: dict[str, dict]) -> bool:
     return any(r.get("engine") == OURS for r in row.values())
 
 
-def best_of_ours(rows: list[dict[str, dict]]) -> dict[str, tuple[float, str]]:
-    """For each rate, our best figure over our weight formats and the format that reached it
-    (each peer's ratio is against it, the format named)."""
+def row_file(row: dict[str, dict]) -> str | None:
+    return next(iter(row.values())).get("file")
+
+
+def best_of_ours(rows: list[dict[str, dict]], file: str | None = None
+                 ) -> dict[str, tuple[float, str]]:
+    """For each rate, our best figure over our weight formats (over our runs of `file`, if
+    any ran it) and the format that reached it (a peer's ratio is against it, named)."""
     best: dict[str, tuple[float, str]] = {}
-    for row in filter(is_ours, rows):
+    ours = list(filter(is_ours, rows))
+    same_file = [row for row in ours if file is not None and row_file(row) == file]
+    for row in same_file or ours:
         for workload, key, _ in COLUMNS:
             res = row.get(workload, {})
             if key in res and res[key] > best.get(key, (0.0, ""))[0]:
@@ -118,8 +129,8 @@ def best_of_ours(rows: list[dict[str, dict]]) -> dict[str, tuple[float, str]]:
 def table(rows: list[dict[str, dict]]) -> str:
     head = ["engine", "weights", *[c[2] for c in COLUMNS], "B peak RSS MiB", "CPU busy before"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    best = best_of_ours(rows)
     for row in rows:
+        best = best_of_ours(rows, row_file(row))
         label = row.get("B") or next(iter(row.values()))  # B's label names its batching
         cells = [label.get("engine", "?"), label.get("weights", "?")]
         for workload, key, _ in COLUMNS:
@@ -169,6 +180,9 @@ def main() -> None:
                     help="run every engine this many times, in turn; report the medians")
     ap.add_argument("--only", nargs="+", default=None,
                     help="groups to run: ours openvino ortgenai llamacpp transformers")
+    ap.add_argument("--files", nargs="+", default=None,
+                    help="only the runs of the default model's GGUFs of these quantizations "
+                         "(Q4_K_M Q8_0 Q4_1): ours auto and llama.cpp on the same files")
     ap.add_argument("--ours-args", default="", help="extra throughput.py arguments for ours")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per engine and workload")
     ap.add_argument("--idle", type=float, default=0.15,
@@ -188,6 +202,8 @@ def main() -> None:
     for cfg in configs(args.ours_args.split()):
         if args.only and cfg.group not in args.only:
             continue
+        if args.files and cfg.file not in args.files:
+            continue
         if not cfg.needs.exists():
             log(f"skip {cfg.script} {' '.join(cfg.args)}: not installed ({cfg.needs} missing; "
                 "run benchmarks/setup_peers.sh)")
@@ -205,7 +221,8 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}"
     rounds = f" in each of {args.rounds} rounds (median over rounds)" if args.rounds > 1 else ""
     text = (f"Machine: {machine}; every engine 2 threads; median of {args.repeats}{rounds}; "
-            "ratios are our best format's figure / the peer's.\n\n" + table(rows))
+            "ratios are our best format's figure (ours on the same file where it ran it) / the "
+            "peer's.\n\n" + table(rows))
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
@@ -224,6 +241,7 @@ def run_one(cfg: Config, workload: str, args: argparse.Namespace) -> dict:
         res = {"engine": f"{cfg.group} {' '.join(cfg.args)}", "weights": "",
                "error": f"failed: {str(e).splitlines()[0]}"}
     res["busy_before"] = busy
+    res["file"] = cfg.file
     log(f"  {workload} done in {time.perf_counter() - t:.0f} s: "
         + json.dumps({k: v for k, v in res.items() if not k.startswith(("runs", "walls"))}))
     return res

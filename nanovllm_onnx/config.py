@@ -32,6 +32,9 @@ class ModelConfig:
     bos_token: str | None = None
     eos_token: str | None = None
     weights: str = "fp32"
+    # The model's attention window (transformers' sliding_window where its config applies one):
+    # the engine attends to the whole context, so it runs at most this many tokens.
+    sliding_window: int | None = None
     # "slots": this engine's own graph (GRAPH_FILE beside this config); "optimum": an Optimum
     # export run as it is, from graph_path (absolute: the export stays where the user put it).
     # ("gqa": a graph of converter versions before 12, which must be converted again.)

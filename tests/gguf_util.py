@@ -168,12 +168,14 @@ def write_gguf(
     path: Path, model: object, vocab: VocabWriter, name: str | None = None,
     tensor_type: Callable[[str], GGMLQuantizationType] | None = None,
     raw: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
+    sliding_window: int | None = None,
 ) -> Path:
     """`model` (a transformers llama/mistral/qwen2/qwen3 CausalLM) as llama.cpp writes it.
     Mistral is written as llama (llama.cpp has no mistral architecture for these files), named
     so that transformers' GGUF loader takes it for Mistral. `tensor_type(hf_name)` picks the
     type of each 2-D weight (default F32); `raw` gives tensors (by GGUF name) as quantized
-    bytes of a type instead (types gguf cannot quantize to)."""
+    bytes of a type instead (types gguf cannot quantize to); `sliding_window` writes
+    {arch}.attention.sliding_window (llama.cpp's converter writes none for these architectures)."""
     cfg = model.config
     arch = {"mistral": "llama"}.get(cfg.model_type, cfg.model_type)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -187,6 +189,8 @@ def write_gguf(
     rope = cfg.rope_parameters
     _add_rope(writer, rope)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if arch == "llama":  # LlamaModel.set_gguf_parameters adds these two

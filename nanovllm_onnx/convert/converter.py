@@ -16,7 +16,7 @@ import onnx
 
 from nanovllm_onnx.config import GRAPH_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig
 from nanovllm_onnx.convert.graph import WEIGHT_FORMATS, build_graph
-from nanovllm_onnx.convert.hf_config import resolved
+from nanovllm_onnx.convert.hf_config import resolved, sliding_window
 from nanovllm_onnx.convert.source import (
     ModelLoadError,
     ModelSource,
@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 # bump when the emitted graph changes, to invalidate caches (17: checkpoints saved by
 # transformers 5 had their rope_parameters ignored; 18: fp32 projections as Gemm, weights
-# written as they are made; 19: GGUF blocks kept, auto weights, the embedding in blocks)
-CONVERTER_VERSION = "19"
+# written as they are made; 19: GGUF blocks kept, auto weights, the embedding in blocks;
+# 20: the model's sliding window recorded)
+CONVERTER_VERSION = "20"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 PARTIAL = ".partial"  # suffix of a conversion's folder while it is written
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"
@@ -82,6 +83,7 @@ def model_config_from_source(src: ModelSource) -> ModelConfig:
         head_dim=hf["head_dim"],
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["max_position_embeddings"],
+        sliding_window=hf["sliding_window"],
         **tokenizer_fields(src),
     )
 
@@ -179,6 +181,7 @@ def optimum_model_config(src: ModelSource, graph: Path) -> ModelConfig:
         head_dim=head_dim,
         vocab_size=vocab,
         max_position_embeddings=max_pos,
+        sliding_window=sliding_window(hf),
         runner="optimum",
         graph_path=str(graph.resolve()),
         **tokenizer_fields(src),

@@ -153,6 +153,13 @@ def _config(meta: _Metadata, arch: str, tensors: dict[str, ReaderTensor]) -> dic
     }
     if (pad := meta.get("tokenizer.ggml.padding_token_id", None)) is not None:
         config["pad_token_id"] = pad
+    # llama.cpp's llama/qwen2/qwen3 graphs ignore a sliding window, but a file that names one
+    # was trained with it: described as transformers' config of that window (llama: Mistral;
+    # qwen2/qwen3: every layer), so that the engine never runs past it.
+    if window := int(meta.get(f"{arch}.attention.sliding_window", 0)):
+        config |= {"sliding_window": window, "use_sliding_window": True, "max_window_layers": 0}
+        if arch == "llama":
+            config["architectures"] = ["MistralForCausalLM"]
     return config
 
 

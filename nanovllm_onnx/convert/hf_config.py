@@ -74,7 +74,39 @@ def resolved(hf: dict) -> dict:
                                              out["max_position_embeddings"])
     out.pop("rope_scaling", None)
     out.pop("rope_theta", None)
+    out["sliding_window"] = sliding_window(hf)
     return out
+
+
+# sliding_window of transformers' Mistral, Qwen2 and Qwen3 config classes.
+DEFAULT_SLIDING_WINDOW = 4096
+
+
+def sliding_window(hf: dict) -> int | None:
+    """The attention window transformers applies for this config.json (None: every layer
+    attends to the whole context). transformers' Llama has none (the key is inert there);
+    Mistral's applies to every layer (the class default when the key is absent, none when it is
+    null); Qwen2/Qwen3 use theirs only with use_sliding_window, on the layers of layer_types
+    that say so (by default those from max_window_layers on). Another decoder (an Optimum
+    export) is taken at its word: a window set is a window."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch == "LlamaForCausalLM":
+        return None
+    window = hf.get("sliding_window")
+    if "sliding_window" not in hf and arch in ("MistralForCausalLM", "Qwen2ForCausalLM",
+                                               "Qwen3ForCausalLM"):
+        window = DEFAULT_SLIDING_WINDOW
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        first_sliding = hf.get("max_window_layers", 28)  # the classes' default
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if i >= first_sliding else "full_attention"
+            for i in range(hf["num_hidden_layers"])]
+        if not hf.get("use_sliding_window") or "sliding_attention" not in layer_types:
+            return None
+    if window is not None and "sliding_window" not in hf:
+        logger.warning("config.json has no sliding_window: using %d, the default of "
+                       "transformers' %s config", window, arch.removesuffix("ForCausalLM"))
+    return window
 
 
 def rope_parameters(hf: dict, default_theta: float, max_position_embeddings: int) -> dict:

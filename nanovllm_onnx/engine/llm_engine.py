@@ -47,6 +47,25 @@ class Request:
     pending_samples: list[Sequence]  # n > 1: siblings admitted once the first has its prefill
 
 
+def context_limit(mc: ModelConfig, max_model_len: int | None) -> int:
+    """The longest sequence the engine runs this model at: its context, or its sliding window
+    where that is shorter. The engine has no sliding-window attention; up to the window full
+    attention is the same, past it not, so it stops there (vLLM's disable_sliding_window)."""
+    limit, what = mc.max_position_embeddings, "context"
+    if mc.sliding_window is not None and mc.sliding_window < limit:
+        limit, what = mc.sliding_window, "sliding window"
+        if max_model_len is None and limit < DEFAULT_MAX_MODEL_LEN:
+            logger.warning("the model attends within a sliding window of %d tokens, which this "
+                           "engine does not implement: max_model_len capped at %d (its context "
+                           "is %d)", limit, limit, mc.max_position_embeddings)
+    if max_model_len is not None and max_model_len > limit:
+        detail = (": this engine has no sliding-window attention, and past the window full "
+                  "attention is not the model's" if what == "sliding window" else "")
+        raise ValueError(f"max_model_len={max_model_len} is longer than the model's {what} "
+                         f"({limit} tokens){detail}")
+    return limit
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **engine_args: object) -> None:
         cfg = config if config is not None else EngineConfig(**engine_args)  # type: ignore[arg-type]
@@ -54,10 +73,7 @@ class LLMEngine:
         model_dir = resolve_model(cfg.model, cfg.weights)
         self.model_config = mc = ModelConfig.load(model_dir)
         self.tokenizer = TextTokenizer(model_dir, mc)
-        limit = mc.max_position_embeddings
-        if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise ValueError(f"max_model_len={cfg.max_model_len} is longer than the model's "
-                             f"context ({limit} tokens)")
+        limit = context_limit(mc, cfg.max_model_len)
         self.max_model_len = cfg.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
         own_graph = mc.runner != "optimum"
         # fp16 halves the cache's memory and the bytes each decode reads, which bound
