@@ -41,10 +41,12 @@ def prefix_share(tokens: list[int], reference: list[int]) -> float:
     return same / len(reference)
 
 
-def transformers_greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+def transformers_greedy(path: Path, prompts: list[list[int]], n: int, threads: int
+                        ) -> list[list[int]]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32).eval()
     out = []
@@ -56,18 +58,19 @@ def transformers_greedy(path: Path, prompts: list[list[int]], n: int) -> list[li
     return out
 
 
-def ours_greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+def ours_greedy(path: Path, prompts: list[list[int]], n: int, threads: int) -> list[list[int]]:
     from nanovllm_onnx import LLM, SamplingParams
 
-    llm = LLM(str(path), weights="auto", intra_op_num_threads=2)
+    llm = LLM(str(path), weights="auto", intra_op_num_threads=threads)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                         use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def llamacpp_greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+def llamacpp_greedy(path: Path, prompts: list[list[int]], n: int, threads: int
+                    ) -> list[list[int]]:
     stdin = "".join(" ".join(map(str, p)) + "\n" for p in prompts)
-    result = subprocess.run([str(LLAMACPP_GREEDY), str(path), str(n), str(THREADS)],
+    result = subprocess.run([str(LLAMACPP_GREEDY), str(path), str(n), str(threads)],
                             input=stdin, capture_output=True, text=True, check=True)
     return [[int(t) for t in line.split()[2:]] for line in result.stdout.splitlines()]
 
@@ -77,6 +80,10 @@ def main() -> None:
     ap.add_argument("gguf", nargs="+", type=Path)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="threads of each engine (the tokens do not depend on it: each output "
+                         "row is one thread's dot products; 1 keeps a shared machine's "
+                         "spin-waiting thread pools from crawling)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -86,10 +93,11 @@ def main() -> None:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}],
                                            add_generation_prompt=True, tokenize=True,
                                            return_dict=False) for p in PROMPTS[:args.prompts]]
-        reference = transformers_greedy(path, prompts, args.tokens)
-        shares = {"ours auto": ours_greedy(path, prompts, args.tokens)}
+        reference = transformers_greedy(path, prompts, args.tokens, args.threads)
+        log(f"{path.name}: transformers done")
+        shares = {"ours auto": ours_greedy(path, prompts, args.tokens, args.threads)}
         if LLAMACPP_GREEDY.exists():
-            shares["llama.cpp"] = llamacpp_greedy(path, prompts, args.tokens)
+            shares["llama.cpp"] = llamacpp_greedy(path, prompts, args.tokens, args.threads)
         for engine, tokens in shares.items():
             per_prompt = [prefix_share(t, r) for t, r in zip(tokens, reference, strict=True)]
             log(f"{path.name} {engine}: {[round(s, 2) for s in per_prompt]}")
