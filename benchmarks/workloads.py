@@ -110,14 +110,23 @@ def limit_threads() -> None:
 
 
 def run_runner(argv: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
-    """Run a runner script in its own process (and venv); its stderr passes through."""
+    """Run a runner script in its own process (and venv); its stderr passes through. On a
+    timeout its whole process group is killed: a server it started (llama-server) too, which
+    would otherwise go on loading the machine for every engine after it."""
+    import signal
     import subprocess
 
     log("$ " + " ".join(argv))
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    results = [line[len(RESULT_PREFIX):] for line in proc.stdout.splitlines()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                          env={**os.environ, **(env or {})}) as proc:
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    results = [line[len(RESULT_PREFIX):] for line in stdout.splitlines()
                if line.startswith(RESULT_PREFIX)]
     if proc.returncode or not results:
-        raise RuntimeError(f"{argv[1]} failed (exit {proc.returncode}): {proc.stdout[-2000:]}")
+        raise RuntimeError(f"{argv[1]} failed (exit {proc.returncode}): {stdout[-2000:]}")
     return json.loads(results[-1])
