@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ml_dtypes import bfloat16
 from onnx import TensorProto, helper
 
 from nanovllm_onnx import LLM, SamplingParams
@@ -154,7 +155,8 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
                                                               ) -> None:
     """The kernels library quantizes as numpy's float32 arithmetic does, in every build:
     blocks (rows split over threads, K and rows not whole blocks, constant, tiny and huge
-    values, values on the codes' midpoints) and int8's per-channel codes."""
+    values, values on the codes' midpoints) and int8's per-channel codes; from bf16 as from
+    the same values in float32."""
     from nanovllm_onnx.kernels import TARGET_ENV, quantize, supported_targets
 
     if target not in supported_targets():
@@ -181,6 +183,14 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
         np.testing.assert_array_equal(scale, per_channel)
         np.testing.assert_array_equal(
             qt, np.clip(np.rint(w / per_channel[:, None]), -127, 127).astype(np.int8).T)
+        # A bf16 checkpoint's weights are read as they are: the same as their float32 values.
+        half = w.astype(bfloat16)
+        blocks, same = quantize_blocks(half, 4), quantize_blocks(half.astype(np.float32), 4)
+        for field in ("q", "scale", "minimum"):
+            np.testing.assert_array_equal(getattr(blocks, field), getattr(same, field))
+        for a, b in zip(quantize.quantize_channels(half),
+                        quantize.quantize_channels(half.astype(np.float32))):
+            np.testing.assert_array_equal(a, b)
 
 
 def unpack(records: np.ndarray, bits: int) -> np.ndarray:

@@ -75,8 +75,9 @@ class GraphBuilder:
 
     def linear(self, x: str, name: str, weight: np.ndarray | list[np.ndarray] | QuantBlocks,
                bias: np.ndarray | None = None, token_scale: str | None = None) -> str:
-        """x @ weight.T (+ bias); weight is HF's [out_features, in_features] (or such matrices
-        stacked by rows: q, k and v), or a GGUF's blocks (auto, int4). int8 only:
+        """x @ weight.T (+ bias); weight is HF's [out_features, in_features] (float32 or
+        bfloat16; or such matrices stacked by rows: q, k and v), or a GGUF's blocks (auto,
+        int4). int8 only:
         `token_scale` [tokens, 1] says that x comes divided by it already (SwiGLU's second
         output), so that the activations are quantized with one scale per token rather than
         one per tensor."""
@@ -88,7 +89,8 @@ class GraphBuilder:
         else:
             # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it;
             # stacked parts are written one after the other (no concatenated copy).
-            (y,) = self.op("Gemm", [x, self.const(name, parts)], transB=1)
+            floats = (np.asarray(part, np.float32) for part in parts)
+            (y,) = self.op("Gemm", [x, self.const(name, floats)], transB=1)
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
@@ -127,9 +129,14 @@ class GraphBuilder:
     def block_const(self, name: str, weight: np.ndarray | list[np.ndarray] | Rows | QuantBlocks,
                     bits: int) -> BlockWeights:
         """Packed blocks as an initializer: `weight`'s own, or it rounded to `bits` and packed
-        a chunk of rows (whole groups of 16) at a time; stacked parts each rounded apart."""
+        a chunk of rows (whole groups of 16) at a time: stacked parts (q, k, v) one part at a
+        time where each fills whole groups."""
         if isinstance(weight, list):
-            weight = QuantBlocks.concat([quantize_blocks(part, bits) for part in weight])
+            if all(len(part) % 16 == 0 for part in weight[:-1]):  # whole records: no concat
+                packed = (pack_blocks(quantize_blocks(part, bits)) for part in weight)
+                return BlockWeights(self.const(name, packed), weight[0].shape[1],
+                                    sum(map(len, weight)), bits)
+            weight = np.concatenate(weight)
         if isinstance(weight, QuantBlocks):
             n, num_blocks, _ = weight.q.shape
             return BlockWeights(self.const(name, pack_blocks(weight)), num_blocks * BLOCK, n,
@@ -262,7 +269,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
             parts = [own[n] for n in names]
             if all(p.bits == 4 for p in parts):
                 return QuantBlocks.concat(parts)
-        return [w[n] for n in names]
+        return [src.matrix(n) for n in names]
 
     def table(name: str) -> Rows | QuantBlocks:
         """The embedding or LM head: a GGUF's own blocks for auto; otherwise 8-bit blocks, as

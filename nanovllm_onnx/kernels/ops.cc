@@ -907,12 +907,27 @@ inline float to_half(float x, int direction = 0) {
   return half_value(bits);
 }
 
-// Block b's 32 values of row `w` of width k: in the row, or past its end copied to `padded`
-// with zeros after them.
+// A weight as float32: float32 itself, or bfloat16 (a checkpoint's own: the top half of a
+// float32's bits), read without a float32 copy of the tensor.
+inline float value(float w) { return w; }
+inline float value(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Block b's 32 values of row `w` of width k: in the row (float32), or as floats in `padded`
+// (zeros past the row's end).
 inline const float* block_values(const float* w, int64_t k, int64_t b, float* padded) {
   const int64_t n = k - b * kBlock;
   if (n >= kBlock) return w + b * kBlock;
   std::fill(std::copy(w + b * kBlock, w + k, padded), padded + kBlock, 0.f);
+  return padded;
+}
+inline const float* block_values(const uint16_t* w, int64_t k, int64_t b, float* padded) {
+  const int64_t n = std::min<int64_t>(kBlock, k - b * kBlock);
+  for (int i = 0; i < kBlock; ++i) padded[i] = i < n ? value(w[b * kBlock + i]) : 0.f;
   return padded;
 }
 
@@ -950,12 +965,11 @@ void pack(const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int6
 
 }  // namespace convert
 
-// w [n, k] (K padded with zeros to whole blocks of 32) to `bits` codes q [n, blocks, 32] and
-// fp16-valued scales and minimums [n, blocks] (graph.quantize_blocks says the rounding).
-extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeBlocks(
-    const float* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric, uint8_t* q,
-    float* scale, float* minimum) {
-  using namespace convert;
+namespace convert {
+
+template <typename T>
+void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
+                     uint8_t* q, float* scale, float* minimum) {
   const int64_t blocks = (k + kBlock - 1) / kBlock;
   const float top = float((1 << bits) - 1), tiny = 6.103515625e-05f;  // fp16's least normal
   float padded[kBlock];
@@ -980,6 +994,43 @@ extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeBlocks(
   }
 }
 
+template <typename T>
+void quantize_channels(const T* w, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
+  constexpr int64_t kTileRows = 64;  // rows transposed together: 64-byte runs of qt
+  std::vector<double> inverse(n);
+  for (int64_t r = 0; r < n; ++r) {
+    float peak = 0.f;
+    for (int64_t c = 0; c < k; ++c) peak = std::max(peak, std::fabs(value(w[r * k + c])));
+    scale[r] = quotient(std::max(peak, 1e-12f), 127.f);
+    inverse[r] = 1. / scale[r];
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, n - r0);
+    for (int64_t c = 0; c < k; ++c) {
+      for (int64_t r = r0; r < r0 + rows; ++r) {
+        const float code = std::nearbyint(static_cast<float>(value(w[r * k + c]) * inverse[r]));
+        qt[c * ld + r] = static_cast<int8_t>(std::min(std::max(code, -127.f), 127.f));
+      }
+    }
+  }
+}
+
+}  // namespace convert
+
+// w [n, k] (float32, or bfloat16 where `bf16`; K padded with zeros to whole blocks of 32) to
+// `bits` codes q [n, blocks, 32] and fp16-valued scales and minimums [n, blocks]
+// (graph.quantize_blocks says the rounding).
+extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeBlocks(
+    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
+    uint8_t* q, float* scale, float* minimum) {
+  if (bf16)
+    convert::quantize_blocks(static_cast<const uint16_t*>(w), n, k, bits, symmetric, q, scale,
+                             minimum);
+  else
+    convert::quantize_blocks(static_cast<const float*>(w), n, k, bits, symmetric, q, scale,
+                             minimum);
+}
+
 // The codes q [n, blocks, 32] of w [n, blocks * 32] against given scales and minimums [n,
 // blocks] (fp16 values): the nearest, 0 where the scale is 0.
 extern "C" __attribute__((visibility("default"))) void NanovllmBlockCodes(
@@ -999,26 +1050,13 @@ extern "C" __attribute__((visibility("default"))) void NanovllmPackBlocks(
   (bits == 8 ? convert::pack<8> : convert::pack<4>)(q, scale, minimum, n, blocks, out);
 }
 
-// int8's per-channel weights (DynamicQuantizeMatMul): w [n, k] to codes, transposed (qt [k,
-// ld]: row c of qt holds input c, at qt[c * ld + r]) = the nearest of -127 .. 127 to w / scale,
-// scale [n] = max(max |w| of the row, 1e-12) / 127.
+// int8's per-channel weights (DynamicQuantizeMatMul): w [n, k] (float32, or bfloat16 where
+// `bf16`) to codes, transposed (qt [k, ld]: row c of qt holds input c, at qt[c * ld + r]) =
+// the nearest of -127 .. 127 to w / scale, scale [n] = max(max |w| of the row, 1e-12) / 127.
 extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeChannels(
-    const float* w, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
-  constexpr int64_t kTileRows = 64;  // rows transposed together: 64-byte runs of qt
-  std::vector<double> inverse(n);
-  for (int64_t r = 0; r < n; ++r) {
-    float peak = 0.f;
-    for (int64_t c = 0; c < k; ++c) peak = std::max(peak, std::fabs(w[r * k + c]));
-    scale[r] = convert::quotient(std::max(peak, 1e-12f), 127.f);
-    inverse[r] = 1. / scale[r];
-  }
-  for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
-    const int64_t rows = std::min(kTileRows, n - r0);
-    for (int64_t c = 0; c < k; ++c) {
-      for (int64_t r = r0; r < r0 + rows; ++r) {
-        const float code = std::nearbyint(static_cast<float>(w[r * k + c] * inverse[r]));
-        qt[c * ld + r] = static_cast<int8_t>(std::min(std::max(code, -127.f), 127.f));
-      }
-    }
-  }
+    const void* w, int64_t bf16, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
+  if (bf16)
+    convert::quantize_channels(static_cast<const uint16_t*>(w), n, k, qt, ld, scale);
+  else
+    convert::quantize_channels(static_cast<const float*>(w), n, k, qt, ld, scale);
 }

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
+from ml_dtypes import bfloat16
 
 from nanovllm_onnx.kernels import custom_ops_library, kernel_target
 
@@ -22,10 +23,10 @@ SPLIT_BYTES = 1 << 20  # weights smaller than this run on one thread
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "NanovllmQuantizeBlocks": [_P, _I, _I, _I, _I, _P, _P, _P],
+    "NanovllmQuantizeBlocks": [_P, _I, _I, _I, _I, _I, _P, _P, _P],
     "NanovllmBlockCodes": [_P, _I, _I, _P, _P, _I, _P],
     "NanovllmPackBlocks": [_P, _P, _P, _I, _I, _I, _P],
-    "NanovllmQuantizeChannels": [_P, _I, _I, _P, _I, _P],
+    "NanovllmQuantizeChannels": [_P, _I, _I, _I, _P, _I, _P],
 }
 
 
@@ -62,17 +63,24 @@ def _at(a: np.ndarray, row: int) -> int:
     return a.ctypes.data + row * a.strides[0]
 
 
+def _weight(weight: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A contiguous float32 or bfloat16 weight (the library reads both), and whether bf16."""
+    if weight.dtype == bfloat16:
+        return np.ascontiguousarray(weight), True
+    return np.ascontiguousarray(weight, np.float32), False
+
+
 def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes uint8 [n, blocks, 32], scales and minimums float32 [n, blocks] of weight [n, k]
-    (rounding: graph.quantize_blocks)."""
-    w = np.ascontiguousarray(weight, np.float32)
+    (float32 or bfloat16; rounding: graph.quantize_blocks)."""
+    w, bf16 = _weight(weight)
     n, k = w.shape
     q = np.empty((n, -(-k // BLOCK), BLOCK), np.uint8)
     scale, minimum = (np.empty(q.shape[:2], np.float32) for _ in range(2))
     _by_rows(lambda lo, hi: _library().NanovllmQuantizeBlocks(
-        _at(w, lo), hi - lo, k, bits, symmetric, _at(q, lo), _at(scale, lo), _at(minimum, lo)),
-        n, w.nbytes)
+        _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(q, lo), _at(scale, lo),
+        _at(minimum, lo)), n, w.nbytes)
     return q, scale, minimum
 
 
@@ -103,11 +111,12 @@ def pack_blocks(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
 
 
 def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes transposed [k, n] and float32 scales [n] of weight [n, k], one scale per
-    output row: max(max |w|, 1e-12) / 127, codes the nearest to w / scale."""
-    w = np.ascontiguousarray(weight, np.float32)
+    """int8 codes transposed [k, n] and float32 scales [n] of weight [n, k] (float32 or
+    bfloat16), one scale per output row: max(max |w|, 1e-12) / 127, codes the nearest to
+    w / scale."""
+    w, bf16 = _weight(weight)
     n, k = w.shape
     qt, scale = np.empty((k, n), np.int8), np.empty(n, np.float32)
     _by_rows(lambda lo, hi: _library().NanovllmQuantizeChannels(
-        _at(w, lo), hi - lo, k, qt.ctypes.data + lo, n, _at(scale, lo)), n, w.nbytes)
+        _at(w, lo), bf16, hi - lo, k, qt.ctypes.data + lo, n, _at(scale, lo)), n, w.nbytes)
     return qt, scale
