@@ -76,11 +76,10 @@ class GraphBuilder:
     def linear(self, x: str, name: str, weight: np.ndarray | list[np.ndarray] | QuantBlocks,
                bias: np.ndarray | None = None, token_scale: str | None = None) -> str:
         """x @ weight.T (+ bias); weight is HF's [out_features, in_features] (float32 or
-        bfloat16; or such matrices stacked by rows: q, k and v), or a GGUF's blocks (auto,
-        int4). int8 only:
-        `token_scale` [tokens, 1] says that x comes divided by it already (SwiGLU's second
-        output), so that the activations are quantized with one scale per token rather than
-        one per tensor."""
+        bfloat16; or a list of such, stacked by rows: q, k and v), or a GGUF's blocks (auto,
+        int4). int8 only: `token_scale` [tokens, 1] says that x comes divided by it already
+        (SwiGLU's second output), so that the activations are quantized with one scale per
+        token rather than one per tensor."""
         parts = [weight] if isinstance(weight, np.ndarray) else weight
         if self.weights == "int8":
             return self._int8_linear(x, name, parts, bias, token_scale)
