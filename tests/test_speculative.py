@@ -283,6 +283,8 @@ def test_ngram_lookup() -> None:
     assert spec.lookup([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
     assert spec.lookup([1, 2, 3, 1, 2], 3) == [3, 1, 2]  # fewer than k after the only hit
     assert spec.lookup([1, 2, 3, 4, 5], 3) == []  # no suffix of 2 or 3 seen before
+    assert spec.lookup([1, 1], 3) == spec.lookup([1], 3) == []  # too short for a 2-token suffix
+    assert spec.lookup([1, 1, 1], 3) == [1]
 
 
 @pytest.mark.parametrize("spec, message", [
