@@ -304,6 +304,12 @@ def test_bad_configs_are_named(spec: dict, message: str, models: dict[str, Path]
         LLM(str(models[TARGET]), speculative_config=spec)
 
 
+def test_draft_model_engines_do_not_spin(models: dict[str, Path]) -> None:
+    """The target's and the draft's sessions alternate: neither keeps its threads spinning."""
+    assert spec_llm(models, "int4").llm_engine.config.intra_op_spinning is False
+    assert spec_llm(models, ngram(2)).llm_engine.config.intra_op_spinning is True
+
+
 def test_draft_with_another_vocabulary_is_refused(models: dict[str, Path],
                                                   tmp_path: Path) -> None:
     other = build_hf_model("llama", tmp_path / "hf", vocab_size=400)
