@@ -29,22 +29,27 @@ from workloads import (
     workload_b,
 )
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GB
-# Both cores for the model (vLLM's auto binding reserves one of 2 CPUs for its front end).
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-PRELOAD = [Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
-           Path(sys.prefix) / "lib/libiomp5.so"]  # what vLLM's CPU guide preloads
+DEFAULT_HF = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers")) / (
+    "hf/SmolLM2-135M-Instruct")
+
+
+def vllm_env(venv: Path) -> dict[str, str]:
+    """The environment vLLM's CPU backend runs with here (this runner and serve_compare.py):
+    2 GB of KV cache, both cores for the model (its auto binding reserves one of 2 CPUs for
+    its front end), tcmalloc and the venv's Intel OpenMP preloaded as its CPU guide says."""
+    libs = [p for p in (Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                        venv / "lib/libiomp5.so") if p.exists()]
+    preload = ":".join(filter(None, [*map(str, libs), os.environ.get("LD_PRELOAD")]))
+    return {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "LD_PRELOAD": preload}
 
 
 def preloaded() -> None:
-    """Re-run this script with tcmalloc and Intel's OpenMP preloaded, where they exist."""
-    libs = [str(p) for p in PRELOAD if p.exists()]
-    if libs and not os.environ.get("LD_PRELOAD", "").startswith(libs[0]):
-        os.environ["LD_PRELOAD"] = ":".join(filter(None, [*libs, os.environ.get("LD_PRELOAD")]))
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-
-DEFAULT_HF = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers")) / (
-    "hf/SmolLM2-135M-Instruct")
+    """Re-run this script in vllm_env (LD_PRELOAD only acts on a new process)."""
+    if "VLLM_PEER_ENV" not in os.environ:  # not re-run yet; settings given outside kept
+        env = vllm_env(Path(sys.prefix))
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**env, **os.environ, "LD_PRELOAD": env["LD_PRELOAD"], "VLLM_PEER_ENV": "1"})
 
 
 def greedy(n: int):

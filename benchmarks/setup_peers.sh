@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the peer engines' virtual environments and models (none is a project dependency).
 # Usage: benchmarks/setup_peers.sh [transformers|openvino|ortgenai|llamacpp|vllm|llama1b]...
-# (default: all but llama1b, the 1B model's checkpoint and its files for every peer)
+# (default: all but llama1b, the 1B model's checkpoint and every peer's files of it; its parts
+# one at a time: llama1b_gguf, llama1b_openvino, llama1b_ortgenai)
 # Everything lands under $PEERS (default ~/.cache/nano-vllm-onnx/peers); each step logs to
 # $PEERS/<step>.log and a failed step does not stop the others.
 set -uo pipefail
@@ -128,25 +129,32 @@ step_vllm() {
 
 step_llama1b() {
     # The 1B comparison (issue 14): a Llama-3.2-1B-shaped checkpoint, random bf16 weights from
-    # a fixed seed and the default model's tokenizer, and every peer's files made from it. Needs
-    # the transformers and llamacpp steps (and openvino, ortgenai for theirs). Each part that
-    # fails is reported; the others still run.
-    local hf=$PEERS/hf/llama-1b failed=0
-    [ -f "$hf/config.json" ] || PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
-        "$OURS_PYTHON" "$HERE/random_checkpoint.py" 1b "$hf" || return 1
-    llama1b_gguf "$hf" || failed=1
-    llama1b_openvino "$hf" || failed=1
-    llama1b_ortgenai "$hf" || failed=1
+    # a fixed seed and the default model's tokenizer, and every peer's files made from it
+    # (also one at a time: llama1b_gguf, llama1b_openvino, llama1b_ortgenai). Needs the
+    # transformers and llamacpp steps, and openvino and ortgenai for theirs. A part that fails
+    # is reported; the others still run.
+    local failed=0
+    step_llama1b_gguf || failed=1
+    step_llama1b_openvino || failed=1
+    step_llama1b_ortgenai || failed=1
     return $failed
 }
 
-llama1b_gguf() {  # Q4_K_M and Q8_0 GGUFs with llama.cpp's own converter and llama-quantize
-    local dir=$PEERS/llamacpp t
+llama1b_checkpoint() {
+    local hf=$PEERS/hf/llama-1b
+    [ -f "$hf/config.json" ] || PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
+        "$OURS_PYTHON" "$HERE/random_checkpoint.py" 1b "$hf" >&2 || return 1
+    echo "$hf"
+}
+
+step_llama1b_gguf() {  # Q4_K_M and Q8_0 GGUFs with llama.cpp's converter and llama-quantize
+    local dir=$PEERS/llamacpp t hf
     [ -f "$dir/llama-1b-Q4_K_M.gguf" ] && [ -f "$dir/llama-1b-Q8_0.gguf" ] && return 0
+    hf=$(llama1b_checkpoint) || return 1
     # convert_hf_to_gguf.py (with its own gguf-py) needs torch, transformers and sentencepiece.
     "$PEERS/transformers/venv/bin/pip" install -q sentencepiece || return 1
     "$PEERS/transformers/venv/bin/python" \
-        "$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)/convert_hf_to_gguf.py" "$1" \
+        "$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)/convert_hf_to_gguf.py" "$hf" \
         --outtype bf16 --outfile "$dir/llama-1b-BF16.gguf" || return 1
     for t in Q8_0 Q4_K_M; do
         [ -f "$dir/llama-1b-$t.gguf" ] || "$dir/bin/llama-quantize" "$dir/llama-1b-BF16.gguf" \
@@ -155,19 +163,22 @@ llama1b_gguf() {  # Q4_K_M and Q8_0 GGUFs with llama.cpp's own converter and lla
     rm "$dir/llama-1b-BF16.gguf"
 }
 
-llama1b_openvino() {  # int4 (optimum-intel's default: asymmetric, groups of 128) and int8
-    local fmt
+step_llama1b_openvino() {  # int4 (optimum-intel's default: asymmetric, groups of 128), int8
+    local fmt hf
+    hf=$(llama1b_checkpoint) || return 1
     for fmt in int4 int8; do
         [ -f "$PEERS/openvino/llama-1b-$fmt/openvino_model.xml" ] && continue
-        "$PEERS/openvino/venv/bin/optimum-cli" export openvino --model "$1" \
+        "$PEERS/openvino/venv/bin/optimum-cli" export openvino --model "$hf" \
             --task text-generation-with-past --weight-format "$fmt" \
             "$PEERS/openvino/llama-1b-$fmt" || return 1
     done
 }
 
-llama1b_ortgenai() {
+step_llama1b_ortgenai() {
+    local hf
     [ -f "$PEERS/ortgenai/llama-1b-int4/genai_config.json" ] && return 0
-    "$PEERS/ortgenai/venv/bin/python" -m onnxruntime_genai.models.builder -i "$1" \
+    hf=$(llama1b_checkpoint) || return 1
+    "$PEERS/ortgenai/venv/bin/python" -m onnxruntime_genai.models.builder -i "$hf" \
         -o "$PEERS/ortgenai/llama-1b-int4" -p int4 -e cpu -c "$PEERS/ortgenai/cache"
 }
 
