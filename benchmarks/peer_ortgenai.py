@@ -39,9 +39,11 @@ BATCHING = {
 def load(model: Path, batching: str) -> og.Engine:
     config = og.Config(str(model))
     # The pad id must not occur in the prompts (the builder sets it to EOS, id 2).
+    # Its static batches allocate the KV cache for max_length per sequence: a 1B Llama's 131,072
+    # took 4 GB per sequence (the OOM killer stopped Bs); the workloads need under 1,024.
     config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "decoder": {
         "session_options": {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}}},
-        "engine": BATCHING[batching]}))
+        "search": {"max_length": 4096}, "engine": BATCHING[batching]}))
     return og.Engine(og.Model(config))
 
 
