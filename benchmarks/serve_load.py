@@ -6,6 +6,14 @@ it reports requests/s, output tokens/s, and TTFT and TPOT percentiles.
 
     python benchmarks/serve_load.py --concurrency 1 8 32          # starts the default model
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 8
+
+With --offline, the same requests also run through the offline engine (`LLM.generate` of all
+of them, as throughput.py's B does), round after round with the served ones, and each round
+prints the served share of the offline rate. vLLM's `bench serve` load (random 256-token
+prompts, 128 tokens out, 64 requests, 32 at a time):
+
+    python benchmarks/serve_load.py --server-args '--weights int8' --random-prompt-len 256 \
+        --max-tokens 128 --requests 64 --concurrency 32 --offline --rounds 3
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -24,6 +33,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from workloads import ID_MAX
 
 START_TIMEOUT_S = 600  # the first run may convert the default model
 
@@ -73,8 +83,17 @@ async def one_request(http: httpx.AsyncClient, body: dict, results: Results) -> 
     results.output_tokens += tokens
 
 
+def random_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of `length` random token ids (below workloads.ID_MAX), distinct per request."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, ID_MAX, (count, length)).tolist()
+
+
 async def run_level(url: str, headers: dict[str, str], concurrency: int, num_requests: int,
-                    duration: float, max_tokens: int, prompt: str) -> tuple[Results, float]:
+                    duration: float, max_tokens: int, prompt: str | list[list[int]]
+                    ) -> tuple[Results, float]:
+    """Requests with the text `prompt` (a distinct number before it in each), or request i
+    with the token ids prompt[i]."""
     results = Results()
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -87,7 +106,9 @@ async def run_level(url: str, headers: dict[str, str], concurrency: int, num_req
             nonlocal issued
             while issued < num_requests and time.perf_counter() < deadline:
                 # A distinct start per request, so the prefix cache does not skip the prompt.
-                body = {"prompt": f"{issued}. {prompt}", "max_tokens": max_tokens,
+                text = isinstance(prompt, str)
+                body = {"prompt": f"{issued}. {prompt}" if text else prompt[issued],
+                        "max_tokens": max_tokens,
                         "temperature": 0, "ignore_eos": True, "stream": True,
                         "stream_options": {"include_usage": True}}
                 issued += 1
@@ -95,6 +116,35 @@ async def run_level(url: str, headers: dict[str, str], concurrency: int, num_req
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return results, time.perf_counter() - start
+
+
+# Runs in its own process, as the server does (arguments: model, weights, prompts JSON file,
+# max_tokens); prints the output tokens/s of LLM.generate over all the prompts.
+OFFLINE = """
+import json, sys, time
+from nanovllm_onnx import LLM, SamplingParams
+model, weights, prompts, max_tokens = sys.argv[1] or None, sys.argv[2] or None, \
+    json.load(open(sys.argv[3])), int(sys.argv[4])
+llm = LLM(model, weights=weights)
+params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+start = time.perf_counter()
+outputs = llm.generate(prompts, params, use_tqdm=False)
+tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+print(tokens / (time.perf_counter() - start))
+"""
+
+
+def offline_rate(model: str | None, weights: str | None, prompts: list[list[int]],
+                 max_tokens: int) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(prompts, f)
+        f.flush()
+        done = subprocess.run([sys.executable, "-c", OFFLINE, model or "", weights or "", f.name,
+                               str(max_tokens)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the offline run failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
 
 
 def _ms(values: list[float]) -> str:
@@ -153,22 +203,45 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt", default="Write a short story about a robot who learns "
                                             "to paint, in the style of a fairy tale.")
+    parser.add_argument("--random-prompt-len", type=int, default=None,
+                        help="prompts of this many random token ids instead of --prompt")
+    parser.add_argument("--offline", action="store_true",
+                        help="also run the requests offline (needs --random-prompt-len and a "
+                             "started server: --model, --weights)")
+    parser.add_argument("--weights", default=None, help="for the started server and --offline")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every level this often")
     args = parser.parse_args()
     headers = auth_headers(args)
+    if args.offline and (args.random_prompt_len is None or args.url is not None):
+        parser.error("--offline needs --random-prompt-len and a started server (no --url)")
+    if args.weights:
+        args.server_args += f" --weights {args.weights}"
 
     with target_server(args, headers) as url:
         # Warm up (first-call allocations, caches) outside the measurement.
         asyncio.run(run_level(url, headers, 1, 1, args.duration, 8, args.prompt))
         print(f"{'clients':>7} {'done':>5} {'errors':>6} {'req/s':>7} {'out tok/s':>9}   "
-              f"{'TTFT ms p50     p95     p99':>27}   {'TPOT ms p50     p95     p99':>27}")
-        for concurrency in args.concurrency:
-            num_requests = args.requests or max(8, 4 * concurrency)
-            results, elapsed = asyncio.run(run_level(url, headers, concurrency, num_requests,
-                                                     args.duration, args.max_tokens,
-                                                     args.prompt))
-            print(f"{concurrency:7d} {results.completed:5d} {results.errors:6d} "
-                  f"{results.completed / elapsed:7.2f} {results.output_tokens / elapsed:9.1f}   "
-                  f"{_ms(results.ttft):>27}   {_ms(results.tpot):>27}", flush=True)
+              f"{'TTFT ms p50     p95     p99':>27}   {'TPOT ms p50     p95     p99':>27}"
+              f"{'   offline tok/s  served/offline' if args.offline else ''}")
+        for round_ in range(args.rounds):
+            for concurrency in args.concurrency:
+                num_requests = args.requests or max(8, 4 * concurrency)
+                prompt: str | list[list[int]] = args.prompt
+                if args.random_prompt_len is not None:  # fresh ids each round: no prefix hits
+                    prompt = random_prompts(num_requests, args.random_prompt_len,
+                                            seed=round_ * 1000 + concurrency)
+                offline = ""
+                if args.offline:
+                    rate = offline_rate(args.model, args.weights, prompt, args.max_tokens)
+                results, elapsed = asyncio.run(run_level(url, headers, concurrency,
+                                                         num_requests, args.duration,
+                                                         args.max_tokens, prompt))
+                served = results.output_tokens / elapsed
+                if args.offline:
+                    offline = f"   {rate:13.1f}  {served / rate:15.2f}"
+                print(f"{concurrency:7d} {results.completed:5d} {results.errors:6d} "
+                      f"{results.completed / elapsed:7.2f} {served:9.1f}   "
+                      f"{_ms(results.ttft):>27}   {_ms(results.tpot):>27}{offline}", flush=True)
 
 
 @contextmanager

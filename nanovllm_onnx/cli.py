@@ -45,6 +45,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         default=defaults.intra_op_num_threads)
     parser.add_argument("--inter-op-num-threads", type=int,
                         default=defaults.inter_op_num_threads)
+    parser.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction,
+                        default=None, help="ONNX Runtime's intra-op threads spin while they "
+                        "wait for work (default: on; off for serve)")
     parser.add_argument("--graph-optimization-level", default=defaults.graph_optimization_level,
                         choices=["disable", "basic", "extended", "all"])
     parser.add_argument("--execution-mode", default=defaults.execution_mode,
@@ -72,7 +75,7 @@ def _json_object(text: str) -> dict:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = {f.name for f in fields(EngineConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
     return EngineConfig(**values)
 
@@ -109,6 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # The serve subcommand's own --log-level (default info: one line per request).
     logging.getLogger().setLevel(args.serve_log_level.upper())
     args.model = args.model_tag or args.model
+    if args.intra_op_spinning is None:  # the event loop and the clients need cores too
+        args.intra_op_spinning = False
     name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
     if args.ray:
         serve_on_ray(args, name)

@@ -67,6 +67,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     intra_op_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     inter_op_num_threads: int = 1
+    # ONNX Runtime's intra-op threads spin between parallel sections (its default) or sleep.
+    # `serve` turns it off: its event loop, and clients on the same machine, need the cores
+    # the spinning threads hold (see benchmarks/README.md, "Served against offline").
+    intra_op_spinning: bool = True
     graph_optimization_level: str = "all"  # disable | basic | extended | all
     execution_mode: str = "sequential"  # sequential | parallel (inter-op threads then matter)
     enable_mem_pattern: bool = True

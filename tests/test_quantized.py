@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ml_dtypes import bfloat16
 from onnx import TensorProto, helper
 
 from nanovllm_onnx import LLM, SamplingParams
@@ -121,6 +122,75 @@ def test_gguf_q4_blocks_are_kept_exactly() -> None:
     np.testing.assert_array_equal(unpack(pack_blocks(src.quant_blocks[
         "model.embed_tokens.weight"]), 8), embedding)
     np.testing.assert_array_equal(unpack(pack_blocks(quantize_blocks(embedding, 8)), 8), embedding)
+
+
+def numpy_blocks(weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, ...]:
+    """The numpy reference of quantize_blocks (what it ran before the kernels library did)."""
+    n, k = weight.shape
+    w = np.zeros((n, -(-k // 32) * 32), np.float32)
+    w[:, :k] = weight
+    w = w.reshape(n, -1, 32)
+    tiny = np.finfo(np.float16).tiny
+
+    def fp16(a: np.ndarray, toward: float | None = None) -> np.ndarray:
+        h = a.astype(np.float16)
+        if toward is not None:
+            h = np.where(h < a if toward > 0 else h > a, np.nextafter(h, np.float16(toward)), h)
+        return h.astype(np.float32)
+
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = fp16(np.maximum(np.abs(w).max(axis=-1) / (half - 1), tiny))
+        low = fp16(-half * scale)
+    else:
+        low = fp16(w.min(axis=-1), toward=-np.inf)
+        scale = fp16(np.maximum((w.max(axis=-1) - low) / (2**bits - 1), tiny), toward=np.inf)
+    q = np.clip(np.rint((w - low[..., None]) / scale[..., None]), 0, 2**bits - 1)
+    return q.astype(np.uint8), scale, low
+
+
+@pytest.mark.parametrize("target", ["avx512_vnni", "avx2", "portable"])
+def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """The kernels library quantizes as numpy's float32 arithmetic does, in every build:
+    blocks (rows split over threads, K and rows not whole blocks, constant, tiny and huge
+    values, values on the codes' midpoints) and int8's per-channel codes; from bf16 as from
+    the same values in float32."""
+    from nanovllm_onnx.kernels import TARGET_ENV, quantize, supported_targets
+
+    if target not in supported_targets():
+        pytest.skip(f"this CPU cannot run the {target} build")
+    monkeypatch.setenv(TARGET_ENV, target)
+    rng = np.random.default_rng(5)
+    cases = [rng.standard_normal((300, 1024), dtype=np.float32) * 0.02,
+             rng.standard_normal((37, 100), dtype=np.float32), np.zeros((16, 64), np.float32),
+             np.full((5, 40), 3.0, np.float32), rng.standard_normal((20, 64), np.float32) * 1e-6,
+             -np.abs(rng.standard_normal((17, 96), np.float32)) * 1e4,
+             rng.integers(-8, 8, (33, 64)).astype(np.float32) / 4 + 1 / 8]
+    for w in cases:
+        for bits, symmetric in ((4, False), (8, True), (8, False), (4, True)):
+            blocks = quantize_blocks(w, bits, symmetric)
+            q, scale, minimum = numpy_blocks(w, bits, symmetric)
+            np.testing.assert_array_equal(blocks.q, q)
+            np.testing.assert_array_equal(blocks.scale, scale)
+            np.testing.assert_array_equal(blocks.minimum, minimum)
+            np.testing.assert_array_equal(unpack(pack_blocks(blocks), bits)[:len(w)],
+                                          (q * scale[..., None] + minimum[..., None]
+                                           ).reshape(len(w), -1))
+        per_channel = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127
+        qt, scale = quantize.quantize_channels(w)
+        np.testing.assert_array_equal(scale, per_channel)
+        np.testing.assert_array_equal(
+            qt, np.clip(np.rint(w / per_channel[:, None]), -127, 127).astype(np.int8).T)
+        # A bf16 checkpoint's weights are read as they are: the same as their float32 values.
+        half = w.astype(bfloat16)
+        blocks, same = quantize_blocks(half, 4), quantize_blocks(half.astype(np.float32), 4)
+        for field in ("q", "scale", "minimum"):
+            np.testing.assert_array_equal(getattr(blocks, field), getattr(same, field))
+        for a, b in zip(quantize.quantize_channels(half),
+                        quantize.quantize_channels(half.astype(np.float32))):
+            np.testing.assert_array_equal(a, b)
 
 
 def unpack(records: np.ndarray, bits: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.kernels import kernel_target
 from tests.conftest import random_prompts
 
@@ -35,13 +36,30 @@ def test_cuda_falls_back_to_cpu_with_one_warning(converted: dict[str, Path],
 def test_session_options_reach_onnx_runtime(converted: dict[str, Path]) -> None:
     llm = LLM(str(converted["llama"]), intra_op_num_threads=1, inter_op_num_threads=2,
               execution_mode="parallel", graph_optimization_level="basic",
-              enable_mem_pattern=False, enable_cpu_mem_arena=False)
+              enable_mem_pattern=False, enable_cpu_mem_arena=False, intra_op_spinning=False)
     opts = llm.llm_engine.runner.session.get_session_options()
     assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 2)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert str(opts.execution_mode).endswith("ORT_PARALLEL")
     assert str(opts.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
     assert not opts.enable_mem_pattern and not opts.enable_cpu_mem_arena
     assert len(llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 16
+
+
+@pytest.mark.parametrize("argv,spinning", [(["serve"], False),
+                                            (["serve", "--intra-op-spinning"], True)])
+def test_serve_runs_without_spinning_unless_asked(argv: list[str], spinning: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's spinning threads would hold the cores the server's event loop (and
+    clients on the same machine) need; offline engines keep ONNX Runtime's default."""
+    from nanovllm_onnx import cli
+    from nanovllm_onnx.server import api_server
+
+    configs = []
+    monkeypatch.setattr(api_server, "serve", lambda cfg, *args, **kwargs: configs.append(cfg))
+    cli.main(argv)
+    assert configs[0].intra_op_spinning is spinning
+    assert EngineConfig().intra_op_spinning
 
 
 def test_bad_session_option_is_named() -> None:

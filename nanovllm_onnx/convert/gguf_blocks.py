@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K, dequantize
 
+from ..kernels import quantize
 from .source import QuantBlocks
 
 T = GGMLQuantizationType
@@ -60,13 +61,10 @@ def file_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int,
 def blocks_from_values(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray,
                        bits: int) -> QuantBlocks:
     """The codes of `values` [rows, cols] against a given scale and minimum per 32 inputs
-    (rounded to fp16 first, as BlockLinear stores them): the nearest code, the file's own
-    where the scale and minimum are exact."""
+    (rounded to fp16 first, as BlockLinear stores them): the nearest code (0 where the scale
+    is 0: a constant block), the file's own where the scale and minimum are exact."""
     scale, minimum = (a.astype(np.float16).astype(np.float32) for a in (scale, minimum))
-    w = values.reshape(*scale.shape, 32)
-    safe = np.where(scale == 0, np.float32(1), scale)[..., None]  # a constant block: code 0
-    q = np.rint((w - minimum[..., None]) / safe) * (scale != 0)[..., None]
-    return QuantBlocks(np.clip(q, 0, 2**bits - 1).astype(np.uint8), scale, minimum, bits)
+    return QuantBlocks(quantize.block_codes(values, scale, minimum, bits), scale, minimum, bits)
 
 
 def _half(blocks: np.ndarray, offset: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nanovllm_onnx.config import ModelConfig
 from nanovllm_onnx.convert.source import ModelSource, QuantBlocks, Rows
 from nanovllm_onnx.convert.weight_file import WeightFile
-from nanovllm_onnx.kernels import DOMAIN, KEY_TILE
+from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, quantize
 
 MS = "com.microsoft"
 
@@ -73,31 +73,34 @@ class GraphBuilder:
                                            name=f"{op_type}_{self._count}", **attrs))
         return outputs
 
-    def linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks,
+    def linear(self, x: str, name: str, weight: np.ndarray | list[np.ndarray] | QuantBlocks,
                bias: np.ndarray | None = None, token_scale: str | None = None) -> str:
-        """x @ weight.T (+ bias); weight is HF's [out_features, in_features], or a GGUF's
-        blocks (auto, int4). int8 only: `token_scale` [tokens, 1] says that x comes
-        divided by it already (SwiGLU's second output), so that the activations are quantized
-        with one scale per token rather than one per tensor."""
+        """x @ weight.T (+ bias); weight is HF's [out_features, in_features] (float32 or
+        bfloat16; or a list of such, stacked by rows: q, k and v), or a GGUF's blocks (auto,
+        int4). int8 only: `token_scale` [tokens, 1] says that x comes divided by it already
+        (SwiGLU's second output), so that the activations are quantized with one scale per
+        token rather than one per tensor."""
+        parts = [weight] if isinstance(weight, np.ndarray) else weight
         if self.weights == "int8":
-            return self._int8_linear(x, name, weight, bias, token_scale)
+            return self._int8_linear(x, name, parts, bias, token_scale)
         if self.weights != "fp32":
-            y = self.block_linear(x, name, weight, bits=4 if self.weights == "int4" else 8)
+            y = self.block_linear(x, name, parts, bits=4 if self.weights == "int4" else 8)
         else:
-            # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it.
-            (y,) = self.op("Gemm", [x, self.const(name, weight)], transB=1)
+            # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it;
+            # stacked parts are written one after the other (no concatenated copy).
+            floats = (np.asarray(part, np.float32) for part in parts)
+            (y,) = self.op("Gemm", [x, self.const(name, floats)], transB=1)
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
 
-    def _int8_linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None,
+    def _int8_linear(self, x: str, name: str, parts: list[np.ndarray], bias: np.ndarray | None,
                      token_scale: str | None) -> str:
         """Per-output-channel symmetric int8 weights; activations quantized on the fly (the
         int8 GEMM, VNNI/AMX, is several times fp32 on batched steps)."""
-        scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127.0
-        q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
-        inputs = [x, self.const(name, np.ascontiguousarray(q.T)),
-                  self.const(name + ".scale", scale.astype(np.float32)), ""]
+        codes, scales = zip(*map(quantize.quantize_channels, parts))
+        inputs = [x, self.const(name, np.concatenate(codes, axis=1)),
+                  self.const(name + ".scale", np.concatenate(scales)), ""]
         if token_scale is None:
             if bias is not None:
                 inputs.append(self.const(name + ".bias", bias))
@@ -115,17 +118,24 @@ class GraphBuilder:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
 
-    def block_linear(self, x: str, name: str, weight: np.ndarray | QuantBlocks | Rows,
-                     bits: int) -> str:
+    def block_linear(self, x: str, name: str,
+                     weight: np.ndarray | list[np.ndarray] | QuantBlocks | Rows, bits: int) -> str:
         """4- or 8-bit blocks of 32 inputs, a scale and a minimum each, through the engine's
         BlockLinear (activations quantized per block of 32 too). A GGUF's blocks go in as
         they are (at their own width): no second rounding."""
         return self.block_op("BlockLinear", x, self.block_const(name, weight, bits))
 
-    def block_const(self, name: str, weight: np.ndarray | Rows | QuantBlocks,
+    def block_const(self, name: str, weight: np.ndarray | list[np.ndarray] | Rows | QuantBlocks,
                     bits: int) -> BlockWeights:
         """Packed blocks as an initializer: `weight`'s own, or it rounded to `bits` and packed
-        a chunk of rows (whole groups of 16) at a time."""
+        a chunk of rows (whole groups of 16) at a time: stacked parts (q, k, v) one part at a
+        time where each fills whole groups."""
+        if isinstance(weight, list):
+            if all(len(part) % 16 == 0 for part in weight[:-1]):  # whole records: no concat
+                packed = (pack_blocks(quantize_blocks(part, bits)) for part in weight)
+                return BlockWeights(self.const(name, packed), weight[0].shape[1],
+                                    sum(map(len, weight)), bits)
+            weight = np.concatenate(weight)
         if isinstance(weight, QuantBlocks):
             n, num_blocks, _ = weight.q.shape
             return BlockWeights(self.const(name, pack_blocks(weight)), num_blocks * BLOCK, n,
@@ -153,37 +163,16 @@ def chunk_rows(columns: int, multiple: int = 1) -> int:
 
 
 def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool | None = None) -> QuantBlocks:
-    """Blocks of 32 inputs, K padded to whole blocks. From each block's minimum to its maximum
-    (GGUF's Q4_1 rounding: BlockLinear takes a float minimum at no cost), or symmetric,
-    max |w| / (2^(bits-1) - 1) (Q8_0's rounding, so a Q8_0 source comes back exactly); by
-    default 4 bits from min to max, 8 bits symmetric. Scales and minimums are rounded to fp16
-    first, as BlockLinear stores them."""
-    from nanovllm_onnx.convert.gguf_blocks import blocks_from_values
-
+    """Blocks of 32 inputs, K padded to whole blocks (with zeros). From each block's minimum to
+    its maximum (GGUF's Q4_1 rounding: BlockLinear takes a float minimum at no cost), or
+    symmetric, max |w| / (2^(bits-1) - 1) (Q8_0's rounding, so a Q8_0 source comes back
+    exactly); by default 4 bits from min to max, 8 bits symmetric. Scales and minimums are
+    rounded to fp16, as BlockLinear stores them: symmetric ones to nearest (minimum -2^(bits-1)
+    scale), the others outwards (minimum down, scale (max - minimum) / (2^bits - 1) up) so that
+    the extremes need no code past the range; codes are the nearest. Run by the kernels
+    library (see kernels/quantize.py)."""
     symmetric = bits == 8 if symmetric is None else symmetric
-    n, k = weight.shape
-    blocks = -(-k // BLOCK)
-    w = np.zeros((n, blocks * BLOCK), np.float32)
-    w[:, :k] = weight
-    w = w.reshape(n, blocks, BLOCK)
-    tiny = np.finfo(np.float16).tiny
-    if symmetric:
-        half = 2 ** (bits - 1)
-        scale = _fp16(np.maximum(np.abs(w).max(axis=-1) / (half - 1), tiny))
-        low = -half * scale
-    else:  # fp16 rounded outwards, so that the extremes need no code past the range
-        low = _fp16(w.min(axis=-1), toward=-np.inf)
-        scale = _fp16(np.maximum((w.max(axis=-1) - low) / (2**bits - 1), tiny), toward=np.inf)
-    return blocks_from_values(w, scale, low, bits)
-
-
-def _fp16(a: np.ndarray, toward: float | None = None) -> np.ndarray:
-    """a rounded to fp16 (to nearest, or in the direction of `toward`), as float32."""
-    h = a.astype(np.float16)
-    if toward is not None:
-        past = h < a if toward > 0 else h > a
-        h = np.where(past, np.nextafter(h, np.float16(toward)), h)
-    return h.astype(np.float32)
+    return QuantBlocks(*quantize.quantize_blocks(weight, bits, symmetric), bits)
 
 
 def pack_blocks(blocks: QuantBlocks) -> np.ndarray:
@@ -191,23 +180,7 @@ def pack_blocks(blocks: QuantBlocks) -> np.ndarray:
     vectors of [16 rows, 4 inputs] (VNNI's layout; at 4 bits vectors 2p and 2p + 1 share
     bytes, low and high nibbles), then 16 fp16 scales and 16 fp16 minimums
     (w = q * scale + min). Rows padded to a multiple of 16."""
-    q, scale, minimum, bits = blocks.q, blocks.scale, blocks.minimum, blocks.bits
-    n, num_blocks, _ = q.shape
-    groups = -(-n // 16)
-    pad = ((0, groups * 16 - n), (0, 0))
-    q = np.pad(q, (*pad, (0, 0)))
-    scale, minimum = np.pad(scale, pad), np.pad(minimum, pad)
-    # [group, row, block, vector, c] -> [group, block, vector, row, c]
-    vectors = q.reshape(groups, 16, num_blocks, 8, 4).transpose(0, 2, 3, 1, 4)
-    if bits == 4:
-        vectors = vectors[:, :, 0::2] | (vectors[:, :, 1::2] << 4)
-
-    def halves(a: np.ndarray) -> np.ndarray:  # [N, blocks] -> [group, block, 32 bytes]
-        a = a.astype(np.float16).reshape(groups, 16, num_blocks).transpose(0, 2, 1)
-        return np.ascontiguousarray(a).view(np.uint8)
-
-    return np.ascontiguousarray(np.concatenate(
-        [vectors.reshape(groups, num_blocks, -1), halves(scale), halves(minimum)], axis=-1))
+    return quantize.pack_blocks(blocks.q, blocks.scale, blocks.minimum, blocks.bits)
 
 
 def rotary_cache(head_dim: int, max_pos: int, rope: dict) -> np.ndarray:
@@ -283,10 +256,10 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
 
-    def stacked(names: list[str]) -> np.ndarray | QuantBlocks:
+    def stacked(names: list[str]) -> list[np.ndarray] | QuantBlocks:
         """The named weights stacked by rows: a GGUF's own blocks for auto (float ones beside
         them in 8-bit blocks; 4-bit ones widened to 8 beside 8-bit ones), and for int4 where
-        all are 4-bit."""
+        all are 4-bit; otherwise the float parts (linear stacks them without a float copy)."""
         own = src.quant_blocks
         if cfg.weights == "auto" and any(n in own for n in names):
             return QuantBlocks.concat([own[n] if n in own else quantize_blocks(w[n], 8)
@@ -295,7 +268,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
             parts = [own[n] for n in names]
             if all(p.bits == 4 for p in parts):
                 return QuantBlocks.concat(parts)
-        return np.concatenate([w[n] for n in names])
+        return [src.matrix(n) for n in names]
 
     def table(name: str) -> Rows | QuantBlocks:
         """The embedding or LM head: a GGUF's own blocks for auto; otherwise 8-bit blocks, as

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from ml_dtypes import bfloat16
 
 T = TypeVar("T")
 
@@ -57,12 +58,19 @@ class Rows:
 
 class LazyTensors(LazyMapping[np.ndarray]):
     """HF-named weights, each read (and dequantized) only when asked for, as float32; those
-    in `rows` can also be read a range of rows at a time."""
+    in `rows` can also be read a range of rows at a time, those in `stored` as they are stored
+    (bfloat16)."""
 
     def __init__(self, loaders: dict[str, Callable[[], np.ndarray]],
-                 rows: dict[str, Rows] | None = None) -> None:
+                 rows: dict[str, Rows] | None = None,
+                 stored: dict[str, Callable[[], np.ndarray]] | None = None) -> None:
         super().__init__(loaders)
         self._rows = rows or {}
+        self._stored = stored or {}
+
+    def stored(self, name: str) -> np.ndarray:
+        """`name` as stored where that is bfloat16 (ml_dtypes), else as float32."""
+        return self._stored[name]() if name in self._stored else self[name]
 
     def __getitem__(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
@@ -112,6 +120,13 @@ class ModelSource:
             return self.tensors.rows(name)
         return Rows.of(np.asarray(self.tensors[name], np.float32))
 
+    def matrix(self, name: str) -> np.ndarray:
+        """A weight float32, or bfloat16 where the checkpoint stores it so: for those that
+        the kernels library quantizes (it reads bf16; no float32 copy is made)."""
+        if isinstance(self.tensors, LazyTensors):
+            return self.tensors.stored(name)
+        return np.asarray(self.tensors[name], np.float32)
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -135,6 +150,7 @@ def load_hf_folder(folder: Path) -> ModelSource:
         )
     loaders: dict[str, Callable[[], np.ndarray]] = {}
     rows: dict[str, Rows] = {}
+    stored: dict[str, Callable[[], np.ndarray]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="numpy") as f:
@@ -150,7 +166,9 @@ def load_hf_folder(folder: Path) -> ModelSource:
                 loaders[name] = _whole(tensor)
                 if len(tensor.shape) == 2:
                     rows[name] = tensor
-    return read_folder_source(folder, LazyTensors(loaders, rows))
+                if header[name]["dtype"] == "BF16":
+                    stored[name] = _bfloat16(file, data_start, header[name])
+    return read_folder_source(folder, LazyTensors(loaders, rows, stored))
 
 
 def read_folder_source(folder: Path, tensors: Mapping[str, np.ndarray]) -> ModelSource:
@@ -203,6 +221,15 @@ def _safetensors_rows(file: Path, data_start: int, info: dict) -> Rows | None:
         return raw.astype(np.float32, copy=False).reshape(hi - lo, *shape[1:])
 
     return Rows(shape, read)
+
+
+def _bfloat16(file: Path, data_start: int, info: dict) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        raw = np.fromfile(file, np.uint16, count=int(np.prod(info["shape"])),
+                          offset=data_start + info["data_offsets"][0])
+        return raw.view(bfloat16).reshape(info["shape"])
+
+    return load
 
 
 def _whole(tensor: Rows) -> Callable[[], np.ndarray]:

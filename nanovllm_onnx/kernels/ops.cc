@@ -873,3 +873,190 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::UnownedSessionOptions(options).Add(domain);
   return nullptr;
 }
+
+// Conversion: BlockLinear's weights made from float rows, called through ctypes by
+// convert/graph.py (numpy spent 80% of a 1B model's int4 conversion in its version of this).
+// The float arithmetic is numpy's, value for value: a division a / b is a * (1 / b) in double
+// (what -ffast-math would make of it), which rounded to float32 is still the correctly rounded
+// quotient (the double's error is far below the distance of a float quotient to a rounding
+// boundary), so the bytes are those numpy's float32 arithmetic gave.
+namespace convert {
+
+inline float quotient(float a, float b) { return static_cast<float>(a * (1. / b)); }
+
+inline uint16_t half_bits(float x) {
+  const _Float16 h = static_cast<_Float16>(x);  // to nearest, ties to even
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+inline float half_value(uint16_t bits) {
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+// x as an fp16 value: the nearest, or the nearest on the side of `direction` (+1 or -1) of x.
+inline float to_half(float x, int direction = 0) {
+  uint16_t bits = half_bits(x);
+  const float h = half_value(bits);
+  if (direction > 0 ? h < x : direction < 0 && h > x) {  // one fp16 step towards direction
+    const bool negative = bits & 0x8000;
+    if ((bits & 0x7FFF) == 0) bits = direction > 0 ? 0x0001 : 0x8001;
+    else bits += (negative == (direction < 0)) ? 1 : -1;
+  }
+  return half_value(bits);
+}
+
+// A weight as float32: float32 itself, or bfloat16 (a checkpoint's own: the top half of a
+// float32's bits), read without a float32 copy of the tensor.
+inline float value(float w) { return w; }
+inline float value(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Block b's 32 values of row `w` of width k: in the row (float32), or as floats in `padded`
+// (zeros past the row's end).
+inline const float* block_values(const float* w, int64_t k, int64_t b, float* padded) {
+  const int64_t n = k - b * kBlock;
+  if (n >= kBlock) return w + b * kBlock;
+  std::fill(std::copy(w + b * kBlock, w + k, padded), padded + kBlock, 0.f);
+  return padded;
+}
+inline const float* block_values(const uint16_t* w, int64_t k, int64_t b, float* padded) {
+  const int64_t n = std::min<int64_t>(kBlock, k - b * kBlock);
+  for (int i = 0; i < kBlock; ++i) padded[i] = i < n ? value(w[b * kBlock + i]) : 0.f;
+  return padded;
+}
+
+// The nearest codes 0 .. top of v against a scale and minimum (code 0 where the scale is 0).
+inline void block_codes(const float* v, float scale, float minimum, float top, uint8_t* q) {
+  const double inverse = scale == 0.f ? 0. : 1. / scale;
+  for (int i = 0; i < kBlock; ++i) {
+    const float code = std::nearbyint(static_cast<float>((v[i] - minimum) * inverse));
+    q[i] = static_cast<uint8_t>(std::min(std::max(code, 0.f), top));
+  }
+}
+
+template <int Bits>
+void pack(const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int64_t n,
+          int64_t blocks, uint8_t* out) {
+  constexpr int64_t record = record_bytes(Bits), values = kRows * kBlock * Bits / 8;
+  for (int64_t g = 0; g < (n + kRows - 1) / kRows; ++g) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n - g * kRows));
+    for (int64_t b = 0; b < blocks; ++b, out += record) {
+      if (rows < kRows) std::memset(out, 0, record);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t at = (g * kRows + r) * blocks + b;
+        const uint8_t* codes = q + at * kBlock;
+        for (int v = 0; v < 8; v += 1 + (Bits == 4)) {  // vector v: inputs 4v .. 4v + 3
+          uint8_t* dst = out + (Bits == 8 ? v : v / 2) * 64 + r * 4;
+          for (int c = 0; c < 4; ++c)
+            dst[c] = Bits == 8 ? codes[4 * v + c] : codes[4 * v + c] | codes[4 * v + 4 + c] << 4;
+        }
+        std::memcpy(out + values + 2 * r, scale + at, 2);
+        std::memcpy(out + values + 2 * (kRows + r), minimum + at, 2);
+      }
+    }
+  }
+}
+
+}  // namespace convert
+
+namespace convert {
+
+template <typename T>
+void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
+                     uint8_t* q, float* scale, float* minimum) {
+  const int64_t blocks = (k + kBlock - 1) / kBlock;
+  const float top = float((1 << bits) - 1), tiny = 6.103515625e-05f;  // fp16's least normal
+  float padded[kBlock];
+  for (int64_t r = 0; r < n; ++r, w += k) {
+    for (int64_t b = 0; b < blocks; ++b, q += kBlock, ++scale, ++minimum) {
+      const float* v = block_values(w, k, b, padded);
+      float least = v[0], greatest = v[0];
+      for (int i = 1; i < kBlock; ++i) {
+        least = std::min(least, v[i]);
+        greatest = std::max(greatest, v[i]);
+      }
+      if (symmetric) {
+        const float half = float(1 << (bits - 1));
+        *scale = to_half(std::max(quotient(std::max(-least, greatest), half - 1), tiny));
+        *minimum = to_half(-half * *scale);
+      } else {  // fp16 rounded outwards, so that the extremes need no code past the range
+        *minimum = to_half(least, -1);
+        *scale = to_half(std::max(quotient(greatest - *minimum, top), tiny), +1);
+      }
+      block_codes(v, *scale, *minimum, top, q);
+    }
+  }
+}
+
+template <typename T>
+void quantize_channels(const T* w, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
+  constexpr int64_t kTileRows = 64;  // rows transposed together: 64-byte runs of qt
+  std::vector<double> inverse(n);
+  for (int64_t r = 0; r < n; ++r) {
+    float peak = 0.f;
+    for (int64_t c = 0; c < k; ++c) peak = std::max(peak, std::fabs(value(w[r * k + c])));
+    scale[r] = quotient(std::max(peak, 1e-12f), 127.f);
+    inverse[r] = 1. / scale[r];
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, n - r0);
+    for (int64_t c = 0; c < k; ++c) {
+      for (int64_t r = r0; r < r0 + rows; ++r) {
+        const float code = std::nearbyint(static_cast<float>(value(w[r * k + c]) * inverse[r]));
+        qt[c * ld + r] = static_cast<int8_t>(std::min(std::max(code, -127.f), 127.f));
+      }
+    }
+  }
+}
+
+}  // namespace convert
+
+// w [n, k] (float32, or bfloat16 where `bf16`; K padded with zeros to whole blocks of 32) to
+// `bits` codes q [n, blocks, 32] and fp16-valued scales and minimums [n, blocks]
+// (graph.quantize_blocks says the rounding).
+extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeBlocks(
+    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
+    uint8_t* q, float* scale, float* minimum) {
+  if (bf16)
+    convert::quantize_blocks(static_cast<const uint16_t*>(w), n, k, bits, symmetric, q, scale,
+                             minimum);
+  else
+    convert::quantize_blocks(static_cast<const float*>(w), n, k, bits, symmetric, q, scale,
+                             minimum);
+}
+
+// The codes q [n, blocks, 32] of w [n, blocks * 32] against given scales and minimums [n,
+// blocks] (fp16 values): the nearest, 0 where the scale is 0.
+extern "C" __attribute__((visibility("default"))) void NanovllmBlockCodes(
+    const float* w, int64_t n, int64_t blocks, const float* scale, const float* minimum,
+    int64_t bits, uint8_t* q) {
+  const float top = float((1 << bits) - 1);
+  for (int64_t i = 0; i < n * blocks; ++i)
+    convert::block_codes(w + i * kBlock, scale[i], minimum[i], top, q + i * kBlock);
+}
+
+// BlockLinear's records (see above) from codes q [n, blocks, 32] and fp16 scales and minimums
+// [n, blocks] (as uint16 bits); rows past n, to whole records, are zero. out: [ceil(n / 16),
+// blocks, record_bytes(bits)].
+extern "C" __attribute__((visibility("default"))) void NanovllmPackBlocks(
+    const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int64_t n,
+    int64_t blocks, int64_t bits, uint8_t* out) {
+  (bits == 8 ? convert::pack<8> : convert::pack<4>)(q, scale, minimum, n, blocks, out);
+}
+
+// int8's per-channel weights (DynamicQuantizeMatMul): w [n, k] (float32, or bfloat16 where
+// `bf16`) to codes, transposed (qt [k, ld]: row c of qt holds input c, at qt[c * ld + r]) =
+// the nearest of -127 .. 127 to w / scale, scale [n] = max(max |w| of the row, 1e-12) / 127.
+extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeChannels(
+    const void* w, int64_t bf16, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
+  if (bf16)
+    convert::quantize_channels(static_cast<const uint16_t*>(w), n, k, qt, ld, scale);
+  else
+    convert::quantize_channels(static_cast<const float*>(w), n, k, qt, ld, scale);
+}

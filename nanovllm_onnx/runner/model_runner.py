@@ -85,6 +85,8 @@ def make_session(graph: Path | onnx.ModelProto, cfg: EngineConfig,
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.intra_op_num_threads = cfg.intra_op_num_threads
+    if not cfg.intra_op_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = cfg.inter_op_num_threads
     opts.graph_optimization_level = OPT_LEVELS[cfg.graph_optimization_level]
     opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if cfg.execution_mode == "parallel"

@@ -1,0 +1,122 @@
+"""Weight quantization for the converter, done by the kernels library's build for this CPU
+(ops.cc's conversion functions, through ctypes): numpy's version spent most of a quantized
+conversion in it. The C++ does numpy's float32 arithmetic value for value (same bytes), and
+releases the GIL, so large weights are split by rows over two threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import numpy as np
+from ml_dtypes import bfloat16
+
+from nanovllm_onnx.kernels import custom_ops_library, kernel_target
+
+BLOCK = 32  # inputs per block
+ROWS = 16  # output rows per packed record
+THREADS = 2
+SPLIT_BYTES = 1 << 20  # weights smaller than this run on one thread
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "NanovllmQuantizeBlocks": [_P, _I, _I, _I, _I, _I, _P, _P, _P],
+    "NanovllmBlockCodes": [_P, _I, _I, _P, _P, _I, _P],
+    "NanovllmPackBlocks": [_P, _P, _P, _I, _I, _I, _P],
+    "NanovllmQuantizeChannels": [_P, _I, _I, _I, _P, _I, _P],
+}
+
+
+def _library() -> ctypes.CDLL:
+    """The build sessions of this process get (NANO_VLLM_ONNX_KERNEL_TARGET may force one)."""
+    return _build(kernel_target())
+
+
+@cache
+def _build(target: str) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(custom_ops_library().with_name(f"ops_{target}.so")))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(library, name).argtypes = argtypes
+        getattr(library, name).restype = None
+    return library
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(THREADS, thread_name_prefix="quantize")
+
+
+def _by_rows(run: Callable[[int, int], None], rows: int, nbytes: int, multiple: int = 1) -> None:
+    """run(lo, hi) over [0, rows) in THREADS parts of whole `multiple`s of rows."""
+    step = -(-rows // THREADS // multiple) * multiple
+    if nbytes < SPLIT_BYTES or step >= rows:
+        run(0, rows)
+        return
+    for future in [_pool().submit(run, lo, min(lo + step, rows)) for lo in range(0, rows, step)]:
+        future.result()
+
+
+def _at(a: np.ndarray, row: int) -> int:
+    return a.ctypes.data + row * a.strides[0]
+
+
+def _weight(weight: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A contiguous float32 or bfloat16 weight (the library reads both), and whether bf16."""
+    if weight.dtype == bfloat16:
+        return np.ascontiguousarray(weight), True
+    return np.ascontiguousarray(weight, np.float32), False
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes uint8 [n, blocks, 32], scales and minimums float32 [n, blocks] of weight [n, k]
+    (float32 or bfloat16; rounding: graph.quantize_blocks)."""
+    w, bf16 = _weight(weight)
+    n, k = w.shape
+    q = np.empty((n, -(-k // BLOCK), BLOCK), np.uint8)
+    scale, minimum = (np.empty(q.shape[:2], np.float32) for _ in range(2))
+    _by_rows(lambda lo, hi: _library().NanovllmQuantizeBlocks(
+        _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(q, lo), _at(scale, lo),
+        _at(minimum, lo)), n, w.nbytes)
+    return q, scale, minimum
+
+
+def block_codes(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
+                ) -> np.ndarray:
+    """Codes uint8 [n, blocks, 32] of values [n, blocks * 32] against fp16-valued scales and
+    minimums float32 [n, blocks]: the nearest of 0 .. 2^bits - 1, 0 where the scale is 0."""
+    v = np.ascontiguousarray(values, np.float32)
+    scale, minimum = (np.ascontiguousarray(a, np.float32) for a in (scale, minimum))
+    n, blocks = scale.shape
+    q = np.empty((n, blocks, BLOCK), np.uint8)
+    _by_rows(lambda lo, hi: _library().NanovllmBlockCodes(
+        _at(v, lo), hi - lo, blocks, _at(scale, lo), _at(minimum, lo), bits, _at(q, lo)),
+        n, v.nbytes)
+    return q
+
+
+def pack_blocks(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int) -> np.ndarray:
+    """BlockLinear's records uint8 [ceil(n / 16), blocks, record] (see graph.pack_blocks)."""
+    q = np.ascontiguousarray(q, np.uint8)
+    scale, minimum = (np.ascontiguousarray(a, np.float16) for a in (scale, minimum))
+    n, blocks, _ = q.shape
+    out = np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
+    _by_rows(lambda lo, hi: _library().NanovllmPackBlocks(
+        _at(q, lo), _at(scale, lo), _at(minimum, lo), hi - lo, blocks, bits,
+        _at(out, lo // ROWS)), n, q.nbytes, multiple=ROWS)
+    return out
+
+
+def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes transposed [k, n] and float32 scales [n] of weight [n, k] (float32 or
+    bfloat16), one scale per output row: max(max |w|, 1e-12) / 127, codes the nearest to
+    w / scale."""
+    w, bf16 = _weight(weight)
+    n, k = w.shape
+    qt, scale = np.empty((k, n), np.int8), np.empty(n, np.float32)
+    _by_rows(lambda lo, hi: _library().NanovllmQuantizeChannels(
+        _at(w, lo), bf16, hi - lo, k, qt.ctypes.data + lo, n, _at(scale, lo)), n, w.nbytes)
+    return qt, scale
