@@ -4,6 +4,7 @@
     python benchmarks/compare.py --workload B --only ours openvino
     python benchmarks/compare.py --rounds 3 --markdown results.md --json results.json
     python benchmarks/compare.py --only ours llamacpp --files Q4_K_M Q8_0   # the same GGUFs
+    python benchmarks/compare.py --model 1b --repeats 1   # the Llama-3.2-1B-shaped model
 
 Each engine runs in its own process with its own virtual environment's python (peers are set up
 by setup_peers.sh under ~/.cache/nano-vllm-onnx/peers), one process per workload, so B's peak
@@ -12,6 +13,8 @@ or, for a peer running a GGUF file ours also ran, ours on that file / the peer's
 nano-vllm-onnx is faster. With
 --rounds N the whole sequence of engines runs N times and each figure is the median over the
 rounds: a shared machine's slow drifts then fall on every engine alike.
+--model 1b compares on the Llama-3.2-1B-shaped random checkpoint (setup_peers.sh llama1b) and
+its GGUFs and exports, with the smaller B ("Bs" of workloads.py) in B's column.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class Config:
     script: str
     args: tuple[str, ...]
     python: Path | None  # None: this python (ours, and llama.cpp's stdlib-only client)
-    needs: Path  # installed when this exists
-    file: str | None = None  # the default model's GGUF of this quantization, where it runs one
+    needs: tuple[Path, ...]  # installed when these exist
+    file: str | None = None  # the GGUF quantization it runs, where it runs one of the model's
 
     def argv(self, workload: str, repeats: int) -> list[str]:
         return [str(self.python or sys.executable), str(HERE / self.script), *self.args,
@@ -54,23 +57,53 @@ def gguf(quantization: str) -> Path:
     return PEERS / "llamacpp" / f"model-{quantization}.gguf"
 
 
-def configs(ours_args: list[str]) -> list[Config]:
-    ov, og = venv_python("openvino"), venv_python("ortgenai")
+HF_135M = PEERS / "hf/SmolLM2-135M-Instruct"
+HF_1B = PEERS / "hf/llama-1b"
+B_WORKLOAD = {"135m": "B", "1b": "Bs"}  # what runs in B's column
+
+
+def configs(model: str, ours_args: list[str]) -> list[Config]:
+    ov, og, vl = venv_python("openvino"), venv_python("ortgenai"), venv_python("vllm")
+    if model == "1b":
+        gguf_1b = {w: PEERS / "llamacpp" / f"llama-1b-{w}.gguf" for w in ("Q4_K_M", "Q8_0")}
+        export = {w: PEERS / "openvino" / f"llama-1b-{w}" for w in ("int4", "int8")}
+        og_int4 = PEERS / "ortgenai/llama-1b-int4"
+        return [
+            # From the HF checkpoint (auto: 8-bit blocks) and from the GGUFs (their own blocks).
+            *[Config("ours", "throughput.py", ("--model", str(HF_1B), "--weights", w,
+                                               *ours_args), None, (HF_1B / "config.json",))
+              for w in ("auto", "int4")],
+            *[Config("ours", "throughput.py", ("--model", str(f), "--weights", "auto",
+                                               *ours_args), None, (f,), w)
+              for w, f in gguf_1b.items()],
+            *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w, "--model", str(f)), None,
+                     (f,), w) for w, f in gguf_1b.items()],
+            *[Config("openvino", "peer_openvino.py", ("--weights", w, "--model", str(d)), ov,
+                     (ov, d / "openvino_model.xml")) for w, d in export.items()],
+            Config("ortgenai", "peer_ortgenai.py", ("--precision", "int4", "--model",
+                                                    str(og_int4)), og,
+                   (og, og_int4 / "genai_config.json")),
+            Config("vllm", "peer_vllm.py", ("--model", str(HF_1B)), vl,
+                   (vl, HF_1B / "config.json")),
+        ]
     return [
-        *[Config("ours", "throughput.py", ("--weights", w, *ours_args), None,
-                 HERE / "throughput.py") for w in ("int8", "fp32", "int4")],
+        *[Config("ours", "throughput.py", ("--weights", w, *ours_args), None, ())
+          for w in ("int8", "fp32", "int4")],
         *[Config("openvino", "peer_openvino.py", ("--weights", w), ov,
-                 PEERS / "openvino" / w / "openvino_model.xml") for w in ("int8", "fp32", "int4")],
+                 (ov, PEERS / "openvino" / w / "openvino_model.xml"))
+          for w in ("int8", "fp32", "int4")],
         *[Config("ortgenai", "peer_ortgenai.py", ("--precision", p), og,
-                 PEERS / "ortgenai" / p / "genai_config.json") for p in ("int4", "fp32")],
+                 (og, PEERS / "ortgenai" / p / "genai_config.json")) for p in ("int4", "fp32")],
         # The same GGUF files: ours runs their own blocks (auto), llama.cpp runs them.
         *[Config("ours", "throughput.py", ("--model", str(gguf(w)), "--weights", "auto",
-                                           *ours_args), None, gguf(w), w)
+                                           *ours_args), None, (gguf(w),), w)
           for w in ("Q4_K_M", "Q8_0")],
-        *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w), None, gguf(w), w)
+        *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w), None, (gguf(w),), w)
           for w in ("Q8_0", "Q4_1", "Q4_K_M")],
         Config("transformers", "peer_transformers.py", (), venv_python("transformers"),
-               PEERS / "hf/SmolLM2-135M-Instruct/model.safetensors"),
+               (HF_135M / "model.safetensors",)),
+        Config("vllm", "peer_vllm.py", ("--model", str(HF_135M)), vl,
+               (vl, HF_135M / "model.safetensors")),
     ]
 
 
@@ -174,14 +207,17 @@ def wait_idle(limit: float, max_wait: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=list(B_WORKLOAD), default="135m",
+                    help="135m: the default model; 1b: the Llama-3.2-1B-shaped random checkpoint "
+                         "(B's column runs the smaller Bs)")
     ap.add_argument("--workload", nargs="+", choices=["A", "B"], default=["A", "B"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every engine this many times, in turn; report the medians")
     ap.add_argument("--only", nargs="+", default=None,
-                    help="groups to run: ours openvino ortgenai llamacpp transformers")
+                    help="groups to run: ours openvino ortgenai llamacpp transformers vllm")
     ap.add_argument("--files", nargs="+", default=None,
-                    help="only the runs of the default model's GGUFs of these quantizations "
+                    help="only the runs of the model's GGUFs of these quantizations "
                          "(Q4_K_M Q8_0 Q4_1): ours auto and llama.cpp on the same files")
     ap.add_argument("--ours-args", default="", help="extra throughput.py arguments for ours")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per engine and workload")
@@ -199,13 +235,14 @@ def main() -> None:
         print(table(json.loads(args.table_from.read_text())))
         return
     selected = []
-    for cfg in configs(args.ours_args.split()):
+    for cfg in configs(args.model, args.ours_args.split()):
         if args.only and cfg.group not in args.only:
             continue
         if args.files and cfg.file not in args.files:
             continue
-        if not cfg.needs.exists():
-            log(f"skip {cfg.script} {' '.join(cfg.args)}: not installed ({cfg.needs} missing; "
+        missing = [p for p in cfg.needs if not p.exists()]
+        if missing:
+            log(f"skip {cfg.script} {' '.join(cfg.args)}: not installed ({missing[0]} missing; "
                 "run benchmarks/setup_peers.sh)")
             continue
         selected.append(cfg)
@@ -220,9 +257,11 @@ def main() -> None:
 
     machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}"
     rounds = f" in each of {args.rounds} rounds (median over rounds)" if args.rounds > 1 else ""
-    text = (f"Machine: {machine}; every engine 2 threads; median of {args.repeats}{rounds}; "
-            "ratios are our best format's figure (ours on the same file where it ran it) / the "
-            "peer's.\n\n" + table(rows))
+    model = {"135m": "SmolLM2-135M-Instruct",
+             "1b": "Llama-3.2-1B-shaped random checkpoint, B's column is workload Bs"}
+    text = (f"Model: {model[args.model]}. Machine: {machine}; every engine 2 threads; median of "
+            f"{args.repeats}{rounds}; ratios are our best format's figure (ours on the same file "
+            "where it ran it) / the peer's.\n\n" + table(rows))
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
@@ -234,8 +273,9 @@ def run_one(cfg: Config, workload: str, args: argparse.Namespace) -> dict:
     """One engine on one workload, in its own process, once the machine is quiet enough."""
     busy = wait_idle(args.idle, args.idle_wait)
     t = time.perf_counter()
+    runner_workload = B_WORKLOAD[args.model] if workload == "B" else workload
     try:
-        res = run_runner(cfg.argv(workload, args.repeats), args.timeout)
+        res = run_runner(cfg.argv(runner_workload, args.repeats), args.timeout)
     except Exception as e:  # a broken peer must not stop the comparison
         log(f"FAILED: {e}")
         res = {"engine": f"{cfg.group} {' '.join(cfg.args)}", "weights": "",

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanovllm_onnx.convert.graph import WEIGHT_FORMATS
+from nanovllm_onnx.config import WEIGHT_FORMATS
 
 CONVERT = """
 import sys, time, resource

@@ -17,7 +17,17 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from workloads import THREADS, Workload, emit, log, median, pid_peak_rss_mib, workload_a, workload_b
+from workloads import (
+    B_SHAPES,
+    THREADS,
+    Workload,
+    emit,
+    log,
+    median,
+    pid_peak_rss_mib,
+    workload_a,
+    workload_b,
+)
 
 PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers")) / "llamacpp"
 
@@ -77,11 +87,13 @@ def run_b(server: Server, wl: Workload) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", choices=["Q8_0", "Q4_1", "Q4_K_M", "F32"], default="Q8_0")
-    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--workload", choices=["A", *B_SHAPES], required=True)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="GGUF file (default: the default model's, of --weights)")
     ap.add_argument("--server-args", default="", help="extra llama-server arguments")
     args = ap.parse_args()
-    model = PEERS / f"model-{args.weights}.gguf"
+    model = args.model or PEERS / f"model-{args.weights}.gguf"
     extra = args.server_args.split()
     if args.workload == "A":
         server = Server(model, 1, 4096, extra)
@@ -95,7 +107,7 @@ def main() -> None:
               "prefill_tok_s": median([t["prompt_per_second"] for t in timings]),
               "decode_tok_s": median([t["predicted_per_second"] for t in timings])})
     else:
-        wl = workload_b()
+        wl = workload_b(args.workload)
         server = Server(model, len(wl.prompts), 32768, extra)
         try:
             run_b(server, Workload("warm", wl.prompts[:4], [4] * 4))
@@ -106,7 +118,7 @@ def main() -> None:
         finally:
             rss = server.close()
         emit({"engine": "llama.cpp llama-server (-np 32)", "weights": args.weights,
-              "workload": "B", "output_tok_s": wl.output_tokens / median(walls),
+              "workload": args.workload, "output_tok_s": wl.output_tokens / median(walls),
               "wall_s": median(walls), "walls_s": walls, "peak_rss_mib": rss})
 
 

@@ -14,7 +14,17 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
-from workloads import THREADS, Workload, emit, log, median, peak_rss_mib, workload_a, workload_b
+from workloads import (
+    B_SHAPES,
+    THREADS,
+    Workload,
+    emit,
+    log,
+    median,
+    peak_rss_mib,
+    workload_a,
+    workload_b,
+)
 
 PEERS = Path.home() / ".cache/nano-vllm-onnx/peers/openvino"
 
@@ -64,10 +74,12 @@ def run_b(pipe: ov_genai.ContinuousBatchingPipeline, wl: Workload) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", choices=["int8", "fp32", "int4"], default="int8")
-    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--workload", choices=["A", *B_SHAPES], required=True)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="exported folder (default: the default model's, of --weights)")
     args = ap.parse_args()
-    model = PEERS / args.weights
+    model = args.model or PEERS / args.weights
     props = {"INFERENCE_NUM_THREADS": THREADS}
     precision = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
     name = f"OpenVINO GenAI {ov_genai.__version__.split('-')[0]}"
@@ -83,13 +95,14 @@ def main() -> None:
               "decode_tok_s": 1 / median([r[1] for r in runs])})
     else:
         pipe = ov_genai.ContinuousBatchingPipeline(str(model), scheduler_config(), "CPU", props)
-        wl = workload_b()
+        wl = workload_b(args.workload)
         run_b(pipe, Workload("warm", wl.prompts[:4], [4] * 4))
         walls = []
         for _ in range(args.repeats):
             walls.append(run_b(pipe, wl))
             log(f"OpenVINO {args.weights} B: {wl.output_tokens / walls[-1]:.1f} tok/s")
-        emit({"engine": name + " (continuous batching)", "weights": weights, "workload": "B",
+        emit({"engine": name + " (continuous batching)", "weights": weights,
+              "workload": args.workload,
               "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
               "walls_s": walls, "peak_rss_mib": peak_rss_mib()})
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 from workloads import (
+    B_SHAPES,
     PAD_ID,
     THREADS,
     Workload,
@@ -35,12 +36,14 @@ BATCHING = {
 }
 
 
-def load(precision: str, batching: str) -> og.Engine:
-    config = og.Config(str(PEERS / precision))
+def load(model: Path, batching: str) -> og.Engine:
+    config = og.Config(str(model))
     # The pad id must not occur in the prompts (the builder sets it to EOS, id 2).
+    # Its static batches allocate the KV cache for max_length per sequence: a 1B Llama's 131,072
+    # took 4 GB per sequence (the OOM killer stopped Bs); the workloads need under 1,024.
     config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "decoder": {
         "session_options": {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}}},
-        "engine": BATCHING[batching]}))
+        "search": {"max_length": 4096}, "engine": BATCHING[batching]}))
     return og.Engine(og.Model(config))
 
 
@@ -76,14 +79,17 @@ def run(engine: og.Engine, wl: Workload) -> tuple[float, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", choices=["int4", "fp32"], default="int4")
-    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--workload", choices=["A", *B_SHAPES], required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batching", choices=list(BATCHING), default="static")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="builder output folder (default: the default model's, of --precision)")
     args = ap.parse_args()
+    model = args.model or PEERS / args.precision
     name = f"onnxruntime-genai {og.__version__}"
     weights = {"int4": "int4 (builder default)", "fp32": "fp32"}[args.precision]
     if args.workload == "A":
-        engine = load(args.precision, "static")
+        engine = load(model, "static")
         wl = workload_a()
         run(engine, Workload("warm", wl.prompts, [8]))
         runs = [run(engine, wl)[1] for _ in range(args.repeats)]
@@ -92,14 +98,15 @@ def main() -> None:
         emit({"engine": name, "weights": weights, "workload": "A",
               "prefill_tok_s": 128 / ttft, "decode_tok_s": 1 / tpot})
     else:
-        engine = load(args.precision, args.batching)
-        wl = workload_b()
+        engine = load(model, args.batching)
+        wl = workload_b(args.workload)
         run(engine, Workload("warm", wl.prompts[:4], [4] * 4))
         walls = []
         for _ in range(args.repeats):
             walls.append(run(engine, wl)[0])
             log(f"onnxruntime-genai {args.precision} B: {wl.output_tokens / walls[-1]:.1f} tok/s")
-        emit({"engine": f"{name} ({args.batching} batching)", "weights": weights, "workload": "B",
+        emit({"engine": f"{name} ({args.batching} batching)", "weights": weights,
+              "workload": args.workload,
               "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
               "walls_s": walls, "peak_rss_mib": peak_rss_mib()})
 

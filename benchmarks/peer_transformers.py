@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from workloads import (
+    B_SHAPES,
     PAD_ID,
     THREADS,
     Workload,
@@ -80,7 +81,7 @@ def run_b_sequential(model: AutoModelForCausalLM, wl: Workload) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=DEFAULT_HF)
-    ap.add_argument("--workload", choices=["A", "B"], required=True)
+    ap.add_argument("--workload", choices=["A", *B_SHAPES], required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--b-mode", choices=["cb", "sequential"], default="sequential")
     args = ap.parse_args()
@@ -97,14 +98,15 @@ def main() -> None:
         emit({"engine": name, "weights": "fp32", "workload": "A",
               "prefill_tok_s": 128 / median(ttft), "decode_tok_s": 1 / tpot})
     else:
-        wl = workload_b()
+        wl = workload_b(args.workload)
         run = run_b_cb if args.b_mode == "cb" else run_b_sequential
         run(model, Workload("warm", wl.prompts[:4], [4] * 4))
         walls = []
         for _ in range(args.repeats):
             walls.append(run(model, wl))
             log(f"transformers B ({args.b_mode}): {wl.output_tokens / walls[-1]:.1f} tok/s")
-        emit({"engine": f"{name} ({args.b_mode})", "weights": "fp32", "workload": "B",
+        emit({"engine": f"{name} ({args.b_mode})", "weights": "fp32",
+              "workload": args.workload,
               "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
               "walls_s": walls, "peak_rss_mib": peak_rss_mib()})
 

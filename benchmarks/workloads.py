@@ -41,13 +41,23 @@ def workload_a(seed: int = 1) -> Workload:
     return Workload("A", [[rng.randint(0, ID_MAX) for _ in range(128)]], [128])
 
 
-def workload_b() -> Workload:
-    """nano-vLLM's bench.py scaled down: 32 prompts of 64-512 ids, then 64-256 outputs each."""
+B_SHAPES = {  # name: requests, prompt length range, output length range
+    "B": (32, (64, 512), (64, 256)),
+    # B at 1B parameters, where a full B takes an engine on 2 cores several minutes per run.
+    "Bs": (16, (32, 256), (32, 128)),
+}
+
+
+def workload_b(name: str = "B") -> Workload:
+    """nano-vLLM's bench.py scaled down: 32 prompts of 64-512 ids, then 64-256 outputs each
+    (all submitted at once). "Bs", the smaller B for 1B models: 16 prompts of 32-256 ids, then
+    32-128 outputs each."""
+    count, (p_lo, p_hi), (o_lo, o_hi) = B_SHAPES[name]
     rng = random.Random(0)
-    prompts = [[rng.randint(0, ID_MAX) for _ in range(rng.randint(64, 512))]
-               for _ in range(32)]
-    max_tokens = [rng.randint(64, 256) for _ in range(32)]
-    return Workload("B", prompts, max_tokens)
+    prompts = [[rng.randint(0, ID_MAX) for _ in range(rng.randint(p_lo, p_hi))]
+               for _ in range(count)]
+    max_tokens = [rng.randint(o_lo, o_hi) for _ in range(count)]
+    return Workload(name, prompts, max_tokens)
 
 
 APACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "apache-2.0.txt")

@@ -10,8 +10,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from nanovllm_onnx.config import KV_CACHE_DTYPES, EngineConfig
-from nanovllm_onnx.convert.graph import WEIGHT_FORMATS
+from nanovllm_onnx.config import KV_CACHE_DTYPES, WEIGHT_FORMATS, EngineConfig
 from nanovllm_onnx.convert.source import ModelLoadError
 from nanovllm_onnx.kernels import KernelBuildError
 from nanovllm_onnx.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING

