@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workloads import log, median, run_runner
+from workloads import PEERS, log, median, run_runner
 
 HERE = Path(__file__).resolve().parent
-PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers"))
 
 
 @dataclass(frozen=True)

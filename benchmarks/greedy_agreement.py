@@ -18,10 +18,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-from peer_llamacpp import PEERS
+from peer_llamacpp import LLAMACPP
 from workloads import THREADS, log
 
-LLAMACPP_GREEDY = PEERS / "bin/llamacpp_greedy"
+LLAMACPP_GREEDY = LLAMACPP / "bin/llamacpp_greedy"
 
 PROMPTS = [  # held out: used for nothing else in the project
     "Write a short poem about the sea at night.",

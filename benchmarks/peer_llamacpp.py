@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from workloads import (
     B_SHAPES,
+    PEERS,
     THREADS,
     Workload,
     emit,
@@ -29,7 +29,7 @@ from workloads import (
     workload_b,
 )
 
-PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers")) / "llamacpp"
+LLAMACPP = PEERS / "llamacpp"
 
 
 def free_port() -> int:
@@ -41,7 +41,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, model: Path, slots: int, context: int, extra: list[str]) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
-        argv = [str(PEERS / "bin/llama-server"), "-m", str(model), "-t", str(THREADS),
+        argv = [str(LLAMACPP / "bin/llama-server"), "-m", str(model), "-t", str(THREADS),
                 "-tb", str(THREADS), "-np", str(slots), "-c", str(context), "-no-kvu",
                 "--no-cache-prompt",
                 "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], *extra]
@@ -93,7 +93,7 @@ def main() -> None:
                     help="GGUF file (default: the default model's, of --weights)")
     ap.add_argument("--server-args", default="", help="extra llama-server arguments")
     args = ap.parse_args()
-    model = args.model or PEERS / f"model-{args.weights}.gguf"
+    model = args.model or LLAMACPP / f"model-{args.weights}.gguf"
     extra = args.server_args.split()
     if args.workload == "A":
         server = Server(model, 1, 4096, extra)

@@ -16,6 +16,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 from workloads import (
     B_SHAPES,
+    PEERS,
     THREADS,
     Workload,
     emit,
@@ -25,8 +26,6 @@ from workloads import (
     workload_a,
     workload_b,
 )
-
-PEERS = Path.home() / ".cache/nano-vllm-onnx/peers/openvino"
 
 
 def scheduler_config() -> ov_genai.SchedulerConfig:
@@ -79,7 +78,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None,
                     help="exported folder (default: the default model's, of --weights)")
     args = ap.parse_args()
-    model = args.model or PEERS / args.weights
+    model = args.model or PEERS / "openvino" / args.weights
     props = {"INFERENCE_NUM_THREADS": THREADS}
     precision = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
     name = f"OpenVINO GenAI {ov_genai.__version__.split('-')[0]}"

@@ -18,6 +18,7 @@ import onnxruntime_genai as og
 from workloads import (
     B_SHAPES,
     PAD_ID,
+    PEERS,
     THREADS,
     Workload,
     emit,
@@ -28,7 +29,6 @@ from workloads import (
     workload_b,
 )
 
-PEERS = Path.home() / ".cache/nano-vllm-onnx/peers/ortgenai"
 BATCHING = {
     "static": {"static_batching": {"max_batch_size": 32}},
     "dynamic": {"dynamic_batching": {"max_batch_size": 32, "max_scheduled_tokens": 2048,
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None,
                     help="builder output folder (default: the default model's, of --precision)")
     args = ap.parse_args()
-    model = args.model or PEERS / args.precision
+    model = args.model or PEERS / "ortgenai" / args.precision
     name = f"onnxruntime-genai {og.__version__}"
     weights = {"int4": "int4 (builder default)", "fp32": "fp32"}[args.precision]
     if args.workload == "A":

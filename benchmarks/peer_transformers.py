@@ -14,6 +14,7 @@ from pathlib import Path
 from workloads import (
     B_SHAPES,
     PAD_ID,
+    PEERS,
     THREADS,
     Workload,
     emit,
@@ -32,7 +33,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
 from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
 
-DEFAULT_HF = "~/.cache/nano-vllm-onnx/peers/hf/SmolLM2-135M-Instruct"
+DEFAULT_HF = PEERS / "hf/SmolLM2-135M-Instruct"
 
 
 def generate(model: AutoModelForCausalLM, prompt: list[int], n: int) -> float:

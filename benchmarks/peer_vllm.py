@@ -20,6 +20,7 @@ from pathlib import Path
 
 from workloads import (
     B_SHAPES,
+    PEERS,
     Workload,
     emit,
     log,
@@ -29,8 +30,7 @@ from workloads import (
     workload_b,
 )
 
-DEFAULT_HF = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers")) / (
-    "hf/SmolLM2-135M-Instruct")
+DEFAULT_HF = PEERS / "hf/SmolLM2-135M-Instruct"
 
 
 def vllm_env(venv: Path) -> dict[str, str]:

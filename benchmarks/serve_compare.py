@@ -30,11 +30,10 @@ from pathlib import Path
 import httpx
 from peer_vllm import vllm_env
 from serve_load import free_port
-from workloads import ID_MAX, log, median
+from workloads import ID_MAX, PEERS, log, median
 
 from nanovllm_onnx import LLM, SamplingParams
 
-PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers"))
 VLLM_VENV = PEERS / "vllm/venv"
 PROMPT_LEN, OUTPUT_LEN, REQUESTS, CONCURRENCY, CONTEXT = 256, 128, 64, 32, 4096
 NAME = "model"  # served model name of both servers

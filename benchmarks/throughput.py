@@ -35,6 +35,7 @@ from pathlib import Path
 from workloads import (
     B_SHAPES,
     C_MAX_TOKENS,
+    PEERS,
     THREADS,
     Workload,
     emit,
@@ -53,7 +54,7 @@ from nanovllm_onnx.engine import tokenizer as tokenizer_module
 
 SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1)
 HERE = Path(__file__).resolve().parent
-TRANSFORMERS_PYTHON = Path.home() / ".cache/nano-vllm-onnx/peers/transformers/venv/bin/python"
+TRANSFORMERS_PYTHON = PEERS / "transformers/venv/bin/python"
 
 
 def greedy(n: int) -> SamplingParams:

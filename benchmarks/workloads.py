@@ -12,11 +12,14 @@ import resource
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 THREADS = 2  # every engine runs with 2 threads
 ID_MAX = 10_000  # prompt ids: randint(0, ID_MAX), both ends included
 PAD_ID = 49_151  # a pad id no prompt contains (random prompts contain id 2, the EOS/pad of some)
 RESULT_PREFIX = "RESULT "  # a runner's last line: RESULT {json}
+# Where setup_peers.sh puts the peers' venvs and models (its $PEERS, same default).
+PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers"))
 
 
 @dataclass(frozen=True)
