@@ -163,6 +163,39 @@ def test_ragged_rows_match_reference_and_update_in_place(head_dim: int, cache: t
     np.testing.assert_array_equal(feeds["past_key"], tiles(keys))
 
 
+@pytest.mark.parametrize("target", FLOAT_TARGETS)
+def test_a_verification_equals_its_tokens_decoded_one_by_one(target: str) -> None:
+    """A speculative verification (one row, 7 tokens, few KV heads: its query block split
+    across threads, its query vectors in uneven chunks) gives every token exactly the output
+    that decoding the tokens one at a time gives, and the reference's."""
+    skip_unless_runnable(target)
+    head_dim, past, n = 64, 45, 7
+    rng = np.random.default_rng(7)
+    angles = rng.uniform(0, 2 * np.pi, (POSITIONS, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    keys = rng.standard_normal((1, KV_HEADS, CAPACITY, head_dim)).astype(np.float16)
+    values = rng.standard_normal(keys.shape).astype(np.float16)
+    qkv = rng.standard_normal((n, (HEADS + 2 * KV_HEADS) * head_dim)).astype(np.float32)
+    sess = session(head_dim, 1, cos, sin, target, np.float16)
+
+    def run(key_cache: np.ndarray, value_cache: np.ndarray, start: int, tokens: np.ndarray
+            ) -> np.ndarray:
+        out, new_keys, new_values = sess.run(None, {
+            "qkv": tokens, "past_key": key_cache, "past_value": value_cache,
+            "past_lens": np.array([start], np.int32),
+            "query_lens": np.array([len(tokens)], np.int32)})
+        key_cache[...], value_cache[...] = new_keys, new_values
+        return out
+
+    at_once = run(tiles(keys), values.copy(), past, qkv)
+    key_cache, value_cache = tiles(keys), values.copy()
+    one_by_one = np.concatenate([run(key_cache, value_cache, past + j, qkv[j:j + 1])
+                                 for j in range(n)])
+    np.testing.assert_array_equal(at_once, one_by_one)
+    ref_out, _, _ = reference(qkv, keys, values, [past], [n], cos, sin, np.float16)
+    np.testing.assert_allclose(at_once, ref_out, atol=2e-4)
+
+
 def test_bad_lengths_are_clear_errors() -> None:
     head_dim = 16
     cos = np.ones((POSITIONS, head_dim // 2), np.float32)
