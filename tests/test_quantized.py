@@ -155,8 +155,8 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
                                                               ) -> None:
     """The kernels library quantizes as numpy's float32 arithmetic does, in every build:
     blocks (rows split over threads, K and rows not whole blocks, constant, tiny and huge
-    values, values on the codes' midpoints) and int8's per-channel codes; from bf16 as from
-    the same values in float32."""
+    values, values on the codes' midpoints), packed in one pass as in two, and int8's
+    per-channel codes; from bf16 as from the same values in float32."""
     from nanovllm_onnx.kernels import TARGET_ENV, quantize, supported_targets
 
     if target not in supported_targets():
@@ -178,6 +178,9 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
             np.testing.assert_array_equal(unpack(pack_blocks(blocks), bits)[:len(w)],
                                           (q * scale[..., None] + minimum[..., None]
                                            ).reshape(len(w), -1))
+            # The converter's one pass (codes packed 16 rows at a time): the same records.
+            np.testing.assert_array_equal(quantize.quantize_packed(w, bits, symmetric),
+                                          pack_blocks(blocks))
         per_channel = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127
         qt, scale = quantize.quantize_channels(w)
         np.testing.assert_array_equal(scale, per_channel)
@@ -188,6 +191,8 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
         blocks, same = quantize_blocks(half, 4), quantize_blocks(half.astype(np.float32), 4)
         for field in ("q", "scale", "minimum"):
             np.testing.assert_array_equal(getattr(blocks, field), getattr(same, field))
+        np.testing.assert_array_equal(quantize.quantize_packed(half, 4, False),
+                                      pack_blocks(same))
         for a, b in zip(quantize.quantize_channels(half),
                         quantize.quantize_channels(half.astype(np.float32))):
             np.testing.assert_array_equal(a, b)

@@ -128,7 +128,7 @@ class GraphBuilder:
         time where each fills whole groups."""
         if isinstance(weight, list):
             if all(len(part) % 16 == 0 for part in weight[:-1]):  # whole records: no concat
-                packed = (pack_blocks(quantize_blocks(part, bits)) for part in weight)
+                packed = (quantize_packed(part, bits) for part in weight)
                 return BlockWeights(self.const(name, packed), weight[0].shape[1],
                                     sum(map(len, weight)), bits)
             weight = np.concatenate(weight)
@@ -138,7 +138,7 @@ class GraphBuilder:
                                 weight.bits)
         rows = weight if isinstance(weight, Rows) else Rows.of(weight)
         (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
-        packed = (pack_blocks(quantize_blocks(c, bits)) for c in rows.chunks(step))
+        packed = (quantize_packed(c, bits) for c in rows.chunks(step))
         return BlockWeights(self.const(name, packed), k, n, bits)
 
     def block_op(self, op_type: str, x: str, weights: BlockWeights) -> str:
@@ -169,6 +169,11 @@ def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool | None = None
     library (see kernels/quantize.py)."""
     symmetric = bits == 8 if symmetric is None else symmetric
     return QuantBlocks(*quantize.quantize_blocks(weight, bits, symmetric), bits)
+
+
+def quantize_packed(weight: np.ndarray, bits: int) -> np.ndarray:
+    """pack_blocks(quantize_blocks(weight, bits)), in one pass of the kernels library."""
+    return quantize.quantize_packed(weight, bits, symmetric=bits == 8)
 
 
 def pack_blocks(blocks: QuantBlocks) -> np.ndarray:

@@ -24,6 +24,7 @@ SPLIT_BYTES = 1 << 20  # weights smaller than this run on one thread
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "NanovllmQuantizeBlocks": [_P, _I, _I, _I, _I, _I, _P, _P, _P],
+    "NanovllmQuantizePacked": [_P, _I, _I, _I, _I, _I, _P],
     "NanovllmBlockCodes": [_P, _I, _I, _P, _P, _I, _P],
     "NanovllmPackBlocks": [_P, _P, _P, _I, _I, _I, _P],
     "NanovllmQuantizeChannels": [_P, _I, _I, _I, _P, _I, _P],
@@ -31,7 +32,8 @@ _SIGNATURES = {
 
 
 def _library() -> ctypes.CDLL:
-    """The build sessions of this process get (NANO_VLLM_ONNX_KERNEL_TARGET may force one)."""
+    """The build sessions of this process get (NANO_VLLM_ONNX_KERNEL_TARGET may force one);
+    asked once per weight, not per thread's part: kernel_target checks the sources' hash."""
     return _build(kernel_target())
 
 
@@ -78,10 +80,24 @@ def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool
     n, k = w.shape
     q = np.empty((n, -(-k // BLOCK), BLOCK), np.uint8)
     scale, minimum = (np.empty(q.shape[:2], np.float32) for _ in range(2))
-    _by_rows(lambda lo, hi: _library().NanovllmQuantizeBlocks(
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmQuantizeBlocks(
         _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(q, lo), _at(scale, lo),
         _at(minimum, lo)), n, w.nbytes)
     return q, scale, minimum
+
+
+def quantize_packed(weight: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """pack_blocks(*quantize_blocks(weight, bits, symmetric), bits) in one pass, without the
+    codes array between the two."""
+    w, bf16 = _weight(weight)
+    n, k = w.shape
+    out = _records(n, -(-k // BLOCK), bits)
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmQuantizePacked(
+        _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(out, lo // ROWS)), n, w.nbytes,
+        multiple=ROWS)
+    return out
 
 
 def block_codes(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
@@ -92,7 +108,8 @@ def block_codes(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits
     scale, minimum = (np.ascontiguousarray(a, np.float32) for a in (scale, minimum))
     n, blocks = scale.shape
     q = np.empty((n, blocks, BLOCK), np.uint8)
-    _by_rows(lambda lo, hi: _library().NanovllmBlockCodes(
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmBlockCodes(
         _at(v, lo), hi - lo, blocks, _at(scale, lo), _at(minimum, lo), bits, _at(q, lo)),
         n, v.nbytes)
     return q
@@ -103,11 +120,17 @@ def pack_blocks(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
     q = np.ascontiguousarray(q, np.uint8)
     scale, minimum = (np.ascontiguousarray(a, np.float16) for a in (scale, minimum))
     n, blocks, _ = q.shape
-    out = np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
-    _by_rows(lambda lo, hi: _library().NanovllmPackBlocks(
+    out = _records(n, blocks, bits)
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmPackBlocks(
         _at(q, lo), _at(scale, lo), _at(minimum, lo), hi - lo, blocks, bits,
         _at(out, lo // ROWS)), n, q.nbytes, multiple=ROWS)
     return out
+
+
+def _records(n: int, blocks: int, bits: int) -> np.ndarray:
+    """BlockLinear's packed records of n rows, uninitialized."""
+    return np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
 
 
 def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +140,7 @@ def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     w, bf16 = _weight(weight)
     n, k = w.shape
     qt, scale = np.empty((k, n), np.int8), np.empty(n, np.float32)
-    _by_rows(lambda lo, hi: _library().NanovllmQuantizeChannels(
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmQuantizeChannels(
         _at(w, lo), bf16, hi - lo, k, qt.ctypes.data + lo, n, _at(scale, lo)), n, w.nbytes)
     return qt, scale
