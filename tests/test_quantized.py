@@ -186,6 +186,10 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
         np.testing.assert_array_equal(scale, per_channel)
         np.testing.assert_array_equal(
             qt, np.clip(np.rint(w / per_channel[:, None]), -127, 127).astype(np.int8).T)
+        # Stacked parts (q, k, v) each into its columns: as the stacked weight.
+        for a, b in zip(quantize.quantize_channels([w[:len(w) // 3], w[len(w) // 3:]]),
+                        (qt, scale)):
+            np.testing.assert_array_equal(a, b)
         # A bf16 checkpoint's weights are read as they are: the same as their float32 values.
         half = w.astype(bfloat16)
         blocks, same = quantize_blocks(half, 4), quantize_blocks(half.astype(np.float32), 4)

@@ -94,9 +94,8 @@ class GraphBuilder:
                      token_scale: str | None) -> str:
         """Per-output-channel symmetric int8 weights; activations quantized on the fly (the
         int8 GEMM, VNNI/AMX, is several times fp32 on batched steps)."""
-        codes, scales = zip(*map(quantize.quantize_channels, parts))
-        inputs = [x, self.const(name, np.concatenate(codes, axis=1)),
-                  self.const(name + ".scale", np.concatenate(scales)), ""]
+        codes, scales = quantize.quantize_channels(parts)
+        inputs = [x, self.const(name, codes), self.const(name + ".scale", scales), ""]
         if token_scale is None:
             if bias is not None:
                 inputs.append(self.const(name + ".bias", bias))

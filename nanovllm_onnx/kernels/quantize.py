@@ -133,14 +133,24 @@ def _records(n: int, blocks: int, bits: int) -> np.ndarray:
     return np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
 
 
-def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_channels(weight: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """int8 codes transposed [k, n] and float32 scales [n] of weight [n, k] (float32 or
-    bfloat16), one scale per output row: max(max |w|, 1e-12) / 127, codes the nearest to
-    w / scale."""
-    w, bf16 = _weight(weight)
-    n, k = w.shape
+    bfloat16; or a list of such, stacked by rows: each written into its columns, no
+    concatenated copy), one scale per output row: max(max |w|, 1e-12) / 127, codes the nearest
+    to w / scale."""
+    parts = [weight] if isinstance(weight, np.ndarray) else weight
+    n, k = sum(len(part) for part in parts), parts[0].shape[1]
     qt, scale = np.empty((k, n), np.int8), np.empty(n, np.float32)
-    library = _library()
-    _by_rows(lambda lo, hi: library.NanovllmQuantizeChannels(
-        _at(w, lo), bf16, hi - lo, k, qt.ctypes.data + lo, n, _at(scale, lo)), n, w.nbytes)
+    library, first = _library(), 0
+    for part in parts:
+        w, bf16 = _weight(part)
+
+        def run(lo: int, hi: int, w: np.ndarray = w, bf16: bool = bf16, first: int = first
+                ) -> None:
+            library.NanovllmQuantizeChannels(_at(w, lo), bf16, hi - lo, k,
+                                             qt.ctypes.data + first + lo, n,
+                                             _at(scale, first + lo))
+
+        _by_rows(run, len(w), w.nbytes)
+        first += len(w)
     return qt, scale
