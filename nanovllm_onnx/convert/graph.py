@@ -137,7 +137,7 @@ class GraphBuilder:
                                 weight.bits)
         rows = weight if isinstance(weight, Rows) else Rows.of(weight)
         (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
-        packed = (quantize_packed(c, bits) for c in rows.chunks(step))
+        packed = (quantize_packed(c, bits) for c in rows.chunks(step, stored=True))
         return BlockWeights(self.const(name, packed), k, n, bits)
 
     def block_op(self, op_type: str, x: str, weights: BlockWeights) -> str:
