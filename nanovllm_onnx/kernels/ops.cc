@@ -953,6 +953,63 @@ void pack(const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int6
 
 namespace convert {
 
+#ifdef __F16C__
+// 8 floats to their fp16 values, rounded as `Rounding` says (to nearest, down or up: to_half's
+// three directions in one instruction).
+template <int Rounding>
+inline __m256 to_half8(__m256 x) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(x, Rounding | _MM_FROUND_NO_EXC));
+}
+// quotient(a, divisor) of 8 floats, `inverse` = 1 / divisor.
+inline __m256 quotient8(__m256 a, __m256d inverse) {
+  const __m128 low = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)),
+                                                   inverse));
+  const __m128 high = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)),
+                                                    inverse));
+  return _mm256_set_m128(high, low);
+}
+#endif
+
+// The fp16-valued scales and minimums of blocks with these extremes: symmetric, or from the
+// minimum rounded down with the scale rounded up (the extremes need no code past the range).
+// 8 blocks at a time where the CPU converts to fp16 in vectors (F16C): scalar, with its
+// branches, this took a third of the quantizer's time.
+inline void block_ranges(const float* least, const float* greatest, int64_t blocks,
+                         int64_t bits, int64_t symmetric, float* scale, float* minimum) {
+  const float top = float((1 << bits) - 1), tiny = 6.103515625e-05f;  // fp16's least normal
+  const float half = float(1 << (bits - 1));
+  int64_t b = 0;
+#ifdef __F16C__
+  const __m256d inverse = _mm256_set1_pd(1. / (symmetric ? half - 1 : top));
+  const __m256 least_normal = _mm256_set1_ps(tiny);
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256 low = _mm256_loadu_ps(least + b), high = _mm256_loadu_ps(greatest + b);
+    __m256 s, m;
+    if (symmetric) {
+      const __m256 peak = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), low), high);
+      s = to_half8<_MM_FROUND_TO_NEAREST_INT>(
+          _mm256_max_ps(quotient8(peak, inverse), least_normal));
+      m = to_half8<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(_mm256_set1_ps(-half), s));
+    } else {
+      m = to_half8<_MM_FROUND_TO_NEG_INF>(low);
+      s = to_half8<_MM_FROUND_TO_POS_INF>(
+          _mm256_max_ps(quotient8(_mm256_sub_ps(high, m), inverse), least_normal));
+    }
+    _mm256_storeu_ps(scale + b, s);
+    _mm256_storeu_ps(minimum + b, m);
+  }
+#endif
+  for (; b < blocks; ++b) {
+    if (symmetric) {
+      scale[b] = to_half(std::max(quotient(std::max(-least[b], greatest[b]), half - 1), tiny));
+      minimum[b] = to_half(-half * scale[b]);
+    } else {
+      minimum[b] = to_half(least[b], -1);
+      scale[b] = to_half(std::max(quotient(greatest[b] - minimum[b], top), tiny), +1);
+    }
+  }
+}
+
 // Row by row: the row as floats (zeros past k), each block's extremes, the blocks' scales and
 // minimums, then the codes: each a loop over the whole row, which the compiler vectorizes
 // (block by block, the per-block steps between them stayed scalar: 2.5-4x slower).
@@ -960,7 +1017,7 @@ template <typename T>
 void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
                      uint8_t* q, float* scale, float* minimum) {
   const int64_t blocks = (k + kBlock - 1) / kBlock;
-  const float top = float((1 << bits) - 1), tiny = 6.103515625e-05f;  // fp16's least normal
+  const float top = float((1 << bits) - 1);
   std::vector<float> row(blocks * kBlock, 0.f), least(blocks), greatest(blocks);
   float* v = row.data();
   for (int64_t r = 0; r < n; ++r, w += k, q += blocks * kBlock, scale += blocks,
@@ -976,18 +1033,7 @@ void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t bits, int64_t sym
       least[b] = lo;
       greatest[b] = hi;
     }
-    if (symmetric) {
-      const float half = float(1 << (bits - 1));
-      for (int64_t b = 0; b < blocks; ++b) {
-        scale[b] = to_half(std::max(quotient(std::max(-least[b], greatest[b]), half - 1), tiny));
-        minimum[b] = to_half(-half * scale[b]);
-      }
-    } else {  // fp16 rounded outwards, so that the extremes need no code past the range
-      for (int64_t b = 0; b < blocks; ++b) {
-        minimum[b] = to_half(least[b], -1);
-        scale[b] = to_half(std::max(quotient(greatest[b] - minimum[b], top), tiny), +1);
-      }
-    }
+    block_ranges(least.data(), greatest.data(), blocks, bits, symmetric, scale, minimum);
     for (int64_t b = 0; b < blocks; ++b)
       block_codes(v + b * kBlock, scale[b], minimum[b], top, q + b * kBlock);
   }
