@@ -29,6 +29,7 @@ MS = "com.microsoft"
 
 BLOCK = 32  # inputs per block of 4- and 8-bit weights
 CHUNK_BYTES = 16 << 20  # a large weight is converted this many float32 bytes of rows at a time
+ROTARY_POSITIONS = 8192  # rotary tables computed this many positions at a time
 
 
 @dataclass
@@ -187,8 +188,15 @@ def rotary_cache(head_dim: int, max_pos: int, rope: dict) -> np.ndarray:
     """cos and sin tables [max_pos, head_dim/2] for rotate-half rotary embeddings. YaRN's
     attention factor scales both, as transformers scales its cos and sin."""
     inv_freq, attention_factor = inverse_frequencies(head_dim, max_pos, rope)
-    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
-    return (np.stack([np.cos(freqs), np.sin(freqs)]) * attention_factor).astype(np.float32)
+    tables = np.empty((2, max_pos, len(inv_freq)), np.float32)
+    # A slice of positions at a time: Llama-3's 131,072 whole took 3x the CPU (its float64
+    # temporaries, 400 MB at head_dim 128, in fresh pages).
+    for lo in range(0, max_pos, ROTARY_POSITIONS):
+        freqs = np.outer(np.arange(lo, min(lo + ROTARY_POSITIONS, max_pos), dtype=np.float64),
+                         inv_freq)
+        tables[0, lo:lo + len(freqs)] = np.cos(freqs) * attention_factor
+        tables[1, lo:lo + len(freqs)] = np.sin(freqs) * attention_factor
+    return tables
 
 
 def inverse_frequencies(head_dim: int, max_pos: int, rope: dict) -> tuple[np.ndarray, float]:
