@@ -95,7 +95,7 @@ class GraphBuilder:
                      token_scale: str | None) -> str:
         """Per-output-channel symmetric int8 weights; activations quantized on the fly (the
         int8 GEMM, VNNI/AMX, is several times fp32 on batched steps)."""
-        codes, scales = quantize.quantize_channels(parts)
+        scales, codes = quantize.quantize_channels(parts, chunk_rows(sum(map(len, parts))))
         inputs = [x, self.const(name, codes), self.const(name + ".scale", scales), ""]
         if token_scale is None:
             if bias is not None:

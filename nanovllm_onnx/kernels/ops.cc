@@ -1060,22 +1060,32 @@ void quantize_packed(const T* w, int64_t n, int64_t k, int64_t bits, int64_t sym
   }
 }
 
+// int8's per-channel scales of w [n, k]: max(max |w| of the row, 1e-12) / 127.
 template <typename T>
-void quantize_channels(const T* w, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
-  constexpr int64_t kTileRows = 64;  // rows transposed together: 64-byte runs of qt
-  std::vector<double> inverse(n);
+void channel_scales(const T* w, int64_t n, int64_t k, float* scale) {
   for (int64_t r = 0; r < n; ++r) {
     float peak = 0.f;
     for (int64_t c = 0; c < k; ++c) peak = std::max(peak, std::fabs(value(w[r * k + c])));
     scale[r] = quotient(std::max(peak, 1e-12f), 127.f);
-    inverse[r] = 1. / scale[r];
   }
+}
+
+// The codes of inputs [first, last) of w [n, k], transposed: qt[(c - first) * ld + r] = the
+// nearest of -127 .. 127 to w[r, c] / scale[r].
+template <typename T>
+void channel_codes(const T* w, int64_t n, int64_t k, int64_t first, int64_t last,
+                   const float* scale, int8_t* qt, int64_t ld) {
+  constexpr int64_t kTileRows = 64;  // rows transposed together: 64-byte runs of qt
+  double inverse[kTileRows];
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, n - r0);
-    for (int64_t c = 0; c < k; ++c) {
-      for (int64_t r = r0; r < r0 + rows; ++r) {
-        const float code = std::nearbyint(static_cast<float>(value(w[r * k + c]) * inverse[r]));
-        qt[c * ld + r] = static_cast<int8_t>(std::min(std::max(code, -127.f), 127.f));
+    for (int64_t r = 0; r < rows; ++r) inverse[r] = 1. / scale[r0 + r];
+    for (int64_t c = first; c < last; ++c) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float code = std::nearbyint(
+            static_cast<float>(value(w[(r0 + r) * k + c]) * inverse[r]));
+        qt[(c - first) * ld + r0 + r] = static_cast<int8_t>(std::min(std::max(code, -127.f),
+                                                                     127.f));
       }
     }
   }
@@ -1127,13 +1137,23 @@ extern "C" __attribute__((visibility("default"))) void NanovllmPackBlocks(
   (bits == 8 ? convert::pack<8> : convert::pack<4>)(q, scale, minimum, n, blocks, out);
 }
 
-// int8's per-channel weights (DynamicQuantizeMatMul): w [n, k] (float32, or bfloat16 where
-// `bf16`) to codes, transposed (qt [k, ld]: row c of qt holds input c, at qt[c * ld + r]) =
-// the nearest of -127 .. 127 to w / scale, scale [n] = max(max |w| of the row, 1e-12) / 127.
-extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeChannels(
-    const void* w, int64_t bf16, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
+// int8's per-channel weights (DynamicQuantizeMatMul) of w [n, k] (float32, or bfloat16 where
+// `bf16`): the scales [n], one per output row (max(max |w| of the row, 1e-12) / 127), ...
+extern "C" __attribute__((visibility("default"))) void NanovllmChannelScales(
+    const void* w, int64_t bf16, int64_t n, int64_t k, float* scale) {
   if (bf16)
-    convert::quantize_channels(static_cast<const uint16_t*>(w), n, k, qt, ld, scale);
+    convert::channel_scales(static_cast<const uint16_t*>(w), n, k, scale);
   else
-    convert::quantize_channels(static_cast<const float*>(w), n, k, qt, ld, scale);
+    convert::channel_scales(static_cast<const float*>(w), n, k, scale);
+}
+
+// ... and the codes of inputs [first, last), transposed (qt [last - first, ld]: row c - first
+// holds input c, at qt[(c - first) * ld + r]) = the nearest of -127 .. 127 to w / scale.
+extern "C" __attribute__((visibility("default"))) void NanovllmChannelCodes(
+    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t first, int64_t last,
+    const float* scale, int8_t* qt, int64_t ld) {
+  if (bf16)
+    convert::channel_codes(static_cast<const uint16_t*>(w), n, k, first, last, scale, qt, ld);
+  else
+    convert::channel_codes(static_cast<const float*>(w), n, k, first, last, scale, qt, ld);
 }

@@ -7,9 +7,9 @@ releases the GIL, so large weights are split by rows over two threads.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 from ml_dtypes import bfloat16
@@ -27,7 +27,8 @@ _SIGNATURES = {
     "NanovllmQuantizePacked": [_P, _I, _I, _I, _I, _I, _P],
     "NanovllmBlockCodes": [_P, _I, _I, _P, _P, _I, _P],
     "NanovllmPackBlocks": [_P, _P, _P, _I, _I, _I, _P],
-    "NanovllmQuantizeChannels": [_P, _I, _I, _I, _P, _I, _P],
+    "NanovllmChannelScales": [_P, _I, _I, _I, _P],
+    "NanovllmChannelCodes": [_P, _I, _I, _I, _I, _I, _P, _P, _I],
 }
 
 
@@ -133,24 +134,34 @@ def _records(n: int, blocks: int, bits: int) -> np.ndarray:
     return np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
 
 
-def quantize_channels(weight: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes transposed [k, n] and float32 scales [n] of weight [n, k] (float32 or
-    bfloat16; or a list of such, stacked by rows: each written into its columns, no
-    concatenated copy), one scale per output row: max(max |w|, 1e-12) / 127, codes the nearest
-    to w / scale."""
-    parts = [weight] if isinstance(weight, np.ndarray) else weight
-    n, k = sum(len(part) for part in parts), parts[0].shape[1]
-    qt, scale = np.empty((k, n), np.int8), np.empty(n, np.float32)
-    library, first = _library(), 0
-    for part in parts:
-        w, bf16 = _weight(part)
+def quantize_channels(weight: np.ndarray | list[np.ndarray], rows: int
+                      ) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """int8's per-channel weights of weight [n, k] (float32 or bfloat16; or a list of such,
+    stacked by rows): float32 scales [n], one per output row, max(max |w|, 1e-12) / 127; and
+    the codes transposed, [k, n], the nearest to w / scale: as chunks of `rows` rows (inputs),
+    each made when asked for (the whole array, in fresh pages, cost more than coding it)."""
+    parts = [_weight(part) for part in ([weight] if isinstance(weight, np.ndarray) else weight)]
+    n, k = sum(len(w) for w, _ in parts), parts[0][0].shape[1]
+    scale = np.empty(n, np.float32)
+    library = _library()
+    _each_part(parts, lambda w, bf16, first, lo, hi: library.NanovllmChannelScales(
+        _at(w, lo), bf16, hi - lo, k, _at(scale, first + lo)))
 
-        def run(lo: int, hi: int, w: np.ndarray = w, bf16: bool = bf16, first: int = first
-                ) -> None:
-            library.NanovllmQuantizeChannels(_at(w, lo), bf16, hi - lo, k,
-                                             qt.ctypes.data + first + lo, n,
-                                             _at(scale, first + lo))
+    def codes(top: int, bottom: int) -> np.ndarray:  # inputs [top, bottom)
+        qt = np.empty((bottom - top, n), np.int8)
+        _each_part(parts, lambda w, bf16, first, lo, hi: library.NanovllmChannelCodes(
+            _at(w, lo), bf16, hi - lo, k, top, bottom, _at(scale, first + lo),
+            qt.ctypes.data + first + lo, n))
+        return qt
 
-        _by_rows(run, len(w), w.nbytes)
+    return scale, (codes(top, min(top + rows, k)) for top in range(0, k, rows))
+
+
+def _each_part(parts: list[tuple[np.ndarray, bool]],
+               run: Callable[[np.ndarray, bool, int, int, int], None]) -> None:
+    """run(w, bf16, first, lo, hi) over rows [lo, hi) of each part, `first` = the part's first
+    row in the stack (by rows over THREADS)."""
+    first = 0
+    for w, bf16 in parts:
+        _by_rows(partial(run, w, bf16, first), len(w), w.nbytes)
         first += len(w)
-    return qt, scale
