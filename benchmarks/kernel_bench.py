@@ -3,6 +3,7 @@ gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token co
 
     python benchmarks/kernel_bench.py                      # 1B shapes, int4, AMX vs VNNI
     python benchmarks/kernel_bench.py --model 135m --bits 8 --tokens 1 7 64
+    python benchmarks/kernel_bench.py --prefill default --weights int4   # through the engine
 
 Each round times every build on every token count, in turn (interleaved: a shared machine's
 load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
@@ -10,6 +11,10 @@ threads do not spin between calls), which other processes' load barely changes, 
 wall time: the table gives each build's median over rounds, its int8 TOP/s per core
 (multiply-adds x 2 / CPU second), and its speed relative to the first build. Also checks that
 the builds' outputs are identical bit for bit (AMX against VNNI must be).
+--prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
+output token: every projection is one 128-token call), an engine per build in one process,
+in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
+(or Bs) it times the whole of workload B instead, greedy.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from workloads import THREADS
+from workloads import THREADS, workload_a, workload_b
 
 from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
@@ -78,6 +83,52 @@ def time_call(sess: ort.InferenceSession, feed: dict, seconds: float) -> float:
     return statistics.median(times)
 
 
+def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
+               workload: str) -> None:
+    """CPU seconds per prefill of workload A's prompt (or per workload B), per build,
+    interleaved."""
+    from nanovllm_onnx import LLM, SamplingParams
+
+    engines = {}
+    for target in targets:
+        os.environ[TARGET_ENV] = target  # read when the engine registers the ops
+        try:
+            engines[target] = LLM(None if model == "default" else model,
+                                  **({"weights": weights} if weights else {}),
+                                  intra_op_num_threads=THREADS, intra_op_spinning=False,
+                                  enable_prefix_caching=False)  # really compute each prefill
+        finally:
+            del os.environ[TARGET_ENV]
+    prompt = {"prompt_token_ids": workload_a().prompts[0]}
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = {t: llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+               for t, llm in engines.items()}
+    if len({tuple(o) for o in outputs.values()}) != 1:
+        raise SystemExit(f"the builds' greedy tokens differ: {outputs}")
+    if workload == "A":
+        prompts, tokens = [prompt], len(prompt["prompt_token_ids"])
+        params = [SamplingParams(temperature=0.0, max_tokens=1)]
+        what = f"prefill of workload A's {tokens} tokens"
+    else:
+        wl = workload_b(workload)
+        prompts, tokens = wl.prompts, wl.output_tokens
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                  for n in wl.max_tokens]
+        what = f"workload {workload} ({tokens} output tokens)"
+    times: dict[str, list[float]] = {t: [] for t in targets}
+    for _ in range(rounds):
+        for target, llm in engines.items():
+            start = time.process_time()
+            llm.generate(prompts, params, use_tqdm=False)
+            times[target].append(time.process_time() - start)
+    med = {t: statistics.median(v) for t, v in times.items()}
+    print(f"{what}, {model} {weights or ''}, {THREADS} threads, {rounds} rounds; load "
+          f"average {os.getloadavg()[0]:.2f}; same greedy tokens")
+    for t in targets:
+        print(f"{t}: {med[t] * 1e3:.1f} CPU ms ({tokens / med[t]:.0f} tok per CPU second), "
+              f"{med[targets[0]] / med[t]:.2f}x {targets[0]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(SHAPES), default="1b")
@@ -88,9 +139,17 @@ def main() -> None:
                          "avx512_vnni where this CPU runs them)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.3, help="per build, count and round")
+    ap.add_argument("--prefill", metavar="MODEL", default=None,
+                    help="time the engine's prefill of MODEL (a path, or 'default') instead")
+    ap.add_argument("--weights", default=None, help="with --prefill: fp32 | int8 | int4")
+    ap.add_argument("--workload", choices=["A", "B", "Bs"], default="A",
+                    help="with --prefill: A's prefill, or the whole of B")
     args = ap.parse_args()
     targets = args.targets or [t for t in ("avx512_vnni", "avx512_amx")
                                if t in supported_targets()]
+    if args.prefill:
+        engine_run(args.prefill, args.weights, targets, args.rounds, args.workload)
+        return
     shapes = SHAPES[args.model]
     sessions = {t: layer_session(shapes, args.bits, t) for t in targets}
     rng = np.random.default_rng(1)
