@@ -702,7 +702,8 @@ constexpr int kAmxTokens = 16;  // tokens per tile (the A and C tiles' rows)
 constexpr int kAmxFrom = 32;    // calls of fewer tokens run only the VNNI tiles
 
 // Sets this thread's tile shapes unless they are set: ONNX Runtime's pool threads each
-// configure on first use, and its own AMX kernels may configure others in between.
+// configure on first use, and its own AMX kernels may configure others in between. (Its
+// int8 GEMM reloads its shapes, all 16 x 64, only when both bytes and rows differ: ours do.)
 void configure_tiles() {
   struct alignas(64) Config {
     uint8_t palette, start_row, reserved[14];
