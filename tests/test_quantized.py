@@ -149,7 +149,7 @@ def numpy_blocks(weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.nda
     return q.astype(np.uint8), scale, low
 
 
-@pytest.mark.parametrize("target", ["avx512_vnni", "avx2", "portable"])
+@pytest.mark.parametrize("target", ["avx512_amx", "avx512_vnni", "avx2", "portable"])
 def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:

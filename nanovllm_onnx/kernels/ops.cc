@@ -712,6 +712,123 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 }
 #endif
 
+#ifdef __AMX_INT8__
+// AMX (the avx512_amx build): TDPBSUD multiplies 16 tokens' int8 activations [16 x 32] by a
+// block's weight codes, and a record's 8-bit values already are its B tile (8 rows of 64
+// bytes: byte r * 4 + c of row v is row r's input 4v + c); 4-bit records are unpacked to such
+// tiles first. Its int32 dot products are VPDPBUSD's, and the epilogue is block_tile's, in the
+// same order: y is the VNNI tiles' bit for bit, so a token's result does not depend on the
+// tokens that share its call (speculative verification, batching). Per block of 32 inputs
+// each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue;
+// that round trip, not the multiply, bounds it: ~1.3x the VNNI tiles from 32 tokens on (the
+// README's kernel table), slower than them below 16 (the fixed cost of a tile per block).
+constexpr int kAmxTokens = 16;  // tokens per tile (the A and C tiles' rows)
+constexpr int kAmxFrom = 32;    // calls of fewer tokens run only the VNNI tiles
+
+// Sets this thread's tile shapes unless they are set: ONNX Runtime's pool threads each
+// configure on first use, and its own AMX kernels may configure others in between. (Its
+// int8 GEMM reloads its shapes, all 16 x 64, only when both bytes and rows differ: ours do.)
+void configure_tiles() {
+  struct alignas(64) Config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes[16];
+    uint8_t rows[16];
+  } want{}, have;
+  want.palette = 1;
+  for (int c : {0, 1}) want.bytes[c] = 64, want.rows[c] = kAmxTokens;     // C: 16 x 16 int32
+  for (int a : {2, 3}) want.bytes[a] = kBlock, want.rows[a] = kAmxTokens;  // A: 16 x 32 int8
+  for (int b : {4, 5}) want.bytes[b] = 64, want.rows[b] = 8;               // B: a block's codes
+  _tile_storeconfig(&have);
+  asm volatile("" ::: "memory");  // the intrinsics' asm names 8 of the 64 bytes they touch
+  if (std::memcmp(&want, &have, sizeof want) != 0) _tile_loadconfig(&want);
+}
+
+// c = the int32 dot products of 16 tokens' a [16 x 32] (row stride `stride`) with the B tile
+// at b, on tile set 0 (C 0, A 2, B 4) or 1 (1, 3, 5): two blocks in flight. The store names
+// exactly c (the intrinsic's "memory" clobber would keep y in memory rather than registers).
+template <int Set>
+inline void amx_dot(const int8_t* a, int64_t stride, const uint8_t* b, int32_t (&c)[256]) {
+  if constexpr (Set == 0) {
+    _tile_zero(0);
+    _tile_loadd(2, a, stride);
+    _tile_loadd(4, b, 64);
+    _tile_dpbsud(0, 2, 4);
+    asm volatile("tilestored %%tmm0, (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64}));
+  } else {
+    _tile_zero(1);
+    _tile_loadd(3, a, stride);
+    _tile_loadd(5, b, 64);
+    _tile_dpbsud(1, 3, 5);
+    asm volatile("tilestored %%tmm1, (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64}));
+  }
+}
+
+// y [16 tokens] += block b's dot products, as block_tile adds them.
+__attribute__((always_inline)) inline void amx_epilogue(__m512 (&y)[kAmxTokens],
+                                                        const int32_t (&dots)[256],
+                                                        const uint8_t* halves, const float* xscale,
+                                                        const float* xsum, int64_t stride) {
+  const __m512 scale = Isa::load_halves(halves), minimum = Isa::load_halves(halves + 2 * kRows);
+#pragma GCC unroll 16
+  for (int t = 0; t < kAmxTokens; ++t) {
+    const __m512 sum = Isa::to_float(_mm512_load_si512(dots + t * kRows));
+    y[t] = Isa::fmadd(sum, Isa::mul(scale, Isa::fset1(xscale[t * stride])), y[t]);
+    y[t] = Isa::fmadd(minimum, Isa::fset1(xsum[t * stride]), y[t]);
+  }
+}
+
+// One record group (16 output rows) for the call's whole 16-token tiles; returns the tokens
+// done (the rest go to the VNNI tiles).
+template <int Bits>
+int64_t amx_tiles(const BlockStep& st, int64_t group) {
+  constexpr int64_t kRecord = record_bytes(Bits), kValueBytes = kRows * kBlock * Bits / 8;
+  constexpr int64_t kTileBytes = 8 * 64;
+  const int64_t blocks = st.blocks, width = blocks * kBlock;
+  configure_tiles();
+  const uint8_t* records = st.weights + group * blocks * kRecord;
+  const uint8_t* codes = records;  // block b's B tile: codes + b * step
+  int64_t step = kRecord;
+  if constexpr (Bits == 4) {  // unpacked once, cache-resident for every token tile
+    thread_local std::vector<uint8_t> unpacked;
+    unpacked.resize(blocks * kTileBytes);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int p = 0; p < 4; ++p) {
+        const __m512i w = Isa::load(records + b * kRecord + p * 64);
+        uint8_t* out = unpacked.data() + b * kTileBytes + 2 * p * 64;
+        _mm512_storeu_si512(out, Isa::nibbles(w, false));
+        _mm512_storeu_si512(out + 64, Isa::nibbles(w, true));
+      }
+    asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
+    codes = unpacked.data();
+    step = kTileBytes;
+  }
+  alignas(64) int32_t c0[256], c1[256];
+  int64_t token = 0;
+  for (; token + kAmxTokens <= st.tokens; token += kAmxTokens) {
+    const int8_t* a = st.xq + token * width;
+    const float* xscale = st.xscale + token * blocks;
+    const float* xsum = st.xsum + token * blocks;
+    const uint8_t* halves = records + kValueBytes;  // block b's: halves + b * kRecord
+    __m512 y[kAmxTokens];
+    for (auto& v : y) v = Isa::fzero();
+    // Block b + 1's product runs on the other tile set while block b's epilogue does.
+    amx_dot<0>(a, width, codes, c0);
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      amx_dot<1>(a + (b + 1) * kBlock, width, codes + (b + 1) * step, c1);
+      amx_epilogue(y, c0, halves + b * kRecord, xscale + b, xsum + b, blocks);
+      if (b + 2 < blocks) amx_dot<0>(a + (b + 2) * kBlock, width, codes + (b + 2) * step, c0);
+      amx_epilogue(y, c1, halves + (b + 1) * kRecord, xscale + b + 1, xsum + b + 1, blocks);
+    }
+    if (b < blocks) amx_epilogue(y, c0, halves + b * kRecord, xscale + b, xsum + b, blocks);
+    const int64_t col = group * kRows;
+    for (int t = 0; t < kAmxTokens; ++t)
+      Isa::store(st.y + (token + t) * st.n + col, y[t], st.n - col);
+  }
+  return token;
+}
+#endif
+
 // One task: one record group (16 output rows) for every token, in tiles of up to kTokenTile
 // tokens, its weights (16 rows x K, a few KB) staying in cache from tile to tile. Tasks this
 // small balance the two threads best: 41-43 GB/s of 4-bit weights on a decode (of the 45 GB/s
@@ -722,6 +839,9 @@ template <int Bits>
 void block_task(void* data, size_t group) {
   const BlockStep& st = *static_cast<const BlockStep*>(data);
   int64_t t = 0;
+#ifdef __AMX_INT8__
+  if (st.tokens >= kAmxFrom) t = amx_tiles<Bits>(st, group);
+#endif
   for (; t + kTokenTile <= st.tokens; t += kTokenTile) block_tile<Bits, kTokenTile>(st, group, t);
   switch (st.tokens - t) {  // the rest: 0 to kTokenTile - 1 tokens
     case 1: block_tile<Bits, 1>(st, group, t); break;
