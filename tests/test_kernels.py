@@ -165,9 +165,9 @@ def test_ragged_rows_match_reference_and_update_in_place(head_dim: int, cache: t
 
 @pytest.mark.parametrize("target", FLOAT_TARGETS)
 def test_a_verification_equals_its_tokens_decoded_one_by_one(target: str) -> None:
-    """A speculative verification (one row, 7 tokens, few KV heads: its query block split
-    across threads, its query vectors in uneven chunks) gives every token exactly the output
-    that decoding the tokens one at a time gives, and the reference's."""
+    """A speculative verification (one row, 7 tokens: 21 query vectors of a KV head in
+    chunks) gives every token exactly the output that decoding the tokens one at a time
+    gives (what makes its greedy tokens the plain decode's), and the reference's."""
     skip_unless_runnable(target)
     head_dim, past, n = 64, 45, 7
     rng = np.random.default_rng(7)

@@ -29,7 +29,6 @@
 #include <cmath>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -132,15 +131,11 @@ void weigh_values(const float* p, int64_t stride, const T* values, int64_t len, 
 }
 
 // Calls kernel<NR>(offset) for query vectors [offset, offset + NR) in chunks of at most
-// `widest` (at most 8), so that a chunk's accumulators stay in registers. The chunks are of
-// even size (21 at most 5: 5, 4, 4, 4, 4, not 5, 5, 5, 5, 1): a chunk of one or two vectors
-// waits on its few accumulators' FMA latency at every step.
+// `widest` (at most 8), so that a chunk's accumulators stay in registers.
 template <template <int> class Kernel, typename... Args>
 void in_chunks(int n, int widest, Args... args) {
-  widest = std::min(widest, 8);
-  const int chunks = (n + widest - 1) / widest;
-  for (int offset = 0, c = 0; offset < n; ++c) {
-    const int nr = (n - offset + chunks - c - 1) / (chunks - c);
+  for (int offset = 0; offset < n;) {
+    const int nr = std::min({n - offset, widest, 8});
     switch (nr) {
       case 1: Kernel<1>::run(offset, args...); break;
       case 2: Kernel<2>::run(offset, args...); break;
@@ -297,28 +292,6 @@ struct SlotAttentionKernel {
     return guarded([&] { Compute(Ort::KernelContext(context)); });
   }
 
-  // One task per KV head of each row and block of at most kQueryBlock of its query tokens,
-  // blocks of even size. Where that leaves fewer tasks than twice the threads (the engine's
-  // pool: one per CPU), the blocks are split further: a speculative verification (7 tokens)
-  // on a model with 3 KV heads would be 3 compute-bound tasks on 2 threads, one thread idle
-  // half the time; 6 tasks of 4 and 3 tokens even out (each block reads the keys again,
-  // cheap next to scoring them). A decode's single token is one block whatever the count.
-  // (The count is read once: glibc reads it from /sys, some microseconds, on every call.)
-  static void add_tasks(Step& st, const int32_t* query) {
-    const Shape& s = st.s;
-    auto blocks_of = [](int64_t n) { return (n + kQueryBlock - 1) / kQueryBlock; };
-    int64_t tasks = 0;
-    for (int64_t b = 0; b < s.rows; ++b) tasks += s.kv_heads * blocks_of(query[b]);
-    static const int64_t wanted = 2 * std::max(1u, std::thread::hardware_concurrency());
-    const int64_t split = tasks == 0 ? 1 : (wanted + tasks - 1) / tasks;
-    for (int64_t b = 0; b < s.rows; ++b) {
-      const int64_t n = query[b], blocks = std::min(n, blocks_of(n) * split);
-      for (int64_t g = 0; g < s.kv_heads; ++g)
-        for (int64_t i = 0; i < blocks; ++i)  // block i: tokens [n i / blocks, n (i + 1) / blocks)
-          st.tasks.push_back({b, g, n * i / blocks, n * (i + 1) / blocks});
-    }
-  }
-
   void Compute(Ort::KernelContext ctx) {
     auto qkv = ctx.GetInput(0), past_key = ctx.GetInput(1), past_value = ctx.GetInput(2);
     auto past_lens = ctx.GetInput(3), query_lens = ctx.GetInput(4);
@@ -388,7 +361,10 @@ struct SlotAttentionKernel {
       append(st, static_cast<_Float16*>(keys), static_cast<_Float16*>(values));
     else
       append(st, static_cast<float*>(keys), static_cast<float*>(values));
-    add_tasks(st, query);
+    for (int64_t b = 0; b < s.rows; ++b)
+      for (int64_t g = 0; g < kv_heads; ++g)
+        for (int64_t j = 0; j < query[b]; j += kQueryBlock)
+          st.tasks.push_back({b, g, j, std::min<int64_t>(j + kQueryBlock, query[b])});
     if (st.tasks.empty()) return;
     auto fn = half ? task_runner<_Float16>(s.head_dim) : task_runner<float>(s.head_dim);
     check(fn != nullptr, "head_dim must be 16, 32, 64 or 128");
