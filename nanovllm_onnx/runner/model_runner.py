@@ -139,7 +139,7 @@ class ModelRunner:
         graph = model_cfg.graph_file(model_dir)
         # int8's DynamicQuantizeMatMul needs its weights prepacked (2-6x slower without,
         # M = 1-256 rows). fp32's Gemm decodes as fast without (1.05x with), but packs its
-        # weights again in every call of two or more rows: a prefill is 1.5x faster prepacked,
+        # weights again in every call of two or more rows: a prefill is 1.15-1.5x faster prepacked,
         # a speculative verification of 7 rows 1.4x; and packed and unpacked Gemm round apart
         # (logits within 2e-4), so an engine with speculation and one without must both
         # prepack to give the same tokens. BlockLinear reads its blocks as they lie in the file.
