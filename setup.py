@@ -5,6 +5,7 @@
 wheel thus runs on any x86-64 machine, and no run needs a compiler or the network.
 """
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from setuptools.command.build_ext import build_ext
 
 KERNELS = "nanovllm_onnx/kernels"
 TARGETS = {  # the names dispatch.cc chooses among, best first
+    "avx512_amx": ["-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8"],
     "avx512_vnni": ["-march=x86-64-v4", "-mavx512vnni"],
     "avx2_vnni": ["-march=x86-64-v3", "-mavxvnni"],
     "avx2": ["-march=x86-64-v3"],
@@ -48,6 +50,13 @@ class BuildLibraries(build_ext):
         for ext in self.extensions:
             ext.include_dirs.append(include)
         super().build_extensions()
+
+    def build_extension(self, ext: Extension) -> None:
+        # Every target compiles ops.cc, two at a time: each into its own object directory (in
+        # the shared one, a build could link the object another target's compiler just wrote).
+        build = copy.copy(self)
+        build.build_temp = os.path.join(self.build_temp, ext.name)
+        super(BuildLibraries, build).build_extension(ext)
 
     def get_ext_filename(self, fullname: str) -> str:
         return fullname.replace(".", os.sep) + ".so"

@@ -3,8 +3,8 @@ read the source and write as many bytes as the conversion writes (the I/O floor)
 
     python benchmarks/convert_memory.py /work/data/llama-3b --out /work/data/converted
 
-Each conversion and each I/O floor runs in its own process (peak RSS from getrusage); the
-converted folder is deleted after each (kept with --keep).
+Each conversion and each I/O floor runs in its own process (peak RSS from getrusage), on a
+warm source (read once first); the converted folder is deleted after each (kept with --keep).
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the converted folders")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # Every run reads a warm source (the page cache holds it), the first conversion as the rest.
+    for f in sorted(p for p in args.source.iterdir() if p.is_file()):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
     for weights in args.weights:
         # getrusage's children peak is a maximum over all children: one parent per format.
         code = "import json, sys; from benchmarks.convert_memory import measure; " \

@@ -51,10 +51,10 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray,
     return ops_session(graph, target)
 
 
-# BlockLinear's code paths, one build each: AVX-512 VNNI, AVX2 with and without AVX-VNNI, and
-# the portable one; each runs where the CPU has what it needs. SlotAttention, SwiGLU and
-# BlockGather have no VNNI path: three builds cover them.
-TARGETS = ["avx512_vnni", "avx2_vnni", "avx2", "portable"]
+# BlockLinear's code paths, one build each: AMX-INT8 (with AVX-512 VNNI), AVX-512 VNNI, AVX2
+# with and without AVX-VNNI, and the portable one; each runs where the CPU has what it needs.
+# SlotAttention, SwiGLU and BlockGather have no VNNI or AMX path: three builds cover them.
+TARGETS = ["avx512_amx", "avx512_vnni", "avx2_vnni", "avx2", "portable"]
 FLOAT_TARGETS = ["avx512_vnni", "avx2", "portable"]
 SUPPORTED = supported_targets()
 
@@ -245,8 +245,8 @@ def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("k, n", [(64, 48), (40, 20), (576, 960)])
 def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int) -> None:
     """Blocks with a float scale and minimum (Q4_1-style): the op computes, on every token
-    count (its 1- to 4-token tiles), the exact dot products of the int8-quantized
-    activations with the 4- or 8-bit weights, and lands near the float product; in every
+    count (its 1- to 4-token tiles, AMX's 16-token ones), the exact dot products of the int8-
+    quantized activations with the 4- or 8-bit weights, and lands near the float product; in every
     build of it this CPU can run."""
     skip_unless_runnable(target)
     rng = np.random.default_rng(k + n + bits)
@@ -258,7 +258,7 @@ def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int) 
     w = (q * scale[..., None] + minimum[..., None]).astype(np.float64)  # [n, blocks, 32]
     sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, minimum, bits)),
                          target)
-    for tokens in (1, 2, 3, 4, 7):
+    for tokens in (1, 2, 3, 4, 7, 37):
         x = rng.standard_normal((tokens, k)).astype(np.float32)
         x[0, : min(k, 32)] = 0.0  # an all-zero block
         (y,) = sess.run(None, {"x": x})
@@ -269,6 +269,29 @@ def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int) 
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
         exact = x.astype(np.float64) @ w.reshape(n, -1)[:, :k].T
         assert np.abs(y - exact).max() < 0.02 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
+    """AMX's 16-token tiles give the VNNI tiles' floats exactly, on every token count around
+    the tile edges and where AMX takes over, with N and K not whole records: so a token's
+    result does not depend on how many tokens share its call (each row alone gives it too)."""
+    if "avx512_amx" not in SUPPORTED:
+        pytest.skip("this CPU has no AMX-INT8, or the OS does not let this process use it")
+    rng = np.random.default_rng(bits)
+    for k, n in ((200, 37), (576, 96)):
+        blocks = -(-k // 32)
+        weights = pack_blocks(QuantBlocks(
+            rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8),
+            rng.uniform(0.001, 0.05, (n, blocks)).astype(np.float32),
+            -rng.uniform(0, 0.3, (n, blocks)).astype(np.float32), bits))
+        amx, vnni = (block_session(k, n, bits, weights, t) for t in ("avx512_amx", "avx512_vnni"))
+        for tokens in [*range(1, 41), 47, 48, 49, 64]:
+            x = rng.standard_normal((tokens, k)).astype(np.float32)
+            (y,) = amx.run(None, {"x": x})
+            np.testing.assert_array_equal(y, vnni.run(None, {"x": x})[0], err_msg=f"{tokens}")
+        for t in (0, 17, 63):  # the last call's rows, each alone
+            np.testing.assert_array_equal(y[t], amx.run(None, {"x": x[t:t + 1]})[0][0])
 
 
 def test_block_linear_rejects_weights_of_another_shape() -> None:

@@ -166,14 +166,14 @@ def numpy_blocks(weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.nda
     return q.astype(np.uint8), scale, low
 
 
-@pytest.mark.parametrize("target", ["avx512_vnni", "avx2", "portable"])
+@pytest.mark.parametrize("target", ["avx512_amx", "avx512_vnni", "avx2", "portable"])
 def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     """The kernels library quantizes as numpy's float32 arithmetic does, in every build:
     blocks (rows split over threads, K and rows not whole blocks, constant, tiny and huge
-    values, values on the codes' midpoints) and int8's per-channel codes; from bf16 as from
-    the same values in float32."""
+    values, values on the codes' midpoints), packed in one pass as in two, and int8's
+    per-channel codes; from bf16 as from the same values in float32."""
     from nanovllm_onnx.kernels import TARGET_ENV, quantize, supported_targets
 
     if target not in supported_targets():
@@ -195,19 +195,34 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
             np.testing.assert_array_equal(unpack(pack_blocks(blocks), bits)[:len(w)],
                                           (q * scale[..., None] + minimum[..., None]
                                            ).reshape(len(w), -1))
+            # The converter's one pass (codes packed 16 rows at a time): the same records.
+            np.testing.assert_array_equal(quantize.quantize_packed(w, bits, symmetric),
+                                          pack_blocks(blocks))
         per_channel = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127
-        qt, scale = quantize.quantize_channels(w)
+        scale, qt = channels(w)
         np.testing.assert_array_equal(scale, per_channel)
         np.testing.assert_array_equal(
             qt, np.clip(np.rint(w / per_channel[:, None]), -127, 127).astype(np.int8).T)
+        # Stacked parts (q, k, v) each into its columns: as the stacked weight.
+        for a, b in zip(channels([w[:len(w) // 3], w[len(w) // 3:]]), (scale, qt)):
+            np.testing.assert_array_equal(a, b)
         # A bf16 checkpoint's weights are read as they are: the same as their float32 values.
         half = w.astype(bfloat16)
         blocks, same = quantize_blocks(half, 4), quantize_blocks(half.astype(np.float32), 4)
         for field in ("q", "scale", "minimum"):
             np.testing.assert_array_equal(getattr(blocks, field), getattr(same, field))
-        for a, b in zip(quantize.quantize_channels(half),
-                        quantize.quantize_channels(half.astype(np.float32))):
+        np.testing.assert_array_equal(quantize.quantize_packed(half, 4, False),
+                                      pack_blocks(same))
+        for a, b in zip(channels(half), channels(half.astype(np.float32))):
             np.testing.assert_array_equal(a, b)
+
+
+def channels(weight: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """int8's scales and whole transposed codes, made 7 inputs at a time (not whole chunks)."""
+    from nanovllm_onnx.kernels import quantize
+
+    scale, chunks = quantize.quantize_channels(weight, rows=7)
+    return scale, np.concatenate(list(chunks))
 
 
 def unpack(records: np.ndarray, bits: int) -> np.ndarray:

@@ -29,6 +29,7 @@ MS = "com.microsoft"
 
 BLOCK = 32  # inputs per block of 4- and 8-bit weights
 CHUNK_BYTES = 16 << 20  # a large weight is converted this many float32 bytes of rows at a time
+ROTARY_POSITIONS = 8192  # rotary tables computed this many positions at a time
 
 
 @dataclass
@@ -94,9 +95,8 @@ class GraphBuilder:
                      token_scale: str | None) -> str:
         """Per-output-channel symmetric int8 weights; activations quantized on the fly (the
         int8 GEMM, VNNI/AMX, is several times fp32 on batched steps)."""
-        codes, scales = zip(*map(quantize.quantize_channels, parts))
-        inputs = [x, self.const(name, np.concatenate(codes, axis=1)),
-                  self.const(name + ".scale", np.concatenate(scales)), ""]
+        scales, codes = quantize.quantize_channels(parts, chunk_rows(sum(map(len, parts))))
+        inputs = [x, self.const(name, codes), self.const(name + ".scale", scales), ""]
         if token_scale is None:
             if bias is not None:
                 inputs.append(self.const(name + ".bias", bias))
@@ -128,7 +128,7 @@ class GraphBuilder:
         time where each fills whole groups."""
         if isinstance(weight, list):
             if all(len(part) % 16 == 0 for part in weight[:-1]):  # whole records: no concat
-                packed = (pack_blocks(quantize_blocks(part, bits)) for part in weight)
+                packed = (quantize_packed(part, bits) for part in weight)
                 return BlockWeights(self.const(name, packed), weight[0].shape[1],
                                     sum(map(len, weight)), bits)
             weight = np.concatenate(weight)
@@ -138,7 +138,7 @@ class GraphBuilder:
                                 weight.bits)
         rows = weight if isinstance(weight, Rows) else Rows.of(weight)
         (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
-        packed = (pack_blocks(quantize_blocks(c, bits)) for c in rows.chunks(step))
+        packed = (quantize_packed(c, bits) for c in rows.chunks(step, stored=True))
         return BlockWeights(self.const(name, packed), k, n, bits)
 
     def block_op(self, op_type: str, x: str, weights: BlockWeights) -> str:
@@ -171,6 +171,11 @@ def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool | None = None
     return QuantBlocks(*quantize.quantize_blocks(weight, bits, symmetric), bits)
 
 
+def quantize_packed(weight: np.ndarray, bits: int) -> np.ndarray:
+    """pack_blocks(quantize_blocks(weight, bits)), in one pass of the kernels library."""
+    return quantize.quantize_packed(weight, bits, symmetric=bits == 8)
+
+
 def pack_blocks(blocks: QuantBlocks) -> np.ndarray:
     """BlockLinear's weights: one record per 16 output rows x 32 inputs, the values as 8
     vectors of [16 rows, 4 inputs] (VNNI's layout; at 4 bits vectors 2p and 2p + 1 share
@@ -183,8 +188,15 @@ def rotary_cache(head_dim: int, max_pos: int, rope: dict) -> np.ndarray:
     """cos and sin tables [max_pos, head_dim/2] for rotate-half rotary embeddings. YaRN's
     attention factor scales both, as transformers scales its cos and sin."""
     inv_freq, attention_factor = inverse_frequencies(head_dim, max_pos, rope)
-    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
-    return (np.stack([np.cos(freqs), np.sin(freqs)]) * attention_factor).astype(np.float32)
+    tables = np.empty((2, max_pos, len(inv_freq)), np.float32)
+    # A slice of positions at a time: Llama-3's 131,072 whole took 3x the CPU (its float64
+    # temporaries, 400 MB at head_dim 128, in fresh pages).
+    for lo in range(0, max_pos, ROTARY_POSITIONS):
+        freqs = np.outer(np.arange(lo, min(lo + ROTARY_POSITIONS, max_pos), dtype=np.float64),
+                         inv_freq)
+        tables[0, lo:lo + len(freqs)] = np.cos(freqs) * attention_factor
+        tables[1, lo:lo + len(freqs)] = np.sin(freqs) * attention_factor
+    return tables
 
 
 def inverse_frequencies(head_dim: int, max_pos: int, rope: dict) -> tuple[np.ndarray, float]:

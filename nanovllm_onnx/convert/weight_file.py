@@ -7,7 +7,8 @@ whole model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ class WeightFile:
         self._file.write(b"\0" * (-self._file.tell() % ALIGNMENT))
         offset = self._file.tell()
         rows, tail, dtype = 0, None, None
-        for chunk in chunks:
+        for chunk in _ahead(chunks):
             if dtype is not None and (chunk.dtype, chunk.shape[1:]) != (dtype, tail):
                 raise ValueError(f"{name}: chunk of {chunk.dtype} {chunk.shape} after "
                                  f"{dtype} {tail}")
@@ -58,3 +59,15 @@ class WeightFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ahead(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The chunks, each next one made (read, quantized) on a thread while this one is written:
+    the write's copy into the page cache no longer waits for the quantizer, nor it for the
+    write."""
+    it = iter(chunks)
+    with ThreadPoolExecutor(1, thread_name_prefix="chunk") as pool:
+        upcoming = pool.submit(next, it, None)
+        while (chunk := upcoming.result()) is not None:
+            upcoming = pool.submit(next, it, None)
+            yield chunk

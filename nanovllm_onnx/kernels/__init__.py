@@ -1,10 +1,10 @@
 """The engine's own ONNX Runtime CPU ops (SlotAttention, SwiGLU, BlockLinear: `ops.cc`), built
 when the package is installed.
 
-`pip install` (setup.py) compiles ops.cc once per target CPU (AVX-512 VNNI, AVX2 with and
-without AVX-VNNI, portable x86-64) and `dispatch.cc` into `ops.so`, the library sessions load:
-it registers the build for this CPU, chosen by cpuid, or the one NANO_VLLM_ONNX_KERNEL_TARGET
-names. No run calls a compiler or the network.
+`pip install` (setup.py) compiles ops.cc once per target CPU (AMX-INT8, AVX-512 VNNI, AVX2
+with and without AVX-VNNI, portable x86-64) and `dispatch.cc` into `ops.so`, the library
+sessions load: it registers the build for this CPU, chosen by cpuid, or the one
+NANO_VLLM_ONNX_KERNEL_TARGET names. No run calls a compiler or the network.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def custom_ops_library() -> Path:
 
 
 def kernel_target() -> str:
-    """The build of the ops that sessions of this process get: avx512_vnni, avx2_vnni, avx2 or
-    portable (forced by NANO_VLLM_ONNX_KERNEL_TARGET, else the best this CPU runs)."""
+    """The build of the ops that sessions of this process get: avx512_amx, avx512_vnni,
+    avx2_vnni, avx2 or portable (forced by NANO_VLLM_ONNX_KERNEL_TARGET, else the best this CPU
+    runs)."""
     target = _library(custom_ops_library()).NanovllmKernelTarget().decode()
     if target.startswith("error: "):
         raise KernelBuildError(target.removeprefix("error: "))

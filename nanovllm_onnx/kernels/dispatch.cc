@@ -4,8 +4,12 @@
 // inline functions of the headers (std::vector, Ort::) that each build instantiates with its
 // own instructions would otherwise be merged into one copy by the linker, maybe an AVX-512 one.
 //
-// NANO_VLLM_ONNX_KERNEL_TARGET=<target> forces a target (tests run each one this CPU can).
+// NANO_VLLM_ONNX_KERNEL_TARGET=<target> forces a target (tests run each one this CPU can);
+// avx512_vnni on an AMX machine runs without AMX.
+#include <cpuid.h>
 #include <dlfcn.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -22,12 +26,30 @@ struct Target {
   void* library;  // loaded on first use, never unloaded: sessions may still run its kernels
 };
 
+bool avx512_vnni() {
+  return __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni");
+}
+
+// AMX-TILE and AMX-INT8 (cpuid 7.0 EDX bits 24, 25), whose tile state the OS saves (XCR0 bits
+// 17, 18) and lets this process use: Linux asks each process to request it, once.
+bool amx_int8() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!avx512_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d >> 24 & 3) != 3)
+      return false;
+    unsigned low, high;
+    asm("xgetbv" : "=a"(low), "=d"(high) : "c"(0));  // OSXSAVE: x86-64-v4 implies it
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM
+    return (low >> 17 & 3) == 3 && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return usable;
+}
+
 // Best first. x86-64-v4: AVX-512 F/BW/CD/DQ/VL; v3: AVX2, FMA, F16C, BMI; libgcc checks that
 // the OS saves the vector registers (XGETBV) too.
 Target targets[] = {
-    {"avx512_vnni",
-     [] { return __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni"); },
-     nullptr},
+    {"avx512_amx", amx_int8, nullptr},
+    {"avx512_vnni", avx512_vnni, nullptr},
     {"avx2_vnni",
      [] { return __builtin_cpu_supports("x86-64-v3") && __builtin_cpu_supports("avxvnni"); },
      nullptr},
@@ -50,7 +72,7 @@ Target* choose(std::string& error) {
     }
   }
   error = std::string("NANO_VLLM_ONNX_KERNEL_TARGET=") + forced +
-          " is not a target (avx512_vnni, avx2_vnni, avx2, portable)";
+          " is not a target (avx512_amx, avx512_vnni, avx2_vnni, avx2, portable)";
   return nullptr;
 }
 

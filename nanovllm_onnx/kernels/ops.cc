@@ -688,6 +688,123 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 }
 #endif
 
+#ifdef __AMX_INT8__
+// AMX (the avx512_amx build): TDPBSUD multiplies 16 tokens' int8 activations [16 x 32] by a
+// block's weight codes, and a record's 8-bit values already are its B tile (8 rows of 64
+// bytes: byte r * 4 + c of row v is row r's input 4v + c); 4-bit records are unpacked to such
+// tiles first. Its int32 dot products are VPDPBUSD's, and the epilogue is block_tile's, in the
+// same order: y is the VNNI tiles' bit for bit, so a token's result does not depend on the
+// tokens that share its call (speculative verification, batching). Per block of 32 inputs
+// each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue;
+// that round trip, not the multiply, bounds it: ~1.3x the VNNI tiles from 32 tokens on (the
+// README's kernel table), slower than them below 16 (the fixed cost of a tile per block).
+constexpr int kAmxTokens = 16;  // tokens per tile (the A and C tiles' rows)
+constexpr int kAmxFrom = 32;    // calls of fewer tokens run only the VNNI tiles
+
+// Sets this thread's tile shapes unless they are set: ONNX Runtime's pool threads each
+// configure on first use, and its own AMX kernels may configure others in between. (Its
+// int8 GEMM reloads its shapes, all 16 x 64, only when both bytes and rows differ: ours do.)
+void configure_tiles() {
+  struct alignas(64) Config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes[16];
+    uint8_t rows[16];
+  } want{}, have;
+  want.palette = 1;
+  for (int c : {0, 1}) want.bytes[c] = 64, want.rows[c] = kAmxTokens;     // C: 16 x 16 int32
+  for (int a : {2, 3}) want.bytes[a] = kBlock, want.rows[a] = kAmxTokens;  // A: 16 x 32 int8
+  for (int b : {4, 5}) want.bytes[b] = 64, want.rows[b] = 8;               // B: a block's codes
+  _tile_storeconfig(&have);
+  asm volatile("" ::: "memory");  // the intrinsics' asm names 8 of the 64 bytes they touch
+  if (std::memcmp(&want, &have, sizeof want) != 0) _tile_loadconfig(&want);
+}
+
+// c = the int32 dot products of 16 tokens' a [16 x 32] (row stride `stride`) with the B tile
+// at b, on tile set 0 (C 0, A 2, B 4) or 1 (1, 3, 5): two blocks in flight. The store names
+// exactly c (the intrinsic's "memory" clobber would keep y in memory rather than registers).
+template <int Set>
+inline void amx_dot(const int8_t* a, int64_t stride, const uint8_t* b, int32_t (&c)[256]) {
+  if constexpr (Set == 0) {
+    _tile_zero(0);
+    _tile_loadd(2, a, stride);
+    _tile_loadd(4, b, 64);
+    _tile_dpbsud(0, 2, 4);
+    asm volatile("tilestored %%tmm0, (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64}));
+  } else {
+    _tile_zero(1);
+    _tile_loadd(3, a, stride);
+    _tile_loadd(5, b, 64);
+    _tile_dpbsud(1, 3, 5);
+    asm volatile("tilestored %%tmm1, (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64}));
+  }
+}
+
+// y [16 tokens] += block b's dot products, as block_tile adds them.
+__attribute__((always_inline)) inline void amx_epilogue(__m512 (&y)[kAmxTokens],
+                                                        const int32_t (&dots)[256],
+                                                        const uint8_t* halves, const float* xscale,
+                                                        const float* xsum, int64_t stride) {
+  const __m512 scale = Isa::load_halves(halves), minimum = Isa::load_halves(halves + 2 * kRows);
+#pragma GCC unroll 16
+  for (int t = 0; t < kAmxTokens; ++t) {
+    const __m512 sum = Isa::to_float(_mm512_load_si512(dots + t * kRows));
+    y[t] = Isa::fmadd(sum, Isa::mul(scale, Isa::fset1(xscale[t * stride])), y[t]);
+    y[t] = Isa::fmadd(minimum, Isa::fset1(xsum[t * stride]), y[t]);
+  }
+}
+
+// One record group (16 output rows) for the call's whole 16-token tiles; returns the tokens
+// done (the rest go to the VNNI tiles).
+template <int Bits>
+int64_t amx_tiles(const BlockStep& st, int64_t group) {
+  constexpr int64_t kRecord = record_bytes(Bits), kValueBytes = kRows * kBlock * Bits / 8;
+  constexpr int64_t kTileBytes = 8 * 64;
+  const int64_t blocks = st.blocks, width = blocks * kBlock;
+  configure_tiles();
+  const uint8_t* records = st.weights + group * blocks * kRecord;
+  const uint8_t* codes = records;  // block b's B tile: codes + b * step
+  int64_t step = kRecord;
+  if constexpr (Bits == 4) {  // unpacked once, cache-resident for every token tile
+    thread_local std::vector<uint8_t> unpacked;
+    unpacked.resize(blocks * kTileBytes);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int p = 0; p < 4; ++p) {
+        const __m512i w = Isa::load(records + b * kRecord + p * 64);
+        uint8_t* out = unpacked.data() + b * kTileBytes + 2 * p * 64;
+        _mm512_storeu_si512(out, Isa::nibbles(w, false));
+        _mm512_storeu_si512(out + 64, Isa::nibbles(w, true));
+      }
+    asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
+    codes = unpacked.data();
+    step = kTileBytes;
+  }
+  alignas(64) int32_t c0[256], c1[256];
+  int64_t token = 0;
+  for (; token + kAmxTokens <= st.tokens; token += kAmxTokens) {
+    const int8_t* a = st.xq + token * width;
+    const float* xscale = st.xscale + token * blocks;
+    const float* xsum = st.xsum + token * blocks;
+    const uint8_t* halves = records + kValueBytes;  // block b's: halves + b * kRecord
+    __m512 y[kAmxTokens];
+    for (auto& v : y) v = Isa::fzero();
+    // Block b + 1's product runs on the other tile set while block b's epilogue does.
+    amx_dot<0>(a, width, codes, c0);
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      amx_dot<1>(a + (b + 1) * kBlock, width, codes + (b + 1) * step, c1);
+      amx_epilogue(y, c0, halves + b * kRecord, xscale + b, xsum + b, blocks);
+      if (b + 2 < blocks) amx_dot<0>(a + (b + 2) * kBlock, width, codes + (b + 2) * step, c0);
+      amx_epilogue(y, c1, halves + (b + 1) * kRecord, xscale + b + 1, xsum + b + 1, blocks);
+    }
+    if (b < blocks) amx_epilogue(y, c0, halves + b * kRecord, xscale + b, xsum + b, blocks);
+    const int64_t col = group * kRows;
+    for (int t = 0; t < kAmxTokens; ++t)
+      Isa::store(st.y + (token + t) * st.n + col, y[t], st.n - col);
+  }
+  return token;
+}
+#endif
+
 // One task: one record group (16 output rows) for every token, in tiles of up to kTokenTile
 // tokens, its weights (16 rows x K, a few KB) staying in cache from tile to tile. Tasks this
 // small balance the two threads best: 41-43 GB/s of 4-bit weights on a decode (of the 45 GB/s
@@ -698,6 +815,9 @@ template <int Bits>
 void block_task(void* data, size_t group) {
   const BlockStep& st = *static_cast<const BlockStep*>(data);
   int64_t t = 0;
+#ifdef __AMX_INT8__
+  if (st.tokens >= kAmxFrom) t = amx_tiles<Bits>(st, group);
+#endif
   for (; t + kTokenTile <= st.tokens; t += kTokenTile) block_tile<Bits, kTokenTile>(st, group, t);
   switch (st.tokens - t) {  // the rest: 0 to kTokenTile - 1 tokens
     case 1: block_tile<Bits, 1>(st, group, t); break;
@@ -917,20 +1037,6 @@ inline float value(uint16_t w) {
   return f;
 }
 
-// Block b's 32 values of row `w` of width k: in the row (float32), or as floats in `padded`
-// (zeros past the row's end).
-inline const float* block_values(const float* w, int64_t k, int64_t b, float* padded) {
-  const int64_t n = k - b * kBlock;
-  if (n >= kBlock) return w + b * kBlock;
-  std::fill(std::copy(w + b * kBlock, w + k, padded), padded + kBlock, 0.f);
-  return padded;
-}
-inline const float* block_values(const uint16_t* w, int64_t k, int64_t b, float* padded) {
-  const int64_t n = std::min<int64_t>(kBlock, k - b * kBlock);
-  for (int i = 0; i < kBlock; ++i) padded[i] = i < n ? value(w[b * kBlock + i]) : 0.f;
-  return padded;
-}
-
 // The nearest codes 0 .. top of v against a scale and minimum (code 0 where the scale is 0).
 inline void block_codes(const float* v, float scale, float minimum, float top, uint8_t* q) {
   const double inverse = scale == 0.f ? 0. : 1. / scale;
@@ -967,49 +1073,139 @@ void pack(const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int6
 
 namespace convert {
 
-template <typename T>
-void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
-                     uint8_t* q, float* scale, float* minimum) {
-  const int64_t blocks = (k + kBlock - 1) / kBlock;
+#ifdef __F16C__
+// 8 floats to their fp16 values, rounded as `Rounding` says (to nearest, down or up: to_half's
+// three directions in one instruction).
+template <int Rounding>
+inline __m256 to_half8(__m256 x) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(x, Rounding | _MM_FROUND_NO_EXC));
+}
+// quotient(a, divisor) of 8 floats, `inverse` = 1 / divisor.
+inline __m256 quotient8(__m256 a, __m256d inverse) {
+  const __m128 low = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)),
+                                                   inverse));
+  const __m128 high = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)),
+                                                    inverse));
+  return _mm256_set_m128(high, low);
+}
+#endif
+
+// The fp16-valued scales and minimums of blocks with these extremes: symmetric, or from the
+// minimum rounded down with the scale rounded up (the extremes need no code past the range).
+// 8 blocks at a time where the CPU converts to fp16 in vectors (F16C): scalar, with its
+// branches, this took a third of the quantizer's time.
+inline void block_ranges(const float* least, const float* greatest, int64_t blocks,
+                         int64_t bits, int64_t symmetric, float* scale, float* minimum) {
   const float top = float((1 << bits) - 1), tiny = 6.103515625e-05f;  // fp16's least normal
-  float padded[kBlock];
-  for (int64_t r = 0; r < n; ++r, w += k) {
-    for (int64_t b = 0; b < blocks; ++b, q += kBlock, ++scale, ++minimum) {
-      const float* v = block_values(w, k, b, padded);
-      float least = v[0], greatest = v[0];
-      for (int i = 1; i < kBlock; ++i) {
-        least = std::min(least, v[i]);
-        greatest = std::max(greatest, v[i]);
-      }
-      if (symmetric) {
-        const float half = float(1 << (bits - 1));
-        *scale = to_half(std::max(quotient(std::max(-least, greatest), half - 1), tiny));
-        *minimum = to_half(-half * *scale);
-      } else {  // fp16 rounded outwards, so that the extremes need no code past the range
-        *minimum = to_half(least, -1);
-        *scale = to_half(std::max(quotient(greatest - *minimum, top), tiny), +1);
-      }
-      block_codes(v, *scale, *minimum, top, q);
+  const float half = float(1 << (bits - 1));
+  int64_t b = 0;
+#ifdef __F16C__
+  const __m256d inverse = _mm256_set1_pd(1. / (symmetric ? half - 1 : top));
+  const __m256 least_normal = _mm256_set1_ps(tiny);
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256 low = _mm256_loadu_ps(least + b), high = _mm256_loadu_ps(greatest + b);
+    __m256 s, m;
+    if (symmetric) {
+      const __m256 peak = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), low), high);
+      s = to_half8<_MM_FROUND_TO_NEAREST_INT>(
+          _mm256_max_ps(quotient8(peak, inverse), least_normal));
+      m = to_half8<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(_mm256_set1_ps(-half), s));
+    } else {
+      m = to_half8<_MM_FROUND_TO_NEG_INF>(low);
+      s = to_half8<_MM_FROUND_TO_POS_INF>(
+          _mm256_max_ps(quotient8(_mm256_sub_ps(high, m), inverse), least_normal));
+    }
+    _mm256_storeu_ps(scale + b, s);
+    _mm256_storeu_ps(minimum + b, m);
+  }
+#endif
+  for (; b < blocks; ++b) {
+    if (symmetric) {
+      scale[b] = to_half(std::max(quotient(std::max(-least[b], greatest[b]), half - 1), tiny));
+      minimum[b] = to_half(-half * scale[b]);
+    } else {
+      minimum[b] = to_half(least[b], -1);
+      scale[b] = to_half(std::max(quotient(greatest[b] - minimum[b], top), tiny), +1);
     }
   }
 }
 
+// Row by row: the row as floats (zeros past k), each block's extremes, the blocks' scales and
+// minimums, then the codes: each a loop over the whole row, which the compiler vectorizes
+// (block by block, the per-block steps between them stayed scalar: 2.5-4x slower).
 template <typename T>
-void quantize_channels(const T* w, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
-  constexpr int64_t kTileRows = 64;  // rows transposed together: 64-byte runs of qt
-  std::vector<double> inverse(n);
+void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
+                     uint8_t* q, float* scale, float* minimum) {
+  const int64_t blocks = (k + kBlock - 1) / kBlock;
+  const float top = float((1 << bits) - 1);
+  std::vector<float> row(blocks * kBlock, 0.f), least(blocks), greatest(blocks);
+  float* v = row.data();
+  for (int64_t r = 0; r < n; ++r, w += k, q += blocks * kBlock, scale += blocks,
+               minimum += blocks) {
+    for (int64_t i = 0; i < k; ++i) v[i] = value(w[i]);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* block = v + b * kBlock;
+      float lo = block[0], hi = block[0];
+      for (int i = 1; i < kBlock; ++i) {
+        lo = std::min(lo, block[i]);
+        hi = std::max(hi, block[i]);
+      }
+      least[b] = lo;
+      greatest[b] = hi;
+    }
+    block_ranges(least.data(), greatest.data(), blocks, bits, symmetric, scale, minimum);
+    for (int64_t b = 0; b < blocks; ++b)
+      block_codes(v + b * kBlock, scale[b], minimum[b], top, q + b * kBlock);
+  }
+}
+
+// w [n, k] straight to BlockLinear's records, 16 rows at a time: no codes array the size of
+// the weight (fresh pages the kernel zeroes) between quantize_blocks and pack.
+template <typename T>
+void quantize_packed(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
+                     uint8_t* out) {
+  const int64_t blocks = (k + kBlock - 1) / kBlock, values = kRows * blocks;
+  std::vector<uint8_t> q(values * kBlock);
+  std::vector<float> scale(values), minimum(values);
+  std::vector<uint16_t> scale_bits(values), minimum_bits(values);
+  for (int64_t r = 0; r < n; r += kRows, w += kRows * k, out += blocks * record_bytes(bits)) {
+    const int64_t rows = std::min<int64_t>(kRows, n - r);
+    quantize_blocks(w, rows, k, bits, symmetric, q.data(), scale.data(), minimum.data());
+    for (int64_t i = 0; i < rows * blocks; ++i) {  // fp16 values already: exact
+      scale_bits[i] = half_bits(scale[i]);
+      minimum_bits[i] = half_bits(minimum[i]);
+    }
+    (bits == 8 ? pack<8> : pack<4>)(q.data(), scale_bits.data(), minimum_bits.data(), rows,
+                                    blocks, out);
+  }
+}
+
+// int8's per-channel scales of w [n, k]: max(max |w| of the row, 1e-12) / 127.
+template <typename T>
+void channel_scales(const T* w, int64_t n, int64_t k, float* scale) {
   for (int64_t r = 0; r < n; ++r) {
     float peak = 0.f;
     for (int64_t c = 0; c < k; ++c) peak = std::max(peak, std::fabs(value(w[r * k + c])));
     scale[r] = quotient(std::max(peak, 1e-12f), 127.f);
-    inverse[r] = 1. / scale[r];
   }
+}
+
+// The codes of inputs [first, last) of w [n, k], transposed: qt[(c - first) * ld + r] = the
+// nearest of -127 .. 127 to w[r, c] / scale[r].
+template <typename T>
+void channel_codes(const T* w, int64_t n, int64_t k, int64_t first, int64_t last,
+                   const float* scale, int8_t* qt, int64_t ld) {
+  constexpr int64_t kTileRows = 64;  // rows transposed together: 64-byte runs of qt
+  double inverse[kTileRows];
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, n - r0);
-    for (int64_t c = 0; c < k; ++c) {
-      for (int64_t r = r0; r < r0 + rows; ++r) {
-        const float code = std::nearbyint(static_cast<float>(value(w[r * k + c]) * inverse[r]));
-        qt[c * ld + r] = static_cast<int8_t>(std::min(std::max(code, -127.f), 127.f));
+    for (int64_t r = 0; r < rows; ++r) inverse[r] = 1. / scale[r0 + r];
+    for (int64_t c = first; c < last; ++c) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float code = std::nearbyint(
+            static_cast<float>(value(w[(r0 + r) * k + c]) * inverse[r]));
+        qt[(c - first) * ld + r0 + r] = static_cast<int8_t>(std::min(std::max(code, -127.f),
+                                                                     127.f));
       }
     }
   }
@@ -1031,6 +1227,17 @@ extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeBlocks(
                              minimum);
 }
 
+// NanovllmPackBlocks' records of NanovllmQuantizeBlocks' blocks of w, in one pass. out:
+// [ceil(n / 16), blocks, record_bytes(bits)].
+extern "C" __attribute__((visibility("default"))) void NanovllmQuantizePacked(
+    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
+    uint8_t* out) {
+  if (bf16)
+    convert::quantize_packed(static_cast<const uint16_t*>(w), n, k, bits, symmetric, out);
+  else
+    convert::quantize_packed(static_cast<const float*>(w), n, k, bits, symmetric, out);
+}
+
 // The codes q [n, blocks, 32] of w [n, blocks * 32] against given scales and minimums [n,
 // blocks] (fp16 values): the nearest, 0 where the scale is 0.
 extern "C" __attribute__((visibility("default"))) void NanovllmBlockCodes(
@@ -1050,13 +1257,23 @@ extern "C" __attribute__((visibility("default"))) void NanovllmPackBlocks(
   (bits == 8 ? convert::pack<8> : convert::pack<4>)(q, scale, minimum, n, blocks, out);
 }
 
-// int8's per-channel weights (DynamicQuantizeMatMul): w [n, k] (float32, or bfloat16 where
-// `bf16`) to codes, transposed (qt [k, ld]: row c of qt holds input c, at qt[c * ld + r]) =
-// the nearest of -127 .. 127 to w / scale, scale [n] = max(max |w| of the row, 1e-12) / 127.
-extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeChannels(
-    const void* w, int64_t bf16, int64_t n, int64_t k, int8_t* qt, int64_t ld, float* scale) {
+// int8's per-channel weights (DynamicQuantizeMatMul) of w [n, k] (float32, or bfloat16 where
+// `bf16`): the scales [n], one per output row (max(max |w| of the row, 1e-12) / 127), ...
+extern "C" __attribute__((visibility("default"))) void NanovllmChannelScales(
+    const void* w, int64_t bf16, int64_t n, int64_t k, float* scale) {
   if (bf16)
-    convert::quantize_channels(static_cast<const uint16_t*>(w), n, k, qt, ld, scale);
+    convert::channel_scales(static_cast<const uint16_t*>(w), n, k, scale);
   else
-    convert::quantize_channels(static_cast<const float*>(w), n, k, qt, ld, scale);
+    convert::channel_scales(static_cast<const float*>(w), n, k, scale);
+}
+
+// ... and the codes of inputs [first, last), transposed (qt [last - first, ld]: row c - first
+// holds input c, at qt[(c - first) * ld + r]) = the nearest of -127 .. 127 to w / scale.
+extern "C" __attribute__((visibility("default"))) void NanovllmChannelCodes(
+    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t first, int64_t last,
+    const float* scale, int8_t* qt, int64_t ld) {
+  if (bf16)
+    convert::channel_codes(static_cast<const uint16_t*>(w), n, k, first, last, scale, qt, ld);
+  else
+    convert::channel_codes(static_cast<const float*>(w), n, k, first, last, scale, qt, ld);
 }

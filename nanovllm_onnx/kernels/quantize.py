@@ -7,9 +7,9 @@ releases the GIL, so large weights are split by rows over two threads.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 from ml_dtypes import bfloat16
@@ -24,14 +24,17 @@ SPLIT_BYTES = 1 << 20  # weights smaller than this run on one thread
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "NanovllmQuantizeBlocks": [_P, _I, _I, _I, _I, _I, _P, _P, _P],
+    "NanovllmQuantizePacked": [_P, _I, _I, _I, _I, _I, _P],
     "NanovllmBlockCodes": [_P, _I, _I, _P, _P, _I, _P],
     "NanovllmPackBlocks": [_P, _P, _P, _I, _I, _I, _P],
-    "NanovllmQuantizeChannels": [_P, _I, _I, _I, _P, _I, _P],
+    "NanovllmChannelScales": [_P, _I, _I, _I, _P],
+    "NanovllmChannelCodes": [_P, _I, _I, _I, _I, _I, _P, _P, _I],
 }
 
 
 def _library() -> ctypes.CDLL:
-    """The build sessions of this process get (NANO_VLLM_ONNX_KERNEL_TARGET may force one)."""
+    """The build sessions of this process get (NANO_VLLM_ONNX_KERNEL_TARGET may force one);
+    asked once per weight, not per thread's part: kernel_target checks the sources' hash."""
     return _build(kernel_target())
 
 
@@ -78,10 +81,24 @@ def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool
     n, k = w.shape
     q = np.empty((n, -(-k // BLOCK), BLOCK), np.uint8)
     scale, minimum = (np.empty(q.shape[:2], np.float32) for _ in range(2))
-    _by_rows(lambda lo, hi: _library().NanovllmQuantizeBlocks(
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmQuantizeBlocks(
         _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(q, lo), _at(scale, lo),
         _at(minimum, lo)), n, w.nbytes)
     return q, scale, minimum
+
+
+def quantize_packed(weight: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """pack_blocks(*quantize_blocks(weight, bits, symmetric), bits) in one pass, without the
+    codes array between the two."""
+    w, bf16 = _weight(weight)
+    n, k = w.shape
+    out = _records(n, -(-k // BLOCK), bits)
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmQuantizePacked(
+        _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(out, lo // ROWS)), n, w.nbytes,
+        multiple=ROWS)
+    return out
 
 
 def block_codes(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
@@ -92,7 +109,8 @@ def block_codes(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits
     scale, minimum = (np.ascontiguousarray(a, np.float32) for a in (scale, minimum))
     n, blocks = scale.shape
     q = np.empty((n, blocks, BLOCK), np.uint8)
-    _by_rows(lambda lo, hi: _library().NanovllmBlockCodes(
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmBlockCodes(
         _at(v, lo), hi - lo, blocks, _at(scale, lo), _at(minimum, lo), bits, _at(q, lo)),
         n, v.nbytes)
     return q
@@ -103,20 +121,47 @@ def pack_blocks(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
     q = np.ascontiguousarray(q, np.uint8)
     scale, minimum = (np.ascontiguousarray(a, np.float16) for a in (scale, minimum))
     n, blocks, _ = q.shape
-    out = np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
-    _by_rows(lambda lo, hi: _library().NanovllmPackBlocks(
+    out = _records(n, blocks, bits)
+    library = _library()
+    _by_rows(lambda lo, hi: library.NanovllmPackBlocks(
         _at(q, lo), _at(scale, lo), _at(minimum, lo), hi - lo, blocks, bits,
         _at(out, lo // ROWS)), n, q.nbytes, multiple=ROWS)
     return out
 
 
-def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes transposed [k, n] and float32 scales [n] of weight [n, k] (float32 or
-    bfloat16), one scale per output row: max(max |w|, 1e-12) / 127, codes the nearest to
-    w / scale."""
-    w, bf16 = _weight(weight)
-    n, k = w.shape
-    qt, scale = np.empty((k, n), np.int8), np.empty(n, np.float32)
-    _by_rows(lambda lo, hi: _library().NanovllmQuantizeChannels(
-        _at(w, lo), bf16, hi - lo, k, qt.ctypes.data + lo, n, _at(scale, lo)), n, w.nbytes)
-    return qt, scale
+def _records(n: int, blocks: int, bits: int) -> np.ndarray:
+    """BlockLinear's packed records of n rows, uninitialized."""
+    return np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
+
+
+def quantize_channels(weight: np.ndarray | list[np.ndarray], rows: int
+                      ) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """int8's per-channel weights of weight [n, k] (float32 or bfloat16; or a list of such,
+    stacked by rows): float32 scales [n], one per output row, max(max |w|, 1e-12) / 127; and
+    the codes transposed, [k, n], the nearest to w / scale: as chunks of `rows` rows (inputs),
+    each made when asked for (the whole array, in fresh pages, cost more than coding it)."""
+    parts = [_weight(part) for part in ([weight] if isinstance(weight, np.ndarray) else weight)]
+    n, k = sum(len(w) for w, _ in parts), parts[0][0].shape[1]
+    scale = np.empty(n, np.float32)
+    library = _library()
+    _each_part(parts, lambda w, bf16, first, lo, hi: library.NanovllmChannelScales(
+        _at(w, lo), bf16, hi - lo, k, _at(scale, first + lo)))
+
+    def codes(top: int, bottom: int) -> np.ndarray:  # inputs [top, bottom)
+        qt = np.empty((bottom - top, n), np.int8)
+        _each_part(parts, lambda w, bf16, first, lo, hi: library.NanovllmChannelCodes(
+            _at(w, lo), bf16, hi - lo, k, top, bottom, _at(scale, first + lo),
+            qt.ctypes.data + first + lo, n))
+        return qt
+
+    return scale, (codes(top, min(top + rows, k)) for top in range(0, k, rows))
+
+
+def _each_part(parts: list[tuple[np.ndarray, bool]],
+               run: Callable[[np.ndarray, bool, int, int, int], None]) -> None:
+    """run(w, bf16, first, lo, hi) over rows [lo, hi) of each part, `first` = the part's first
+    row in the stack (by rows over THREADS)."""
+    first = 0
+    for w, bf16 in parts:
+        _by_rows(partial(run, w, bf16, first), len(w), w.nbytes)
+        first += len(w)

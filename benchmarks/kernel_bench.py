@@ -1,0 +1,183 @@
+"""BlockLinear alone, build against build: one transformer layer's projections (qkv, o,
+gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token count.
+
+    python benchmarks/kernel_bench.py                      # 1B shapes, int4, AMX vs VNNI
+    python benchmarks/kernel_bench.py --model 135m --bits 8 --tokens 1 7 64
+    python benchmarks/kernel_bench.py --prefill default --weights int4   # through the engine
+
+Each round times every build on every token count, in turn (interleaved: a shared machine's
+load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
+threads do not spin between calls), which other processes' load barely changes, unlike the
+wall time: the table gives each build's median over rounds, its int8 TOP/s per core
+(multiply-adds x 2 / CPU second), and its speed relative to the first build. Also checks that
+the builds' outputs are identical bit for bit (AMX against VNNI must be).
+--prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
+output token: every projection is one 128-token call), an engine per build in one process,
+in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
+(or Bs) it times the whole of workload B instead, greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from workloads import THREADS, workload_a, workload_b
+
+from nanovllm_onnx.convert.graph import pack_blocks
+from nanovllm_onnx.convert.source import QuantBlocks
+from nanovllm_onnx.kernels import DOMAIN, TARGET_ENV, custom_ops_library, supported_targets
+
+SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
+    "1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)],
+    "135m": [(576, 960), (576, 576), (576, 3072), (1536, 576)],
+}
+
+
+def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.InferenceSession:
+    """One BlockLinear per shape, each on its own input, in the `target` build."""
+    rng = np.random.default_rng(0)
+    nodes, inputs, outputs, weights = [], [], [], []
+    info = helper.make_tensor_value_info
+    for i, (k, n) in enumerate(shapes):
+        blocks = -(-k // 32)
+        q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
+        scale = rng.uniform(0.001, 0.01, (n, blocks)).astype(np.float32)
+        minimum = -rng.uniform(0, 0.1, (n, blocks)).astype(np.float32)
+        weights.append(numpy_helper.from_array(
+            pack_blocks(QuantBlocks(q, scale, minimum, bits)), f"w{i}"))
+        nodes.append(helper.make_node("BlockLinear", [f"x{i}", f"w{i}"], [f"y{i}"],
+                                      domain=DOMAIN, K=k, N=n, bits=bits))
+        inputs.append(info(f"x{i}", TensorProto.FLOAT, ["tokens", k]))
+        outputs.append(info(f"y{i}", TensorProto.FLOAT, ["tokens", n]))
+    model = helper.make_model(helper.make_graph(nodes, "layer", inputs, outputs, weights),
+                              opset_imports=[helper.make_opsetid("", 18),
+                                             helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 9
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # CPU time = work
+    os.environ[TARGET_ENV] = target
+    try:
+        opts.register_custom_ops_library(str(custom_ops_library()))
+    finally:
+        del os.environ[TARGET_ENV]
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def time_call(sess: ort.InferenceSession, feed: dict, seconds: float) -> float:
+    """Median CPU seconds per call over about `seconds` of calls (after one warm-up)."""
+    sess.run(None, feed)
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        start = time.process_time()
+        sess.run(None, feed)
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
+               workload: str) -> None:
+    """CPU seconds per prefill of workload A's prompt (or per workload B), per build,
+    interleaved."""
+    from nanovllm_onnx import LLM, SamplingParams
+
+    engines = {}
+    for target in targets:
+        os.environ[TARGET_ENV] = target  # read when the engine registers the ops
+        try:
+            engines[target] = LLM(None if model == "default" else model,
+                                  **({"weights": weights} if weights else {}),
+                                  intra_op_num_threads=THREADS, intra_op_spinning=False,
+                                  enable_prefix_caching=False)  # really compute each prefill
+        finally:
+            del os.environ[TARGET_ENV]
+    prompt = {"prompt_token_ids": workload_a().prompts[0]}
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = {t: llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+               for t, llm in engines.items()}
+    if len({tuple(o) for o in outputs.values()}) != 1:
+        raise SystemExit(f"the builds' greedy tokens differ: {outputs}")
+    if workload == "A":
+        prompts, tokens = [prompt], len(prompt["prompt_token_ids"])
+        params = [SamplingParams(temperature=0.0, max_tokens=1)]
+        what = f"prefill of workload A's {tokens} tokens"
+    else:
+        wl = workload_b(workload)
+        prompts, tokens = wl.prompts, wl.output_tokens
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                  for n in wl.max_tokens]
+        what = f"workload {workload} ({tokens} output tokens)"
+    times: dict[str, list[float]] = {t: [] for t in targets}
+    for _ in range(rounds):
+        for target, llm in engines.items():
+            start = time.process_time()
+            llm.generate(prompts, params, use_tqdm=False)
+            times[target].append(time.process_time() - start)
+    med = {t: statistics.median(v) for t, v in times.items()}
+    print(f"{what}, {model} {weights or ''}, {THREADS} threads, {rounds} rounds; load "
+          f"average {os.getloadavg()[0]:.2f}; same greedy tokens")
+    for t in targets:
+        print(f"{t}: {med[t] * 1e3:.1f} CPU ms ({tokens / med[t]:.0f} tok per CPU second), "
+              f"{med[targets[0]] / med[t]:.2f}x {targets[0]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=list(SHAPES), default="1b")
+    ap.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 7, 16, 64, 256])
+    ap.add_argument("--targets", nargs="+", default=None,
+                    help="builds to compare, first the reference (default: avx512_amx and "
+                         "avx512_vnni where this CPU runs them)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=0.3, help="per build, count and round")
+    ap.add_argument("--prefill", metavar="MODEL", default=None,
+                    help="time the engine's prefill of MODEL (a path, or 'default') instead")
+    ap.add_argument("--weights", default=None, help="with --prefill: fp32 | int8 | int4")
+    ap.add_argument("--workload", choices=["A", "B", "Bs"], default="A",
+                    help="with --prefill: A's prefill, or the whole of B")
+    args = ap.parse_args()
+    targets = args.targets or [t for t in ("avx512_vnni", "avx512_amx")
+                               if t in supported_targets()]
+    if args.prefill:
+        engine_run(args.prefill, args.weights, targets, args.rounds, args.workload)
+        return
+    shapes = SHAPES[args.model]
+    sessions = {t: layer_session(shapes, args.bits, t) for t in targets}
+    rng = np.random.default_rng(1)
+    feeds = {tokens: {f"x{i}": rng.standard_normal((tokens, k)).astype(np.float32)
+                      for i, (k, _) in enumerate(shapes)} for tokens in args.tokens}
+    for tokens, feed in feeds.items():
+        first, *rest = (sess.run(None, feed) for sess in sessions.values())
+        for target, out in zip(targets[1:], rest):
+            if not all(np.array_equal(a, b) for a, b in zip(first, out)):
+                raise SystemExit(f"{target} differs from {targets[0]} on {tokens} tokens")
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for tokens, feed in feeds.items():
+            for target, sess in sessions.items():
+                times.setdefault((target, tokens), []).append(
+                    time_call(sess, feed, args.seconds))
+    macs = sum(k * n for k, n in shapes)
+    print(f"{args.model} layer, int{args.bits}, {THREADS} threads, {args.rounds} rounds; "
+          f"load average {os.getloadavg()[0]:.2f}; outputs identical across builds")
+    print("| tokens | " + " | ".join(f"{t} CPU ms | TOP/s" for t in targets)
+          + "".join(f" | {t} / {targets[0]}" for t in targets[1:]) + " |")
+    print("|---" * (1 + 2 * len(targets) + len(targets) - 1) + "|")
+    for tokens in args.tokens:
+        med = {t: statistics.median(times[t, tokens]) for t in targets}
+        cells = [f"{med[t] * 1e3:.3f} | {2 * macs * tokens / med[t] / 1e12:.2f}" for t in targets]
+        ratios = [f"{med[targets[0]] / med[t]:.2f}x" for t in targets[1:]]
+        print(f"| {tokens} | " + " | ".join(cells + ratios) + " |")
+
+
+if __name__ == "__main__":
+    main()
