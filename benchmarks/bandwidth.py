@@ -25,7 +25,9 @@ from throughput import run_a
 from workloads import THREADS, log, median, workload_a
 
 GIB = 1 << 30
-ROW_LOOKUPS = {"Gather", "BlockGather"}  # read one row per token, not the whole table
+# Ops whose initializers a token reads one row of, not the whole table: the embedding, and
+# SlotAttention's rotary cos/sin (33.5 MB at 1B: 131,072 positions).
+ROW_LOOKUPS = {"Gather", "BlockGather", "SlotAttention"}
 
 
 def numpy_read(a: np.ndarray) -> float:

@@ -70,7 +70,7 @@ def configs(model: str, ours_args: list[str]) -> list[Config]:
             # From the HF checkpoint (auto: 8-bit blocks) and from the GGUFs (their own blocks).
             *[Config("ours", "throughput.py", ("--model", str(HF_1B), "--weights", w,
                                                *ours_args), None, (HF_1B / "config.json",))
-              for w in ("auto", "int4")],
+              for w in ("auto", "int4", "int4_all")],
             *[Config("ours", "throughput.py", ("--model", str(f), "--weights", "auto",
                                                *ours_args), None, (f,), w)
               for w, f in gguf_1b.items()],

@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from workloads import (
@@ -21,11 +22,10 @@ from workloads import (
     PEERS,
     THREADS,
     Workload,
-    emit,
     log,
-    median,
+    measure_a,
+    measure_b,
     pid_peak_rss_mib,
-    workload_a,
     workload_b,
 )
 
@@ -69,12 +69,18 @@ class Server:
         assert out["timings"]["predicted_n"] == n, out["timings"]
         return out
 
-    def close(self) -> float:
-        """Stop the server; returns its peak RSS in MiB."""
-        rss = pid_peak_rss_mib(self.proc.pid)
+    def peak_rss_mib(self) -> float:
+        return pid_peak_rss_mib(self.proc.pid)
+
+    def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
-        return rss
+
+
+def run_a(server: Server, prompt: list[int], n: int) -> tuple[float, float]:
+    """Time to first token and per output token after it, from the server's own timings."""
+    timings = server.complete(prompt, n)["timings"]
+    return len(prompt) / timings["prompt_per_second"], 1 / timings["predicted_per_second"]
 
 
 def run_b(server: Server, wl: Workload) -> float:
@@ -98,28 +104,18 @@ def main() -> None:
     if args.workload == "A":
         server = Server(model, 1, 4096, extra)
         try:
-            prompt = workload_a().prompts[0]
-            server.complete(prompt, 8)  # warm-up
-            timings = [server.complete(prompt, 128)["timings"] for _ in range(args.repeats)]
+            measure_a("llama.cpp llama-server", args.weights, partial(run_a, server),
+                      args.repeats)
         finally:
             server.close()
-        emit({"engine": "llama.cpp llama-server", "weights": args.weights, "workload": "A",
-              "prefill_tok_s": median([t["prompt_per_second"] for t in timings]),
-              "decode_tok_s": median([t["predicted_per_second"] for t in timings])})
     else:
         wl = workload_b(args.workload)
         server = Server(model, len(wl.prompts), 32768, extra)
         try:
-            run_b(server, Workload("warm", wl.prompts[:4], [4] * 4))
-            walls = []
-            for _ in range(args.repeats):
-                walls.append(run_b(server, wl))
-                log(f"llama.cpp {args.weights} B: {wl.output_tokens / walls[-1]:.1f} tok/s")
+            measure_b("llama.cpp llama-server (-np 32)", args.weights, wl,
+                      partial(run_b, server), args.repeats, server.peak_rss_mib)
         finally:
-            rss = server.close()
-        emit({"engine": "llama.cpp llama-server (-np 32)", "weights": args.weights,
-              "workload": args.workload, "output_tok_s": wl.output_tokens / median(walls),
-              "wall_s": median(walls), "walls_s": walls, "peak_rss_mib": rss})
+            server.close()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,8 @@ from workloads import (
     PEERS,
     THREADS,
     Workload,
-    emit,
-    log,
-    median,
-    peak_rss_mib,
-    workload_a,
+    measure_a,
+    measure_b,
     workload_b,
 )
 
@@ -86,24 +84,11 @@ def main() -> None:
     if args.workload == "A":
         pipe = ov_genai.LLMPipeline(str(model), "CPU", scheduler_config=scheduler_config(),
                                     **props)
-        prompt = workload_a().prompts[0]
-        run_a(pipe, prompt, 8)  # warm-up
-        runs = [run_a(pipe, prompt, 128) for _ in range(args.repeats)]
-        emit({"engine": name, "weights": weights, "workload": "A",
-              "prefill_tok_s": 128 / median([r[0] for r in runs]),
-              "decode_tok_s": 1 / median([r[1] for r in runs])})
+        measure_a(name, weights, partial(run_a, pipe), args.repeats)
     else:
         pipe = ov_genai.ContinuousBatchingPipeline(str(model), scheduler_config(), "CPU", props)
-        wl = workload_b(args.workload)
-        run_b(pipe, Workload("warm", wl.prompts[:4], [4] * 4))
-        walls = []
-        for _ in range(args.repeats):
-            walls.append(run_b(pipe, wl))
-            log(f"OpenVINO {args.weights} B: {wl.output_tokens / walls[-1]:.1f} tok/s")
-        emit({"engine": name + " (continuous batching)", "weights": weights,
-              "workload": args.workload,
-              "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
-              "walls_s": walls, "peak_rss_mib": peak_rss_mib()})
+        measure_b(name + " (continuous batching)", weights, workload_b(args.workload),
+                  partial(run_b, pipe), args.repeats)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,8 @@ from workloads import (
     PEERS,
     THREADS,
     Workload,
-    emit,
-    log,
-    median,
-    peak_rss_mib,
-    workload_a,
+    measure_a,
+    measure_b,
     workload_b,
 )
 
@@ -76,6 +74,12 @@ def run(engine: og.Engine, wl: Workload) -> tuple[float, list[float]]:
     return wall, stamps
 
 
+def run_a(engine: og.Engine, prompt: list[int], n: int) -> tuple[float, float]:
+    """Time to first token and per output token after it, from the token event times."""
+    stamps = run(engine, Workload("A", [prompt], [n]))[1]
+    return stamps[0], (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", choices=["int4", "fp32"], default="int4")
@@ -89,26 +93,11 @@ def main() -> None:
     name = f"onnxruntime-genai {og.__version__}"
     weights = {"int4": "int4 (builder default)", "fp32": "fp32"}[args.precision]
     if args.workload == "A":
-        engine = load(model, "static")
-        wl = workload_a()
-        run(engine, Workload("warm", wl.prompts, [8]))
-        runs = [run(engine, wl)[1] for _ in range(args.repeats)]
-        ttft = median([s[0] for s in runs])
-        tpot = median([(s[-1] - s[0]) / (len(s) - 1) for s in runs])
-        emit({"engine": name, "weights": weights, "workload": "A",
-              "prefill_tok_s": 128 / ttft, "decode_tok_s": 1 / tpot})
+        measure_a(name, weights, partial(run_a, load(model, "static")), args.repeats)
     else:
         engine = load(model, args.batching)
-        wl = workload_b(args.workload)
-        run(engine, Workload("warm", wl.prompts[:4], [4] * 4))
-        walls = []
-        for _ in range(args.repeats):
-            walls.append(run(engine, wl)[0])
-            log(f"onnxruntime-genai {args.precision} B: {wl.output_tokens / walls[-1]:.1f} tok/s")
-        emit({"engine": f"{name} ({args.batching} batching)", "weights": weights,
-              "workload": args.workload,
-              "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
-              "walls_s": walls, "peak_rss_mib": peak_rss_mib()})
+        measure_b(f"{name} ({args.batching} batching)", weights, workload_b(args.workload),
+                  lambda wl: run(engine, wl)[0], args.repeats)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 from workloads import (
@@ -19,9 +20,8 @@ from workloads import (
     Workload,
     emit,
     limit_threads,
-    log,
+    measure_b,
     median,
-    peak_rss_mib,
     workload_a,
     workload_b,
 )
@@ -99,17 +99,9 @@ def main() -> None:
         emit({"engine": name, "weights": "fp32", "workload": "A",
               "prefill_tok_s": 128 / median(ttft), "decode_tok_s": 1 / tpot})
     else:
-        wl = workload_b(args.workload)
         run = run_b_cb if args.b_mode == "cb" else run_b_sequential
-        run(model, Workload("warm", wl.prompts[:4], [4] * 4))
-        walls = []
-        for _ in range(args.repeats):
-            walls.append(run(model, wl))
-            log(f"transformers B ({args.b_mode}): {wl.output_tokens / walls[-1]:.1f} tok/s")
-        emit({"engine": f"{name} ({args.b_mode})", "weights": "fp32",
-              "workload": args.workload,
-              "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
-              "walls_s": walls, "peak_rss_mib": peak_rss_mib()})
+        measure_b(f"{name} ({args.b_mode})", "fp32", workload_b(args.workload),
+                  partial(run, model), args.repeats)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,17 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from workloads import (
     B_SHAPES,
     PEERS,
     Workload,
-    emit,
     log,
-    median,
+    measure_a,
+    measure_b,
     pid_peak_rss_mib,
-    workload_a,
     workload_b,
 )
 
@@ -115,23 +115,10 @@ def main() -> None:
     log(f"vLLM {vllm.__version__}: loaded in {time.perf_counter() - t:.0f} s")
     name = f"vLLM {vllm.__version__.split('+')[0]} CPU"
     if args.workload == "A":
-        prompt = workload_a().prompts[0]
-        run_a(llm, prompt, 8)  # warm-up
-        runs = [run_a(llm, prompt, 128) for _ in range(args.repeats)]
-        emit({"engine": name, "weights": args.dtype, "workload": "A",
-              "prefill_tok_s": 128 / median([r[0] for r in runs]),
-              "decode_tok_s": 1 / median([r[1] for r in runs])})
+        measure_a(name, args.dtype, partial(run_a, llm), args.repeats)
     else:
-        wl = workload_b(args.workload)
-        run_b(llm, Workload("warm", wl.prompts[:4], [4] * 4))
-        walls = []
-        for _ in range(args.repeats):
-            walls.append(run_b(llm, wl))
-            log(f"vLLM {args.workload}: {wl.output_tokens / walls[-1]:.1f} tok/s")
-        emit({"engine": name + " (continuous batching)", "weights": args.dtype,
-              "workload": args.workload, "output_tok_s": wl.output_tokens / median(walls),
-              "wall_s": median(walls), "walls_s": walls,
-              "peak_rss_mib": peak_rss_with_children_mib()})
+        measure_b(name + " (continuous batching)", args.dtype, workload_b(args.workload),
+                  partial(run_b, llm), args.repeats, peak_rss_with_children_mib)
 
 
 if __name__ == "__main__":  # vLLM's engine core is a spawned process: it imports this module

@@ -9,7 +9,9 @@ it reports requests/s, output tokens/s, and TTFT and TPOT percentiles.
 
 With --offline, the same requests also run through the offline engine (`LLM.generate` of all
 of them, as throughput.py's B does), round after round with the served ones, and each round
-prints the served share of the offline rate. vLLM's `bench serve` load (random 256-token
+prints the served share of the offline rate. `client CPU` is the share of the machine's
+THREADS cores this client process used during the level: cores the server could not (offline
+has no client). vLLM's `bench serve` load (random 256-token
 prompts, 128 tokens out, 64 requests, 32 at a time):
 
     python benchmarks/serve_load.py --server-args '--weights int8' --random-prompt-len 256 \
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
-from workloads import ID_MAX
+from workloads import ID_MAX, THREADS
 
 START_TIMEOUT_S = 600  # the first run may convert the default model
 
@@ -222,7 +224,7 @@ def main() -> None:
         asyncio.run(run_level(url, headers, 1, 1, args.duration, 8, args.prompt))
         print(f"{'clients':>7} {'done':>5} {'errors':>6} {'req/s':>7} {'out tok/s':>9}   "
               f"{'TTFT ms p50     p95     p99':>27}   {'TPOT ms p50     p95     p99':>27}"
-              f"{'   offline tok/s  served/offline' if args.offline else ''}")
+              f"  client CPU{'   offline tok/s  served/offline' if args.offline else ''}")
         for round_ in range(args.rounds):
             for concurrency in args.concurrency:
                 num_requests = args.requests or max(8, 4 * concurrency)
@@ -233,15 +235,18 @@ def main() -> None:
                 offline = ""
                 if args.offline:
                     rate = offline_rate(args.model, args.weights, prompt, args.max_tokens)
+                cpu = time.process_time()
                 results, elapsed = asyncio.run(run_level(url, headers, concurrency,
                                                          num_requests, args.duration,
                                                          args.max_tokens, prompt))
+                client_cpu = (time.process_time() - cpu) / (THREADS * elapsed)
                 served = results.output_tokens / elapsed
                 if args.offline:
                     offline = f"   {rate:13.1f}  {served / rate:15.2f}"
                 print(f"{concurrency:7d} {results.completed:5d} {results.errors:6d} "
                       f"{results.completed / elapsed:7.2f} {served:9.1f}   "
-                      f"{_ms(results.ttft):>27}   {_ms(results.tpot):>27}{offline}", flush=True)
+                      f"{_ms(results.ttft):>27}   {_ms(results.tpot):>27}  {client_cpu:10.0%}"
+                      f"{offline}", flush=True)
 
 
 @contextmanager

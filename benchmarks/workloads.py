@@ -11,6 +11,7 @@ import random
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,34 @@ def emit(result: dict) -> None:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def measure_a(engine: str, weights: str, run: Callable[[list[int], int], tuple[float, float]],
+              repeats: int) -> None:
+    """Workload A for a runner: `run(prompt, n)` generates n tokens after the prompt and gives
+    (time to first token, time per output token after it); a warm-up of 8 tokens, then
+    `repeats` runs; emits the medians as rates."""
+    prompt = workload_a().prompts[0]
+    run(prompt, 8)
+    runs = [run(prompt, 128) for _ in range(repeats)]
+    emit({"engine": engine, "weights": weights, "workload": "A",
+          "prefill_tok_s": len(prompt) / median([r[0] for r in runs]),
+          "decode_tok_s": 1 / median([r[1] for r in runs])})
+
+
+def measure_b(engine: str, weights: str, wl: Workload, run: Callable[[Workload], float],
+              repeats: int, peak_rss: Callable[[], float] = peak_rss_mib) -> None:
+    """Workload B (or Bs) for a runner: `run(wl)` generates every request of wl and gives the
+    wall seconds; a warm-up of 4 short requests, then `repeats` runs; emits the median rate and
+    `peak_rss()` (MiB) taken after them."""
+    run(Workload("warm", wl.prompts[:4], [4] * 4))
+    walls = []
+    for _ in range(repeats):
+        walls.append(run(wl))
+        log(f"{engine} {weights} {wl.name}: {wl.output_tokens / walls[-1]:.1f} tok/s")
+    emit({"engine": engine, "weights": weights, "workload": wl.name,
+          "output_tok_s": wl.output_tokens / median(walls), "wall_s": median(walls),
+          "walls_s": walls, "peak_rss_mib": peak_rss()})
 
 
 def limit_threads() -> None:

@@ -20,7 +20,9 @@ WEIGHTS_HELP = ("auto (default): a GGUF's quantized tensors run their own blocks
                 "weights q8_0 (the default model: fp32, see README); q8_0: 8-bit blocks of 32; "
                 "int8: per-channel weights, dynamically quantized activations (ONNX Runtime "
                 "repacks them at every start: a private copy per process, ~10 s at 3B, where "
-                "q8_0 maps the file in ~1 s); int4: 4-bit blocks of 32; fp32")
+                "q8_0 maps the file in ~1 s); int4: 4-bit blocks of 32 (embedding and LM head "
+                "8-bit); int4_all: int4 with a 4-bit embedding and LM head too (faster decode, "
+                "lower quality); fp32")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,12 @@ TOKENIZER_FILE = "tokenizer.json"
 KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}  # kv_cache_dtype -> numpy dtype
 # The converter's weight formats. auto: a GGUF's quantized tensors run their own blocks, every
 # other weight is q8_0. q8_0: 8-bit blocks of 32 (GGUF's Q8_0 rounding) of every weight. int8:
-# per-channel. int4: 4-bit blocks of 32 (a GGUF's own Q4_0/Q4_1/Q4_K ones where it has them).
-WEIGHT_FORMATS = ("auto", "q8_0", "fp32", "int8", "int4")
+# per-channel. int4: 4-bit blocks of 32 (a GGUF's own Q4_0/Q4_1/Q4_K ones where it has them);
+# the embedding and LM head stay in 8-bit blocks. int4_all: int4 with the embedding and LM
+# head in 4-bit blocks too (OpenVINO's --all-layers, onnxruntime-genai's int4 LM head): fewer
+# bytes a decode step, lower quality; only when asked.
+WEIGHT_FORMATS = ("auto", "q8_0", "fp32", "int8", "int4", "int4_all")
+FOUR_BIT_FORMATS = ("int4", "int4_all")  # projections and MLP in 4-bit blocks
 
 
 @dataclass
@@ -64,7 +68,7 @@ class EngineConfig:
     """Engine arguments (vLLM's names where vLLM has one)."""
 
     model: str | None = None  # HF folder, GGUF file or converted folder; None = default model
-    weights: str | None = None  # converting: auto (default) | q8_0 | fp32 | int8 | int4
+    weights: str | None = None  # converting: auto (default) | q8_0 | fp32 | int8 | int4 | int4_all
     max_model_len: int | None = None  # default: the model's context, capped at 4096
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048

@@ -54,8 +54,9 @@ def report() -> str:
     except KernelBuildError as e:
         lines.append(f"kernels: NOT AVAILABLE: {e}")
     if not {"avx2", "fma", "f16c"} <= set(flags):
-        lines.append("note: no AVX2/FMA/F16C: BlockLinear (auto, q8_0 and int4 weights, every "
-                     "LM head but fp32's) runs its portable loop, far slower than fp32 weights")
+        lines.append("note: no AVX2/FMA/F16C: BlockLinear (auto, q8_0, int4 and int4_all "
+                     "weights, every LM head but fp32's) runs its portable loop, far slower "
+                     "than fp32 weights")
     elif "avx512_vnni" not in flags and "avx_vnni" not in flags and "amx_int8" not in flags:
         lines.append("note: no VNNI/AMX: quantized weights gain less over fp32 on this CPU")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from ml_dtypes import bfloat16
 from onnx import TensorProto, helper
@@ -83,11 +84,12 @@ def prompt_logprobs(model: Path) -> np.ndarray:
 
 
 # Through the whole tiny random model (2 layers, 7 quantized matmuls on each token's path,
-# RMSNorms that rescale the errors) the per-matmul error grows about 5x: measured 7% for int8
-# and 48% for int4 of the logits' spread. The bounds leave room for that, and would catch a
-# wrong scale, layout or transposition, which give errors of 100% and more.
+# RMSNorms that rescale the errors) the per-matmul error grows about 5x: measured 7% for int8,
+# 40-48% for int4 and 48-49% for int4_all (its 4-bit LM head) of the logits' spread. The bounds
+# leave room for that, and would catch a wrong scale, layout or transposition, which give
+# errors of 100% and more.
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-@pytest.mark.parametrize("weights,bound", [("int8", 0.15), ("int4", 0.7)])
+@pytest.mark.parametrize("weights,bound", [("int8", 0.15), ("int4", 0.7), ("int4_all", 0.7)])
 def test_quantized_model_stays_close_to_fp32(name: str, weights: str, bound: float,
                                              hf_models: dict[str, Path],
                                              converted: dict[str, Path], tmp_path: Path) -> None:
@@ -96,6 +98,21 @@ def test_quantized_model_stays_close_to_fp32(name: str, weights: str, bound: flo
     # Centre each row: a constant shift of a log-distribution is not an error.
     diff = (q - q.mean(1, keepdims=True)) - (ref - ref.mean(1, keepdims=True))
     assert np.sqrt((diff**2).mean() / ref.var(1).mean()) < bound
+
+
+@pytest.mark.parametrize("weights,table_bits", [("int4", 8), ("int4_all", 4)])
+def test_int4_all_keeps_the_vocabulary_table_in_4_bit_blocks(
+        weights: str, table_bits: int, hf_models: dict[str, Path], tmp_path: Path) -> None:
+    """int4 keeps the embedding (the tied LM head) in 8-bit blocks; int4_all, only when asked,
+    rounds it to 4-bit blocks like the projections: the gather and the head read those."""
+    convert(hf_models["llama"], tmp_path, weights)
+    nodes = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph.node
+    bits = {n.op_type: next(a.i for a in n.attribute if a.name == "bits") for n in nodes
+            if n.op_type == "BlockGather" or "logits" in n.output}
+    assert bits == {"BlockGather": table_bits, "BlockLinear": table_bits}
+    projections = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes
+                   if n.op_type == "BlockLinear" and "logits" not in n.output}
+    assert projections == {4}
 
 
 def test_converted_folder_keeps_its_weights(converted: dict[str, Path]) -> None:

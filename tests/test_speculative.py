@@ -297,7 +297,7 @@ def test_ngram_lookup() -> None:
      "prompt_lookup_min <= prompt_lookup_max"),
     ({"model": "/nowhere", "num_speculative_tokens": 2}, "does not exist"),
     ({"method": "draft_model", "weights": "int3", "num_speculative_tokens": 2},
-     "weights must be one of auto, q8_0, fp32, int8, int4"),
+     "weights must be one of auto, q8_0, fp32, int8, int4, int4_all"),
 ])
 def test_bad_configs_are_named(spec: dict, message: str, models: dict[str, Path]) -> None:
     with pytest.raises(Exception, match=message):

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
-from nanovllm_onnx.config import ModelConfig
+from nanovllm_onnx.config import FOUR_BIT_FORMATS, ModelConfig
 from nanovllm_onnx.convert.source import ModelSource, QuantBlocks, Rows
 from nanovllm_onnx.convert.weight_file import WeightFile
 from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, quantize
@@ -81,7 +81,7 @@ class GraphBuilder:
         if self.weights == "int8":
             return self._int8_linear(x, name, parts, bias, token_scale)
         if self.weights != "fp32":
-            y = self.block_linear(x, name, parts, bits=4 if self.weights == "int4" else 8)
+            y = self.block_linear(x, name, parts, bits=4 if self.weights in FOUR_BIT_FORMATS else 8)
         else:
             # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it;
             # stacked parts are written one after the other (no concatenated copy).
@@ -272,7 +272,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
         if cfg.weights == "auto" and any(n in own for n in names):
             return QuantBlocks.concat([own[n] if n in own else quantize_blocks(w[n], 8)
                                        for n in names])
-        if cfg.weights == "int4" and all(n in own for n in names):
+        if cfg.weights in FOUR_BIT_FORMATS and all(n in own for n in names):
             parts = [own[n] for n in names]
             if all(p.bits == 4 for p in parts):
                 return QuantBlocks.concat(parts)
@@ -282,7 +282,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
         """The embedding or LM head: a GGUF's own blocks for auto; otherwise 8-bit blocks, as
         GGUF files keep the output matrix at 6-8 bits: SmolLM2's Q8_0 embedding comes back
         exactly (int4 perplexity 12.55 vs 14.26 in 4-bit blocks; int8 13.16 vs 13.25 per
-        channel, at the same speed)."""
+        channel, at the same speed); int4_all rounds it to 4-bit blocks, as asked."""
         if cfg.weights == "auto" and name in src.quant_blocks:
             return src.quant_blocks[name]
         return src.rows(name)
@@ -293,12 +293,13 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
     # dequantized per token (no float copy of the vocabulary), and a tied LM head reads the
     # same blocks.
     embed_name = "model.embed_tokens.weight"
+    table_bits = 4 if cfg.weights == "int4_all" else 8
     if cfg.weights == "fp32":
         embed = src.rows(embed_name)
         (x,) = g.op("Gather", [g.const(embed_name, embed.chunks(chunk_rows(embed.shape[1]))),
                                "input_ids"])
     else:
-        embed = g.block_const(embed_name, table(embed_name), bits=8)
+        embed = g.block_const(embed_name, table(embed_name), bits=table_bits)
         x = g.block_op("BlockGather", "input_ids", embed)
     residual: str | None = None
     pre = "model.layers"
@@ -347,7 +348,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
     tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
     if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step
-        head = embed if tied else g.block_const("lm_head.weight", table("lm_head.weight"), 8)
+        head = embed if tied else g.block_const("lm_head.weight", table("lm_head.weight"),
+                                                table_bits)
         g.block_op("BlockLinear", last, head)
     elif tied:  # reuse the embedding table, transposed by Gemm rather than copied
         g.op("Gemm", [last, embed_name], transB=1)
