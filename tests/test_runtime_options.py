@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from nanovllm_onnx import LLM, SamplingParams
@@ -77,3 +78,15 @@ def test_doctor_reports_versions_providers_and_cpu() -> None:
     # the build the dispatcher picked for this CPU
     assert (f"kernels (SlotAttention, SwiGLU, BlockLinear, BlockGather): {kernel_target()} build"
             in out.stdout)
+
+
+def test_weights_are_read_in_from_their_external_data_file(converted: dict[str, Path]) -> None:
+    from nanovllm_onnx.runner.model_runner import external_data_files, read_in_huge_pages
+
+    folder = converted["llama"]
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    (name,) = external_data_files(model)
+    data = folder / name
+    before = data.read_bytes()
+    read_in_huge_pages(data)  # drops the cached pages and reads them back: same bytes
+    assert data.read_bytes() == before and len(before) > 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +133,29 @@ def with_cache_dtype(graph: Path, dtype: np.dtype) -> onnx.ModelProto:
     return model
 
 
+def external_data_files(model: onnx.ModelProto) -> set[str]:
+    """The files holding the graph's external initializers."""
+    return {entry.value for tensor in model.graph.initializer
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
+
+
+def read_in_huge_pages(path: Path) -> None:
+    """Read a weight file into the page cache as 2 MiB pages (Linux: a MADV_HUGEPAGE mapping
+    reads ahead whole huge pages), so that ONNX Runtime's mapping of it takes one TLB entry
+    per 2 MiB: a decode step reads every weight, and the same 1B int4 file decoded at 22
+    tok/s from 4 KiB cached pages, 26-28 from huge ones. Its cached 4 KiB pages are dropped
+    first (pages another process maps stay); reading 1 GB back took ~0.5 s here."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as pages:
+            pages.madvise(mmap.MADV_HUGEPAGE)
+            for offset in range(0, len(pages), mmap.PAGESIZE):
+                pages[offset]  # fault it in (a whole huge page where the kernel can)
+
+
 class ModelRunner:
     def __init__(self, model_dir: Path, model_cfg: ModelConfig, engine_cfg: EngineConfig,
                  kv_cache: KVCache) -> None:
@@ -144,7 +169,11 @@ class ModelRunner:
         # (logits within 2e-4), so an engine with speculation and one without must both
         # prepack to give the same tokens. BlockLinear reads its blocks as they lie in the file.
         prepack = model_cfg.weights in ("int8", "fp32")
-        self.session = make_session(with_cache_dtype(graph, kv_cache.dtype), engine_cfg,
+        model = with_cache_dtype(graph, kv_cache.dtype)
+        if not prepack:  # the kernels read the weights from the file's pages at every step
+            for name in external_data_files(model):
+                read_in_huge_pages(graph.parent / name)
+        self.session = make_session(model, engine_cfg,
                                     custom_ops=custom_ops_library(),
                                     external_data_dir=graph.parent, prepack=prepack)
         self.binding = self.session.io_binding()
