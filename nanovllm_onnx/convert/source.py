@@ -62,19 +62,20 @@ class Rows:
 
 class LazyTensors(LazyMapping[np.ndarray]):
     """HF-named weights, each read (and dequantized) only when asked for, as float32; those
-    in `rows` can also be read a range of rows at a time, those in `stored` as they are stored
-    (bfloat16)."""
+    in `rows` can also be read a range of rows at a time, and as stored where that is bfloat16
+    (`stored`)."""
 
     def __init__(self, loaders: dict[str, Callable[[], np.ndarray]],
-                 rows: dict[str, Rows] | None = None,
-                 stored: dict[str, Callable[[], np.ndarray]] | None = None) -> None:
+                 rows: dict[str, Rows] | None = None) -> None:
         super().__init__(loaders)
         self._rows = rows or {}
-        self._stored = stored or {}
 
     def stored(self, name: str) -> np.ndarray:
         """`name` as stored where that is bfloat16 (ml_dtypes), else as float32."""
-        return self._stored[name]() if name in self._stored else self[name]
+        tensor = self._rows.get(name)
+        if tensor is not None and tensor.read_stored is not None:
+            return tensor.read_stored(0, tensor.shape[0])
+        return self[name]
 
     def __getitem__(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
@@ -154,7 +155,6 @@ def load_hf_folder(folder: Path) -> ModelSource:
         )
     loaders: dict[str, Callable[[], np.ndarray]] = {}
     rows: dict[str, Rows] = {}
-    stored: dict[str, Callable[[], np.ndarray]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="numpy") as f:
@@ -170,9 +170,7 @@ def load_hf_folder(folder: Path) -> ModelSource:
                 loaders[name] = _whole(tensor)
                 if len(tensor.shape) == 2:
                     rows[name] = tensor
-                if header[name]["dtype"] == "BF16":
-                    stored[name] = _bfloat16(file, data_start, header[name])
-    return read_folder_source(folder, LazyTensors(loaders, rows, stored))
+    return read_folder_source(folder, LazyTensors(loaders, rows))
 
 
 def read_folder_source(folder: Path, tensors: Mapping[str, np.ndarray]) -> ModelSource:
@@ -223,12 +221,6 @@ def _safetensors_rows(file: Path, data_start: int, info: dict) -> Rows | None:
         return stored(lo, hi).astype(np.float32)
 
     return Rows(shape, read, stored if dtype is np.uint16 else None)
-
-
-def _bfloat16(file: Path, data_start: int, info: dict) -> Callable[[], np.ndarray]:
-    """The tensor as stored (memory-mapped): the quantizer reads the page cache itself."""
-    return lambda: _mapped(file, np.uint16, data_start + info["data_offsets"][0],
-                           tuple(info["shape"])).view(bfloat16)
 
 
 def _mapped(file: Path, dtype: type, offset: int, shape: tuple[int, ...]) -> np.ndarray:
