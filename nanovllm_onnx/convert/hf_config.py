@@ -78,8 +78,10 @@ def resolved(hf: dict) -> dict:
     return out
 
 
-# sliding_window of transformers' Mistral, Qwen2 and Qwen3 config classes.
+# sliding_window of transformers' Mistral, Qwen2 and Qwen3 config classes; max_window_layers of
+# its Qwen2 and Qwen3 ones.
 DEFAULT_SLIDING_WINDOW = 4096
+DEFAULT_MAX_WINDOW_LAYERS = 28
 
 
 def sliding_window(hf: dict) -> int | None:
@@ -97,11 +99,19 @@ def sliding_window(hf: dict) -> int | None:
                                                "Qwen3ForCausalLM"):
         window = DEFAULT_SLIDING_WINDOW
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        first_sliding = hf.get("max_window_layers", 28)  # the classes' default
-        layer_types = hf.get("layer_types") or [
-            "sliding_attention" if i >= first_sliding else "full_attention"
-            for i in range(hf["num_hidden_layers"])]
-        if not hf.get("use_sliding_window") or "sliding_attention" not in layer_types:
+        if not hf.get("use_sliding_window"):
+            return None
+        layer_types = hf.get("layer_types")
+        if not layer_types:
+            first_sliding = hf.get("max_window_layers")
+            if first_sliding is None:
+                first_sliding = DEFAULT_MAX_WINDOW_LAYERS
+                logger.warning("config.json has use_sliding_window but neither layer_types nor "
+                               "max_window_layers: using %d, the default of transformers' %s "
+                               "config", first_sliding, arch.removesuffix("ForCausalLM"))
+            layer_types = ["sliding_attention" if i >= first_sliding else "full_attention"
+                           for i in range(hf["num_hidden_layers"])]
+        if "sliding_attention" not in layer_types:
             return None
     if window is not None and "sliding_window" not in hf:
         logger.warning("config.json has no sliding_window: using %d, the default of "
