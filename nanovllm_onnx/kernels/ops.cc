@@ -501,6 +501,7 @@ struct BlockStep {
   const float* xsum;     // [T, blocks]: sum of the block's x (as quantized)
   float* y;
   int64_t tokens, n, blocks;
+  const int64_t* runs;  // a one-token call's tasks (plan_runs), else null: a task a group
 };
 
 // One token row of x to int8 blocks (zero past K).
@@ -540,6 +541,11 @@ struct Isa {
     const I low = _mm512_set1_epi8(0x0F);
     return _mm512_and_si512(high ? _mm512_srli_epi16(w, 4) : w, low);
   }
+  // Whether dot4 takes codes up to 255 as they are: then the high nibbles can stay in place
+  // (16 x their value) and their dot products be shifted back instead.
+  static constexpr bool kWideCodes = true;
+  static I high_nibbles_in_place(I w) { return _mm512_and_si512(w, _mm512_set1_epi8(char(0xF0))); }
+  static I shift_right(I a, int n) { return _mm512_srai_epi32(a, n); }
   template <int Bits>
   static I dot4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
   static F fzero() { return _mm512_setzero_ps(); }
@@ -571,6 +577,13 @@ struct Isa {
     const I low = _mm256_set1_epi8(0x0F);
     return _mm256_and_si256(high ? _mm256_srli_epi16(w, 4) : w, low);
   }
+#ifdef __AVXVNNI__
+  static constexpr bool kWideCodes = true;
+#else  // VPMADDUBSW's int16 sums would saturate (240 * 127 * 2)
+  static constexpr bool kWideCodes = false;
+#endif
+  static I high_nibbles_in_place(I w) { return _mm256_and_si256(w, _mm256_set1_epi8(char(0xF0))); }
+  static I shift_right(I a, int n) { return _mm256_srai_epi32(a, n); }
   template <int Bits>
   static I dot4(I acc, I w, I x) {
 #ifdef __AVXVNNI__
@@ -601,6 +614,11 @@ struct Isa {
 #endif
 
 #ifdef BLOCK_LINEAR_SIMD
+// How far ahead of its reads a one-token tile prefetches the records: 2 KB (1.5-3 KB measured
+// alike; 4-8 KB slower, from DRAM: 8.7-10% more of a 1B int4 decode's weights a second on one
+// thread, and 12% with the in-place high nibbles below).
+constexpr int64_t kPrefetchAhead = 2048;
+
 // One record group (16 output rows, in Isa::kParts vectors) x TT tokens over every block. A
 // one-token decode keeps two accumulators (even and odd record vectors): two independent
 // dot-product chains rather than one.
@@ -609,6 +627,10 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   using F = Isa::F;
   using I = Isa::I;
   constexpr int P = Isa::kParts, S = TT == 1 ? 2 : 1, kPartBytes = 64 / P;
+  // One token, 4 bits: the odd (high-nibble) vectors have their own accumulator, so their
+  // codes can stay 16 x as large (one AND each, no shift) and their sum be shifted back:
+  // exact, as the int32 sums are (at most 32 x 240 x 128).
+  constexpr bool kInPlace = TT == 1 && Bits == 4 && Isa::kWideCodes;
   constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
   const int64_t width = st.blocks * kBlock;
   F y[TT][P];
@@ -616,6 +638,9 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
     for (int h = 0; h < P; ++h) y[t][h] = Isa::fzero();
   const uint8_t* rec = st.weights + group * st.blocks * kRecord;
   for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
+    if constexpr (TT == 1)  // (past the group's end: the task's next group, see plan_runs)
+      for (int64_t line = 0; line < kRecord; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchAhead + line, _MM_HINT_T0);
     I acc[TT][P][S];
     for (int t = 0; t < TT; ++t)
       for (int h = 0; h < P; ++h)
@@ -636,7 +661,8 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
       if constexpr (Bits == 4) {
         I lo[P], hi[P];
         for (int h = 0; h < P; ++h) lo[h] = Isa::nibbles(w[h], false);
-        for (int h = 0; h < P; ++h) hi[h] = Isa::nibbles(w[h], true);
+        for (int h = 0; h < P; ++h)
+          hi[h] = kInPlace ? Isa::high_nibbles_in_place(w[h]) : Isa::nibbles(w[h], true);
         dot(2 * p, lo);
         dot(2 * p + 1, hi);
       } else {
@@ -649,7 +675,8 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
       for (int t = 0; t < TT; ++t) {
         const int64_t xb = (token + t) * st.blocks + b;
         I sum = acc[t][h][0];
-        if constexpr (S == 2) sum = Isa::add(sum, acc[t][h][1]);
+        if constexpr (kInPlace) sum = Isa::add(sum, Isa::shift_right(acc[t][h][1], 4));
+        else if constexpr (S == 2) sum = Isa::add(sum, acc[t][h][1]);
         y[t][h] = Isa::fmadd(Isa::to_float(sum), Isa::mul(scale, Isa::fset1(st.xscale[xb])),
                              y[t][h]);
         y[t][h] = Isa::fmadd(minimum, Isa::fset1(st.xsum[xb]), y[t][h]);
@@ -805,15 +832,14 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
 }
 #endif
 
-// One task: one record group (16 output rows) for every token, in tiles of up to kTokenTile
-// tokens, its weights (16 rows x K, a few KB) staying in cache from tile to tile. Tasks this
-// small balance the two threads best: 41-43 GB/s of 4-bit weights on a decode (of the 45 GB/s
-// the two cores read at) vs 35-40 with 32 rows; 4-token tiles: ~1 TFLOP/s on 32-128 tokens.
+// One record group (16 output rows) for every token, in tiles of up to kTokenTile tokens, its
+// weights (16 rows x K, a few KB) staying in cache from tile to tile: a task of a call of
+// several tokens (4-token tiles: ~1 TFLOP/s on 32-128 tokens); a one-token call's tasks take
+// runs of groups (plan_runs).
 constexpr int kTokenTile = 4;
 
 template <int Bits>
-void block_task(void* data, size_t group) {
-  const BlockStep& st = *static_cast<const BlockStep*>(data);
+void block_group(const BlockStep& st, int64_t group) {
   int64_t t = 0;
 #ifdef __AMX_INT8__
   if (st.tokens >= kAmxFrom) t = amx_tiles<Bits>(st, group);
@@ -824,6 +850,28 @@ void block_task(void* data, size_t group) {
     case 2: block_tile<Bits, 2>(st, group, t); break;
     case 3: block_tile<Bits, 3>(st, group, t); break;
   }
+}
+
+constexpr int64_t kLeastRunBytes = 32768;
+constexpr int64_t kRunShare = 4;  // a run takes a quarter of the groups left
+// A one-token call's tasks: runs of consecutive record groups, each a quarter of the groups
+// left, down to ~32 KB of records (guided scheduling: ONNX Runtime hands tasks out in
+// order). Each thread so streams long runs of records, prefetched ahead (block_tile), rather
+// than every other group, and the small last runs even out the threads' ends. runs: the
+// first group of each task, then the number of groups.
+void plan_runs(int64_t groups, int64_t group_bytes, std::vector<int64_t>& runs) {
+  const int64_t least = std::max<int64_t>(1, kLeastRunBytes / group_bytes);
+  runs.assign(1, 0);
+  for (int64_t g = 0; g < groups; runs.push_back(g))
+    g = std::min(groups, g + std::max(least, (groups - g) / kRunShare));
+}
+
+// Task i: groups [runs[i], runs[i + 1]), or group i where the call has no runs.
+template <int Bits>
+void block_task(void* data, size_t task) {
+  const BlockStep& st = *static_cast<const BlockStep*>(data);
+  if (st.runs == nullptr) return block_group<Bits>(st, task);
+  for (int64_t g = st.runs[task]; g < st.runs[task + 1]; ++g) block_group<Bits>(st, g);
 }
 
 // The attributes of a packed block matrix [N, K] (BlockLinear's and BlockGather's), checked.
@@ -891,8 +939,15 @@ struct BlockLinearKernel {
       Rows rows{x.GetTensorData<float>(), m.k, blocks, q.data(), scale.data(), sum.data()};
       ctx.ParallelFor(quantize, tokens, 0, &rows);
       BlockStep st{weights.GetTensorData<uint8_t>(), q.data(), scale.data(), sum.data(), y,
-                   tokens, m.n, blocks};
-      ctx.ParallelFor(m.bits == 4 ? block_task<4> : block_task<8>, groups, 0, &st);
+                   tokens, m.n, blocks, nullptr};
+      size_t tasks = groups;
+      thread_local std::vector<int64_t> runs;
+      if (tokens == 1) {
+        plan_runs(groups, blocks * record_bytes(m.bits), runs);
+        st.runs = runs.data();
+        tasks = runs.size() - 1;
+      }
+      ctx.ParallelFor(m.bits == 4 ? block_task<4> : block_task<8>, tasks, 0, &st);
     });
   }
 };
