@@ -26,6 +26,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -502,6 +503,7 @@ struct BlockStep {
   float* y;
   int64_t tokens, n, blocks;
   const int64_t* runs;  // a one-token call's tasks (plan_runs), else null: a task a group
+  std::atomic<uint64_t>* threads;  // with runs: the threads that ran them (thread_bit)
 };
 
 // One token row of x to int8 blocks (zero past K).
@@ -853,17 +855,23 @@ void block_group(const BlockStep& st, int64_t group) {
 }
 
 constexpr int64_t kLeastRunBytes = 32768;
-constexpr int64_t kRunShare = 4;  // a run takes a quarter of the groups left
-// A one-token call's tasks: runs of consecutive record groups, each a quarter of the groups
-// left, down to ~32 KB of records (guided scheduling: ONNX Runtime hands tasks out in
+// A one-token call's tasks: runs of consecutive record groups, each 1 / (2 x threads) of the
+// groups left, down to ~32 KB of records (guided scheduling: ONNX Runtime hands tasks out in
 // order). Each thread so streams long runs of records, prefetched ahead (block_tile), rather
 // than every other group, and the small last runs even out the threads' ends. runs: the
 // first group of each task, then the number of groups.
-void plan_runs(int64_t groups, int64_t group_bytes, std::vector<int64_t>& runs) {
+void plan_runs(int64_t groups, int64_t group_bytes, int threads, std::vector<int64_t>& runs) {
   const int64_t least = std::max<int64_t>(1, kLeastRunBytes / group_bytes);
   runs.assign(1, 0);
   for (int64_t g = 0; g < groups; runs.push_back(g))
-    g = std::min(groups, g + std::max(least, (groups - g) / kRunShare));
+    g = std::min(groups, g + std::max(least, (groups - g) / (2 * threads)));
+}
+
+// The calling thread's bit in BlockStep::threads (a pool thread's own, up to 64 threads).
+inline uint64_t thread_bit() {
+  static std::atomic<int> threads_seen{0};
+  thread_local const uint64_t bit = uint64_t{1} << (threads_seen++ % 64);
+  return bit;
 }
 
 // Task i: groups [runs[i], runs[i + 1]), or group i where the call has no runs.
@@ -871,6 +879,7 @@ template <int Bits>
 void block_task(void* data, size_t task) {
   const BlockStep& st = *static_cast<const BlockStep*>(data);
   if (st.runs == nullptr) return block_group<Bits>(st, task);
+  st.threads->fetch_or(thread_bit(), std::memory_order_relaxed);
   for (int64_t g = st.runs[task]; g < st.runs[task + 1]; ++g) block_group<Bits>(st, g);
 }
 
@@ -900,6 +909,9 @@ struct BlockMatrix {
 
 struct BlockLinearKernel {
   BlockMatrix m;
+  // The most threads seen running one call's runs (ONNX Runtime does not tell a custom op its
+  // pool's size): the next calls' runs are planned for them.
+  std::atomic<int> threads{2};
 
   BlockLinearKernel(const OrtApi&, const OrtKernelInfo* info) : m(info, "BlockLinear") {}
 
@@ -939,15 +951,17 @@ struct BlockLinearKernel {
       Rows rows{x.GetTensorData<float>(), m.k, blocks, q.data(), scale.data(), sum.data()};
       ctx.ParallelFor(quantize, tokens, 0, &rows);
       BlockStep st{weights.GetTensorData<uint8_t>(), q.data(), scale.data(), sum.data(), y,
-                   tokens, m.n, blocks, nullptr};
-      size_t tasks = groups;
+                   tokens, m.n, blocks, nullptr, nullptr};
+      auto task = m.bits == 4 ? block_task<4> : block_task<8>;
+      if (tokens > 1) return ctx.ParallelFor(task, groups, 0, &st);
       thread_local std::vector<int64_t> runs;
-      if (tokens == 1) {
-        plan_runs(groups, blocks * record_bytes(m.bits), runs);
-        st.runs = runs.data();
-        tasks = runs.size() - 1;
-      }
-      ctx.ParallelFor(m.bits == 4 ? block_task<4> : block_task<8>, tasks, 0, &st);
+      plan_runs(groups, blocks * record_bytes(m.bits), threads, runs);
+      std::atomic<uint64_t> seen{0};
+      st.runs = runs.data();
+      st.threads = &seen;
+      ctx.ParallelFor(task, runs.size() - 1, 0, &st);
+      const int count = __builtin_popcountll(seen.load());
+      if (count > threads) threads = count;
     });
   }
 };
