@@ -616,9 +616,9 @@ struct Isa {
 #endif
 
 #ifdef BLOCK_LINEAR_SIMD
-// How far ahead of its reads a one-token tile prefetches the records: 2 KB (1.5-3 KB measured
-// alike; 4-8 KB slower, from DRAM: 8.7-10% more of a 1B int4 decode's weights a second on one
-// thread, and 12% with the in-place high nibbles below).
+// How far ahead of its reads a one-token tile prefetches the records. A 1B int4 step's
+// BlockLinear calls on one thread from DRAM: 1.5-3 KB 5-17% faster than none (alike within the
+// noise), 4 KB 12% and 8 KB 20% slower (benchmarks/README.md, decode at 1B).
 constexpr int64_t kPrefetchAhead = 2048;
 
 // One record group (16 output rows, in Isa::kParts vectors) x TT tokens over every block. A
