@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from nanovllm_onnx import LLM, LLMEngine, SamplingParams
+from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.runner.kv_cache import KVCache
+from nanovllm_onnx.runner.model_runner import StepInput
 from tests.conftest import random_prompts, reference_greedy
 
 NEW_TOKENS = 32
@@ -235,3 +237,17 @@ def test_freed_kv_pages_go_back_to_the_os() -> None:
     assert stored - released > 0.9 * size
     cache.release_store_blocks(list(range(blocks)))
     assert released - rss_anon() > 0.9 * size
+
+
+def test_a_steps_tokens_are_prompt_tokens_by_position() -> None:
+    """BlockLinear's prompt_rows: of a step's tokens, those below the prompt's length are
+    prompt tokens (AMX's bf16 path), the others generated (int8 path): in a prefill chunk, in
+    a recomputation after a preemption that runs past the prompt, a decode, drafts."""
+    seq = Sequence("r", [1, 2, 3, 4, 5], SamplingParams())
+    seq.token_ids += [6, 7]  # generated before a preemption
+    cases = [(0, 3, 3), (3, 4, 2), (5, 2, 0), (6, 1, 0)]  # computed before, tokens now, prompt
+    for computed, n, prompt in cases:
+        seq.num_computed_tokens = computed
+        assert StepInput([seq], [n]).num_prompt_tokens(0) == prompt
+    seq.num_computed_tokens, seq.draft_token_ids = 7, [8, 9]
+    assert StepInput([seq], [3]).num_prompt_tokens(0) == 0

@@ -18,6 +18,7 @@ from nanovllm_onnx.convert.source import QuantBlocks
 from nanovllm_onnx.kernels import (
     DOMAIN,
     KEY_TILE,
+    PROMPT_ROWS,
     TARGET_ENV,
     kernel_target,
     supported_targets,
@@ -251,14 +252,34 @@ def test_swiglu_and_its_per_token_scale(target: str) -> None:
     assert np.abs(scaled).max(axis=1)[[0, 1, 2, 4]] == pytest.approx(1.0, rel=1e-6)
 
 
-def block_session(k: int, n: int, bits: int, weights: np.ndarray,
-                  target: str = "") -> ort.InferenceSession:
-    node = helper.make_node("BlockLinear", ["x", "w"], ["y"], domain=DOMAIN, K=k, N=n, bits=bits)
+def block_session(k: int, n: int, bits: int, weights: np.ndarray, target: str = "",
+                  prompt_rows: bool = False) -> ort.InferenceSession:
+    """BlockLinear alone; with `prompt_rows`, fed its rows' roles too."""
+    roles = [PROMPT_ROWS] if prompt_rows else []
+    node = helper.make_node("BlockLinear", ["x", "w", *roles], ["y"], domain=DOMAIN, K=k, N=n,
+                            bits=bits)
     info = helper.make_tensor_value_info
-    graph = helper.make_graph([node], "block_linear", [info("x", F32, ["tokens", k])],
-                              [info("y", F32, ["tokens", n])],
+    inputs = [info("x", F32, ["tokens", k])]
+    inputs += [info(PROMPT_ROWS, TensorProto.UINT8, ["tokens"])] if prompt_rows else []
+    graph = helper.make_graph([node], "block_linear", inputs, [info("y", F32, ["tokens", n])],
                               [numpy_helper.from_array(weights, "w")])
     return ops_session(graph, target)
+
+
+def random_blocks(rng: np.random.Generator, n: int, blocks: int, bits: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes, and fp16-valued scales and minimums (as the records keep them)."""
+    q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
+    scale = rng.uniform(0.001, 0.05, (n, blocks)).astype(np.float16).astype(np.float32)
+    minimum = -rng.uniform(0, 0.3, (n, blocks)).astype(np.float16).astype(np.float32)
+    return q, scale, minimum
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
 
 
 def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -327,6 +348,55 @@ def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
             np.testing.assert_array_equal(y[t], amx.run(None, {"x": x[t:t + 1]})[0][0])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: int) -> None:
+    """On AMX, prompt rows run in bf16: the weights q * scale + min (one fp32 rounding) and
+    the activations rounded to bf16, their products summed in fp32 (within fp32's rounding of
+    the sum, far inside the int8 path's error); a prompt row's result is the same bit for bit
+    with 1, 5, 16 or 40 prompt rows in the call and with generated rows between them, which
+    get the int8 path's result (the VNNI build's, on those rows alone)."""
+    if "avx512_amx" not in SUPPORTED:
+        pytest.skip("this CPU has no AMX (INT8 and BF16), or the OS does not let this process "
+                    "use it: prompt rows take the int8 path like the others")
+    rng = np.random.default_rng(bits + 10)
+    for k, n in ((200, 37), (576, 96)):
+        blocks = -(-k // 32)
+        q, scale, minimum = random_blocks(rng, n, blocks, bits)
+        weights = pack_blocks(QuantBlocks(q, scale, minimum, bits))
+        w = q * scale[..., None].astype(np.float64) + minimum[..., None]  # exact: fp32's FMA
+        w = bf16(w.astype(np.float32)).reshape(n, -1)[:, :k].astype(np.float64)
+        amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
+        vnni = block_session(k, n, bits, weights, "avx512_vnni")
+        x = rng.standard_normal((40, k)).astype(np.float32)
+        (y,) = amx.run(None, {"x": x, PROMPT_ROWS: np.ones(40, np.uint8)})
+        xb = bf16(x).astype(np.float64)
+        bound = k * 2.0**-24 * (np.abs(xb) @ np.abs(w).T)
+        assert np.all(np.abs(y - xb @ w.T) <= bound)
+        int8 = vnni.run(None, {"x": x})[0]
+        assert np.abs(int8 - xb @ w.T).max() > 10 * bound.max()  # the bound tells them apart
+        for count in (1, 5, 16, 40):
+            (part,) = amx.run(None, {"x": x[:count], PROMPT_ROWS: np.ones(count, np.uint8)})
+            np.testing.assert_array_equal(part, y[:count], err_msg=f"{count} prompt rows")
+        prompt = rng.random(40) < 0.5
+        (mixed,) = amx.run(None, {"x": x, PROMPT_ROWS: prompt.astype(np.uint8)})
+        np.testing.assert_array_equal(mixed[prompt], y[prompt])
+        np.testing.assert_array_equal(mixed[~prompt], vnni.run(None, {"x": x[~prompt]})[0])
+
+
+@pytest.mark.parametrize("target", TARGETS[1:])
+def test_builds_without_amx_run_prompt_rows_on_the_int8_path(target: str) -> None:
+    """prompt_rows changes nothing where there is no AMX: every row the int8 path's."""
+    skip_unless_runnable(target)
+    rng = np.random.default_rng(3)
+    k, n, bits = 96, 40, 4
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, 3, bits), bits))
+    x = rng.standard_normal((20, k)).astype(np.float32)
+    (y,) = block_session(k, n, bits, weights, target, prompt_rows=True).run(
+        None, {"x": x, PROMPT_ROWS: np.ones(20, np.uint8)})
+    np.testing.assert_array_equal(y, block_session(k, n, bits, weights, target).run(
+        None, {"x": x})[0])
+
+
 def test_block_linear_rejects_weights_of_another_shape() -> None:
     weights = pack_blocks(QuantBlocks(np.zeros((32, 2, 32), np.uint8),
                                       np.ones((32, 2), np.float32),
@@ -334,6 +404,12 @@ def test_block_linear_rejects_weights_of_another_shape() -> None:
     sess = block_session(96, 32, 4, weights)  # K = 96 needs 3 blocks
     with pytest.raises(Exception, match=r"weights must be \[ceil\(N/16\), ceil\(K/32\), 320\]"):
         sess.run(None, {"x": np.zeros((1, 96), np.float32)})
+    weights = pack_blocks(QuantBlocks(np.zeros((32, 3, 32), np.uint8),
+                                      np.ones((32, 3), np.float32),
+                                      np.zeros((32, 3), np.float32), 4))
+    sess = block_session(96, 32, 4, weights, prompt_rows=True)
+    with pytest.raises(Exception, match="prompt_rows needs one entry per token row of x"):
+        sess.run(None, {"x": np.zeros((3, 96), np.float32), PROMPT_ROWS: np.ones(2, np.uint8)})
 
 
 @pytest.mark.parametrize("target", FLOAT_TARGETS)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nanovllm_onnx.config import FOUR_BIT_FORMATS, ModelConfig
 from nanovllm_onnx.convert.source import ModelSource, QuantBlocks, Rows
 from nanovllm_onnx.convert.weight_file import WeightFile
-from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, quantize
+from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, PROMPT_ROWS, quantize
 
 MS = "com.microsoft"
 
@@ -44,11 +44,14 @@ class BlockWeights:
 
 class GraphBuilder:
     """Accumulates nodes and initializers with unique names; emits linear layers in the
-    chosen weight format. With a `weight_file`, initializers go there as they are made."""
+    chosen weight format. With a `weight_file`, initializers go there as they are made; with
+    `prompt_rows` (a graph input's name), BlockLinear layers take their rows' roles from it."""
 
-    def __init__(self, weights: str = "auto", weight_file: WeightFile | None = None) -> None:
+    def __init__(self, weights: str = "auto", weight_file: WeightFile | None = None,
+                 prompt_rows: str | None = None) -> None:
         self.weights = weights  # one of WEIGHT_FORMATS, checked where a conversion starts
         self.weight_file = weight_file
+        self.prompt_rows = prompt_rows
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
@@ -119,7 +122,8 @@ class GraphBuilder:
         """4- or 8-bit blocks of 32 inputs, a scale and a minimum each, through the engine's
         BlockLinear (activations quantized per block of 32 too). A GGUF's blocks go in as
         they are (at their own width): no second rounding."""
-        return self.block_op("BlockLinear", x, self.block_const(name, weight, bits))
+        return self.block_op("BlockLinear", x, self.block_const(name, weight, bits),
+                             self.prompt_rows)
 
     def block_const(self, name: str, weight: np.ndarray | list[np.ndarray] | Rows | QuantBlocks,
                     bits: int) -> BlockWeights:
@@ -141,9 +145,12 @@ class GraphBuilder:
         packed = (quantize_packed(c, bits) for c in rows.chunks(step, stored=True))
         return BlockWeights(self.const(name, packed), k, n, bits)
 
-    def block_op(self, op_type: str, x: str, weights: BlockWeights) -> str:
-        """BlockLinear (x [..., K] -> [..., N]) or BlockGather (token ids -> rows [..., K])."""
-        (y,) = self.op(op_type, [x, weights.name], domain=DOMAIN, K=weights.k, N=weights.n,
+    def block_op(self, op_type: str, x: str, weights: BlockWeights,
+                 prompt_rows: str | None = None) -> str:
+        """BlockLinear (x [..., K] -> [..., N]; `prompt_rows`: which rows are prompt tokens)
+        or BlockGather (token ids -> rows [..., K])."""
+        inputs = [x, weights.name] + ([prompt_rows] if prompt_rows else [])
+        (y,) = self.op(op_type, inputs, domain=DOMAIN, K=weights.k, N=weights.n,
                        bits=weights.bits)
         return y
 
@@ -259,7 +266,7 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
                 weight_file: WeightFile | None = None) -> onnx.ModelProto:
     """The graph; its weights go to `weight_file` as they are made, when one is given."""
     w, hf = src.tensors, src.config
-    g = GraphBuilder(cfg.weights, weight_file)
+    g = GraphBuilder(cfg.weights, weight_file, prompt_rows=PROMPT_ROWS)
     eps = float(hf["rms_norm_eps"])
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
@@ -347,7 +354,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
     (last,) = g.op("Gather", [last, "logits_index"])
     last = g.rms_norm(last, "model.norm.weight", w["model.norm.weight"], eps)
     tied = "lm_head.weight" not in w or hf.get("tie_word_embeddings", False)
-    if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step
+    if cfg.weights != "fp32":  # the LM head is the largest matmul of a decode step (its rows,
+        # the sampled ones, take the int8 path: no prompt_rows)
         head = embed if tied else g.block_const("lm_head.weight", table("lm_head.weight"),
                                                 table_bits)
         g.block_op("BlockLinear", last, head)
@@ -397,6 +405,8 @@ def _make_model(g: GraphBuilder, cfg: ModelConfig) -> onnx.ModelProto:
         helper.make_tensor_value_info("past_lens", i32, ["batch"]),
         helper.make_tensor_value_info("query_lens", i32, ["batch"]),
     ]
+    if any(PROMPT_ROWS in node.input for node in g.nodes):
+        inputs.append(helper.make_tensor_value_info(PROMPT_ROWS, TensorProto.UINT8, ["tokens"]))
     outputs = [helper.make_tensor_value_info("logits", f32, ["sampled", cfg.vocab_size])]
     for i in range(cfg.num_layers):
         for kind, shape in shapes.items():

@@ -18,6 +18,9 @@ DOMAIN = "nanovllm"
 KEY_TILE = 16  # the key cache is [.., capacity / KEY_TILE, head_dim, KEY_TILE]: see the source
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
 TARGET_ENV = "NANO_VLLM_ONNX_KERNEL_TARGET"
+# The graph input (uint8 [tokens]) saying which tokens are their request's prompt: the layers'
+# BlockLinear take those on AMX's bf16 path, generated ones on the int8 path (see ops.cc).
+PROMPT_ROWS = "prompt_rows"
 LIBRARY = Path(__file__).with_name("ops.so")
 SOURCES = ("dispatch.cc", "ops.cc")  # what setup.py hashes, in its order
 

@@ -30,12 +30,14 @@ bool avx512_vnni() {
   return __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni");
 }
 
-// AMX-TILE and AMX-INT8 (cpuid 7.0 EDX bits 24, 25), whose tile state the OS saves (XCR0 bits
-// 17, 18) and lets this process use: Linux asks each process to request it, once.
-bool amx_int8() {
+// AMX-TILE, AMX-INT8 and AMX-BF16 (cpuid 7.0 EDX bits 24, 25, 22) with AVX512-BF16 (7.1 EAX
+// bit 5), whose tile state the OS saves (XCR0 bits 17, 18) and lets this process use: Linux
+// asks each process to request it, once. (Every AMX CPU so far has all of them.)
+bool amx() {
   static const bool usable = [] {
     unsigned a, b, c, d;
-    if (!avx512_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d >> 24 & 3) != 3)
+    if (!avx512_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d >> 24 & 3) != 3 ||
+        !(d >> 22 & 1) || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1))
       return false;
     unsigned low, high;
     asm("xgetbv" : "=a"(low), "=d"(high) : "c"(0));  // OSXSAVE: x86-64-v4 implies it
@@ -48,7 +50,7 @@ bool amx_int8() {
 // Best first. x86-64-v4: AVX-512 F/BW/CD/DQ/VL; v3: AVX2, FMA, F16C, BMI; libgcc checks that
 // the OS saves the vector registers (XGETBV) too.
 Target targets[] = {
-    {"avx512_amx", amx_int8, nullptr},
+    {"avx512_amx", amx, nullptr},
     {"avx512_vnni", avx512_vnni, nullptr},
     {"avx2_vnni",
      [] { return __builtin_cpu_supports("x86-64-v3") && __builtin_cpu_supports("avxvnni"); },

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from nanovllm_onnx.config import EngineConfig, ModelConfig
 from nanovllm_onnx.engine.sequence import Sequence
-from nanovllm_onnx.kernels import custom_ops_library
+from nanovllm_onnx.kernels import PROMPT_ROWS, custom_ops_library
 from nanovllm_onnx.runner.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ class StepInput:
         ids = seq.token_ids[start:start + n]
         first_draft = max(0, start - len(seq))
         return ids + seq.draft_token_ids[first_draft:first_draft + n - len(ids)]
+
+    def num_prompt_tokens(self, i: int) -> int:
+        """How many of sequence i's new tokens are its prompt's; the rest were generated
+        (sampled, drafts to verify, or recomputed after a preemption)."""
+        return max(0, min(self.num_tokens[i], self.seqs[i].num_prompt_tokens - self.start(i)))
 
     def samples(self, i: int) -> bool:
         """Whether sequence i reaches its last token this step (so it samples)."""
@@ -179,6 +184,7 @@ class ModelRunner:
         self.binding = self.session.io_binding()
         self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)
         self._bound_rows: tuple[int, int] | None = None
+        self._prompt_rows = PROMPT_ROWS in {i.name for i in self.session.get_inputs()}
         self._cache_values: list[ort.OrtValue] = []
 
     def _bind_cache_rows(self, lo: int, hi: int) -> None:
@@ -204,6 +210,7 @@ class ModelRunner:
         order = sorted(range(len(step.seqs)), key=slots.__getitem__)
         offsets = np.cumsum([0] + [step.num_tokens[i] for i in order])
         input_ids = np.empty(offsets[-1], np.int64)
+        prompt_rows = np.zeros(offsets[-1], np.uint8)
         past_lens = np.zeros(hi - lo, np.int32)
         query_lens = np.zeros(hi - lo, np.int32)
         first_token = {}
@@ -211,6 +218,9 @@ class ModelRunner:
             seq, n = step.seqs[i], step.num_tokens[i]
             start = step.start(i)
             input_ids[offset:offset + n] = step.input_ids(i)
+            # BlockLinear takes prompt tokens on AMX's bf16 path, generated ones (decodes,
+            # drafts, recomputed ones) on its int8 path: each token by its own role.
+            prompt_rows[offset:offset + step.num_prompt_tokens(i)] = 1
             past_lens[seq.slot - lo], query_lens[seq.slot - lo] = start, n
             first_token[i] = offset
         logits_index = np.array([first_token[i] + j for i in range(len(step.seqs))
@@ -223,6 +233,8 @@ class ModelRunner:
         b.bind_cpu_input("logits_index", logits_index)
         b.bind_cpu_input("past_lens", past_lens)
         b.bind_cpu_input("query_lens", query_lens)
+        if self._prompt_rows:
+            b.bind_cpu_input(PROMPT_ROWS, prompt_rows)
         self._bind_cache_rows(lo, hi)
         b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(b)
