@@ -121,13 +121,14 @@ async def run_level(url: str, headers: dict[str, str], concurrency: int, num_req
 
 
 # Runs in its own process, as the server does (arguments: model, weights, prompts JSON file,
-# max_tokens); prints the output tokens/s of LLM.generate over all the prompts.
+# max_tokens, more LLM arguments as JSON); prints the output tokens/s of LLM.generate over all
+# the prompts.
 OFFLINE = """
 import json, sys, time
 from nanovllm_onnx import LLM, SamplingParams
 model, weights, prompts, max_tokens = sys.argv[1] or None, sys.argv[2] or None, \
     json.load(open(sys.argv[3])), int(sys.argv[4])
-llm = LLM(model, weights=weights)
+llm = LLM(model, weights=weights, **json.loads(sys.argv[5]))
 params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
 start = time.perf_counter()
@@ -138,12 +139,12 @@ print(tokens / (time.perf_counter() - start))
 
 
 def offline_rate(model: str | None, weights: str | None, prompts: list[list[int]],
-                 max_tokens: int) -> float:
+                 max_tokens: int, engine_args: str) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(prompts, f)
         f.flush()
         done = subprocess.run([sys.executable, "-c", OFFLINE, model or "", weights or "", f.name,
-                               str(max_tokens)], capture_output=True, text=True)
+                               str(max_tokens), engine_args], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the offline run failed:\n{done.stderr[-2000:]}")
     return float(done.stdout.split()[-1])
@@ -211,6 +212,9 @@ def main() -> None:
                         help="also run the requests offline (needs --random-prompt-len and a "
                              "started server: --model, --weights)")
     parser.add_argument("--weights", default=None, help="for the started server and --offline")
+    parser.add_argument("--offline-args", default="{}",
+                        help="more LLM(...) arguments for --offline, as JSON, e.g. "
+                             "'{\"intra_op_spinning\": false}' (as `serve` runs)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every level this often")
     args = parser.parse_args()
     headers = auth_headers(args)
@@ -234,7 +238,8 @@ def main() -> None:
                                             seed=round_ * 1000 + concurrency)
                 offline = ""
                 if args.offline:
-                    rate = offline_rate(args.model, args.weights, prompt, args.max_tokens)
+                    rate = offline_rate(args.model, args.weights, prompt, args.max_tokens,
+                                        args.offline_args)
                 cpu = time.process_time()
                 results, elapsed = asyncio.run(run_level(url, headers, concurrency,
                                                          num_requests, args.duration,
