@@ -905,11 +905,12 @@ struct Bf16Step {
   int64_t prompts, n, blocks, groups;
 };
 
-// A thread's buffer of at least `count` bf16, 64-byte aligned (tile rows).
-uint16_t* tile_buffer(std::vector<uint16_t>& buffer, int64_t count) {
-  buffer.resize(count + 32);
+// A thread's buffer of at least `count` values, 64-byte aligned (tile rows).
+template <typename T>
+T* tile_buffer(std::vector<T>& buffer, int64_t count) {
+  buffer.resize(count + 64 / sizeof(T));
   const uintptr_t at = reinterpret_cast<uintptr_t>(buffer.data());
-  return buffer.data() + ((64 - at % 64) % 64) / 2;
+  return buffer.data() + (64 - at % 64) % 64 / sizeof(T);
 }
 
 // One record dequantized to bf16 as TDPBF16PS's B tile: tile row j holds inputs 2j and 2j + 1
@@ -1057,8 +1058,7 @@ void bf16_task(void* data, size_t strip) {
   thread_local std::vector<uint16_t> buffer;
   uint16_t* w = tile_buffer(buffer, kChunkBlocks * count * kTileValues);  // [block][group]
   thread_local std::vector<float> sums;  // C tiles [token tile][group]
-  sums.resize(tiles * count * kC + 16);
-  float* c = sums.data() + (64 - reinterpret_cast<uintptr_t>(sums.data()) % 64) % 64 / 4;
+  float* c = tile_buffer(sums, tiles * count * kC);
   using Product = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
                            int64_t, bool);
   static constexpr Product kProducts[2][2] = {{bf16_product<1, 1>, bf16_product<1, 2>},
