@@ -279,9 +279,14 @@ def test_ngram_lookup() -> None:
                                              prompt_lookup_min=2))
     # The longest suffix found wins (3 tokens: 7 8 9), then the latest with 3 tokens after it.
     assert spec.lookup([7, 8, 9, 1, 2, 5, 8, 9, 3, 3, 7, 8, 9], 3) == [1, 2, 5]
-    assert spec.lookup([1, 2, 5, 6, 0, 1, 2, 7, 7, 7, 1, 2], 3) == [7, 7, 7]
-    assert spec.lookup([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
-    assert spec.lookup([1, 2, 3, 1, 2], 3) == [3, 1, 2]  # fewer than k after the only hit
+    # A suffix of 2 of prompt_lookup_max = 3 proposes 3 * 2 // 3 = 2 tokens.
+    assert spec.lookup([1, 2, 5, 6, 0, 1, 2, 7, 7, 7, 1, 2], 3) == [7, 7]
+    assert spec.lookup([1, 2, 5, 6, 0, 1, 2, 7, 7, 7, 1, 2], 6) == [7, 7, 7, 1]
+    assert spec.lookup([1, 2, 3, 4, 1, 2], 3) == [3, 4]
+    assert spec.lookup([5, 1, 2, 3, 5, 1, 2], 3) == [3, 5, 1]  # 3 tokens: k of them
+    assert spec.lookup([5, 1, 2, 3, 5, 1, 2], 1) == [3]
+    assert spec.lookup([1, 2, 3, 1, 2], 3) == [3, 1]
+    assert spec.lookup([5, 1, 2, 3, 5, 1, 2], 5) == [3, 5, 1, 2]  # fewer than k after the hit
     assert spec.lookup([1, 2, 3, 4, 5], 3) == []  # no suffix of 2 or 3 seen before
     assert spec.lookup([1, 1], 3) == spec.lookup([1], 3) == []  # too short for a 2-token suffix
     assert spec.lookup([1, 1, 1], 3) == [1]

@@ -150,9 +150,13 @@ class NgramSpeculator(Speculator):
             seq.draft_token_ids = self.lookup(seq.token_ids, k)
 
     def lookup(self, token_ids: list[int], k: int) -> list[int]:
-        """The up to k tokens after the latest earlier occurrence of the longest suffix of
+        """The tokens after the latest earlier occurrence of the longest suffix of
         prompt_lookup_min..prompt_lookup_max tokens that occurred before (vLLM takes the
-        earliest; the latest follows the text being copied or edited now)."""
+        earliest; the latest follows the text being copied or edited now): up to k after a
+        suffix of prompt_lookup_max tokens, up to k n / prompt_lookup_max (at least 1) after a
+        shorter one of n. A shorter match predicts less, and every verified row costs: on
+        workload C, 4-token matches had 6.8 of 8 drafts accepted on average, 2-token matches
+        1.9, half of them none."""
         tokens = np.asarray(token_ids)
         # Earlier occurrences end where the last token occurs again (few places): extend each
         # backwards instead of comparing every window of the sequence (2-5x less time a step).
@@ -169,6 +173,7 @@ class NgramSpeculator(Speculator):
         for n in range(self.cfg.prompt_lookup_max, self.cfg.prompt_lookup_min - 1, -1):
             hits = ends[matched >= n]
             if hits.size:
+                k = max(1, k * n // self.cfg.prompt_lookup_max)
                 # The latest with k tokens after it (one near the end proposes fewer).
                 full = hits[hits + 1 + k <= len(tokens)]
                 start = int(full[-1] if full.size else hits[-1]) + 1
