@@ -293,7 +293,8 @@ void run_task(const Step& st, const Task& task) {
   // NR * DC accumulators and DC value vectors: at most 24 of the 32 vector registers.
   in_chunks<Weigher<DC, T>::template Kernel>(
       static_cast<int>(num_q), std::max(1, 24 / DC - 1), scores.data(), stride,
-      inverse_sums.data(), static_cast<const T*>(st.values) + slot * s.capacity * D, keys, out.data());
+      inverse_sums.data(), static_cast<const T*>(st.values) + slot * s.capacity * D, keys,
+      out.data());
   for (int64_t j = task.first; j < task.last; ++j) {
     float* dst = st.out + (st.offsets[task.row] + j) * s.heads * D + task.kv_head * group * D;
     std::memcpy(dst, &out[(j - task.first) * group * D], group * D * sizeof(float));
