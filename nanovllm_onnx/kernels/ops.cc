@@ -929,23 +929,23 @@ void dequantize_record(const uint8_t* rec, uint16_t* tile) {
     s[j] = _mm512_permutexvar_ps(row, scale);
     m[j] = _mm512_permutexvar_ps(row, minimum);
   }
-  // Of the 64 bf16 of a record vector (row r's input 4v + c at 4r + c), tile row 2v takes
-  // c = 0, 1 of each row, tile row 2v + 1 c = 2, 3.
-  alignas(64) static const uint16_t kPairs[2][32] = {
-      {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29,
-       32, 33, 36, 37, 40, 41, 44, 45, 48, 49, 52, 53, 56, 57, 60, 61},
-      {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31,
-       34, 35, 38, 39, 42, 43, 46, 47, 50, 51, 54, 55, 58, 59, 62, 63}};
-  const __m512i even = _mm512_load_si512(kPairs[0]), odd = _mm512_load_si512(kPairs[1]);
+  // Tile row 2v takes inputs c = 0, 1 of each row of record vector v, tile row 2v + 1
+  // c = 2, 3: of parts 0 and 1 (rows 0-7) lanes 4r + c, which cvtne2ps pairs with those of
+  // parts 2 and 3 (rows 8-15).
+  const __m512i even =
+      _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(2));
   // Record vector v's 16 rows x 4 inputs as codes in 4 x 16 int32 lanes, to tile rows 2v, 2v + 1.
   auto tile_rows = [&](int v, const __m512i (&codes)[4]) {
     __m512 w[4];
     for (int j = 0; j < 4; ++j)
       w[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes[j]), s[j], m[j]);
-    const __m512i low = (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]);   // rows 0-7
-    const __m512i high = (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]);  // rows 8-15
-    _mm512_store_si512(tile + 64 * v, _mm512_permutex2var_epi16(low, even, high));
-    _mm512_store_si512(tile + 64 * v + 32, _mm512_permutex2var_epi16(low, odd, high));
+    _mm512_store_si512(tile + 64 * v, (__m512i)_mm512_cvtne2ps_pbh(
+                                          _mm512_permutex2var_ps(w[2], even, w[3]),
+                                          _mm512_permutex2var_ps(w[0], even, w[1])));
+    _mm512_store_si512(tile + 64 * v + 32, (__m512i)_mm512_cvtne2ps_pbh(
+                                               _mm512_permutex2var_ps(w[2], odd, w[3]),
+                                               _mm512_permutex2var_ps(w[0], odd, w[1])));
   };
   for (int p = 0; p < Bits; ++p) {  // the record's 64-byte vectors of bytes
     __m512i bytes[4];
@@ -1003,12 +1003,38 @@ const TileConfig& bf16_tiles() {
   return config;
 }
 
+// A task's records, dequantized a chunk ahead of the tile products: `step` dequantizes the
+// next `per_step` records of the pending chunk, and the products call it between their tile
+// instructions, so the vector ports dequantize while the AMX unit multiplies (out of order:
+// neither waits for the other), instead of in a phase of their own.
+template <int Bits>
+struct PendingChunk {
+  const uint8_t* records;  // the task's first group's record of block 0
+  int64_t blocks, count;   // K blocks of a group, groups of the task
+  uint16_t* w = nullptr;   // the chunk's B tiles [block][group]
+  int64_t b0 = 0, chunk = 0, done = 0, per_step = 0;
+
+  void start(uint16_t* tiles, int64_t first_block, int64_t chunk_blocks, int64_t steps) {
+    w = tiles, b0 = first_block, chunk = chunk_blocks, done = 0;
+    per_step = steps > 0 ? (count * chunk + steps - 1) / steps : 0;
+  }
+  __attribute__((always_inline)) void step() {
+    for (int64_t i = 0; i < per_step && done < count * chunk; ++i, ++done) {
+      const int64_t g = done / chunk, b = done % chunk;  // a group's records lie in K order
+      dequantize_record<Bits>(records + (g * blocks + b0 + b) * record_bytes(Bits),
+                              w + (b * count + g) * kTileValues);
+    }
+  }
+  void finish() { per_step = count * chunk, step(); }
+};
+
 // The C tiles (token tile tt, group g at c + (tt * count + g) * 256 floats) += the products of
 // NT A tiles (a + tt * blocks KB: a token tile's blocks) with NG groups' B tiles (group g's of
 // block b at w + b * stride + g KB) over `chunk` blocks, in order; zero first where `zero`.
-template <int NT, int NG>
+// Each block's products are followed by a step of `pending`.
+template <int Bits, int NT, int NG>
 void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_t stride,
-                  int64_t chunk, float* c, int64_t count, bool zero) {
+                  int64_t chunk, float* c, int64_t count, bool zero, PendingChunk<Bits>& pending) {
   constexpr int64_t kC = kRows * kRows;
   float* c1 = c + count * kC;  // token tile 1
   if (zero) {
@@ -1035,6 +1061,7 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (NG == 2) _tile_dpbf16ps(3, 5, 7);
     }
+    pending.step();
   }
   _tile_stored(0, c, 64);
   if constexpr (NG == 2) _tile_stored(1, c + kC, 64);
@@ -1045,38 +1072,44 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
 constexpr int64_t kChunkBlocks = 8;        // K blocks per pass: their B tiles stay in L1
 
 // One task: kStripGroups record groups against every prompt row, in passes over K: a chunk
-// of the groups' records dequantized (into L1), then multiplied with every token tile, 2 token
-// tiles x 2 groups at a time; the sums go through memory between passes (the same sums in the
-// same order).
+// of the groups' records is multiplied with every token tile, 2 token tiles x 2 groups at a
+// time, while the next chunk's records are dequantized (into L1, a second buffer); the sums
+// go through memory between passes (the same sums in the same order).
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
-  constexpr int64_t kRecord = record_bytes(Bits), kC = kRows * kRows;
+  constexpr int64_t kC = kRows * kRows;
   const int64_t first = int64_t(strip) * kStripGroups;
   const int64_t count = std::min(kStripGroups, st.groups - first), blocks = st.blocks;
   const int64_t tiles = (st.prompts + kRows - 1) / kRows, a_stride = blocks * kTileValues;
+  const int64_t chunk_values = kChunkBlocks * count * kTileValues;
   thread_local std::vector<uint16_t> buffer;
-  uint16_t* w = tile_buffer(buffer, kChunkBlocks * count * kTileValues);  // [block][group]
+  uint16_t* w = tile_buffer(buffer, 2 * chunk_values);  // two chunks' [block][group]
   thread_local std::vector<float> sums;  // C tiles [token tile][group]
   float* c = tile_buffer(sums, tiles * count * kC);
   using Product = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
-                           int64_t, bool);
-  static constexpr Product kProducts[2][2] = {{bf16_product<1, 1>, bf16_product<1, 2>},
-                                              {bf16_product<2, 1>, bf16_product<2, 2>}};
+                           int64_t, bool, PendingChunk<Bits>&);
+  static constexpr Product kProducts[2][2] = {
+      {bf16_product<Bits, 1, 1>, bf16_product<Bits, 1, 2>},
+      {bf16_product<Bits, 2, 1>, bf16_product<Bits, 2, 2>}};
   use_tiles(bf16_tiles());
-  for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
-    const int64_t chunk = std::min(kChunkBlocks, blocks - b0);
-    for (int64_t g = 0; g < count; ++g)
-      for (int64_t b = 0; b < chunk; ++b)
-        dequantize_record<Bits>(st.weights + ((first + g) * blocks + b0 + b) * kRecord,
-                                w + (b * count + g) * kTileValues);
+  PendingChunk<Bits> pending{st.weights + first * blocks * record_bytes(Bits), blocks, count};
+  pending.start(w, 0, std::min(kChunkBlocks, blocks), 0);
+  pending.finish();
+  const int64_t products = (count + 1) / 2 * ((tiles + 1) / 2);  // calls per chunk
+  for (int64_t b0 = 0, i = 0; b0 < blocks; b0 += kChunkBlocks, ++i) {
+    const int64_t chunk = std::min(kChunkBlocks, blocks - b0), next = b0 + kChunkBlocks;
+    uint16_t* wc = w + (i % 2) * chunk_values;
     asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
+    pending.start(w + (1 - i % 2) * chunk_values, next,
+                  std::max<int64_t>(0, std::min(kChunkBlocks, blocks - next)), products * chunk);
     for (int64_t g = 0; g < count; g += 2)
       for (int64_t t = 0; t < tiles; t += 2)
         kProducts[t + 1 < tiles][g + 1 < count](st.a + t * a_stride + b0 * kTileValues, a_stride,
-                                                w + g * kTileValues, count * kTileValues, chunk,
-                                                c + (t * count + g) * kC, count, b0 == 0);
-    asm volatile("" ::: "memory");  // the next chunk's records overwrite these tiles
+                                                wc + g * kTileValues, count * kTileValues, chunk,
+                                                c + (t * count + g) * kC, count, b0 == 0, pending);
+    pending.finish();
+    asm volatile("" ::: "memory");  // the chunk after next overwrites these tiles
   }
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t g = 0; g < count; ++g) {
