@@ -1003,6 +1003,8 @@ const TileConfig& bf16_tiles() {
   return config;
 }
 
+constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: their B tiles stay in L1
+
 // A task's records, dequantized a chunk ahead of the tile products: `step` dequantizes the
 // next `per_step` records of the pending chunk, and the products call it between their tile
 // instructions, so the vector ports dequantize while the AMX unit multiplies (out of order:
@@ -1021,8 +1023,12 @@ struct PendingChunk {
   __attribute__((always_inline)) void step() {
     for (int64_t i = 0; i < per_step && done < count * chunk; ++i, ++done) {
       const int64_t g = done / chunk, b = done % chunk;  // a group's records lie in K order
-      dequantize_record<Bits>(records + (g * blocks + b0 + b) * record_bytes(Bits),
-                              w + (b * count + g) * kTileValues);
+      const uint8_t* rec = records + (g * blocks + b0 + b) * record_bytes(Bits);
+      if (b0 + b + kChunkBlocks < blocks)  // the same record of the chunk after, from memory
+        for (int64_t at = 0; at < record_bytes(Bits); at += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(rec + kChunkBlocks * record_bytes(Bits) + at),
+                       _MM_HINT_T1);
+      dequantize_record<Bits>(rec, w + (b * count + g) * kTileValues);
     }
   }
   void finish() { per_step = count * chunk, step(); }
@@ -1068,8 +1074,6 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
   if constexpr (NT == 2) _tile_stored(2, c1, 64);
   if constexpr (NT == 2 && NG == 2) _tile_stored(3, c1 + kC, 64);
 }
-
-constexpr int64_t kChunkBlocks = 8;        // K blocks per pass: their B tiles stay in L1
 
 // One task: kStripGroups record groups against every prompt row, in passes over K: a chunk
 // of the groups' records is multiplied with every token tile, 2 token tiles x 2 groups at a
