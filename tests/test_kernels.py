@@ -359,7 +359,8 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
         pytest.skip("this CPU has no AMX (INT8 and BF16), or the OS does not let this process "
                     "use it: prompt rows take the int8 path like the others")
     rng = np.random.default_rng(bits + 10)
-    for k, n in ((200, 37), (576, 96)):
+    # 2100 outputs: 132 record groups, tasks of 16 groups and a last one of 4
+    for k, n in ((200, 37), (576, 96), (96, 2100)):
         blocks = -(-k // 32)
         q, scale, minimum = random_blocks(rng, n, blocks, bits)
         weights = pack_blocks(QuantBlocks(q, scale, minimum, bits))
