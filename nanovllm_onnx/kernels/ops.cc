@@ -1007,7 +1007,7 @@ const TileConfig& bf16_tiles() {
   return config;
 }
 
-constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: their B tiles stay in L1
+constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tiles stay in L1
 
 // A task's records, dequantized a chunk ahead of the tile products: `step` dequantizes the
 // next `per_step` records of the pending chunk, and the products call it between their tile
@@ -1081,7 +1081,7 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
 
 // One task: st.strip record groups against every prompt row, in passes over K: a chunk
 // of the groups' records is multiplied with every token tile, 2 token tiles x 2 groups at a
-// time, while the next chunk's records are dequantized (into L1, a second buffer); the sums
+// time, while the next chunk's records are dequantized (into a second buffer); the sums
 // go through memory between passes (the same sums in the same order).
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
