@@ -895,11 +895,15 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
 // 1.5-2.1x on 128, 1.7-2.3x on 512; below ~20 rows the dequantization, a fixed cost per call,
 // makes it slower (one row: ~0.2-0.3x), the price of results that do not depend on the call.
 constexpr int64_t kTileValues = kRows * kBlock;  // bf16 of one A or B tile (1 KB)
-// Record groups (16 output rows each) per task: up to 16, so that few tasks each read all of the
-// prompt rows' A tiles (a 2048 x 8192 down projection's are 2 MB at 128 tokens, beyond L2: with
-// 16 groups per pass it ran 1.17-1.19x faster than with 4 at 256 tokens, one thread), down to 4
-// while that leaves fewer than 8 tasks (2 threads, of unequal speed on a shared machine).
-int64_t strip_groups(int64_t groups) { return std::clamp<int64_t>(groups / 16 * 2, 4, 16); }
+// Record groups (16 output rows each) per task. Each task reads all of the prompt rows' A
+// tiles: from 1 MB of them (a 2048 x 8192 down projection's from 128 tokens, K 2048's from 256)
+// they no longer stay in L2, and tasks of 16 groups read them 4x less often than tasks of 4
+// (1.17-1.19x faster on that projection at 256 tokens, one thread); down to 4 while that leaves
+// fewer than 8 tasks (2 threads, of unequal speed on a shared machine). Smaller A tiles keep
+// tasks of 4 (with 16, the 135M shapes ran 0.93-0.95x at 256-512 tokens).
+int64_t strip_groups(int64_t groups, int64_t a_bytes) {
+  return a_bytes < (1 << 20) ? 4 : std::clamp<int64_t>(groups / 16 * 2, 4, 16);
+}
 
 struct Bf16Step {
   const uint8_t* weights;
@@ -1276,7 +1280,7 @@ struct BlockLinearKernel {
     uint16_t* a = tile_buffer(buffer, tiles * m.blocks * kTileValues);
     Bf16Rows rows{x, prompt.data(), m.k, m.blocks, prompts, a};
     ctx.ParallelFor(prompt_tile, tiles, 0, &rows);
-    const int64_t strip = strip_groups(m.groups);
+    const int64_t strip = strip_groups(m.groups, tiles * m.blocks * kTileValues * 2);
     Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups, strip};
     ctx.ParallelFor(m.bits == 4 ? bf16_task<4> : bf16_task<8>, (m.groups + strip - 1) / strip, 0,
                     &st);
