@@ -222,6 +222,9 @@ def main() -> None:
                         help="more LLM(...) arguments for --offline, as JSON, e.g. "
                              "'{\"intra_op_spinning\": false}' (as `serve` runs)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every level this often")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="of the random prompts: a --url server that ran a seed's prompts "
+                             "before serves them again from its prefix cache")
     args = parser.parse_args()
     headers = auth_headers(args)
     if args.offline and (args.random_prompt_len is None or args.url is not None):
@@ -241,7 +244,7 @@ def main() -> None:
                 prompt: str | list[list[int]] = args.prompt
                 if args.random_prompt_len is not None:  # fresh ids each round: no prefix hits
                     prompt = random_prompts(num_requests, args.random_prompt_len,
-                                            seed=round_ * 1000 + concurrency)
+                                            seed=args.seed + round_ * 1000 + concurrency)
                 offline = ""
                 if args.offline:
                     rate = offline_rate(args.model, args.weights, prompt, args.max_tokens,
