@@ -653,10 +653,12 @@ struct Isa {
 #endif
 
 #ifdef BLOCK_LINEAR_SIMD
-// How far ahead of its reads a one-token tile prefetches the records. A 1B int4 step's
-// BlockLinear calls on one thread from DRAM: 1.5-3 KB 5-17% faster than none (alike within the
-// noise), 4 KB 12% and 8 KB 20% slower (benchmarks/README.md, decode at 1B).
-constexpr int64_t kPrefetchAhead = 2048;
+// How far ahead of its reads a one-token tile prefetches the records: into L1 1 KB ahead, and
+// into L2 3 KB ahead, so that more lines are on their way than L1's fill buffers alone hold. A
+// 1B int4 step's BlockLinear calls on one thread from DRAM: one prefetch 1.5-3 KB ahead 5-17%
+// faster than none, 4 KB 12% and 8 KB 20% slower; the two 1.03-1.07x one 2 KB ahead
+// (benchmarks/README.md, decode at 1B).
+constexpr int64_t kPrefetchNear = 1024, kPrefetchFar = 3072;
 
 // One record group (16 output rows, in Isa::kParts vectors) x TT tokens over every block. A
 // one-token decode keeps two accumulators (even and odd record vectors): two independent
@@ -678,8 +680,10 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   const uint8_t* rec = st.weights + group * st.blocks * kRecord;
   for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
     if constexpr (TT == 1)  // (past the group's end: the task's next group, see plan_runs)
-      for (int64_t line = 0; line < kRecord; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchAhead + line, _MM_HINT_T0);
+      for (int64_t line = 0; line < kRecord; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchNear + line, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchFar + line, _MM_HINT_T2);
+      }
     I acc[TT][P][S];
     for (int t = 0; t < TT; ++t)
       for (int h = 0; h < P; ++h)
