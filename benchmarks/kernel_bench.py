@@ -5,6 +5,8 @@ gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token co
     python benchmarks/kernel_bench.py --targets avx512_amx avx512_amx:prompt   # int8 vs bf16
     python benchmarks/kernel_bench.py --model 135m --bits 8 --tokens 1 7 64
     python benchmarks/kernel_bench.py --prefill default --weights int4   # through the engine
+    python benchmarks/kernel_bench.py --targets avx512_amx:prompt@../main/nanovllm_onnx/kernels \
+        avx512_amx:prompt --tokens 16 64 128 512     # another checkout's build against this one
 
 Each round times every build on every token count, in turn (interleaved: a shared machine's
 load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
@@ -13,7 +15,9 @@ wall time: the table gives each build's median over rounds, its TOP/s per core
 (multiply-adds x 2 / CPU second), and its speed relative to the first build. Also checks that
 the builds' outputs are identical bit for bit (AMX against VNNI must be). A target written
 `avx512_amx:prompt` runs every row as a prompt token (prompt_rows: AMX's bf16 path), and its
-largest difference from the first build is printed instead.
+largest difference from the first build is printed instead when the first is not one (two
+prompt targets must agree bit for bit too). TARGET@DIR takes the build from DIR's ops.so (another
+checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process).
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
 output token: every projection is one 128-token call), an engine per build in one process,
 in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
@@ -26,6 +30,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -73,9 +78,11 @@ def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # CPU time = work
+    target, _, directory = target.partition("@")
     os.environ[TARGET_ENV] = target
     try:
-        opts.register_custom_ops_library(str(custom_ops_library()))
+        opts.register_custom_ops_library(
+            str(Path(directory, "ops.so") if directory else custom_ops_library()))
     finally:
         del os.environ[TARGET_ENV]
     return ort.InferenceSession(model.SerializeToString(), opts,
@@ -160,21 +167,22 @@ def main() -> None:
     args = ap.parse_args()
     targets = args.targets or [t for t in ("avx512_vnni", "avx512_amx", "avx512_amx:prompt")
                                if t.removesuffix(":prompt") in supported_targets()]
+    prompt = {t: t.partition("@")[0].endswith(":prompt") for t in targets}
     if args.prefill:  # the engine marks its prompt tokens itself
-        engine_run(args.prefill, args.weights, [t for t in targets if ":" not in t],
-                   args.rounds, args.workload)
+        plain = [t for t in targets if ":" not in t and "@" not in t]
+        engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
         return
     shapes = SHAPES[args.model]
-    sessions = {t: layer_session(shapes, args.bits, t.removesuffix(":prompt")) for t in targets}
+    sessions = {t: layer_session(shapes, args.bits, t.replace(":prompt", "")) for t in targets}
     rng = np.random.default_rng(1)
     xs = {tokens: {f"x{i}": rng.standard_normal((tokens, k)).astype(np.float32)
                    for i, (k, _) in enumerate(shapes)} for tokens in args.tokens}
-    feeds = {(t, tokens): {**x, PROMPT_ROWS: np.full(tokens, t.endswith(":prompt"), np.uint8)}
+    feeds = {(t, tokens): {**x, PROMPT_ROWS: np.full(tokens, prompt[t], np.uint8)}
              for t in targets for tokens, x in xs.items()}
     for tokens in args.tokens:
         first, *rest = (sess.run(None, feeds[t, tokens]) for t, sess in sessions.items())
         for target, out in zip(targets[1:], rest):
-            if target.endswith(":prompt"):
+            if prompt[target] != prompt[targets[0]]:
                 diff = max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(first, out))
                 print(f"{target} on {tokens} tokens: largest difference {diff:.1e} of the "
                       f"largest output")
@@ -188,7 +196,7 @@ def main() -> None:
                     time_call(sess, feeds[target, tokens], args.seconds))
     macs = sum(k * n for k, n in shapes)
     print(f"{args.model} layer, int{args.bits}, {THREADS} threads, {args.rounds} rounds; "
-          f"load average {os.getloadavg()[0]:.2f}; int8 paths' outputs identical across builds")
+          f"load average {os.getloadavg()[0]:.2f}; outputs identical across builds of a path")
     print("| tokens | " + " | ".join(f"{t} CPU ms | TOP/s" for t in targets)
           + "".join(f" | {t} / {targets[0]}" for t in targets[1:]) + " |")
     print("|---" * (1 + 2 * len(targets) + len(targets) - 1) + "|")

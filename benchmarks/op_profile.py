@@ -2,6 +2,7 @@
 
     python benchmarks/op_profile.py                 # workload B, greedy
     python benchmarks/op_profile.py --workload A
+    python benchmarks/op_profile.py --workload A --prefill   # A's prefill, warm, 3 times
 
 Runs the workload once with ONNX Runtime's profiling switched on in the engine's own session
 options, then sums the kernel time per operator type (MatMul vs SlotAttention
@@ -11,6 +12,7 @@ vs the rest), with the GFLOP/s the matmuls reach.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import tempfile
 from collections import defaultdict
@@ -62,6 +64,9 @@ def main() -> None:
     ap.add_argument("--workload", choices=["A", "B"], default="B")
     ap.add_argument("--model", default=None)
     ap.add_argument("--weights", default=None, help="fp32 | int8 | int4 (when converting)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="with --workload A: its prefill alone (4 times; the first, cold, "
+                         "not counted)")
     args = ap.parse_args()
     extra = {"weights": args.weights} if args.weights else {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,27 +75,38 @@ def main() -> None:
                       intra_op_num_threads=THREADS)
         if args.workload == "A":
             wl = workload_a()
-            run_a(llm, wl.prompts[0], wl.max_tokens[0])
+            for _ in range(4 if args.prefill else 1):
+                run_a(llm, wl.prompts[0], 2 if args.prefill else wl.max_tokens[0])
         else:
             run_b(llm, workload_b())
         events = json.loads(Path(llm.llm_engine.runner.session.end_profiling()).read_text())
-    seconds: dict[str, float] = defaultdict(float)
-    flops: dict[str, float] = defaultdict(float)
-    runs = 0.0
+    spans = sorted((e["ts"], e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e["name"] == "model_run")
+    nodes = []  # (run index, op, seconds, event)
     for e in events:
-        if e.get("cat") == "Session" and e["name"] == "model_run":
-            runs += e["dur"] / 1e6
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         op = e["args"]["op_name"]
         if op == "SlotAttention":  # at most one token per cache row: a decode step
             shapes = [next(iter(s.values())) for s in e["args"]["input_type_shape"]]
             op += " (decode)" if shapes[0][0] <= shapes[3][0] else " (with prefill)"
-        seconds[op] += e["dur"] / 1e6
-        if op in ("MatMul", "Gemm"):
-            flops[op] += matmul_flops(e)
+        run = bisect.bisect_right(spans, (e["ts"], float("inf"))) - 1
+        nodes.append((run, op, e["dur"] / 1e6, e))
+    kept = set(range(len(spans)))
+    if args.prefill:  # the runs with prompt tokens but the first
+        kept = {run for run, op, _, _ in nodes if op == "SlotAttention (with prefill)"}
+        kept.discard(min(kept))
+    seconds: dict[str, float] = defaultdict(float)
+    flops: dict[str, float] = defaultdict(float)
+    for run, op, s, e in nodes:
+        if run in kept:
+            seconds[op] += s
+            if op in ("MatMul", "Gemm"):
+                flops[op] += matmul_flops(e)
+    runs = sum(spans[i][1] for i in kept) / 1e6
     kernels = sum(seconds.values())
-    log(f"workload {args.workload}: {runs:.2f} s in model runs, {kernels:.2f} s in kernels "
+    log(f"workload {args.workload}{' (prefill steps)' if args.prefill else ''}: {runs:.2f} s in "
+        f"{len(kept)} model runs, {kernels:.2f} s in kernels "
         f"({100 * kernels / runs:.1f}%)")
     for op, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
         rate = f", {flops[op] / s / 1e9:.0f} GFLOP/s" if flops.get(op) else ""

@@ -11,8 +11,10 @@ time, streaming completions. Both servers run the HF checkpoint with their defau
 (ours: weights auto, i.e. 8-bit blocks; vLLM: bf16, in the environment of peer_vllm.py), both
 with a 4,096- token context (a 1B checkpoint's 131,072 does not fit vLLM's 2 GB KV cache).
 Offline: `LLM(model)` with the same defaults, 64 prompts of 256 random ids, 128 tokens each, all
-submitted at once. Each round runs our server, our offline engine, then vLLM's server; figures
-are the medians.
+submitted at once, sampled as the server samples the client's requests (vLLM's client sends no
+temperature: 1.0, the whole vocabulary). Every offline run gets prompts of its own: one engine
+runs them all, and prompts it has seen would come from its prefix cache. Each round runs our
+server, our offline engine, then vLLM's server; figures are the medians.
 """
 
 from __future__ import annotations
@@ -107,11 +109,13 @@ def served(argv: list[str], env: dict[str, str], model: Path, out_dir: Path, tag
     return res
 
 
-def offline(llm: LLM) -> float:
-    """Output tok/s of the same shape of requests through the offline engine."""
-    rng = random.Random(0)
+def offline(llm: LLM, seed: int) -> float:
+    """Output tok/s of the same shape of requests through the offline engine: prompts from
+    `seed` (a seed `llm` has not run, or its prefix cache skips their prefill), sampled with
+    the server's defaults, as vLLM's client leaves them."""
+    rng = random.Random(seed)
     prompts = [[rng.randint(0, ID_MAX) for _ in range(PROMPT_LEN)] for _ in range(REQUESTS)]
-    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
+    params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True)
     start_t = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start_t
@@ -141,7 +145,7 @@ def main() -> None:
                  "--max-model-len", str(CONTEXT), "--dtype", "bfloat16"]
     llm = LLM(str(model), max_model_len=CONTEXT,
               **({"weights": args.weights} if args.weights else {}))
-    offline(llm)  # warm-up (and the conversion, cached for the server)
+    offline(llm, seed=0)  # warm-up (and the conversion, cached for the server)
     figures: dict[str, list[float]] = {"ours": [], "offline": [], "vllm": []}
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
@@ -149,7 +153,7 @@ def main() -> None:
             log(f"round {r + 1} of {args.rounds}")
             figures["ours"].append(served(ours_argv, {}, model, out_dir, f"ours{r}")[
                 "output_throughput"])
-            figures["offline"].append(offline(llm))
+            figures["offline"].append(offline(llm, seed=r + 1))
             figures["vllm"].append(served(vllm_argv, vllm_env(VLLM_VENV), model, out_dir,
                                           f"vllm{r}")["output_throughput"])
     ours, vllm, off = (median(figures[k]) for k in ("ours", "vllm", "offline"))

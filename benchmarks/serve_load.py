@@ -1,8 +1,8 @@
 """Load test for `nano-vllm-onnx serve`: N concurrent streaming clients on loopback.
 
-For each concurrency level, clients send streaming completions (greedy, ignore_eos, so every
-request generates exactly --max-tokens) until --requests are done or --duration passes, then
-it reports requests/s, output tokens/s, and TTFT and TPOT percentiles.
+For each concurrency level, clients send streaming completions (greedy unless --temperature,
+ignore_eos, so every request generates exactly --max-tokens) until --requests are done or
+--duration passes, then it reports requests/s, output tokens/s, and TTFT and TPOT percentiles.
 
     python benchmarks/serve_load.py --concurrency 1 8 32          # starts the default model
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 8
@@ -12,10 +12,11 @@ of them, as throughput.py's B does), round after round with the served ones, and
 prints the served share of the offline rate. `client CPU` is the share of the machine's
 THREADS cores this client process used during the level: cores the server could not (offline
 has no client). vLLM's `bench serve` load (random 256-token
-prompts, 128 tokens out, 64 requests, 32 at a time):
+prompts, 128 tokens out, 64 requests, 32 at a time; it sends no temperature, so the server
+samples at 1.0 over the whole vocabulary):
 
     python benchmarks/serve_load.py --server-args '--weights int8' --random-prompt-len 256 \
-        --max-tokens 128 --requests 64 --concurrency 32 --offline --rounds 3
+        --max-tokens 128 --requests 64 --concurrency 32 --temperature 1 --offline --rounds 3
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def random_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
 
 
 async def run_level(url: str, headers: dict[str, str], concurrency: int, num_requests: int,
-                    duration: float, max_tokens: int, prompt: str | list[list[int]]
-                    ) -> tuple[Results, float]:
+                    duration: float, max_tokens: int, prompt: str | list[list[int]],
+                    temperature: float = 0.0) -> tuple[Results, float]:
     """Requests with the text `prompt` (a distinct number before it in each), or request i
     with the token ids prompt[i]."""
     results = Results()
@@ -111,7 +112,7 @@ async def run_level(url: str, headers: dict[str, str], concurrency: int, num_req
                 text = isinstance(prompt, str)
                 body = {"prompt": f"{issued}. {prompt}" if text else prompt[issued],
                         "max_tokens": max_tokens,
-                        "temperature": 0, "ignore_eos": True, "stream": True,
+                        "temperature": temperature, "ignore_eos": True, "stream": True,
                         "stream_options": {"include_usage": True}}
                 issued += 1
                 await one_request(http, body, results)
@@ -121,16 +122,17 @@ async def run_level(url: str, headers: dict[str, str], concurrency: int, num_req
 
 
 # Runs in its own process, as the server does (arguments: model, weights, prompts JSON file,
-# max_tokens, more LLM arguments as JSON); prints the output tokens/s of LLM.generate over all
-# the prompts.
+# max_tokens, more LLM arguments as JSON, temperature); prints the output tokens/s of
+# LLM.generate over all the prompts.
 OFFLINE = """
 import json, sys, time
 from nanovllm_onnx import LLM, SamplingParams
 model, weights, prompts, max_tokens = sys.argv[1] or None, sys.argv[2] or None, \
     json.load(open(sys.argv[3])), int(sys.argv[4])
 llm = LLM(model, weights=weights, **json.loads(sys.argv[5]))
-params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+params = SamplingParams(temperature=float(sys.argv[6]), max_tokens=max_tokens, ignore_eos=True)
+# 8 tokens fill no cache block: the measured prompts get no prefix hits from the warm-up.
+llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
 start = time.perf_counter()
 outputs = llm.generate(prompts, params, use_tqdm=False)
 tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -139,12 +141,13 @@ print(tokens / (time.perf_counter() - start))
 
 
 def offline_rate(model: str | None, weights: str | None, prompts: list[list[int]],
-                 max_tokens: int, engine_args: str) -> float:
+                 max_tokens: int, engine_args: str, temperature: float) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(prompts, f)
         f.flush()
         done = subprocess.run([sys.executable, "-c", OFFLINE, model or "", weights or "", f.name,
-                               str(max_tokens), engine_args], capture_output=True, text=True)
+                               str(max_tokens), engine_args, str(temperature)],
+                              capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the offline run failed:\n{done.stderr[-2000:]}")
     return float(done.stdout.split()[-1])
@@ -204,6 +207,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0,
                         help="seconds per level at most; requests running then still finish")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="of every request, served and --offline (default 0: greedy; "
+                             "vLLM's bench client leaves the server's 1.0)")
     parser.add_argument("--prompt", default="Write a short story about a robot who learns "
                                             "to paint, in the style of a fairy tale.")
     parser.add_argument("--random-prompt-len", type=int, default=None,
@@ -216,6 +222,9 @@ def main() -> None:
                         help="more LLM(...) arguments for --offline, as JSON, e.g. "
                              "'{\"intra_op_spinning\": false}' (as `serve` runs)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every level this often")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="of the random prompts: a --url server that ran a seed's prompts "
+                             "before serves them again from its prefix cache")
     args = parser.parse_args()
     headers = auth_headers(args)
     if args.offline and (args.random_prompt_len is None or args.url is not None):
@@ -235,15 +244,16 @@ def main() -> None:
                 prompt: str | list[list[int]] = args.prompt
                 if args.random_prompt_len is not None:  # fresh ids each round: no prefix hits
                     prompt = random_prompts(num_requests, args.random_prompt_len,
-                                            seed=round_ * 1000 + concurrency)
+                                            seed=args.seed + round_ * 1000 + concurrency)
                 offline = ""
                 if args.offline:
                     rate = offline_rate(args.model, args.weights, prompt, args.max_tokens,
-                                        args.offline_args)
+                                        args.offline_args, args.temperature)
                 cpu = time.process_time()
                 results, elapsed = asyncio.run(run_level(url, headers, concurrency,
                                                          num_requests, args.duration,
-                                                         args.max_tokens, prompt))
+                                                         args.max_tokens, prompt,
+                                                         args.temperature))
                 client_cpu = (time.process_time() - cpu) / (THREADS * elapsed)
                 served = results.output_tokens / elapsed
                 if args.offline:

@@ -49,6 +49,7 @@ from workloads import (
 )
 
 from nanovllm_onnx import LLM, SamplingParams, StructuredOutputsParams
+from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.engine import structured as structured_module
 from nanovllm_onnx.engine import tokenizer as tokenizer_module
 
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="JSON, as LLM(speculative_config=...): compare without and with it")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int,
+                    default=EngineConfig.max_num_batched_tokens)
     ap.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (fp16) | fp16 | fp32")
     ap.add_argument("--enable-prefix-caching", action="store_true")

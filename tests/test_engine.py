@@ -124,6 +124,22 @@ def test_fp16_prefix_cache_gives_the_tokens_of_a_cold_run(converted: dict[str, P
             == [o.outputs[0].token_ids for o in expected])
 
 
+def test_default_step_budget_chunks_prompts_beside_decodes(converted: dict[str, Path]) -> None:
+    """The default budget (1024 tokens a step): running sequences first, one token each when
+    they decode, then prompts in arrival order, the last one cut to what is left."""
+    llm = LLM(str(converted["llama"]), **FP32)
+    engine = llm.llm_engine
+    for i, prompt in enumerate(random_prompts(4, seed=3, lo=600, hi=600)):
+        engine.add_request(str(i), prompt, GREEDY)
+    computed = []
+    for _ in range(3):
+        engine.step()
+        computed.append([seq.num_computed_tokens for seq in engine.scheduler.running])
+    assert computed == [[600, 424],  # 1024: the first prompt whole, the second's first chunk
+                        [601, 600, 600, 247],  # a decode, the second's 176, the third, 247
+                        [602, 601, 601, 600]]  # 3 decodes, the fourth's last 353
+
+
 def test_abort_frees_everything(converted: dict[str, Path],
                                 references: dict[str, list[list[int]]]) -> None:
     llm = LLM(str(converted["llama"]), max_num_seqs=2, **FP32)

@@ -353,8 +353,8 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
     """On AMX, prompt rows run in bf16: the weights q * scale + min (one fp32 rounding) and
     the activations rounded to bf16, their products summed in fp32 (within fp32's rounding of
     the sum, far inside the int8 path's error); a prompt row's result is the same bit for bit
-    with 1, 5, 16 or 40 prompt rows in the call and with generated rows between them, which
-    get the int8 path's result (the VNNI build's, on those rows alone)."""
+    with 1, 5, 16, 40 or 256 prompt rows in the call (256 take larger tasks) and with generated
+    rows between them, which get the int8 path's result (the VNNI build's, on those rows alone)."""
     if "avx512_amx" not in SUPPORTED:
         pytest.skip("this CPU has no AMX (INT8 and BF16), or the OS does not let this process "
                     "use it: prompt rows take the int8 path like the others")
@@ -381,6 +381,14 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
         (mixed,) = amx.run(None, {"x": x, PROMPT_ROWS: prompt.astype(np.uint8)})
         np.testing.assert_array_equal(mixed[prompt], y[prompt])
         np.testing.assert_array_equal(mixed[~prompt], vnni.run(None, {"x": x[~prompt]})[0])
+    # 256 rows of K 2048 are 1 MB of A tiles: tasks of 16 groups (2100 outputs: and a last of 4)
+    k, n = 2048, 2100
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, k // 32, bits), bits))
+    amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
+    x = rng.standard_normal((256, k)).astype(np.float32)
+    (y,) = amx.run(None, {"x": x, PROMPT_ROWS: np.ones(256, np.uint8)})
+    (part,) = amx.run(None, {"x": x[:40], PROMPT_ROWS: np.ones(40, np.uint8)})
+    np.testing.assert_array_equal(y[:40], part)
 
 
 @pytest.mark.parametrize("target", TARGETS[1:])

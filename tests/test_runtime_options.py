@@ -90,3 +90,28 @@ def test_weights_are_read_in_from_their_external_data_file(converted: dict[str, 
     before = data.read_bytes()
     read_in_huge_pages(data)  # drops the cached pages and reads them back: same bytes
     assert data.read_bytes() == before and len(before) > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_block_weights_are_one_shared_mapping_of_their_file(
+        hf_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 weights reach the session as arrays over one read-only shared mapping of their
+    file (huge pages from end to end), not ONNX Runtime's mapping per initializer nor a copy;
+    and they give the tokens of ONNX Runtime's own mappings."""
+    import nanovllm_onnx.runner.model_runner as model_runner
+    from nanovllm_onnx.convert.converter import convert
+
+    convert(hf_models["llama"], tmp_path / "int4", "int4")
+    prompts = random_prompts(2, seed=11)
+    llm = LLM(str(tmp_path / "int4"), enable_prefix_caching=False)
+    (name,) = model_runner.external_data_files(
+        onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False))
+    data = str((tmp_path / "int4" / name).resolve())
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.endswith(" " + data)]
+    assert [m[1] for m in maps] == ["r--s"]
+    tokens = llm.generate(prompts, GREEDY, use_tqdm=False)
+    monkeypatch.setattr(model_runner, "map_weights", lambda model, folder: {})  # ORT maps them
+    own = LLM(str(tmp_path / "int4"), enable_prefix_caching=False)
+    assert ([o.outputs[0].token_ids for o in own.generate(prompts, GREEDY, use_tqdm=False)] ==
+            [o.outputs[0].token_ids for o in tokens])

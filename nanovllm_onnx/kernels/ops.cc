@@ -707,10 +707,12 @@ struct Isa {
 #endif
 
 #ifdef BLOCK_LINEAR_SIMD
-// How far ahead of its reads a one-token tile prefetches the records. A 1B int4 step's
-// BlockLinear calls on one thread from DRAM: 1.5-3 KB 5-17% faster than none (alike within the
-// noise), 4 KB 12% and 8 KB 20% slower (benchmarks/README.md, decode at 1B).
-constexpr int64_t kPrefetchAhead = 2048;
+// How far ahead of its reads a one-token tile prefetches the records: into L1 1 KB ahead, and
+// into L2 3 KB ahead, so that more lines are on their way than L1's fill buffers alone hold. A
+// 1B int4 step's BlockLinear calls on one thread from DRAM: one prefetch 1.5-3 KB ahead 5-17%
+// faster than none, 4 KB 12% and 8 KB 20% slower; the two 1.03-1.07x one 2 KB ahead
+// (benchmarks/README.md, decode at 1B).
+constexpr int64_t kPrefetchNear = 1024, kPrefetchFar = 3072;
 
 // One record group (16 output rows, in Isa::kParts vectors) x TT tokens over every block. A
 // one-token decode keeps two accumulators (even and odd record vectors): two independent
@@ -732,8 +734,10 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   const uint8_t* rec = st.weights + group * st.blocks * kRecord;
   for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
     if constexpr (TT == 1)  // (past the group's end: the task's next group, see plan_runs)
-      for (int64_t line = 0; line < kRecord; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchAhead + line, _MM_HINT_T0);
+      for (int64_t line = 0; line < kRecord; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchNear + line, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchFar + line, _MM_HINT_T2);
+      }
     I acc[TT][P][S];
     for (int t = 0; t < TT; ++t)
       for (int h = 0; h < P; ++h)
@@ -949,14 +953,22 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
 // 1.5-2.1x on 128, 1.7-2.3x on 512; below ~20 rows the dequantization, a fixed cost per call,
 // makes it slower (one row: ~0.2-0.3x), the price of results that do not depend on the call.
 constexpr int64_t kTileValues = kRows * kBlock;  // bf16 of one A or B tile (1 KB)
-constexpr int64_t kStripGroups = 4;              // record groups (16 output rows each) per task
+// Record groups (16 output rows each) per task. Each task reads all of the prompt rows' A
+// tiles: from 1 MB of them (a 2048 x 8192 down projection's from 128 tokens, K 2048's from 256)
+// they no longer stay in L2, and tasks of 16 groups read them 4x less often than tasks of 4
+// (1.17-1.19x faster on that projection at 256 tokens, one thread); down to 4 while that leaves
+// fewer than 8 tasks (2 threads, of unequal speed on a shared machine). Smaller A tiles keep
+// tasks of 4 (with 16, the 135M shapes ran 0.93-0.95x at 256-512 tokens).
+int64_t strip_groups(int64_t groups, int64_t a_bytes) {
+  return a_bytes < (1 << 20) ? 4 : std::clamp<int64_t>(groups / 16 * 2, 4, 16);
+}
 
 struct Bf16Step {
   const uint8_t* weights;
   const uint16_t* a;     // the prompt rows in A tiles: [ceil(P / 16), blocks, 16 rows, 32]
   const int64_t* rows;   // y's row of prompt row i
   float* y;
-  int64_t prompts, n, blocks, groups;
+  int64_t prompts, n, blocks, groups, strip;  // strip: groups per task
 };
 
 // A thread's buffer of at least `count` values, 64-byte aligned (tile rows).
@@ -983,23 +995,23 @@ void dequantize_record(const uint8_t* rec, uint16_t* tile) {
     s[j] = _mm512_permutexvar_ps(row, scale);
     m[j] = _mm512_permutexvar_ps(row, minimum);
   }
-  // Of the 64 bf16 of a record vector (row r's input 4v + c at 4r + c), tile row 2v takes
-  // c = 0, 1 of each row, tile row 2v + 1 c = 2, 3.
-  alignas(64) static const uint16_t kPairs[2][32] = {
-      {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29,
-       32, 33, 36, 37, 40, 41, 44, 45, 48, 49, 52, 53, 56, 57, 60, 61},
-      {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31,
-       34, 35, 38, 39, 42, 43, 46, 47, 50, 51, 54, 55, 58, 59, 62, 63}};
-  const __m512i even = _mm512_load_si512(kPairs[0]), odd = _mm512_load_si512(kPairs[1]);
+  // Tile row 2v takes inputs c = 0, 1 of each row of record vector v, tile row 2v + 1
+  // c = 2, 3: of parts 0 and 1 (rows 0-7) lanes 4r + c, which cvtne2ps pairs with those of
+  // parts 2 and 3 (rows 8-15).
+  const __m512i even =
+      _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(2));
   // Record vector v's 16 rows x 4 inputs as codes in 4 x 16 int32 lanes, to tile rows 2v, 2v + 1.
   auto tile_rows = [&](int v, const __m512i (&codes)[4]) {
     __m512 w[4];
     for (int j = 0; j < 4; ++j)
       w[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes[j]), s[j], m[j]);
-    const __m512i low = (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]);   // rows 0-7
-    const __m512i high = (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]);  // rows 8-15
-    _mm512_store_si512(tile + 64 * v, _mm512_permutex2var_epi16(low, even, high));
-    _mm512_store_si512(tile + 64 * v + 32, _mm512_permutex2var_epi16(low, odd, high));
+    _mm512_store_si512(tile + 64 * v, (__m512i)_mm512_cvtne2ps_pbh(
+                                          _mm512_permutex2var_ps(w[2], even, w[3]),
+                                          _mm512_permutex2var_ps(w[0], even, w[1])));
+    _mm512_store_si512(tile + 64 * v + 32, (__m512i)_mm512_cvtne2ps_pbh(
+                                               _mm512_permutex2var_ps(w[2], odd, w[3]),
+                                               _mm512_permutex2var_ps(w[0], odd, w[1])));
   };
   for (int p = 0; p < Bits; ++p) {  // the record's 64-byte vectors of bytes
     __m512i bytes[4];
@@ -1057,12 +1069,44 @@ const TileConfig& bf16_tiles() {
   return config;
 }
 
+constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tiles stay in L1
+
+// A task's records, dequantized a chunk ahead of the tile products: `step` dequantizes the
+// next `per_step` records of the pending chunk, and the products call it between their tile
+// instructions, so the vector ports dequantize while the AMX unit multiplies (out of order:
+// neither waits for the other), instead of in a phase of their own.
+template <int Bits>
+struct PendingChunk {
+  const uint8_t* records;  // the task's first group's record of block 0
+  int64_t blocks, count;   // K blocks of a group, groups of the task
+  uint16_t* w = nullptr;   // the chunk's B tiles [block][group]
+  int64_t b0 = 0, chunk = 0, done = 0, per_step = 0;
+
+  void start(uint16_t* tiles, int64_t first_block, int64_t chunk_blocks, int64_t steps) {
+    w = tiles, b0 = first_block, chunk = chunk_blocks, done = 0;
+    per_step = steps > 0 ? (count * chunk + steps - 1) / steps : 0;
+  }
+  __attribute__((always_inline)) void step() {
+    for (int64_t i = 0; i < per_step && done < count * chunk; ++i, ++done) {
+      const int64_t g = done / chunk, b = done % chunk;  // a group's records lie in K order
+      const uint8_t* rec = records + (g * blocks + b0 + b) * record_bytes(Bits);
+      if (b0 + b + kChunkBlocks < blocks)  // the same record of the chunk after, from memory
+        for (int64_t at = 0; at < record_bytes(Bits); at += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(rec + kChunkBlocks * record_bytes(Bits) + at),
+                       _MM_HINT_T1);
+      dequantize_record<Bits>(rec, w + (b * count + g) * kTileValues);
+    }
+  }
+  void finish() { per_step = count * chunk, step(); }
+};
+
 // The C tiles (token tile tt, group g at c + (tt * count + g) * 256 floats) += the products of
 // NT A tiles (a + tt * blocks KB: a token tile's blocks) with NG groups' B tiles (group g's of
 // block b at w + b * stride + g KB) over `chunk` blocks, in order; zero first where `zero`.
-template <int NT, int NG>
+// Each block's products are followed by a step of `pending`.
+template <int Bits, int NT, int NG>
 void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_t stride,
-                  int64_t chunk, float* c, int64_t count, bool zero) {
+                  int64_t chunk, float* c, int64_t count, bool zero, PendingChunk<Bits>& pending) {
   constexpr int64_t kC = kRows * kRows;
   float* c1 = c + count * kC;  // token tile 1
   if (zero) {
@@ -1089,6 +1133,7 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (NG == 2) _tile_dpbf16ps(3, 5, 7);
     }
+    pending.step();
   }
   _tile_stored(0, c, 64);
   if constexpr (NG == 2) _tile_stored(1, c + kC, 64);
@@ -1096,41 +1141,45 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
   if constexpr (NT == 2 && NG == 2) _tile_stored(3, c1 + kC, 64);
 }
 
-constexpr int64_t kChunkBlocks = 8;        // K blocks per pass: their B tiles stay in L1
-
-// One task: kStripGroups record groups against every prompt row, in passes over K: a chunk
-// of the groups' records dequantized (into L1), then multiplied with every token tile, 2 token
-// tiles x 2 groups at a time; the sums go through memory between passes (the same sums in the
-// same order).
+// One task: st.strip record groups against every prompt row, in passes over K: a chunk
+// of the groups' records is multiplied with every token tile, 2 token tiles x 2 groups at a
+// time, while the next chunk's records are dequantized (into a second buffer); the sums
+// go through memory between passes (the same sums in the same order).
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
-  constexpr int64_t kRecord = record_bytes(Bits), kC = kRows * kRows;
-  const int64_t first = int64_t(strip) * kStripGroups;
-  const int64_t count = std::min(kStripGroups, st.groups - first), blocks = st.blocks;
+  constexpr int64_t kC = kRows * kRows;
+  const int64_t first = int64_t(strip) * st.strip;
+  const int64_t count = std::min(st.strip, st.groups - first), blocks = st.blocks;
   const int64_t tiles = (st.prompts + kRows - 1) / kRows, a_stride = blocks * kTileValues;
+  const int64_t chunk_values = kChunkBlocks * count * kTileValues;
   thread_local std::vector<uint16_t> buffer;
-  uint16_t* w = tile_buffer(buffer, kChunkBlocks * count * kTileValues);  // [block][group]
+  uint16_t* w = tile_buffer(buffer, 2 * chunk_values);  // two chunks' [block][group]
   thread_local std::vector<float> sums;  // C tiles [token tile][group]
   float* c = tile_buffer(sums, tiles * count * kC);
   using Product = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
-                           int64_t, bool);
-  static constexpr Product kProducts[2][2] = {{bf16_product<1, 1>, bf16_product<1, 2>},
-                                              {bf16_product<2, 1>, bf16_product<2, 2>}};
+                           int64_t, bool, PendingChunk<Bits>&);
+  static constexpr Product kProducts[2][2] = {
+      {bf16_product<Bits, 1, 1>, bf16_product<Bits, 1, 2>},
+      {bf16_product<Bits, 2, 1>, bf16_product<Bits, 2, 2>}};
   use_tiles(bf16_tiles());
-  for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
-    const int64_t chunk = std::min(kChunkBlocks, blocks - b0);
-    for (int64_t g = 0; g < count; ++g)
-      for (int64_t b = 0; b < chunk; ++b)
-        dequantize_record<Bits>(st.weights + ((first + g) * blocks + b0 + b) * kRecord,
-                                w + (b * count + g) * kTileValues);
+  PendingChunk<Bits> pending{st.weights + first * blocks * record_bytes(Bits), blocks, count};
+  pending.start(w, 0, std::min(kChunkBlocks, blocks), 0);
+  pending.finish();
+  const int64_t products = (count + 1) / 2 * ((tiles + 1) / 2);  // calls per chunk
+  for (int64_t b0 = 0, i = 0; b0 < blocks; b0 += kChunkBlocks, ++i) {
+    const int64_t chunk = std::min(kChunkBlocks, blocks - b0), next = b0 + kChunkBlocks;
+    uint16_t* wc = w + (i % 2) * chunk_values;
     asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
+    pending.start(w + (1 - i % 2) * chunk_values, next,
+                  std::max<int64_t>(0, std::min(kChunkBlocks, blocks - next)), products * chunk);
     for (int64_t g = 0; g < count; g += 2)
       for (int64_t t = 0; t < tiles; t += 2)
         kProducts[t + 1 < tiles][g + 1 < count](st.a + t * a_stride + b0 * kTileValues, a_stride,
-                                                w + g * kTileValues, count * kTileValues, chunk,
-                                                c + (t * count + g) * kC, count, b0 == 0);
-    asm volatile("" ::: "memory");  // the next chunk's records overwrite these tiles
+                                                wc + g * kTileValues, count * kTileValues, chunk,
+                                                c + (t * count + g) * kC, count, b0 == 0, pending);
+    pending.finish();
+    asm volatile("" ::: "memory");  // the chunk after next overwrites these tiles
   }
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t g = 0; g < count; ++g) {
@@ -1289,9 +1338,10 @@ struct BlockLinearKernel {
     uint16_t* a = tile_buffer(buffer, tiles * m.blocks * kTileValues);
     Bf16Rows rows{x, prompt.data(), m.k, m.blocks, prompts, a};
     ctx.ParallelFor(prompt_tile, tiles, 0, &rows);
-    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups};
-    ctx.ParallelFor(m.bits == 4 ? bf16_task<4> : bf16_task<8>,
-                    (m.groups + kStripGroups - 1) / kStripGroups, 0, &st);
+    const int64_t strip = strip_groups(m.groups, tiles * m.blocks * kTileValues * 2);
+    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups, strip};
+    ctx.ParallelFor(m.bits == 4 ? bf16_task<4> : bf16_task<8>, (m.groups + strip - 1) / strip, 0,
+                    &st);
     if (prompts == tokens) return;
     // The generated rows, gathered, through the int8 path, and back to their places.
     thread_local std::vector<float> xg, yg;
