@@ -81,15 +81,15 @@ def test_doctor_reports_versions_providers_and_cpu() -> None:
 
 
 def test_weights_are_read_in_from_their_external_data_file(converted: dict[str, Path]) -> None:
-    from nanovllm_onnx.runner.model_runner import external_data_files, read_in_huge_pages
+    from nanovllm_onnx.runner.model_runner import external_data_files, map_in_huge_pages
 
     folder = converted["llama"]
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     (name,) = external_data_files(model)
     data = folder / name
     before = data.read_bytes()
-    read_in_huge_pages(data)  # drops the cached pages and reads them back: same bytes
-    assert data.read_bytes() == before and len(before) > 0
+    pages = map_in_huge_pages(data)  # drops the cached pages and reads them back: same bytes
+    assert pages[:] == before and data.read_bytes() == before and len(before) > 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")

@@ -150,36 +150,30 @@ def external_data_files(model: onnx.ModelProto) -> set[str]:
             for entry in tensor.external_data if entry.key == "location"}
 
 
-def read_in_huge_pages(path: Path) -> None:
-    """Read a weight file into the page cache as 2 MiB pages (Linux: a MADV_HUGEPAGE mapping
-    reads ahead whole huge pages), so that a mapping of it takes one TLB entry per 2 MiB: a
-    decode step reads every weight, and the same 1B int4 file decoded at 22 tok/s from 4 KiB
-    cached pages, 26-28 from huge ones. Its cached 4 KiB pages are dropped
-    first (pages another process maps stay); reading 1 GB back took ~0.5 s here."""
-    if not hasattr(mmap, "MADV_HUGEPAGE") or path.stat().st_size == 0:
-        return
+def map_in_huge_pages(path: Path) -> mmap.mmap:
+    """A read-only shared mapping of a weight file, read into the page cache as 2 MiB pages
+    (Linux: a MADV_HUGEPAGE mapping reads ahead whole huge pages), so that it takes one TLB
+    entry per 2 MiB: a decode step reads every weight, and the same 1B int4 file decoded at
+    22 tok/s from 4 KiB cached pages, 26-28 from huge ones. Its cached 4 KiB pages are
+    dropped first (pages another process maps stay); reading 1 GB back took ~0.5 s here."""
     with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as pages:
-            pages.madvise(mmap.MADV_HUGEPAGE)
-            for offset in range(0, len(pages), mmap.PAGESIZE):
-                pages[offset]  # fault it in (a whole huge page where the kernel can)
+        huge = hasattr(mmap, "MADV_HUGEPAGE")
+        if huge:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        pages = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    if huge:
+        pages.madvise(mmap.MADV_HUGEPAGE)
+        for offset in range(0, len(pages), mmap.PAGESIZE):
+            pages[offset]  # fault it in (a whole huge page where the kernel can)
+    return pages
 
 
 def map_weights(model: onnx.ModelProto, folder: Path) -> dict[str, ort.OrtValue]:
-    """The graph's external initializers as arrays over one read-only mapping of each weight
-    file, read in as huge pages: the whole file in 2 MiB pages. ONNX Runtime maps each
-    initializer on its own, and the parts of those mappings that do not cover a whole 2 MiB
-    of the file (the ends of each matrix; a 1B int4 model's 17%) stay in 4 KiB pages, which
-    a decode streams ~20% slower (see read_in_huge_pages)."""
-    maps = {}
-    for name in external_data_files(model):
-        path = folder / name
-        read_in_huge_pages(path)
-        with open(path, "rb") as f:
-            maps[name] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            maps[name].madvise(mmap.MADV_HUGEPAGE)
+    """The graph's external initializers as arrays over one mapping of each weight file, all
+    of it in 2 MiB pages. ONNX Runtime maps each initializer on its own, and the parts of
+    those mappings that do not cover a whole 2 MiB of the file (the ends of each matrix; a 1B
+    int4 model's 17%) stay in 4 KiB pages, which a decode streams ~20% slower."""
+    maps = {name: map_in_huge_pages(folder / name) for name in external_data_files(model)}
     weights = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
