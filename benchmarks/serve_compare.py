@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,8 @@ from pathlib import Path
 
 import httpx
 from peer_vllm import vllm_env
-from serve_load import free_port
-from workloads import ID_MAX, PEERS, log, median
+from serve_load import free_port, random_prompts
+from workloads import PEERS, log, median
 
 from nanovllm_onnx import LLM, SamplingParams
 
@@ -113,8 +112,7 @@ def offline(llm: LLM, seed: int) -> float:
     """Output tok/s of the same shape of requests through the offline engine: prompts from
     `seed` (a seed `llm` has not run, or its prefix cache skips their prefill), sampled with
     the server's defaults, as vLLM's client leaves them."""
-    rng = random.Random(seed)
-    prompts = [[rng.randint(0, ID_MAX) for _ in range(PROMPT_LEN)] for _ in range(REQUESTS)]
+    prompts = random_prompts(REQUESTS, PROMPT_LEN, seed)
     params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True)
     start_t = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
