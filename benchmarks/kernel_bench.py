@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import GraphProto, TensorProto, helper, numpy_helper
 from workloads import THREADS, workload_a, workload_b
 
 from nanovllm_onnx.convert.graph import pack_blocks
@@ -71,9 +71,14 @@ def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.
         inputs.append(info(f"x{i}", TensorProto.FLOAT, ["tokens", k]))
         outputs.append(info(f"y{i}", TensorProto.FLOAT, ["tokens", n]))
     inputs.append(info(PROMPT_ROWS, TensorProto.UINT8, ["tokens"]))
-    model = helper.make_model(helper.make_graph(nodes, "layer", inputs, outputs, weights),
-                              opset_imports=[helper.make_opsetid("", 18),
-                                             helper.make_opsetid(DOMAIN, 1)])
+    return ops_session(helper.make_graph(nodes, "layer", inputs, outputs, weights), target)
+
+
+def ops_session(graph: GraphProto, target: str) -> ort.InferenceSession:
+    """A session of a graph of the engine's ops in the `target` build (TARGET or TARGET@DIR;
+    "": the best this CPU runs), THREADS threads that do not spin."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS

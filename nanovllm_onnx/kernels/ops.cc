@@ -80,9 +80,11 @@ struct Shape {
   int64_t heads, kv_heads, head_dim, rows, capacity, tokens, max_positions;
 };
 
-// One task: query tokens [first, last) of row `row`, every query head of KV head `kv_head`.
+// One task: query tokens [first, last) of row `row`, every query head of KV head `kv_head`;
+// where they are all of the row's new tokens, it appends their keys and values first.
 struct Task {
   int64_t row, kv_head, first, last;
+  bool appends;
 };
 
 struct Step {
@@ -91,27 +93,42 @@ struct Step {
   const float* qkv;
   const float* cos;
   const float* sin;
-  const void* keys;    // present_key (float or _Float16)
-  const void* values;  // present_value
+  void* keys;    // present_key (float or _Float16)
+  void* values;  // present_value
   float* out;
   const int32_t* past_lens;
   std::vector<int64_t> offsets;  // first packed token of each row
   std::vector<Task> tasks;
+  std::vector<Task> appends;  // (row, KV head) of the rows split into several tasks
 };
 
 // scores[n][t * 16 + i] = q[n] . key(t * 16 + i) for tiles [0, tiles), NR query vectors, TW
 // tiles at a time: each accumulator is a chain of D dependent FMAs, so a few query vectors
 // (a decode's 3 of a KV head) score several tiles together to keep 8 or more chains in
 // flight. Every score is the same chain of FMAs whatever NR and TW.
-template <int NR, int TW, int DC, typename T>
+// With `values`, each step also prefetches the keys kAhead tiles on and the values of its own
+// tiles (weighed next): a decode reads its keys and values once, from memory, in tasks of
+// some tens of KB, where the hardware prefetcher lags (a batched decode reached ~9 GB/s of
+// ~30 without). The first chunk of a task's query vectors does; the others find them cached.
+constexpr int kAhead = 2;  // 4 KB on of fp16 keys: more is no faster
+
+template <int NR, int TW, int DC, bool kPrefetch, typename T>
 void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* scores,
-                 int64_t stride) {
+                 int64_t stride, const T* values) {
   constexpr int D = DC * kTile;
+  constexpr int kLines = TW * D * kTile * sizeof(T) / 64;  // of TW tiles' keys (or values)
   int64_t t = 0;
   for (; t + TW <= num_tiles; t += TW) {
     const T* tile = tiles + t * D * kTile;
+    const char* keys_ahead = reinterpret_cast<const char*>(
+        tiles + std::min(t + kAhead, num_tiles - TW) * D * kTile);
+    const char* tile_values = reinterpret_cast<const char*>(values + t * kTile * D);
     vec acc[NR][TW] = {};
     for (int d = 0; d < D; ++d) {
+      for (int i = d * kLines / D; i < (d + 1) * kLines / D && kPrefetch; ++i) {
+        __builtin_prefetch(keys_ahead + i * 64);
+        __builtin_prefetch(tile_values + i * 64);
+      }
       vec k[TW];
       for (int w = 0; w < TW; ++w) k[w] = load(tile + w * D * kTile + d * kTile);
       for (int n = 0; n < NR; ++n)
@@ -122,7 +139,8 @@ void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* score
   }
   if constexpr (TW > 1)
     if (t < num_tiles)
-      score_tiles<NR, 1, DC>(q, tiles + t * D * kTile, num_tiles - t, scores + t * kTile, stride);
+      score_tiles<NR, 1, DC, kPrefetch>(q, tiles + t * D * kTile, num_tiles - t,
+                                        scores + t * kTile, stride, values + t * kTile * D);
 }
 
 // out[n] = scale[n] * sum_l p[n][l] * value(l) for l < len, NR query vectors (D = DC * 16).
@@ -172,10 +190,13 @@ struct Scorer {
   template <int NR>
   struct Kernel {
     static void run(int offset, const float* q, const T* tiles, int64_t num_tiles,
-                    float* scores, int64_t stride) {
+                    float* scores, int64_t stride, const T* values) {
       constexpr int TW = NR == 1 ? 8 : NR == 2 ? 4 : NR <= 4 ? 2 : 1;  // 8+ chains
-      score_tiles<NR, TW, DC>(q + offset * DC * kTile, tiles, num_tiles,
-                              scores + offset * stride, stride);
+      if (offset == 0)
+        score_tiles<NR, TW, DC, true>(q, tiles, num_tiles, scores, stride, values);
+      else
+        score_tiles<NR, TW, DC, false>(q + offset * DC * kTile, tiles, num_tiles,
+                                       scores + offset * stride, stride, values);
     }
   };
 };
@@ -253,6 +274,27 @@ inline float softmax_numerators(float* row, int64_t len, int64_t end) {
 #endif
 }
 
+// Rotated keys and values of row b's new tokens into KV head g's caches.
+template <typename T>
+void append(const Step& st, int64_t b, int64_t g) {
+  const Shape& s = st.s;
+  const int64_t D = s.head_dim, half = D / 2;
+  const int64_t width = (s.heads + 2 * s.kv_heads) * D;
+  const int64_t slot = b * s.kv_heads + g;
+  T* keys = static_cast<T*>(st.keys) + slot * s.capacity * D;
+  T* values = static_cast<T*>(st.values) + slot * s.capacity * D;
+  float k[128];
+  for (int64_t j = 0; j < st.offsets[b + 1] - st.offsets[b]; ++j) {
+    const float* tok = st.qkv + (st.offsets[b] + j) * width;
+    const int64_t pos = st.past_lens[b] + j;
+    rotate(tok + (s.heads + g) * D, st.cos + pos * half, st.sin + pos * half, half, 1.f, k);
+    T* tile = keys + (pos / kTile) * D * kTile + pos % kTile;
+    for (int64_t d = 0; d < D; ++d) tile[d * kTile] = T(k[d]);
+    const float* v = tok + (s.heads + s.kv_heads + g) * D;
+    for (int64_t d = 0; d < D; ++d) values[pos * D + d] = T(v[d]);
+  }
+}
+
 template <int DC, typename T>
 void run_task(const Step& st, const Task& task) {
   constexpr int D = DC * kTile;
@@ -265,6 +307,7 @@ void run_task(const Step& st, const Task& task) {
   const int64_t num_tiles = (keys + kTile - 1) / kTile;
   const int64_t stride = num_tiles * kTile;
 
+  if (task.appends) append<T>(st, task.row, task.kv_head);
   thread_local std::vector<float> q, scores, inverse_sums, out;
   q.resize(num_q * D);
   scores.resize(num_q * stride);
@@ -283,9 +326,10 @@ void run_task(const Step& st, const Task& task) {
   const int64_t slot = task.row * s.kv_heads + task.kv_head;
   // All of a KV head's query vectors at once where they fit (8 accumulators), so that
   // the keys and values are read once.
+  const T* values = static_cast<const T*>(st.values) + slot * s.capacity * D;
   in_chunks<Scorer<DC, T>::template Kernel>(
       static_cast<int>(num_q), 8, q.data(), static_cast<const T*>(st.keys) + slot * s.capacity * D,
-      num_tiles, scores.data(), stride);
+      num_tiles, scores.data(), stride, values);
   // Softmax of each query over the keys it sees (causal: up to its own position).
   for (int64_t n = 0; n < num_q; ++n)
     inverse_sums[n] =
@@ -293,44 +337,34 @@ void run_task(const Step& st, const Task& task) {
   // NR * DC accumulators and DC value vectors: at most 24 of the 32 vector registers.
   in_chunks<Weigher<DC, T>::template Kernel>(
       static_cast<int>(num_q), std::max(1, 24 / DC - 1), scores.data(), stride,
-      inverse_sums.data(), static_cast<const T*>(st.values) + slot * s.capacity * D, keys,
-      out.data());
+      inverse_sums.data(), values, keys, out.data());
   for (int64_t j = task.first; j < task.last; ++j) {
     float* dst = st.out + (st.offsets[task.row] + j) * s.heads * D + task.kv_head * group * D;
     std::memcpy(dst, &out[(j - task.first) * group * D], group * D * sizeof(float));
   }
 }
 
-// Rotated keys and values of every new token into the caches (cheap: done serially).
-template <typename T>
-void append(const Step& st, T* keys, T* values) {
-  const Shape& s = st.s;
-  const int64_t D = s.head_dim, half = D / 2;
-  const int64_t width = (s.heads + 2 * s.kv_heads) * D;
-  std::vector<float> k(D);
-  for (int64_t b = 0; b < s.rows; ++b) {
-    const int64_t len = st.offsets[b + 1] - st.offsets[b];
-    for (int64_t j = 0; j < len; ++j) {
-      const float* tok = st.qkv + (st.offsets[b] + j) * width;
-      const int64_t pos = st.past_lens[b] + j;
-      for (int64_t g = 0; g < s.kv_heads; ++g) {
-        const int64_t slot = b * s.kv_heads + g;
-        rotate(tok + (s.heads + g) * D, st.cos + pos * half, st.sin + pos * half, half, 1.f,
-               k.data());
-        T* tile = keys + slot * s.capacity * D + (pos / kTile) * D * kTile + pos % kTile;
-        for (int64_t d = 0; d < D; ++d) tile[d * kTile] = T(k[d]);
-        const float* v = tok + (s.heads + s.kv_heads + g) * D;
-        T* value = values + (slot * s.capacity + pos) * D;
-        for (int64_t d = 0; d < D; ++d) value[d] = T(v[d]);
-      }
-    }
-  }
-}
-
 template <int DC, typename T>
 void run_tasks(void* data, size_t i) {
   const Step& st = *static_cast<const Step*>(data);
+  // The next task's first keys, as this one's keys are read ahead (most likely this thread's
+  // next task, else found in this core's cache by the other's).
+  if (i + 1 < st.tasks.size()) {
+    const Task& next = st.tasks[i + 1];
+    const int64_t D = DC * kTile;
+    const char* keys = reinterpret_cast<const char*>(
+        static_cast<const T*>(st.keys) + (next.row * st.s.kv_heads + next.kv_head) * st.s.capacity * D);
+    for (int64_t l = 0; l < kAhead * D * kTile * int64_t(sizeof(T)) / 64; ++l)
+      __builtin_prefetch(keys + l * 64);
+  }
   run_task<DC, T>(st, st.tasks[i]);
+}
+
+// The appends of the rows that several tasks share, before any of them runs: task i's.
+template <typename T>
+void run_appends(void* data, size_t i) {
+  const Step& st = *static_cast<const Step*>(data);
+  append<T>(st, st.appends[i].row, st.appends[i].kv_head);
 }
 
 template <typename T>
@@ -379,9 +413,11 @@ struct SlotAttentionKernel {
     const int64_t split = tasks == 0 ? 1 : (wanted + tasks - 1) / tasks;
     for (int64_t b = 0; b < s.rows; ++b) {
       const int64_t n = query[b], blocks = std::min(n, blocks_of(n) * split);
-      for (int64_t g = 0; g < s.kv_heads; ++g)
+      for (int64_t g = 0; g < s.kv_heads; ++g) {
         for (int64_t i = 0; i < blocks; ++i)  // block i: tokens [n i / blocks, n (i + 1) / blocks)
-          st.tasks.push_back({b, g, n * i / blocks, n * (i + 1) / blocks});
+          st.tasks.push_back({b, g, n * i / blocks, n * (i + 1) / blocks, blocks == 1});
+        if (blocks > 1) st.appends.push_back({b, g, 0, n, true});
+      }
     }
   }
 
@@ -450,12 +486,11 @@ struct SlotAttentionKernel {
     st.values = values;
     st.out = out.GetTensorMutableData<float>();
     st.past_lens = past;
-    if (half)
-      append(st, static_cast<_Float16*>(keys), static_cast<_Float16*>(values));
-    else
-      append(st, static_cast<float*>(keys), static_cast<float*>(values));
     add_tasks(st, query);
     if (st.tasks.empty()) return;
+    if (!st.appends.empty())
+      ctx.ParallelFor(half ? run_appends<_Float16> : run_appends<float>, st.appends.size(), 0,
+                      &st);
     auto fn = half ? task_runner<_Float16>(s.head_dim) : task_runner<float>(s.head_dim);
     check(fn != nullptr, "head_dim must be 16, 32, 64 or 128");
     ctx.ParallelFor(fn, st.tasks.size(), 0, &st);

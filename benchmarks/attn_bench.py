@@ -1,0 +1,198 @@
+"""SlotAttention and SwiGLU alone, build against build, at a model's shapes: a batched decode
+step, prompt steps and SwiGLU calls, on random inputs with the caches updated in place (as
+the engine binds them).
+
+    python benchmarks/attn_bench.py                          # 1B shapes, fp16 cache
+    python benchmarks/attn_bench.py --targets avx512_amx@../main/nanovllm_onnx/kernels \
+        avx512_amx                                           # main's build against this one
+    python benchmarks/attn_bench.py --cache fp32 --cases decode32 prompt128
+
+Cases: decodeN (N rows of one token, contexts 256-320), promptN (one row, N tokens from
+position 0), prompt4x256 (four rows of 256, the prompt step of a wave of 256-token
+prompts), swigluN (N rows of the MLP's width). Each round times every build on every case in
+turn (interleaved); times are CPU seconds of the process per call (threads do not spin), the
+table gives each build's median and its speed relative to the first build. Also checks that
+the builds' attention outputs agree (bit for bit, or the largest difference where not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+from kernel_bench import ops_session
+from onnx import TensorProto, helper, numpy_helper
+from workloads import THREADS
+
+from nanovllm_onnx.kernels import DOMAIN, KEY_TILE
+
+SHAPES = {  # heads, kv_heads, head_dim, MLP width, rows (max_num_seqs), slot capacity
+    "1b": (32, 8, 64, 8192, 32, 512),
+    "135m": (9, 3, 64, 1536, 32, 512),
+}
+LAYERS = 16  # caches cycled through call after call: 512 MB at 1B, more than the L3 holds
+CACHE = {"fp16": (np.float16, TensorProto.FLOAT16), "fp32": (np.float32, TensorProto.FLOAT)}
+
+
+def attention_session(model: str, cache: str, target: str) -> ort.InferenceSession:
+    heads, kv_heads, d, _, rows, capacity = SHAPES[model]
+    cache_type = CACHE[cache][1]
+    key_shape = [rows, kv_heads, capacity // KEY_TILE, d, KEY_TILE]
+    value_shape = [rows, kv_heads, capacity, d]
+    node = helper.make_node(
+        "SlotAttention", ["qkv", "past_key", "past_value", "past_lens", "query_lens", "cos", "sin"],
+        ["out", "present_key", "present_value"], domain=DOMAIN, num_heads=heads,
+        kv_num_heads=kv_heads, scale=d ** -0.5)
+    angles = np.outer(np.arange(capacity), 10000.0 ** (-np.arange(d // 2) / (d // 2)))
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node], "slot_attention",
+        [info("qkv", TensorProto.FLOAT, ["tokens", (heads + 2 * kv_heads) * d]),
+         info("past_key", cache_type, key_shape), info("past_value", cache_type, value_shape),
+         info("past_lens", TensorProto.INT32, [rows]),
+         info("query_lens", TensorProto.INT32, [rows])],
+        [info("out", TensorProto.FLOAT, ["tokens", heads * d]),
+         info("present_key", cache_type, key_shape),
+         info("present_value", cache_type, value_shape)],
+        [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+         numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")])
+    return ops_session(graph, target)
+
+
+def swiglu_session(model: str, target: str) -> ort.InferenceSession:
+    width = SHAPES[model][3]
+    node = helper.make_node("SwiGLU", ["gate_up"], ["act", "scale"], domain=DOMAIN)
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node], "swiglu", [info("gate_up", TensorProto.FLOAT, ["tokens", 2 * width])],
+        [info("act", TensorProto.FLOAT, ["tokens", width]),
+         info("scale", TensorProto.FLOAT, ["tokens", 1])])
+    return ops_session(graph, target)
+
+
+class AttentionCase:
+    """One call's inputs bound to a session, the caches in place: a call per layer, each its
+    own caches (a decode reads its caches from memory, as in the engine, not from the L3); a
+    call writes its new keys at the same positions every time."""
+
+    def __init__(self, sess: ort.InferenceSession, model: str, cache: str, past: list[int],
+                 query: list[int], rng: np.random.Generator) -> None:
+        heads, kv_heads, d, _, rows, capacity = SHAPES[model]
+        dtype = CACHE[cache][0]
+        past += [0] * (rows - len(past))
+        query += [0] * (rows - len(query))
+        keys = rng.standard_normal((rows, kv_heads, capacity // KEY_TILE, d, KEY_TILE))
+        values = rng.standard_normal((rows, kv_heads, capacity, d))
+        qkv = rng.standard_normal((sum(query), (heads + 2 * kv_heads) * d)).astype(np.float32)
+        self.out = np.empty((len(qkv), heads * d), np.float32)
+        self.sess, self.bindings, self.caches, self.calls = sess, [], [], 0
+        for _ in range(LAYERS):
+            caches = keys.astype(dtype), values.astype(dtype)
+            binding = sess.io_binding()
+            for name, array in zip(("key", "value"), caches):
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                binding.bind_ortvalue_input(f"past_{name}", value)
+                binding.bind_ortvalue_output(f"present_{name}", value)
+            binding.bind_cpu_input("qkv", qkv)
+            binding.bind_cpu_input("past_lens", np.array(past, np.int32))
+            binding.bind_cpu_input("query_lens", np.array(query, np.int32))
+            binding.bind_output("out", "cpu", 0, np.float32, list(self.out.shape),
+                                self.out.ctypes.data)
+            self.caches.append(caches)
+            self.bindings.append(binding)
+
+    def run(self) -> np.ndarray:
+        self.sess.run_with_iobinding(self.bindings[self.calls % LAYERS])
+        self.calls += 1
+        return self.out
+
+
+class SwiGLUCase:
+    def __init__(self, sess: ort.InferenceSession, model: str, tokens: int,
+                 rng: np.random.Generator) -> None:
+        width = SHAPES[model][3]
+        self.sess = sess
+        self.feed = {"gate_up": (rng.standard_normal((tokens, 2 * width)) * 2).astype(np.float32)}
+
+    def run(self) -> np.ndarray:
+        return self.sess.run(None, self.feed)[0]
+
+
+def lengths(case: str, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """(past, query) of an attention case's rows."""
+    if case.startswith("decode"):
+        n = int(case.removeprefix("decode"))
+        return [int(p) for p in rng.integers(256, 321, n)], [1] * n
+    rows, _, tokens = case.removeprefix("prompt").rpartition("x")
+    return [0] * int(rows or 1), [int(tokens)] * int(rows or 1)
+
+
+def time_case(case: AttentionCase | SwiGLUCase, seconds: float) -> tuple[float, float]:
+    """Median (CPU, wall) seconds per call over about `seconds` of calls, after a warm-up."""
+    case.run()
+    cpu, wall = [], []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(cpu) < 3:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        case.run()
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+    return statistics.median(cpu), statistics.median(wall)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=list(SHAPES), default="1b")
+    ap.add_argument("--cache", choices=list(CACHE), default="fp16")
+    ap.add_argument("--cases", nargs="+",
+                    default=["decode32", "decode1", "prompt128", "prompt4x256", "swiglu1024",
+                             "swiglu32"])
+    ap.add_argument("--targets", nargs="+", default=[""],
+                    help="builds to compare, first the reference (TARGET or TARGET@DIR, as "
+                         "kernel_bench.py takes them; default: this checkout's best build)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=0.5, help="per build, case and round")
+    args = ap.parse_args()
+    cases = {}
+    for target in args.targets:
+        attn, swiglu = (attention_session(args.model, args.cache, target),
+                        swiglu_session(args.model, target))
+        for name in args.cases:
+            rng = np.random.default_rng(0)  # the same inputs for every build
+            if name.startswith("swiglu"):
+                cases[target, name] = SwiGLUCase(swiglu, args.model,
+                                                 int(name.removeprefix("swiglu")), rng)
+            else:
+                cases[target, name] = AttentionCase(attn, args.model, args.cache,
+                                                    *lengths(name, rng), rng)
+    for name in args.cases:
+        first, *rest = (cases[t, name].run().copy() for t in args.targets)
+        for target, out in zip(args.targets[1:], rest):
+            if not np.array_equal(first, out):
+                diff = np.abs(first - out).max() / np.abs(first).max()
+                print(f"{target} on {name}: largest difference {diff:.1e} of the largest output")
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(args.rounds):
+        for name in args.cases:
+            for target in args.targets:
+                times.setdefault((target, name), []).append(
+                    time_case(cases[target, name], args.seconds))
+    print(f"{args.model}, {args.cache} cache, {THREADS} threads, {args.rounds} rounds; load "
+          f"average {os.getloadavg()[0]:.2f}; ms per call, CPU / wall (medians)")
+    names = [t or "this build" for t in args.targets]
+    print("| case | " + " | ".join(names) + "".join(f" | {n} / {names[0]}" for n in names[1:])
+          + " |")
+    print("|---" * (2 * len(names)) + "|")
+    for name in args.cases:
+        med = [[statistics.median(x) for x in zip(*times[t, name])] for t in args.targets]
+        print(f"| {name} | " + " | ".join(f"{c * 1e3:.3f} / {w * 1e3:.3f}" for c, w in med)
+              + "".join(f" | {med[0][0] / c:.2f}x / {med[0][1] / w:.2f}x" for c, w in med[1:])
+              + " |")
+
+
+if __name__ == "__main__":
+    main()
