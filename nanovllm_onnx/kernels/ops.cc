@@ -53,6 +53,14 @@ inline vec load(const _Float16* p) {
 #endif
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+inline void store(_Float16* p, vec v) {
+#ifdef __AVX512F__
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int i = 0; i < kTile; ++i) p[i] = _Float16(v[i]);
+#endif
+}
 
 // Runs f, turning an exception into the status ONNX Runtime expects (none may cross the C API).
 template <typename F>
@@ -185,13 +193,21 @@ void in_chunks(int n, int widest, Args... args) {
   }
 }
 
+// 16 chains for 5-8 query vectors where 32 vector registers hold them: 8 chains of 4-cycle
+// FMAs on 2 ports, beside the key conversions, left the FMA ports idle half of a prompt.
+#ifdef __AVX512F__
+constexpr bool kWideTiles = true;
+#else
+constexpr bool kWideTiles = false;
+#endif
+
 template <int DC, typename T>
 struct Scorer {
   template <int NR>
   struct Kernel {
     static void run(int offset, const float* q, const T* tiles, int64_t num_tiles,
                     float* scores, int64_t stride, const T* values) {
-      constexpr int TW = NR == 1 ? 8 : NR == 2 ? 4 : NR <= 4 ? 2 : 1;  // 8+ chains
+      constexpr int TW = NR == 1 ? 8 : NR == 2 ? 4 : NR <= 4 || kWideTiles ? 2 : 1;
       if (offset == 0)
         score_tiles<NR, TW, DC, true>(q, tiles, num_tiles, scores, stride, values);
       else
@@ -230,6 +246,24 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__)
+// The same on 8 floats, 2^n from n's exponent bits (x in [-87, 88]: n a normal exponent).
+inline __m256 exp_ps(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 #endif
 
@@ -274,24 +308,35 @@ inline float softmax_numerators(float* row, int64_t len, int64_t end) {
 #endif
 }
 
-// Rotated keys and values of row b's new tokens into KV head g's caches.
+// Rotated keys and values of row b's new tokens into KV head g's caches. The keys gather in a
+// float tile first, written out a row of 16 positions at a time where the tile fills (a
+// prompt's), else position by position (a decode's one key).
 template <typename T>
 void append(const Step& st, int64_t b, int64_t g) {
   const Shape& s = st.s;
   const int64_t D = s.head_dim, half = D / 2;
   const int64_t width = (s.heads + 2 * s.kv_heads) * D;
   const int64_t slot = b * s.kv_heads + g;
+  const int64_t past = st.past_lens[b], len = st.offsets[b + 1] - st.offsets[b];
   T* keys = static_cast<T*>(st.keys) + slot * s.capacity * D;
   T* values = static_cast<T*>(st.values) + slot * s.capacity * D;
-  float k[128];
-  for (int64_t j = 0; j < st.offsets[b + 1] - st.offsets[b]; ++j) {
+  float k[128], tile[128 * kTile];
+  for (int64_t j = 0; j < len; ++j) {
     const float* tok = st.qkv + (st.offsets[b] + j) * width;
-    const int64_t pos = st.past_lens[b] + j;
+    const int64_t pos = past + j, column = pos % kTile;
     rotate(tok + (s.heads + g) * D, st.cos + pos * half, st.sin + pos * half, half, 1.f, k);
-    T* tile = keys + (pos / kTile) * D * kTile + pos % kTile;
-    for (int64_t d = 0; d < D; ++d) tile[d * kTile] = T(k[d]);
+    for (int64_t d = 0; d < D; ++d) tile[d * kTile + column] = k[d];
+    if (column == kTile - 1 || j == len - 1) {  // the tile's new columns [first, column]
+      const int64_t first = pos - column < past ? past % kTile : 0;
+      T* dst = keys + (pos / kTile) * D * kTile;
+      for (int64_t d = 0; d < D; ++d)
+        if (first == 0 && column == kTile - 1)
+          store(dst + d * kTile, load(tile + d * kTile));
+        else
+          for (int64_t c = first; c <= column; ++c) dst[d * kTile + c] = T(tile[d * kTile + c]);
+    }
     const float* v = tok + (s.heads + s.kv_heads + g) * D;
-    for (int64_t d = 0; d < D; ++d) values[pos * D + d] = T(v[d]);
+    for (int64_t d = 0; d < D; d += kTile) store(values + pos * D + d, load(v + d));
   }
 }
 
@@ -351,9 +396,9 @@ void run_tasks(void* data, size_t i) {
   // next task, else found in this core's cache by the other's).
   if (i + 1 < st.tasks.size()) {
     const Task& next = st.tasks[i + 1];
-    const int64_t D = DC * kTile;
-    const char* keys = reinterpret_cast<const char*>(
-        static_cast<const T*>(st.keys) + (next.row * st.s.kv_heads + next.kv_head) * st.s.capacity * D);
+    const int64_t D = DC * kTile, slot = next.row * st.s.kv_heads + next.kv_head;
+    const char* keys =
+        reinterpret_cast<const char*>(static_cast<const T*>(st.keys) + slot * st.s.capacity * D);
     for (int64_t l = 0; l < kAhead * D * kTile * int64_t(sizeof(T)) / 64; ++l)
       __builtin_prefetch(keys + l * 64);
   }
@@ -518,6 +563,51 @@ struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<kCache>, SlotAttentio
   }
 };
 
+// act[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i] for i < n; returns the
+// largest |act[i]|. Vectorized with the inline exp_ps (glibc's vector expf is a call per
+// vector, its registers saved around it); e^-gate is taken of -gate clamped to [-87, 88], so
+// that it stays finite (a very negative gate gives 0, not 0 / inf).
+inline float silu_times(const float* gate, const float* up, float* act, int64_t n) {
+  int64_t i = 0;
+  float peak = 0.f;
+#ifdef __AVX512F__
+  const __m512 low = _mm512_set1_ps(-87.f), high = _mm512_set1_ps(88.f);
+  __m512 peaks = _mm512_setzero_ps();
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    const __m512 e = exp_ps(_mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), g),
+                                                        low), high));
+    const __m512 a = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                                   _mm512_maskz_loadu_ps(m, up + i));
+    _mm512_mask_storeu_ps(act + i, m, a);
+    peaks = _mm512_max_ps(peaks, _mm512_abs_ps(a));
+  }
+  peak = _mm512_reduce_max_ps(peaks);
+#elif defined(__AVX2__)
+  const __m256 low = _mm256_set1_ps(-87.f), high = _mm256_set1_ps(88.f);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 peaks = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp_ps(_mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), g),
+                                                        low), high));
+    const __m256 a = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                   _mm256_loadu_ps(up + i));
+    _mm256_storeu_ps(act + i, a);
+    peaks = _mm256_max_ps(peaks, _mm256_and_ps(a, magnitude));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, peaks);
+  for (float lane : lanes) peak = std::max(peak, lane);
+#endif
+  for (; i < n; ++i) {
+    act[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    peak = std::max(peak, std::fabs(act[i]));
+  }
+  return peak;
+}
+
 // SwiGLU: act = silu(gate) * up of gate_up [T, 2I] (gate first). With a second output, each
 // row of act is divided by its max |act| (at least 1e-30), returned as scale [T, 1]: the
 // int8 GEMM that follows then sees one activation scale per token. One node where the
@@ -538,11 +628,7 @@ struct SwiGLUKernel {
     const float* gate = rows.gate_up + r * 2 * n;
     const float* up = gate + n;
     float* act = rows.act + r * n;
-    float peak = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
-      act[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-      peak = std::max(peak, std::fabs(act[i]));
-    }
+    float peak = silu_times(gate, up, act, n);
     if (rows.scale == nullptr) return;
     peak = std::max(peak, 1e-30f);
     rows.scale[r] = peak;
