@@ -135,7 +135,7 @@ void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* score
     for (int d = 0; d < D; ++d) {
       for (int i = d * kLines / D; i < (d + 1) * kLines / D && kPrefetch; ++i) {
         __builtin_prefetch(keys_ahead + i * 64);
-        __builtin_prefetch(tile_values + i * 64);
+        __builtin_prefetch(tile_values + i * 64, 0, 2);  // to the L2: the keys pass the L1
       }
       vec k[TW];
       for (int w = 0; w < TW; ++w) k[w] = load(tile + w * D * kTile + d * kTile);
