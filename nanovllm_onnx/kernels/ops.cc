@@ -205,15 +205,18 @@ void in_chunks(int n, int widest, Args... args) {
   }
 }
 
-// 16 chains for 5-8 query vectors where 32 vector registers hold them: 8 chains of 4-cycle
-// FMAs on 2 ports, beside the key conversions, left the FMA ports idle half of a prompt.
-// Likewise the weighing's chunks: NR * DC accumulators and DC value vectors in 28 of them.
+// Register blocking. AVX-512 (32 registers of 16 floats): 5-8 query vectors score 2 tiles
+// at a time (16 chains: 8 chains of 4-cycle FMAs on 2 ports, beside the key conversions, left
+// the FMA ports idle half of a prompt), and a weighing chunk holds NR * DC accumulators and DC
+// value vectors in 28 registers. AVX2 (16 of 8 floats: a vec takes two) scores at most 6
+// query vectors, one tile at a time where more than 2 (more spilled to the stack on every FMA:
+// a batched decode 1.8x faster so; its weighing still spills).
 #ifdef __AVX512F__
 constexpr bool kWideTiles = true;
-constexpr int kWeighRegisters = 28;
+constexpr int kScored = 8, kWeighRegisters = 28;
 #else
 constexpr bool kWideTiles = false;
-constexpr int kWeighRegisters = 24;
+constexpr int kScored = 6, kWeighRegisters = 24;
 #endif
 
 template <int DC, typename T>
@@ -222,7 +225,8 @@ struct Scorer {
   struct Kernel {
     static void run(int offset, const float* q, const T* tiles, int64_t num_tiles,
                     float* scores, int64_t stride, const T* values) {
-      constexpr int TW = NR == 1 ? 8 : NR == 2 ? 4 : NR <= 4 || kWideTiles ? 2 : 1;
+      constexpr int TW = kWideTiles ? (NR == 1 ? 8 : NR == 2 ? 4 : 2)
+                                    : (NR == 1 ? 3 : NR == 2 ? 2 : 1);
       if (offset == 0)
         score_tiles<NR, TW, DC, true>(q, tiles, num_tiles, scores, stride, values);
       else
@@ -384,12 +388,13 @@ void run_task(const Step& st, const Task& task) {
     }
   }
   const int64_t slot = task.row * s.kv_heads + task.kv_head;
-  // All of a KV head's query vectors at once where they fit (8 accumulators), so that
+  // All of a KV head's query vectors at once where they fit (kScored), so that
   // the keys and values are read once.
   const T* values = static_cast<const T*>(st.values) + slot * s.capacity * D;
   in_chunks<Scorer<DC, T>::template Kernel>(
-      static_cast<int>(num_q), 8, q.data(), static_cast<const T*>(st.keys) + slot * s.capacity * D,
-      num_tiles, scores.data(), stride, values);
+      static_cast<int>(num_q), kScored, q.data(),
+      static_cast<const T*>(st.keys) + slot * s.capacity * D, num_tiles, scores.data(), stride,
+      values);
   // Softmax of each query over the keys it sees (causal: up to its own position).
   for (int64_t n = 0; n < num_q; ++n)
     inverse_sums[n] =
