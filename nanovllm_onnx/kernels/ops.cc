@@ -834,14 +834,16 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 // tiles first. Its int32 dot products are VPDPBUSD's, and the epilogue is block_tile's, in the
 // same order: y is the VNNI tiles' bit for bit, so a token's result does not depend on the
 // tokens that share its call (speculative verification, batching). Per block of 32 inputs
-// each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue,
-// 4 vector operations per token and 16 outputs (convert, scale, 2 FMA): those, not the
-// multiply, bound it. Measured alone (one thread, 1B shapes, cycles per tile product): the
-// epilogue ~36, the tile instructions ~16-28 (more once their data leave L1), and the two
-// add up rather than overlap (the same with the epilogue reading other memory than the
-// stores), ~75-95 in all against the VNNI tiles' ~120 (notes: benchmarks/README.md).
+// each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue:
+// 4 vector operations per token and 16 outputs (convert, scale, 2 FMA), 64 per tile product.
+// Timed alone (one thread, 1B shapes, TSC ticks per tile product), the epilogue takes ~35 and
+// the tile instructions ~15-30, and the two add up rather than overlap (also with the
+// epilogue reading other memory than the tiles' stores, and with only TDPBSUD left of them):
+// ~75-95 in all, against the VNNI tiles' ~120 for the same products.
 constexpr int kAmxTokens = 16;  // tokens per tile (the A and C tiles' rows)
-constexpr int kAmxFrom = 32;    // calls of fewer tokens run only the VNNI tiles
+// Calls of fewer tokens run only the VNNI tiles: 16 tokens on AMX 1.3x, 24 (16 + 8) 1.1x
+// faster than on them (kernel_bench, 1B int4); 8 would fill half a tile for the same unpacking.
+constexpr int kAmxFrom = 16;
 constexpr int kAmxSets = 4;     // C tiles, each a block's products in flight
 constexpr int kAmxLead = 2;     // blocks a product is issued ahead of its epilogue
 constexpr int64_t kAmxTileBytes = kAmxTokens * kBlock;  // an A tile; a block's B tile too
