@@ -595,6 +595,7 @@ struct AmxRows {
   int8_t* a;      // [tiles][blocks][16][32]
   float* xscale;  // [tiles][blocks][16]
   float* xsum;    // [tiles][blocks][16]
+  int64_t ahead;  // record groups from a task to its thread's next one (the pool's threads)
 };
 #endif
 
@@ -964,6 +965,10 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
     step = kAmxTileBytes;
   }
   const uint8_t* halves = records + kValueBytes;  // block b's: halves + b * kRecord
+  // The records of this thread's next group (tasks go out in order), into L2 during the first
+  // token tile, so that its unpacking does not wait on memory: 1B int4 shapes from DRAM, one
+  // thread, 32 tokens, 1.19x (past the weights' end: a prefetch faults nowhere).
+  const char* next = reinterpret_cast<const char*>(records + st.amx.ahead * blocks * kRecord);
   alignas(64) int32_t dots[kAmxSets][256];
   const int64_t tiles = st.tokens / kAmxTokens;
   for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -979,6 +984,9 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
     for (int64_t b = 0; b < kAmxLead; ++b) product(b);
     for (int64_t b = 0; b < blocks; ++b) {
       product(b + kAmxLead);
+      if (tile == 0)
+        for (int64_t line = 0; line < kRecord; line += 64)
+          _mm_prefetch(next + b * kRecord + line, _MM_HINT_T1);
       amx_epilogue(y, dots[b % kAmxSets], halves + b * kRecord, xscale + b * kAmxTokens,
                    xsum + b * kAmxTokens);
     }
@@ -1363,7 +1371,7 @@ struct BlockLinearKernel {
       thread_local std::vector<float> tile_scale, tile_sum;
       const int64_t tiles = tokens / kAmxTokens, values = tiles * m.blocks * kAmxTokens;
       st.amx = {tile_buffer(a, values * kBlock), tile_buffer(tile_scale, values),
-                tile_buffer(tile_sum, values)};
+                tile_buffer(tile_sum, values), threads};
       ctx.ParallelFor(amx_layout, tiles, 0, &st);
     }
 #endif
