@@ -115,7 +115,7 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
         name, _, directory = target.partition("@")
         os.environ[TARGET_ENV] = name  # read when the engine registers the ops
         if directory:  # the engine's sessions register DIR's library instead of ours
-            model_runner.custom_ops_library = lambda: Path(directory, "ops.so")
+            model_runner.custom_ops_library = lambda at=directory: Path(at, "ops.so")
         try:
             engines[target] = LLM(None if model == "default" else model,
                                   **({"weights": weights} if weights else {}),
