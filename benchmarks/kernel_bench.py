@@ -17,7 +17,8 @@ the builds' outputs are identical bit for bit (AMX against VNNI must be). A targ
 `avx512_amx:prompt` runs every row as a prompt token (prompt_rows: AMX's bf16 path), and its
 largest difference from the first build is printed instead when the first is not one (two
 prompt targets must agree bit for bit too). TARGET@DIR takes the build from DIR's ops.so (another
-checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process).
+checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process; with
+--prefill too).
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
 output token: every projection is one 128-token call), an engine per build in one process,
 in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
@@ -111,10 +112,15 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
     """CPU seconds per prefill of workload A's prompt (or per workload B), per build,
     interleaved."""
     from nanovllm_onnx import LLM, SamplingParams
+    from nanovllm_onnx.runner import model_runner
 
     engines = {}
+    ours = model_runner.custom_ops_library
     for target in targets:
-        os.environ[TARGET_ENV] = target  # read when the engine registers the ops
+        name, _, directory = target.partition("@")
+        os.environ[TARGET_ENV] = name  # read when the engine registers the ops
+        if directory:  # the engine's sessions register DIR's library instead of ours
+            model_runner.custom_ops_library = lambda at=directory: Path(at, "ops.so")
         try:
             engines[target] = LLM(None if model == "default" else model,
                                   **({"weights": weights} if weights else {}),
@@ -122,6 +128,7 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
                                   enable_prefix_caching=False)  # really compute each prefill
         finally:
             del os.environ[TARGET_ENV]
+            model_runner.custom_ops_library = ours
     prompt = {"prompt_token_ids": workload_a().prompts[0]}
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     outputs = {t: llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
@@ -174,7 +181,7 @@ def main() -> None:
                                if t.removesuffix(":prompt") in supported_targets()]
     prompt = {t: t.partition("@")[0].endswith(":prompt") for t in targets}
     if args.prefill:  # the engine marks its prompt tokens itself
-        plain = [t for t in targets if ":" not in t and "@" not in t]
+        plain = [t for t in targets if ":" not in t.partition("@")[0]]
         engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
         return
     shapes = SHAPES[args.model]

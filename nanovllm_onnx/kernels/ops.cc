@@ -726,6 +726,19 @@ inline float record_half(const uint8_t* rec, int64_t bits, int index) {
   return float(h);
 }
 
+#ifdef __AMX_INT8__
+// The call's whole 16-token tiles in the layout of the AMX tiles (amx_layout): per tile and
+// block, the A tile (16 tokens x 32 int8 in one 512-byte run: a strided one reads 16 lines)
+// and its tokens' xscale and xsum (16 floats each: the epilogue's broadcasts off one address
+// register rather than 32).
+struct AmxRows {
+  int8_t* a;      // [tiles][blocks][16][32]
+  float* xscale;  // [tiles][blocks][16]
+  float* xsum;    // [tiles][blocks][16]
+  int64_t ahead;  // record groups from a task to its thread's next one (the pool's threads)
+};
+#endif
+
 struct BlockStep {
   const uint8_t* weights;
   const int8_t* xq;      // [T, blocks * 32] activations as int8
@@ -735,6 +748,9 @@ struct BlockStep {
   int64_t tokens, n, blocks;
   const int64_t* runs;  // a one-token call's tasks (plan_runs), else null: a task a group
   std::atomic<uint64_t>* threads;  // with runs: the threads that ran them (thread_bit)
+#ifdef __AMX_INT8__
+  AmxRows amx;  // where AMX takes the call's tiles (tokens >= kAmxFrom)
+#endif
 };
 
 // One token row of x to int8 blocks (zero past K).
@@ -959,11 +975,19 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 // tiles first. Its int32 dot products are VPDPBUSD's, and the epilogue is block_tile's, in the
 // same order: y is the VNNI tiles' bit for bit, so a token's result does not depend on the
 // tokens that share its call (speculative verification, batching). Per block of 32 inputs
-// each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue;
-// that round trip, not the multiply, bounds it: ~1.3x the VNNI tiles from 32 tokens on (the
-// README's kernel table), slower than them below 16 (the fixed cost of a tile per block).
+// each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue:
+// 4 vector operations per token and 16 outputs (convert, scale, 2 FMA), 64 per tile product.
+// Timed alone (one thread, 1B shapes, TSC ticks per tile product), the epilogue takes ~35 and
+// the tile instructions ~15-30, and the two add up rather than overlap (also with the
+// epilogue reading other memory than the tiles' stores, and with only TDPBSUD left of them):
+// ~75-95 in all, against the VNNI tiles' ~120 for the same products.
 constexpr int kAmxTokens = 16;  // tokens per tile (the A and C tiles' rows)
-constexpr int kAmxFrom = 32;    // calls of fewer tokens run only the VNNI tiles
+// Calls of fewer tokens run only the VNNI tiles: 16 tokens on AMX 1.3x, 24 (16 + 8) 1.1x
+// faster than on them (kernel_bench, 1B int4); 8 would fill half a tile for the same unpacking.
+constexpr int kAmxFrom = 16;
+constexpr int kAmxSets = 4;     // C tiles, each a block's products in flight
+constexpr int kAmxLead = 2;     // blocks a product is issued ahead of its epilogue
+constexpr int64_t kAmxTileBytes = kAmxTokens * kBlock;  // an A tile; a block's B tile too
 
 // A tile configuration (palette 1): each tile's bytes per row and rows.
 struct alignas(64) TileConfig {
@@ -987,97 +1011,130 @@ void configure_tiles() {
   static const TileConfig want = [] {
     TileConfig c{};
     c.palette = 1;
-    for (int t : {0, 1}) c.bytes[t] = 64, c.rows[t] = kAmxTokens;     // C: 16 x 16 int32
-    for (int t : {2, 3}) c.bytes[t] = kBlock, c.rows[t] = kAmxTokens;  // A: 16 x 32 int8
-    for (int t : {4, 5}) c.bytes[t] = 64, c.rows[t] = 8;               // B: a block's codes
+    for (int t : {0, 1, 2, 3}) c.bytes[t] = 64, c.rows[t] = kAmxTokens;  // C: 16 x 16 int32
+    for (int t : {4, 5}) c.bytes[t] = kBlock, c.rows[t] = kAmxTokens;    // A: 16 x 32 int8
+    for (int t : {6, 7}) c.bytes[t] = 64, c.rows[t] = 8;                 // B: a block's codes
     return c;
   }();
   use_tiles(want);
 }
 
-// c = the int32 dot products of 16 tokens' a [16 x 32] (row stride `stride`) with the B tile
-// at b, on tile set 0 (C 0, A 2, B 4) or 1 (1, 3, 5): two blocks in flight. The store names
-// exactly c (the intrinsic's "memory" clobber would keep y in memory rather than registers).
-template <int Set>
-inline void amx_dot(const int8_t* a, int64_t stride, const uint8_t* b, int32_t (&c)[256]) {
-  if constexpr (Set == 0) {
-    _tile_zero(0);
-    _tile_loadd(2, a, stride);
-    _tile_loadd(4, b, 64);
-    _tile_dpbsud(0, 2, 4);
-    asm volatile("tilestored %%tmm0, (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64}));
-  } else {
-    _tile_zero(1);
-    _tile_loadd(3, a, stride);
-    _tile_loadd(5, b, 64);
-    _tile_dpbsud(1, 3, 5);
-    asm volatile("tilestored %%tmm1, (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64}));
+// A thread's buffer of at least `count` values, 64-byte aligned (tile rows: a row that
+// crosses a cache line costs a tile load two).
+template <typename T>
+T* tile_buffer(std::vector<T>& buffer, int64_t count) {
+  buffer.resize(count + 64 / sizeof(T));
+  const uintptr_t at = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + (64 - at % 64) % 64 / sizeof(T);
+}
+
+// Tile `tile` of the call's whole 16-token tiles to st.amx.
+void amx_layout(void* data, size_t tile) {
+  const BlockStep& st = *static_cast<const BlockStep*>(data);
+  const int64_t blocks = st.blocks, width = blocks * kBlock;
+  for (int t = 0; t < kAmxTokens; ++t) {
+    const int64_t token = int64_t(tile) * kAmxTokens + t;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t at = (int64_t(tile) * blocks + b) * kAmxTokens + t;
+      std::memcpy(st.amx.a + at * kBlock, st.xq + token * width + b * kBlock, kBlock);
+      st.amx.xscale[at] = st.xscale[token * blocks + b];
+      st.amx.xsum[at] = st.xsum[token * blocks + b];
+    }
   }
 }
 
-// y [16 tokens] += block b's dot products, as block_tile adds them.
+// c = the int32 dot products of the A tile at a with the B tile at b, on C tile `set` (A and B
+// tiles 4 + set % 2 and 6 + set % 2: those of the product before are free by then, without
+// waiting for its store). The store names exactly c (the intrinsic's "memory" clobber would
+// keep y in memory rather than registers).
+#define AMX_DOT(C, A, B)                                                               \
+  _tile_zero(C);                                                                       \
+  _tile_loadd(A, a, kBlock);                                                           \
+  _tile_loadd(B, b, 64);                                                               \
+  _tile_dpbsud(C, A, B);                                                               \
+  asm volatile("tilestored %%tmm" #C ", (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64})); \
+  break
+inline void amx_dot(int64_t set, const int8_t* a, const uint8_t* b, int32_t (&c)[256]) {
+  switch (set) {
+    case 0: AMX_DOT(0, 4, 6);
+    case 1: AMX_DOT(1, 5, 7);
+    case 2: AMX_DOT(2, 4, 6);
+    default: AMX_DOT(3, 5, 7);
+  }
+}
+#undef AMX_DOT
+
+// y [16 tokens] += a block's dot products, as block_tile adds them (xscale and xsum: the
+// block's 16 tokens').
 __attribute__((always_inline)) inline void amx_epilogue(__m512 (&y)[kAmxTokens],
                                                         const int32_t (&dots)[256],
                                                         const uint8_t* halves, const float* xscale,
-                                                        const float* xsum, int64_t stride) {
+                                                        const float* xsum) {
   const __m512 scale = Isa::load_halves(halves), minimum = Isa::load_halves(halves + 2 * kRows);
 #pragma GCC unroll 16
   for (int t = 0; t < kAmxTokens; ++t) {
     const __m512 sum = Isa::to_float(_mm512_load_si512(dots + t * kRows));
-    y[t] = Isa::fmadd(sum, Isa::mul(scale, Isa::fset1(xscale[t * stride])), y[t]);
-    y[t] = Isa::fmadd(minimum, Isa::fset1(xsum[t * stride]), y[t]);
+    y[t] = Isa::fmadd(sum, Isa::mul(scale, Isa::fset1(xscale[t])), y[t]);
+    y[t] = Isa::fmadd(minimum, Isa::fset1(xsum[t]), y[t]);
   }
 }
 
 // One record group (16 output rows) for the call's whole 16-token tiles; returns the tokens
-// done (the rest go to the VNNI tiles).
+// done (the rest go to the VNNI tiles). Block b + kAmxLead's product is issued before block
+// b's epilogue, on a C tile of its own (kAmxSets of them), so the tile unit works ahead.
 template <int Bits>
 int64_t amx_tiles(const BlockStep& st, int64_t group) {
   constexpr int64_t kRecord = record_bytes(Bits), kValueBytes = kRows * kBlock * Bits / 8;
-  constexpr int64_t kTileBytes = 8 * 64;
-  const int64_t blocks = st.blocks, width = blocks * kBlock;
+  const int64_t blocks = st.blocks;
   configure_tiles();
   const uint8_t* records = st.weights + group * blocks * kRecord;
   const uint8_t* codes = records;  // block b's B tile: codes + b * step
   int64_t step = kRecord;
   if constexpr (Bits == 4) {  // unpacked once, cache-resident for every token tile
-    thread_local std::vector<uint8_t> unpacked;
-    unpacked.resize(blocks * kTileBytes);
+    thread_local std::vector<uint8_t> buffer;
+    uint8_t* unpacked = tile_buffer(buffer, blocks * kAmxTileBytes);
     for (int64_t b = 0; b < blocks; ++b)
       for (int p = 0; p < 4; ++p) {
         const __m512i w = Isa::load(records + b * kRecord + p * 64);
-        uint8_t* out = unpacked.data() + b * kTileBytes + 2 * p * 64;
-        _mm512_storeu_si512(out, Isa::nibbles(w, false));
-        _mm512_storeu_si512(out + 64, Isa::nibbles(w, true));
+        uint8_t* out = unpacked + b * kAmxTileBytes + 2 * p * 64;
+        _mm512_store_si512(out, Isa::nibbles(w, false));
+        _mm512_store_si512(out + 64, Isa::nibbles(w, true));
       }
     asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
-    codes = unpacked.data();
-    step = kTileBytes;
+    codes = unpacked;
+    step = kAmxTileBytes;
   }
-  alignas(64) int32_t c0[256], c1[256];
-  int64_t token = 0;
-  for (; token + kAmxTokens <= st.tokens; token += kAmxTokens) {
-    const int8_t* a = st.xq + token * width;
-    const float* xscale = st.xscale + token * blocks;
-    const float* xsum = st.xsum + token * blocks;
-    const uint8_t* halves = records + kValueBytes;  // block b's: halves + b * kRecord
+  const uint8_t* halves = records + kValueBytes;  // block b's: halves + b * kRecord
+  // The records of this thread's next group (tasks go out in order), into L2 during the first
+  // token tile, so that its unpacking does not wait on memory: 1B int4 shapes from DRAM, one
+  // thread, 32 tokens, 1.19x (past the weights' end: a prefetch faults nowhere).
+  const char* next = reinterpret_cast<const char*>(records + st.amx.ahead * blocks * kRecord);
+  alignas(64) int32_t dots[kAmxSets][256];
+  const int64_t tiles = st.tokens / kAmxTokens;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int8_t* a = st.amx.a + tile * blocks * kAmxTileBytes;
+    const float* xscale = st.amx.xscale + tile * blocks * kAmxTokens;
+    const float* xsum = st.amx.xsum + tile * blocks * kAmxTokens;
+    auto product = [&](int64_t b) {
+      if (b < blocks)
+        amx_dot(b % kAmxSets, a + b * kAmxTileBytes, codes + b * step, dots[b % kAmxSets]);
+    };
     __m512 y[kAmxTokens];
     for (auto& v : y) v = Isa::fzero();
-    // Block b + 1's product runs on the other tile set while block b's epilogue does.
-    amx_dot<0>(a, width, codes, c0);
-    int64_t b = 0;
-    for (; b + 2 <= blocks; b += 2) {
-      amx_dot<1>(a + (b + 1) * kBlock, width, codes + (b + 1) * step, c1);
-      amx_epilogue(y, c0, halves + b * kRecord, xscale + b, xsum + b, blocks);
-      if (b + 2 < blocks) amx_dot<0>(a + (b + 2) * kBlock, width, codes + (b + 2) * step, c0);
-      amx_epilogue(y, c1, halves + (b + 1) * kRecord, xscale + b + 1, xsum + b + 1, blocks);
+    for (int64_t b = 0; b < kAmxLead; ++b) product(b);
+    for (int64_t b = 0; b < blocks; ++b) {
+      product(b + kAmxLead);
+      if (tile == 0)
+        for (int64_t line = 0; line < kRecord; line += 64)
+          _mm_prefetch(next + b * kRecord + line, _MM_HINT_T1);
+      amx_epilogue(y, dots[b % kAmxSets], halves + b * kRecord, xscale + b * kAmxTokens,
+                   xsum + b * kAmxTokens);
     }
-    if (b < blocks) amx_epilogue(y, c0, halves + b * kRecord, xscale + b, xsum + b, blocks);
     const int64_t col = group * kRows;
     for (int t = 0; t < kAmxTokens; ++t)
-      Isa::store(st.y + (token + t) * st.n + col, y[t], st.n - col);
+      Isa::store(st.y + (tile * kAmxTokens + t) * st.n + col, y[t], st.n - col);
   }
-  return token;
+  return tiles * kAmxTokens;
 }
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -1110,14 +1167,6 @@ struct Bf16Step {
   float* y;
   int64_t prompts, n, blocks, groups, strip;  // strip: groups per task
 };
-
-// A thread's buffer of at least `count` values, 64-byte aligned (tile rows).
-template <typename T>
-T* tile_buffer(std::vector<T>& buffer, int64_t count) {
-  buffer.resize(count + 64 / sizeof(T));
-  const uintptr_t at = reinterpret_cast<uintptr_t>(buffer.data());
-  return buffer.data() + (64 - at % 64) % 64 / sizeof(T);
-}
 
 // One record dequantized to bf16 as TDPBF16PS's B tile: tile row j holds inputs 2j and 2j + 1
 // of the 16 output rows, [output row][input % 2].
@@ -1456,6 +1505,16 @@ struct BlockLinearKernel {
     ctx.ParallelFor(quantize, tokens, 0, &rows);
     BlockStep st{weights, q.data(), scale.data(), sum.data(), y, tokens, m.n, m.blocks,
                  nullptr, nullptr};
+#ifdef __AMX_INT8__
+    if (tokens >= kAmxFrom) {
+      thread_local std::vector<int8_t> a;
+      thread_local std::vector<float> tile_scale, tile_sum;
+      const int64_t tiles = tokens / kAmxTokens, values = tiles * m.blocks * kAmxTokens;
+      st.amx = {tile_buffer(a, values * kBlock), tile_buffer(tile_scale, values),
+                tile_buffer(tile_sum, values), threads};
+      ctx.ParallelFor(amx_layout, tiles, 0, &st);
+    }
+#endif
     auto task = m.bits == 4 ? block_task<4> : block_task<8>;
     if (tokens > 1) return ctx.ParallelFor(task, m.groups, 0, &st);
     thread_local std::vector<int64_t> runs;
