@@ -22,7 +22,9 @@ checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
 output token: every projection is one 128-token call), an engine per build in one process,
 in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
-(or Bs) it times the whole of workload B instead, greedy.
+(or Bs) it times the whole of workload B instead, greedy; with --workload wave, a served-like
+wave (32 prompts of 256 random ids, 64 greedy tokens each), the median CPU time of its 32-row
+decode steps and of its prompt steps.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
     # AMX computes prompt tokens in bf16: its tokens may part from the int8 builds' ones.
     same = "same greedy tokens" if len({tuple(o) for o in outputs.values()}) == 1 else \
         f"greedy tokens differ: {outputs}"
+    if workload == "wave":
+        return wave_run(engines, rounds, f"{model} {weights or ''}", same)
     if workload == "A":
         prompts, tokens = [prompt], len(prompt["prompt_token_ids"])
         params = [SamplingParams(temperature=0.0, max_tokens=1)]
@@ -160,6 +164,47 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
               f"{med[targets[0]] / med[t]:.2f}x {targets[0]}")
 
 
+def wave_run(engines: dict, rounds: int, model: str, same: str) -> None:
+    """Median CPU ms of a 32-row decode step and of a prompt step of a served-like wave (the
+    steps of 32 x 256 prompt tokens, 64 out, as the server schedules them), per build,
+    interleaved."""
+    from nanovllm_onnx import SamplingParams
+    from nanovllm_onnx.runner.model_runner import ModelRunner
+
+    rng = np.random.default_rng(1)
+    prompts = [{"prompt_token_ids": rng.integers(1000, 30000, 256).tolist()} for _ in range(32)]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    steps: list[tuple[bool, float]] = []  # (prompt tokens in it, CPU seconds) per model call
+    run = ModelRunner.run
+
+    def timed(self: ModelRunner, step: object) -> np.ndarray:
+        prompt = any(step.num_prompt_tokens(i) for i in range(len(step.seqs)))
+        start = time.process_time()
+        logits = run(self, step)
+        steps.append((prompt, time.process_time() - start))
+        return logits
+
+    kinds = {t: {True: [], False: []} for t in engines}
+    ModelRunner.run = timed
+    try:
+        for _ in range(rounds):
+            for target, llm in engines.items():
+                steps.clear()
+                llm.generate(prompts, params, use_tqdm=False)
+                for prompt in (True, False):  # (after the prompts, every step decodes 32)
+                    kinds[target][prompt].append(statistics.median(
+                        t for p, t in steps if p == prompt) * 1e3)
+    finally:
+        ModelRunner.run = run
+    print(f"served-like wave, {model}, {THREADS} threads, {rounds} rounds; load average "
+          f"{os.getloadavg()[0]:.2f}; {same}")
+    first = next(iter(engines))
+    for prompt, name in ((False, "32-row decode step"), (True, "prompt step")):
+        for t in engines:
+            med, ref = (statistics.median(kinds[x][prompt]) for x in (t, first))
+            print(f"{name}, {t}: {med:.1f} CPU ms, {ref / med:.2f}x {first}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(SHAPES), default="1b")
@@ -174,8 +219,8 @@ def main() -> None:
     ap.add_argument("--prefill", metavar="MODEL", default=None,
                     help="time the engine's prefill of MODEL (a path, or 'default') instead")
     ap.add_argument("--weights", default=None, help="with --prefill: fp32 | int8 | int4")
-    ap.add_argument("--workload", choices=["A", "B", "Bs"], default="A",
-                    help="with --prefill: A's prefill, or the whole of B")
+    ap.add_argument("--workload", choices=["A", "B", "Bs", "wave"], default="A",
+                    help="with --prefill: A's prefill, the whole of B, or a wave's steps")
     args = ap.parse_args()
     targets = args.targets or [t for t in ("avx512_vnni", "avx512_amx", "avx512_amx:prompt")
                                if t.removesuffix(":prompt") in supported_targets()]
