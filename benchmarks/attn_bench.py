@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 import onnxruntime as ort
-from kernel_bench import ops_session
+from kernel_bench import ops_session, time_calls
 from onnx import TensorProto, helper, numpy_helper
 from workloads import THREADS
 
@@ -141,19 +140,6 @@ def lengths(case: str, rng: np.random.Generator) -> tuple[list[int], list[int]]:
     return [0] * int(rows or 1), [int(tokens)] * int(rows or 1)
 
 
-def time_case(case: AttentionCase | SwiGLUCase, seconds: float) -> tuple[float, float]:
-    """Median (CPU, wall) seconds per call over about `seconds` of calls, after a warm-up."""
-    case.run()
-    cpu, wall = [], []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(cpu) < 3:
-        start, start_cpu = time.perf_counter(), time.process_time()
-        case.run()
-        cpu.append(time.process_time() - start_cpu)
-        wall.append(time.perf_counter() - start)
-    return statistics.median(cpu), statistics.median(wall)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(SHAPES), default="1b")
@@ -190,7 +176,7 @@ def main() -> None:
         for name in args.cases:
             for target in args.targets:
                 times.setdefault((target, name), []).append(
-                    time_case(cases[target, name], args.seconds))
+                    time_calls(cases[target, name].run, args.seconds))
     print(f"{args.model}, {args.cache} cache, {THREADS} threads, {args.rounds} rounds; load "
           f"average {os.getloadavg()[0]:.2f}; ms per call, CPU / wall (medians)")
     names = [t or "this build" for t in args.targets]

@@ -33,12 +33,13 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import GraphProto, TensorProto, helper, numpy_helper
-from workloads import THREADS, workload_a, workload_b
+from workloads import THREADS, random_prompts, workload_a, workload_b
 
 from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
@@ -77,6 +78,13 @@ def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.
     return ops_session(helper.make_graph(nodes, "layer", inputs, outputs, weights), target)
 
 
+def build(target: str) -> tuple[str, Path]:
+    """TARGET or TARGET@DIR: the build's name and the ops library that registers it (DIR's
+    ops.so, another checkout's, else this one's)."""
+    name, _, directory = target.partition("@")
+    return name, Path(directory, "ops.so") if directory else custom_ops_library()
+
+
 def ops_session(graph: GraphProto, target: str) -> ort.InferenceSession:
     """A session of a graph of the engine's ops in the `target` build (TARGET or TARGET@DIR;
     "": the best this CPU runs), THREADS threads that do not spin."""
@@ -86,27 +94,28 @@ def ops_session(graph: GraphProto, target: str) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # CPU time = work
-    target, _, directory = target.partition("@")
-    os.environ[TARGET_ENV] = target
+    name, library = build(target)
+    os.environ[TARGET_ENV] = name
     try:
-        opts.register_custom_ops_library(
-            str(Path(directory, "ops.so") if directory else custom_ops_library()))
+        opts.register_custom_ops_library(str(library))
     finally:
         del os.environ[TARGET_ENV]
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
 
 
-def time_call(sess: ort.InferenceSession, feed: dict, seconds: float) -> float:
-    """Median CPU seconds per call over about `seconds` of calls (after one warm-up)."""
-    sess.run(None, feed)
-    times: list[float] = []
+def time_calls(call: Callable[[], object], seconds: float) -> tuple[float, float]:
+    """Median (CPU, wall) seconds per call over about `seconds` of calls, after a warm-up."""
+    call()
+    cpu: list[float] = []
+    wall: list[float] = []
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 3:
-        start = time.process_time()
-        sess.run(None, feed)
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    while time.perf_counter() < end or len(cpu) < 3:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        call()
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+    return statistics.median(cpu), statistics.median(wall)
 
 
 def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
@@ -119,10 +128,9 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
     engines = {}
     ours = model_runner.custom_ops_library
     for target in targets:
-        name, _, directory = target.partition("@")
+        name, library = build(target)
         os.environ[TARGET_ENV] = name  # read when the engine registers the ops
-        if directory:  # the engine's sessions register DIR's library instead of ours
-            model_runner.custom_ops_library = lambda at=directory: Path(at, "ops.so")
+        model_runner.custom_ops_library = lambda at=library: at  # (DIR's, or ours)
         try:
             engines[target] = LLM(None if model == "default" else model,
                                   **({"weights": weights} if weights else {}),
@@ -171,8 +179,7 @@ def wave_run(engines: dict, rounds: int, model: str, same: str) -> None:
     from nanovllm_onnx import SamplingParams
     from nanovllm_onnx.runner.model_runner import ModelRunner
 
-    rng = np.random.default_rng(1)
-    prompts = [{"prompt_token_ids": rng.integers(1000, 30000, 256).tolist()} for _ in range(32)]
+    prompts = random_prompts(32, 256, seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     steps: list[tuple[bool, float]] = []  # (prompt tokens in it, CPU seconds) per model call
     run = ModelRunner.run
@@ -250,7 +257,8 @@ def main() -> None:
         for tokens in args.tokens:
             for target, sess in sessions.items():
                 times.setdefault((target, tokens), []).append(
-                    time_call(sess, feeds[target, tokens], args.seconds))
+                    time_calls(lambda s=sess, f=feeds[target, tokens]: s.run(None, f),
+                               args.seconds)[0])
     macs = sum(k * n for k, n in shapes)
     print(f"{args.model} layer, int{args.bits}, {THREADS} threads, {args.rounds} rounds; "
           f"load average {os.getloadavg()[0]:.2f}; outputs identical across builds of a path")

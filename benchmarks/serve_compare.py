@@ -30,8 +30,8 @@ from pathlib import Path
 
 import httpx
 from peer_vllm import vllm_env
-from serve_load import free_port, random_prompts
-from workloads import PEERS, log, median
+from serve_load import free_port
+from workloads import PEERS, log, median, random_prompts
 
 from nanovllm_onnx import LLM, SamplingParams
 

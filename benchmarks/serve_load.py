@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
-from workloads import ID_MAX, THREADS
+from workloads import THREADS, random_prompts
 
 START_TIMEOUT_S = 600  # the first run may convert the default model
 
@@ -84,12 +84,6 @@ async def one_request(http: httpx.AsyncClient, body: dict, results: Results) -> 
     if tokens > 1:
         results.tpot.append((end - first) / (tokens - 1))
     results.output_tokens += tokens
-
-
-def random_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
-    """Prompts of `length` random token ids (below workloads.ID_MAX), distinct per request."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, ID_MAX, (count, length)).tolist()
 
 
 async def run_level(url: str, headers: dict[str, str], concurrency: int, num_requests: int,

@@ -15,12 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 THREADS = 2  # every engine runs with 2 threads
 ID_MAX = 10_000  # prompt ids: randint(0, ID_MAX), both ends included
 PAD_ID = 49_151  # a pad id no prompt contains (random prompts contain id 2, the EOS/pad of some)
 RESULT_PREFIX = "RESULT "  # a runner's last line: RESULT {json}
 # Where setup_peers.sh puts the peers' venvs and models (its $PEERS, same default).
 PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache/nano-vllm-onnx/peers"))
+
+
+def random_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of `length` random token ids (below ID_MAX), distinct per request: the shape
+    of vLLM's `bench serve` random dataset."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, ID_MAX, (count, length)).tolist()
 
 
 @dataclass(frozen=True)
