@@ -34,6 +34,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +58,11 @@ SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
 }
 
 
-def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.InferenceSession:
-    """One BlockLinear per shape, each on its own input (all of them on input "prompt_rows"),
-    in the `target` build."""
+@cache
+def random_weights(shapes: tuple[tuple[int, int], ...], bits: int) -> list[TensorProto]:
+    """Packed random blocks per shape (made once: every build's session takes the same)."""
     rng = np.random.default_rng(0)
-    nodes, inputs, outputs, weights = [], [], [], []
-    info = helper.make_tensor_value_info
+    weights = []
     for i, (k, n) in enumerate(shapes):
         blocks = -(-k // 32)
         q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
@@ -70,6 +70,16 @@ def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.
         minimum = -rng.uniform(0, 0.1, (n, blocks)).astype(np.float32)
         weights.append(numpy_helper.from_array(
             pack_blocks(QuantBlocks(q, scale, minimum, bits)), f"w{i}"))
+    return weights
+
+
+def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.InferenceSession:
+    """One BlockLinear per shape, each on its own input (all of them on input "prompt_rows"),
+    in the `target` build."""
+    nodes, inputs, outputs = [], [], []
+    weights = random_weights(tuple(shapes), bits)
+    info = helper.make_tensor_value_info
+    for i, (k, n) in enumerate(shapes):
         nodes.append(helper.make_node("BlockLinear", [f"x{i}", f"w{i}", PROMPT_ROWS], [f"y{i}"],
                                       domain=DOMAIN, K=k, N=n, bits=bits))
         inputs.append(info(f"x{i}", TensorProto.FLOAT, ["tokens", k]))
@@ -221,6 +231,9 @@ def main() -> None:
                     help="builds to compare, first the reference; TARGET:prompt runs every row as "
                          "a prompt token (default: avx512_vnni, avx512_amx and "
                          "avx512_amx:prompt where this CPU runs them)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="distinct layers' weights per call, times per layer: 16 read them from "
+                         "memory as the engine's layers do (1: one layer's, which stays in cache)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.3, help="per build, count and round")
     ap.add_argument("--prefill", metavar="MODEL", default=None,
@@ -237,10 +250,12 @@ def main() -> None:
         engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
         return
     shapes = SHAPES[args.model]
-    sessions = {t: layer_session(shapes, args.bits, t.replace(":prompt", "")) for t in targets}
+    sessions = {t: layer_session(shapes * args.layers, args.bits, t.replace(":prompt", ""))
+                for t in targets}
     rng = np.random.default_rng(1)
-    xs = {tokens: {f"x{i}": rng.standard_normal((tokens, k)).astype(np.float32)
-                   for i, (k, _) in enumerate(shapes)} for tokens in args.tokens}
+    xs = {tokens: {f"x{i}": x for i, x in enumerate(
+        [rng.standard_normal((tokens, k)).astype(np.float32) for k, _ in shapes] * args.layers)}
+        for tokens in args.tokens}
     feeds = {(t, tokens): {**x, PROMPT_ROWS: np.full(tokens, prompt[t], np.uint8)}
              for t in targets for tokens, x in xs.items()}
     for tokens in args.tokens:
@@ -252,23 +267,28 @@ def main() -> None:
                       f"largest output")
             elif not all(np.array_equal(a, b) for a, b in zip(first, out)):
                 raise SystemExit(f"{target} differs from {targets[0]} on {tokens} tokens")
-    times: dict[tuple[str, int], list[float]] = {}
+    times: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (CPU, wall) per layer
     for _ in range(args.rounds):
         for tokens in args.tokens:
             for target, sess in sessions.items():
+                cpu, wall = time_calls(lambda s=sess, f=feeds[target, tokens]: s.run(None, f),
+                                       args.seconds)
                 times.setdefault((target, tokens), []).append(
-                    time_calls(lambda s=sess, f=feeds[target, tokens]: s.run(None, f),
-                               args.seconds)[0])
+                    (cpu / args.layers, wall / args.layers))
     macs = sum(k * n for k, n in shapes)
-    print(f"{args.model} layer, int{args.bits}, {THREADS} threads, {args.rounds} rounds; "
-          f"load average {os.getloadavg()[0]:.2f}; outputs identical across builds of a path")
-    print("| tokens | " + " | ".join(f"{t} CPU ms | TOP/s" for t in targets)
-          + "".join(f" | {t} / {targets[0]}" for t in targets[1:]) + " |")
-    print("|---" * (1 + 2 * len(targets) + len(targets) - 1) + "|")
+    print(f"{args.model} layer, int{args.bits}, {THREADS} threads, {args.rounds} rounds, "
+          f"{args.layers} distinct layers' weights; load average {os.getloadavg()[0]:.2f}; "
+          "outputs identical across builds of a path; ms per layer")
+    print("| tokens | " + " | ".join(f"{t} CPU ms | wall ms | TOP/s" for t in targets)
+          + "".join(f" | {t} / {targets[0]} CPU, wall" for t in targets[1:]) + " |")
+    print("|---" * (1 + 4 * len(targets) - 1) + "|")
     for tokens in args.tokens:
-        med = {t: statistics.median(times[t, tokens]) for t in targets}
-        cells = [f"{med[t] * 1e3:.3f} | {2 * macs * tokens / med[t] / 1e12:.2f}" for t in targets]
-        ratios = [f"{med[targets[0]] / med[t]:.2f}x" for t in targets[1:]]
+        cpu, wall = ({t: statistics.median(c[i] for c in times[t, tokens]) for t in targets}
+                     for i in (0, 1))
+        cells = [f"{cpu[t] * 1e3:.3f} | {wall[t] * 1e3:.3f} | "
+                 f"{2 * macs * tokens / cpu[t] / 1e12:.2f}" for t in targets]
+        ratios = [f"{cpu[targets[0]] / cpu[t]:.2f}x, {wall[targets[0]] / wall[t]:.2f}x"
+                  for t in targets[1:]]
         print(f"| {tokens} | " + " | ".join(cells + ratios) + " |")
 
 

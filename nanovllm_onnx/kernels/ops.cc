@@ -678,7 +678,6 @@ struct AmxRows {
   int8_t* a;      // [tiles][blocks][16][32]
   float* xscale;  // [tiles][blocks][16]
   float* xsum;    // [tiles][blocks][16]
-  int64_t ahead;  // record groups from a task to its thread's next one (the pool's threads)
 };
 #endif
 
@@ -689,8 +688,8 @@ struct BlockStep {
   const float* xsum;     // [T, blocks]: sum of the block's x (as quantized)
   float* y;
   int64_t tokens, n, blocks;
-  const int64_t* runs;  // a one-token call's tasks (plan_runs), else null: a task a group
-  std::atomic<uint64_t>* threads;  // with runs: the threads that ran them (thread_bit)
+  const int64_t* runs;  // the call's tasks: runs of record groups (plan_runs)
+  std::atomic<uint64_t>* threads;  // the threads that ran them (thread_bit)
 #ifdef __AMX_INT8__
   AmxRows amx;  // where AMX takes the call's tiles (tokens >= kAmxFrom)
 #endif
@@ -806,12 +805,26 @@ struct Isa {
 #endif
 
 #ifdef BLOCK_LINEAR_SIMD
-// How far ahead of its reads a one-token tile prefetches the records: into L1 1 KB ahead, and
-// into L2 3 KB ahead, so that more lines are on their way than L1's fill buffers alone hold. A
-// 1B int4 step's BlockLinear calls on one thread from DRAM: one prefetch 1.5-3 KB ahead 5-17%
-// faster than none, 4 KB 12% and 8 KB 20% slower; the two 1.03-1.07x one 2 KB ahead
-// (benchmarks/README.md, decode at 1B).
-constexpr int64_t kPrefetchNear = 1024, kPrefetchFar = 3072;
+// How far ahead of its reads the first tile over a record group prefetches the records (past
+// the group's end: the run's next group, see plan_runs): into L1 1 KB ahead, and into L2 3 KB
+// ahead, so that more lines are on their way than L1's fill buffers alone hold. A 1B int4
+// step's BlockLinear calls on one thread from DRAM: one prefetch 1.5-3 KB ahead 5-17% faster
+// than none, 4 KB 12% and 8 KB 20% slower; the two 1.03-1.07x one 2 KB ahead
+// (benchmarks/README.md, decode at 1B). Calls of several tokens, which spend longer on each
+// record, prefetch into L2 6 KB ahead: 1B int4 layers from DRAM (kernel_bench --layers 16),
+// 2-16 tokens 1.2-1.55x faster than without prefetches, and 1.00-1.05x faster than 3 KB ahead.
+constexpr int64_t kPrefetchNear = 1024, kPrefetchFar = 3072, kPrefetchFarTiles = 6144;
+
+// Prefetches a record's lines kPrefetchNear ahead into L1 and `far` ahead into L2 (past the
+// weights' end: a prefetch faults nowhere).
+template <int64_t kRecord>
+inline void prefetch_ahead(const uint8_t* rec, int64_t far) {
+  const char* at = reinterpret_cast<const char*>(rec);
+  for (int64_t line = 0; line < kRecord; line += 64) {
+    _mm_prefetch(at + kPrefetchNear + line, _MM_HINT_T0);
+    _mm_prefetch(at + far + line, _MM_HINT_T2);
+  }
+}
 
 // One record group (16 output rows, in Isa::kParts vectors) x TT tokens over every block. A
 // one-token decode keeps two accumulators (even and odd record vectors): two independent
@@ -832,11 +845,8 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
     for (int h = 0; h < P; ++h) y[t][h] = Isa::fzero();
   const uint8_t* rec = st.weights + group * st.blocks * kRecord;
   for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
-    if constexpr (TT == 1)  // (past the group's end: the task's next group, see plan_runs)
-      for (int64_t line = 0; line < kRecord; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchNear + line, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(rec) + kPrefetchFar + line, _MM_HINT_T2);
-      }
+    if (token == 0)  // the first tile over the group: later ones find its records cached
+      prefetch_ahead<kRecord>(rec, TT == 1 ? kPrefetchFar : kPrefetchFarTiles);
     I acc[TT][P][S];
     for (int t = 0; t < TT; ++t)
       for (int h = 0; h < P; ++h)
@@ -1031,27 +1041,30 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
   const int64_t blocks = st.blocks;
   configure_tiles();
   const uint8_t* records = st.weights + group * blocks * kRecord;
-  const uint8_t* codes = records;  // block b's B tile: codes + b * step
-  int64_t step = kRecord;
-  if constexpr (Bits == 4) {  // unpacked once, cache-resident for every token tile
-    thread_local std::vector<uint8_t> buffer;
-    uint8_t* unpacked = tile_buffer(buffer, blocks * kAmxTileBytes);
-    for (int64_t b = 0; b < blocks; ++b)
+  // 4 bits: the codes as B tiles, unpacked in the first token tile, cached for the others.
+  thread_local std::vector<uint8_t> buffer;
+  uint8_t* unpacked = Bits == 4 ? tile_buffer(buffer, blocks * kAmxTileBytes) : nullptr;
+  const uint8_t* codes = Bits == 4 ? unpacked : records;  // block b's B tile: codes + b * step
+  const int64_t step = Bits == 4 ? kAmxTileBytes : kRecord;
+  // The first token tile reads the records, block b's just before its product, prefetching
+  // ahead as block_tile does (and unpacks 4-bit ones), so the reads from memory overlap the
+  // tile products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers
+  // 16), 16 tokens 1.3x faster than before, when a group's 4-bit records were unpacked first,
+  // prefetched into L2 during the run's group before (1.01x).
+  auto first_read = [&](int64_t b) {
+    prefetch_ahead<kRecord>(records + b * kRecord, kPrefetchFarTiles);
+    if constexpr (Bits == 4) {
+      uint8_t* out = unpacked + b * kAmxTileBytes;
       for (int p = 0; p < 4; ++p) {
         const __m512i w = Isa::load(records + b * kRecord + p * 64);
-        uint8_t* out = unpacked + b * kAmxTileBytes + 2 * p * 64;
-        _mm512_store_si512(out, Isa::nibbles(w, false));
-        _mm512_store_si512(out + 64, Isa::nibbles(w, true));
+        _mm512_store_si512(out + 2 * p * 64, Isa::nibbles(w, false));
+        _mm512_store_si512(out + 2 * p * 64 + 64, Isa::nibbles(w, true));
       }
-    asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
-    codes = unpacked;
-    step = kAmxTileBytes;
-  }
+      // tileloadd's asm does not say that it reads them
+      asm volatile("" ::"m"(*reinterpret_cast<const uint8_t(*)[kAmxTileBytes]>(out)));
+    }
+  };
   const uint8_t* halves = records + kValueBytes;  // block b's: halves + b * kRecord
-  // The records of this thread's next group (tasks go out in order), into L2 during the first
-  // token tile, so that its unpacking does not wait on memory: 1B int4 shapes from DRAM, one
-  // thread, 32 tokens, 1.19x (past the weights' end: a prefetch faults nowhere).
-  const char* next = reinterpret_cast<const char*>(records + st.amx.ahead * blocks * kRecord);
   alignas(64) int32_t dots[kAmxSets][256];
   const int64_t tiles = st.tokens / kAmxTokens;
   for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -1059,17 +1072,15 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
     const float* xscale = st.amx.xscale + tile * blocks * kAmxTokens;
     const float* xsum = st.amx.xsum + tile * blocks * kAmxTokens;
     auto product = [&](int64_t b) {
-      if (b < blocks)
-        amx_dot(b % kAmxSets, a + b * kAmxTileBytes, codes + b * step, dots[b % kAmxSets]);
+      if (b >= blocks) return;
+      if (tile == 0) first_read(b);
+      amx_dot(b % kAmxSets, a + b * kAmxTileBytes, codes + b * step, dots[b % kAmxSets]);
     };
     __m512 y[kAmxTokens];
     for (auto& v : y) v = Isa::fzero();
     for (int64_t b = 0; b < kAmxLead; ++b) product(b);
     for (int64_t b = 0; b < blocks; ++b) {
       product(b + kAmxLead);
-      if (tile == 0)
-        for (int64_t line = 0; line < kRecord; line += 64)
-          _mm_prefetch(next + b * kRecord + line, _MM_HINT_T1);
       amx_epilogue(y, dots[b % kAmxSets], halves + b * kRecord, xscale + b * kAmxTokens,
                    xsum + b * kAmxTokens);
     }
@@ -1330,8 +1341,8 @@ void bf16_task(void* data, size_t strip) {
 
 // One record group (16 output rows) for every token, in tiles of up to kTokenTile tokens, its
 // weights (16 rows x K, a few KB) staying in cache from tile to tile: a task of a call of
-// several tokens (4-token tiles: ~1 TFLOP/s on 32-128 tokens); a one-token call's tasks take
-// runs of groups (plan_runs).
+// several tokens (4-token tiles: ~1 TFLOP/s on 32-128 tokens). A task takes a run of groups
+// (plan_runs).
 // AVX-512 takes tiles of 8 (its 32 registers hold 8 tokens' sums and dot products): a
 // speculative verification of up to 7 drafts is one tile, each record vector loaded and its
 // 4-bit codes unpacked once for all its tokens, not once per 4: 7 tokens 1.2x faster than
@@ -1362,9 +1373,9 @@ void block_group(const BlockStep& st, int64_t group) {
 }
 
 constexpr int64_t kLeastRunBytes = 32768;
-// A one-token call's tasks: runs of consecutive record groups, each 1 / (2 x threads) of the
+// A call's tasks: runs of consecutive record groups, each 1 / (2 x threads) of the
 // groups left, down to ~32 KB of records (guided scheduling: ONNX Runtime hands tasks out in
-// order). Each thread so streams long runs of records, prefetched ahead (block_tile), rather
+// order). Each thread so streams long runs of records, prefetched ahead (prefetch_ahead), rather
 // than every other group, and the small last runs even out the threads' ends. runs: the
 // first group of each task, then the number of groups.
 void plan_runs(int64_t groups, int64_t group_bytes, int threads, std::vector<int64_t>& runs) {
@@ -1381,11 +1392,10 @@ inline uint64_t thread_bit() {
   return bit;
 }
 
-// Task i: groups [runs[i], runs[i + 1]), or group i where the call has no runs.
+// Task i: groups [runs[i], runs[i + 1]).
 template <int Bits>
 void block_task(void* data, size_t task) {
   const BlockStep& st = *static_cast<const BlockStep*>(data);
-  if (st.runs == nullptr) return block_group<Bits>(st, task);
   st.threads->fetch_or(thread_bit(), std::memory_order_relaxed);
   for (int64_t g = st.runs[task]; g < st.runs[task + 1]; ++g) block_group<Bits>(st, g);
 }
@@ -1454,12 +1464,11 @@ struct BlockLinearKernel {
       thread_local std::vector<float> tile_scale, tile_sum;
       const int64_t tiles = tokens / kAmxTokens, values = tiles * m.blocks * kAmxTokens;
       st.amx = {tile_buffer(a, values * kBlock), tile_buffer(tile_scale, values),
-                tile_buffer(tile_sum, values), threads};
+                tile_buffer(tile_sum, values)};
       ctx.ParallelFor(amx_layout, tiles, 0, &st);
     }
 #endif
     auto task = m.bits == 4 ? block_task<4> : block_task<8>;
-    if (tokens > 1) return ctx.ParallelFor(task, m.groups, 0, &st);
     thread_local std::vector<int64_t> runs;
     plan_runs(m.groups, m.blocks * record_bytes(m.bits), threads, runs);
     std::atomic<uint64_t> seen{0};
