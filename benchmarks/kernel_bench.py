@@ -7,12 +7,16 @@ gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token co
     python benchmarks/kernel_bench.py --prefill default --weights int4   # through the engine
     python benchmarks/kernel_bench.py --targets avx512_amx:prompt@../main/nanovllm_onnx/kernels \
         avx512_amx:prompt --tokens 16 64 128 512     # another checkout's build against this one
+    python benchmarks/kernel_bench.py --layers 16 --tokens 1 4 8 16   # weights from memory
 
 Each round times every build on every token count, in turn (interleaved: a shared machine's
 load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
 threads do not spin between calls), which other processes' load barely changes, unlike the
-wall time: the table gives each build's median over rounds, its TOP/s per core
-(multiply-adds x 2 / CPU second), and its speed relative to the first build. Also checks that
+wall time: the table gives each build's median over rounds (CPU and wall), its TOP/s per core
+(multiply-adds x 2 / CPU second), and its speed relative to the first build. --layers N runs N
+distinct layers' weights per call (N copies of the projections, random each), per-layer
+figures: one layer's weights stay in the L2/L3 from call to call, while the engine's layers
+read theirs from memory (a 1B int4 layer is 38 MB); 16 measure that cold case. Also checks that
 the builds' outputs are identical bit for bit (AMX against VNNI must be). A target written
 `avx512_amx:prompt` runs every row as a prompt token (prompt_rows: AMX's bf16 path), and its
 largest difference from the first build is printed instead when the first is not one (two
@@ -22,9 +26,9 @@ checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
 output token: every projection is one 128-token call), an engine per build in one process,
 in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
-(or Bs) it times the whole of workload B instead, greedy; with --workload wave, a served-like
-wave (32 prompts of 256 random ids, 64 greedy tokens each), the median CPU time of its 32-row
-decode steps and of its prompt steps.
+(or Bs) it times the whole of workload B instead, greedy (CPU and wall); with --workload
+wave, a served-like wave (32 prompts of 256 random ids, 64 greedy tokens each), the median CPU
+time of its 32-row decode steps and of its prompt steps.
 """
 
 from __future__ import annotations
@@ -168,18 +172,20 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
                   for n in wl.max_tokens]
         what = f"workload {workload} ({tokens} output tokens)"
-    times: dict[str, list[float]] = {t: [] for t in targets}
+    times: dict[str, list[tuple[float, float]]] = {t: [] for t in targets}  # (CPU, wall)
     for _ in range(rounds):
         for target, llm in engines.items():
-            start = time.process_time()
+            start, start_cpu = time.perf_counter(), time.process_time()
             llm.generate(prompts, params, use_tqdm=False)
-            times[target].append(time.process_time() - start)
-    med = {t: statistics.median(v) for t, v in times.items()}
+            times[target].append((time.process_time() - start_cpu, time.perf_counter() - start))
+    cpu, wall = ({t: statistics.median(c[i] for c in v) for t, v in times.items()}
+                 for i in (0, 1))
     print(f"{what}, {model} {weights or ''}, {THREADS} threads, {rounds} rounds; load "
           f"average {os.getloadavg()[0]:.2f}; {same}")
     for t in targets:
-        print(f"{t}: {med[t] * 1e3:.1f} CPU ms ({tokens / med[t]:.0f} tok per CPU second), "
-              f"{med[targets[0]] / med[t]:.2f}x {targets[0]}")
+        print(f"{t}: {cpu[t] * 1e3:.1f} CPU ms ({tokens / cpu[t]:.0f} tok per CPU second), "
+              f"{cpu[targets[0]] / cpu[t]:.2f}x {targets[0]}; wall {wall[t] * 1e3:.1f} ms "
+              f"({tokens / wall[t]:.1f} tok/s), {wall[targets[0]] / wall[t]:.2f}x")
 
 
 def wave_run(engines: dict, rounds: int, model: str, same: str) -> None:
