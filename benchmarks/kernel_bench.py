@@ -8,6 +8,7 @@ gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token co
     python benchmarks/kernel_bench.py --targets avx512_amx:prompt@../main/nanovllm_onnx/kernels \
         avx512_amx:prompt --tokens 16 64 128 512     # another checkout's build against this one
     python benchmarks/kernel_bench.py --layers 16 --tokens 1 4 8 16   # weights from memory
+    python benchmarks/kernel_bench.py --model 1b-head --bits 8   # the 1B LM head alone
 
 Each round times every build on every token count, in turn (interleaved: a shared machine's
 load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
@@ -59,6 +60,7 @@ from nanovllm_onnx.kernels import (
 SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
     "1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)],
     "135m": [(576, 960), (576, 576), (576, 3072), (1536, 576)],
+    "1b-head": [(2048, 128256)],  # the 1B LM head alone (its tied table: --bits 8)
 }
 
 
