@@ -812,7 +812,8 @@ struct Isa {
 // than none, 4 KB 12% and 8 KB 20% slower; the two 1.03-1.07x one 2 KB ahead
 // (benchmarks/README.md, decode at 1B). Calls of several tokens, which spend longer on each
 // record, prefetch into L2 6 KB ahead: 1B int4 layers from DRAM (kernel_bench --layers 16),
-// 2-16 tokens 1.2-1.55x faster than without prefetches, and 1.00-1.05x faster than 3 KB ahead.
+// 2-12 tokens 1.2-1.4x faster than a group a task without prefetches, 6 KB 1.00-1.05x faster
+// than 3 KB or 12 KB.
 constexpr int64_t kPrefetchNear = 1024, kPrefetchFar = 3072, kPrefetchFarTiles = 6144;
 
 // Prefetches a record's lines kPrefetchNear ahead into L1 and `far` ahead into L2 (past the
@@ -1049,7 +1050,7 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
   // The first token tile reads the records, block b's just before its product, prefetching
   // ahead as block_tile does (and unpacks 4-bit ones), so the reads from memory overlap the
   // tile products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers
-  // 16), 16 tokens 1.3x faster than before, when a group's 4-bit records were unpacked first,
+  // 16), 16 tokens 1.1-1.3x faster than when a group's 4-bit records were unpacked first,
   // prefetched into L2 during the run's group before (1.01x).
   auto first_read = [&](int64_t b) {
     prefetch_ahead<kRecord>(records + b * kRecord, kPrefetchFarTiles);
