@@ -1118,7 +1118,8 @@ struct Bf16Step {
 // 16 lanes) so that cvtne2ps gives the tile row as is. A 4-bit code becomes its float in one
 // VPERMPS of {0, ..., 15}, which reads the low 4 bits of each lane: ~130 vector uops per
 // record instead of ~190 by widening, converting and interleaving (the same fp32 FMA and bf16
-// rounding, so the same bits).
+// rounding, so the same bits). It does not overlap the tile products (their costs add): 1B
+// layer int4 1.2-1.3x faster at 16 tokens, 1.02-1.17x at 128, engine prefill 1.05-1.07x.
 template <int Bits>
 void dequantize_record(const uint8_t* rec, uint16_t* tile) {
   constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8;
