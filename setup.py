@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 KERNELS = "nanovllm_onnx/kernels"
 TARGETS = {  # the names dispatch.cc chooses among, best first
     "avx512_amx": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-int8",
-                   "-mamx-bf16"],
+                   "-mamx-bf16", "-mavx512vbmi"],
     "avx512_vnni": ["-march=x86-64-v4", "-mavx512vnni"],
     "avx2_vnni": ["-march=x86-64-v3", "-mavxvnni"],
     "avx2": ["-march=x86-64-v3"],

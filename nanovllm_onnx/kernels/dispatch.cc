@@ -31,12 +31,14 @@ bool avx512_vnni() {
 }
 
 // AMX-TILE, AMX-INT8 and AMX-BF16 (cpuid 7.0 EDX bits 24, 25, 22) with AVX512-BF16 (7.1 EAX
-// bit 5), whose tile state the OS saves (XCR0 bits 17, 18) and lets this process use: Linux
-// asks each process to request it, once. (Every AMX CPU so far has all of them.)
+// bit 5) and AVX512-VBMI, whose tile state the OS saves (XCR0 bits 17, 18) and lets this
+// process use: Linux asks each process to request it, once. (Every AMX CPU so far has all of
+// them.)
 bool amx() {
   static const bool usable = [] {
     unsigned a, b, c, d;
-    if (!avx512_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d >> 24 & 3) != 3 ||
+    if (!avx512_vnni() || !__builtin_cpu_supports("avx512vbmi") ||
+        !__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d >> 24 & 3) != 3 ||
         !(d >> 22 & 1) || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1))
       return false;
     unsigned low, high;

@@ -1124,54 +1124,56 @@ struct Bf16Step {
 };
 
 // One record dequantized to bf16 as TDPBF16PS's B tile: tile row j holds inputs 2j and 2j + 1
-// of the 16 output rows, [output row][input % 2].
+// of the 16 output rows, [output row][input % 2]. Record vector v (byte 4r + c: row r's input
+// 4v + c) gives tile rows 2v (c = 0, 1) and 2v + 1 (c = 2, 3); each tile row's halves, rows
+// 0-7 and 8-15, are made in that order (one VPERMB brings their bytes to the low bytes of
+// 16 lanes) so that cvtne2ps gives the tile row as is. A 4-bit code becomes its float in one
+// VPERMPS of {0, ..., 15}, which reads the low 4 bits of each lane: ~130 vector uops per
+// record instead of ~190 by widening, converting and interleaving (the same fp32 FMA and bf16
+// rounding, so the same bits). It does not overlap the tile products (their costs add): 1B
+// layer int4 1.2-1.3x faster at 16 tokens, 1.02-1.17x at 128, engine prefill 1.05-1.07x.
 template <int Bits>
 void dequantize_record(const uint8_t* rec, uint16_t* tile) {
   constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8;
+  // pick[c][h]: lane l's low byte takes row 8h + l / 2's input 2c + l % 2 of a record
+  // vector, its byte 4 (8h + l / 2) + 2c + l % 2 (tile row 2v + c, half h).
+  __m512i pick[2][2];
+  for (int c = 0; c < 2; ++c)
+    for (int h = 0; h < 2; ++h) {
+      alignas(64) uint8_t index[64] = {};
+      for (int l = 0; l < 16; ++l) index[4 * l] = 4 * (8 * h + l / 2) + 2 * c + l % 2;
+      pick[c][h] = _mm512_load_si512(index);
+    }
+  const __m512i pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i pair_high = _mm512_add_epi32(pair, _mm512_set1_epi32(8));
   const __m512 scale = Isa::load_halves(rec + kValueBytes);
   const __m512 minimum = Isa::load_halves(rec + kValueBytes + 2 * kRows);
-  // Part j of a record vector (its bytes 16j .. 16j + 15) holds rows 4j .. 4j + 3, 4 inputs
-  // each: lane l is row 4j + l / 4.
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 s[4], m[4];
-  for (int j = 0; j < 4; ++j) {
-    const __m512i row = _mm512_add_epi32(_mm512_srli_epi32(lane, 2), _mm512_set1_epi32(4 * j));
-    s[j] = _mm512_permutexvar_ps(row, scale);
-    m[j] = _mm512_permutexvar_ps(row, minimum);
-  }
-  // Tile row 2v takes inputs c = 0, 1 of each row of record vector v, tile row 2v + 1
-  // c = 2, 3: of parts 0 and 1 (rows 0-7) lanes 4r + c, which cvtne2ps pairs with those of
-  // parts 2 and 3 (rows 8-15).
-  const __m512i even =
-      _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(2));
-  // Record vector v's 16 rows x 4 inputs as codes in 4 x 16 int32 lanes, to tile rows 2v, 2v + 1.
-  auto tile_rows = [&](int v, const __m512i (&codes)[4]) {
-    __m512 w[4];
-    for (int j = 0; j < 4; ++j)
-      w[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes[j]), s[j], m[j]);
-    _mm512_store_si512(tile + 64 * v, (__m512i)_mm512_cvtne2ps_pbh(
-                                          _mm512_permutex2var_ps(w[2], even, w[3]),
-                                          _mm512_permutex2var_ps(w[0], even, w[1])));
-    _mm512_store_si512(tile + 64 * v + 32, (__m512i)_mm512_cvtne2ps_pbh(
-                                               _mm512_permutex2var_ps(w[2], odd, w[3]),
-                                               _mm512_permutex2var_ps(w[0], odd, w[1])));
-  };
+  const __m512 s[2] = {_mm512_permutexvar_ps(pair, scale),
+                       _mm512_permutexvar_ps(pair_high, scale)};  // [half]: rows in pair order
+  const __m512 m[2] = {_mm512_permutexvar_ps(pair, minimum),
+                       _mm512_permutexvar_ps(pair_high, minimum)};
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int p = 0; p < Bits; ++p) {  // the record's 64-byte vectors of bytes
-    __m512i bytes[4];
-    for (int j = 0; j < 4; ++j)
-      bytes[j] = _mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 64 * p + 16 * j)));
-    if constexpr (Bits == 8) {
-      tile_rows(p, bytes);
-    } else {  // record vectors 2p and 2p + 1: the low and high nibbles
-      __m512i low[4], high[4];
-      for (int j = 0; j < 4; ++j) {
-        low[j] = _mm512_and_si512(bytes[j], _mm512_set1_epi32(0x0F));
-        high[j] = _mm512_srli_epi32(bytes[j], 4);
+    const __m512i bytes = _mm512_loadu_si512(rec + 64 * p);
+    for (int c = 0; c < 2; ++c) {
+      __m512 w[2][2];  // [nibble][half]
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (Bits == 8) {  // the lanes' other bytes zero
+          const __m512i q = _mm512_maskz_permutexvar_epi8(0x1111111111111111, pick[c][h], bytes);
+          w[0][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s[h], m[h]);
+        } else {
+          const __m512i q = _mm512_permutexvar_epi8(pick[c][h], bytes);
+          w[0][h] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, codes), s[h], m[h]);
+          w[1][h] = _mm512_fmadd_ps(
+              _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), codes), s[h], m[h]);
+        }
       }
-      tile_rows(2 * p, low);
-      tile_rows(2 * p + 1, high);
+      // 8 bits: record vector p; 4 bits: 2p (low nibbles) and 2p + 1 (high).
+      for (int n = 0; n < (Bits == 8 ? 1 : 2); ++n) {
+        const int v = Bits == 8 ? p : 2 * p + n;
+        _mm512_store_si512(tile + 64 * v + 32 * c,
+                           (__m512i)_mm512_cvtne2ps_pbh(w[n][1], w[n][0]));
+      }
     }
   }
 }
