@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import numpy as np
 import onnxruntime as ort
-from kernel_bench import ops_session, time_calls
+from kernel_bench import medians, ops_session, time_calls
 from onnx import TensorProto, helper, numpy_helper
 from workloads import THREADS
 
@@ -184,7 +183,7 @@ def main() -> None:
           + " |")
     print("|---" * (2 * len(names)) + "|")
     for name in args.cases:
-        med = [[statistics.median(x) for x in zip(*times[t, name])] for t in args.targets]
+        med = [medians(times[t, name]) for t in args.targets]
         print(f"| {name} | " + " | ".join(f"{c * 1e3:.3f} / {w * 1e3:.3f}" for c, w in med)
               + "".join(f" | {med[0][0] / c:.2f}x / {med[0][1] / w:.2f}x" for c, w in med[1:])
               + " |")

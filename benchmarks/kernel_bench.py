@@ -120,18 +120,22 @@ def ops_session(graph: GraphProto, target: str) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median CPU and the median wall time of (CPU, wall) samples."""
+    return (statistics.median(cpu for cpu, _ in samples),
+            statistics.median(wall for _, wall in samples))
+
+
 def time_calls(call: Callable[[], object], seconds: float) -> tuple[float, float]:
     """Median (CPU, wall) seconds per call over about `seconds` of calls, after a warm-up."""
     call()
-    cpu: list[float] = []
-    wall: list[float] = []
+    samples: list[tuple[float, float]] = []
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(cpu) < 3:
+    while time.perf_counter() < end or len(samples) < 3:
         start, start_cpu = time.perf_counter(), time.process_time()
         call()
-        cpu.append(time.process_time() - start_cpu)
-        wall.append(time.perf_counter() - start)
-    return statistics.median(cpu), statistics.median(wall)
+        samples.append((time.process_time() - start_cpu, time.perf_counter() - start))
+    return medians(samples)
 
 
 def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
@@ -180,8 +184,8 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
             start, start_cpu = time.perf_counter(), time.process_time()
             llm.generate(prompts, params, use_tqdm=False)
             times[target].append((time.process_time() - start_cpu, time.perf_counter() - start))
-    cpu, wall = ({t: statistics.median(c[i] for c in v) for t, v in times.items()}
-                 for i in (0, 1))
+    med = {t: medians(v) for t, v in times.items()}
+    cpu, wall = ({t: m[i] for t, m in med.items()} for i in (0, 1))
     print(f"{what}, {model} {weights or ''}, {THREADS} threads, {rounds} rounds; load "
           f"average {os.getloadavg()[0]:.2f}; {same}")
     for t in targets:
@@ -291,8 +295,8 @@ def main() -> None:
           + "".join(f" | {t} / {targets[0]} CPU, wall" for t in targets[1:]) + " |")
     print("|---" * (1 + 4 * len(targets) - 1) + "|")
     for tokens in args.tokens:
-        cpu, wall = ({t: statistics.median(c[i] for c in times[t, tokens]) for t in targets}
-                     for i in (0, 1))
+        med = {t: medians(times[t, tokens]) for t in targets}
+        cpu, wall = ({t: m[i] for t, m in med.items()} for i in (0, 1))
         cells = [f"{cpu[t] * 1e3:.3f} | {wall[t] * 1e3:.3f} | "
                  f"{2 * macs * tokens / cpu[t] / 1e12:.2f}" for t in targets]
         ratios = [f"{cpu[targets[0]] / cpu[t]:.2f}x, {wall[targets[0]] / wall[t]:.2f}x"
