@@ -328,8 +328,10 @@ def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int) 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
     """AMX's 16-token tiles give the VNNI tiles' floats exactly, on every token count around
-    the tile edges and where AMX takes over, with N and K not whole records: so a token's
-    result does not depend on how many tokens share its call (each row alone gives it too)."""
+    the tile edges and where AMX takes over, and in passes of several tiles (up to 112), with N
+    and K not whole records: so a token's result does not depend on how many tokens share its
+    call (each row alone gives it too). The largest dot products (all codes at their top, x
+    one sign) too: AMX's sums start from a float bias, exact only below 2^22."""
     if "avx512_amx" not in SUPPORTED:
         pytest.skip("this CPU has no AMX-INT8, or the OS does not let this process use it")
     rng = np.random.default_rng(bits)
@@ -340,12 +342,20 @@ def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
             rng.uniform(0.001, 0.05, (n, blocks)).astype(np.float32),
             -rng.uniform(0, 0.3, (n, blocks)).astype(np.float32), bits))
         amx, vnni = (block_session(k, n, bits, weights, t) for t in ("avx512_amx", "avx512_vnni"))
-        for tokens in [*range(1, 41), 47, 48, 49, 64]:
+        for tokens in [*range(1, 41), 47, 48, 49, 64, 80, 96, 112]:
             x = rng.standard_normal((tokens, k)).astype(np.float32)
             (y,) = amx.run(None, {"x": x})
             np.testing.assert_array_equal(y, vnni.run(None, {"x": x})[0], err_msg=f"{tokens}")
-        for t in (0, 17, 63):  # the last call's rows, each alone
+        for t in (0, 17, 63, 111):  # the last call's rows, each alone
             np.testing.assert_array_equal(y[t], amx.run(None, {"x": x[t:t + 1]})[0][0])
+    top = np.full((n, blocks, 32), 2**bits - 1, dtype=np.uint8)
+    weights = pack_blocks(QuantBlocks(top, np.full((n, blocks), 2**-6, np.float32),
+                                      np.zeros((n, blocks), np.float32), bits))
+    amx, vnni = (block_session(k, n, bits, weights, t) for t in ("avx512_amx", "avx512_vnni"))
+    x = np.repeat(np.float32([[1], [-1]]), 16, axis=0) * np.ones((32, k), np.float32)
+    (y,) = amx.run(None, {"x": x})
+    np.testing.assert_array_equal(y, vnni.run(None, {"x": x})[0])
+    np.testing.assert_allclose(y[0], 2**-6 * (2**bits - 1) * k, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

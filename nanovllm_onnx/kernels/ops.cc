@@ -939,8 +939,8 @@ constexpr int kAmxTokens = 16;  // tokens per tile (the A and C tiles' rows)
 // Calls of fewer tokens run only the VNNI tiles: 16 tokens on AMX 1.3x, 24 (16 + 8) 1.1x
 // faster than on them (kernel_bench, 1B int4); 8 would fill half a tile for the same unpacking.
 constexpr int kAmxFrom = 16;
-constexpr int kAmxSets = 4;     // C tiles, each a block's products in flight
-constexpr int kAmxLead = 2;     // blocks a product is issued ahead of its epilogue
+constexpr int kAmxPass = 4;       // token tiles per pass over a group's records
+constexpr int kAmxProducts = 16;  // tile products per chunk (their dot products: 16 KB)
 constexpr int64_t kAmxTileBytes = kAmxTokens * kBlock;  // an A tile; a block's B tile too
 
 // A tile configuration (palette 1): each tile's bytes per row and rows.
@@ -997,60 +997,177 @@ void amx_layout(void* data, size_t tile) {
   }
 }
 
-// c = the int32 dot products of the A tile at a with the B tile at b, on C tile `set` (A and B
-// tiles 4 + set % 2 and 6 + set % 2: those of the product before are free by then, without
-// waiting for its store). The store names exactly c (the intrinsic's "memory" clobber would
-// keep y in memory rather than registers).
-#define AMX_DOT(C, A, B)                                                               \
-  _tile_zero(C);                                                                       \
-  _tile_loadd(A, a, kBlock);                                                           \
-  _tile_loadd(B, b, 64);                                                               \
-  _tile_dpbsud(C, A, B);                                                               \
-  asm volatile("tilestored %%tmm" #C ", (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64})); \
+// The C tiles start at kAmxBias, not zero: TDPBSUD adds the block's int32 dot products to it,
+// and each is below 2^22 in magnitude (32 x 255 x 127), so a C element is the bit pattern of
+// the float 1.5 x 2^23 + dot exactly, and dot as a float (block_tile's conversion) is that
+// float - 1.5 x 2^23 exactly: a subtraction rather than a conversion (see amx_epilogue).
+constexpr float kAmxBiasValue = 12582912.f;  // 1.5 x 2^23 (its ulp is 1)
+alignas(64) const int32_t kAmxBias[16] = {
+    0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000,
+    0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000};
+
+// Block b's B tile into tile 6 + b % 2.
+inline void amx_load_b(int64_t b, const uint8_t* codes) {
+  if (b % 2 == 0) _tile_loadd(6, codes, 64);
+  else _tile_loadd(7, codes, 64);
+}
+
+// Product p on C tile p % 4 (from kAmxBias): the A tile at a (into tile 4 + p % 2) times the
+// B tile of block b (6 + b % 2). A and B alternate between two tiles each, so that a load need
+// not wait for the product before to have read its tile.
+#define AMX_DOT(C, A, B)       \
+  _tile_loadd(C, kAmxBias, 0); \
+  _tile_loadd(A, a, kBlock);   \
+  _tile_dpbsud(C, A, B);       \
   break
-inline void amx_dot(int64_t set, const int8_t* a, const uint8_t* b, int32_t (&c)[256]) {
-  switch (set) {
+inline void amx_dot(int64_t p, int64_t b, const int8_t* a) {
+  switch (p % 4 * 2 + b % 2) {
     case 0: AMX_DOT(0, 4, 6);
-    case 1: AMX_DOT(1, 5, 7);
-    case 2: AMX_DOT(2, 4, 6);
+    case 1: AMX_DOT(0, 4, 7);
+    case 2: AMX_DOT(1, 5, 6);
+    case 3: AMX_DOT(1, 5, 7);
+    case 4: AMX_DOT(2, 4, 6);
+    case 5: AMX_DOT(2, 4, 7);
+    case 6: AMX_DOT(3, 5, 6);
     default: AMX_DOT(3, 5, 7);
   }
 }
 #undef AMX_DOT
 
+// c = product p's C tile, stored after the next product is issued rather than right after
+// its own (a store waits for its TDPBSUD, and the next product's loads would wait behind it:
+// standalone, in L1, 1.07x faster per product). The store names exactly c (the intrinsic's
+// "memory" clobber would keep y in memory rather than registers).
+#define AMX_STORE(C)                                                                      \
+  asm volatile("tilestored %%tmm" #C ", (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64})); \
+  break
+inline void amx_store(int64_t p, int32_t (&c)[256]) {
+  switch (p % 4) {
+    case 0: AMX_STORE(0);
+    case 1: AMX_STORE(1);
+    case 2: AMX_STORE(2);
+    default: AMX_STORE(3);
+  }
+}
+#undef AMX_STORE
+
 // y [16 tokens] += a block's dot products, as block_tile adds them (xscale and xsum: the
-// block's 16 tokens').
+// block's 16 tokens'). While AMX works, the core runs 512-bit multiplies, FMAs and
+// conversions (VCVTDQ2PS too) on one port instead of two, adds still on two (standalone: 64
+// FMAs beside a TDPBSUD 2.1x as long as alone, 64 VADDPS 1.2x), so the epilogue's multiplies
+// bound a product: 3 a token (48 cycles) with the bias subtracted, 4 with a conversion (64;
+// standalone in L1, 1.12x faster per product).
 __attribute__((always_inline)) inline void amx_epilogue(__m512 (&y)[kAmxTokens],
                                                         const int32_t (&dots)[256],
                                                         const uint8_t* halves, const float* xscale,
                                                         const float* xsum) {
   const __m512 scale = Isa::load_halves(halves), minimum = Isa::load_halves(halves + 2 * kRows);
+  const __m512 bias = Isa::fset1(kAmxBiasValue);
 #pragma GCC unroll 16
   for (int t = 0; t < kAmxTokens; ++t) {
-    const __m512 sum = Isa::to_float(_mm512_load_si512(dots + t * kRows));
+    const __m512 biased = _mm512_load_ps(reinterpret_cast<const float*>(dots) + t * kRows);
+    const __m512 sum = _mm512_sub_ps(biased, bias);
     y[t] = Isa::fmadd(sum, Isa::mul(scale, Isa::fset1(xscale[t])), y[t]);
     y[t] = Isa::fmadd(minimum, Isa::fset1(xsum[t]), y[t]);
   }
 }
 
-// One record group (16 output rows) for the call's whole 16-token tiles; returns the tokens
-// done (the rest go to the VNNI tiles). Block b + kAmxLead's product is issued before block
-// b's epilogue, on a C tile of its own (kAmxSets of them), so the tile unit works ahead.
-template <int Bits>
-int64_t amx_tiles(const BlockStep& st, int64_t group) {
+inline void amx_store_y(const BlockStep& st, int64_t group, int64_t tile,
+                        const __m512 (&y)[kAmxTokens]) {
+  const int64_t col = group * kRows;
+  for (int t = 0; t < kAmxTokens; ++t)
+    Isa::store(st.y + (tile * kAmxTokens + t) * st.n + col, y[t], st.n - col);
+}
+
+// One token tile of a record group over every block: block b + 2's product issued before
+// block b's epilogue (on C tiles of their own), so the tile unit works ahead and the vector
+// ports overlap the reads of the records.
+template <int Bits, typename Read>
+void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* codes,
+              int64_t step, Read& first_read) {
   constexpr int64_t kRecord = record_bytes(Bits), kValueBytes = kRows * kBlock * Bits / 8;
   const int64_t blocks = st.blocks;
-  configure_tiles();
+  const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
+  const int8_t* a = st.amx.a + tile * blocks * kAmxTileBytes;
+  alignas(64) int32_t dots[4][256];
+  auto product = [&](int64_t b) {  // issues block b's, stores block b - 1's
+    if (b < blocks) {
+      if (tile == 0) first_read(b);
+      amx_load_b(b, codes + b * step);
+      amx_dot(b, b, a + b * kAmxTileBytes);
+    }
+    if (b > 0 && b <= blocks) amx_store(b - 1, dots[(b - 1) % 4]);
+  };
+  __m512 y[kAmxTokens];
+  for (auto& v : y) v = Isa::fzero();
+  product(0);
+  product(1);
+  for (int64_t b = 0; b < blocks; ++b) {
+    product(b + 2);
+    const int64_t at = (tile * blocks + b) * kAmxTokens;
+    amx_epilogue(y, dots[b % 4], halves + b * kRecord, st.amx.xscale + at, st.amx.xsum + at);
+  }
+  amx_store_y(st, group, tile, y);
+}
+
+// Token tiles first..first + count - 1 (2 to kAmxPass) of a record group over every block,
+// in chunks of kAmxProducts / count blocks: each block's B tile loaded once for the count
+// products, then each tile's epilogue over the chunk (its y kept in `partial` between
+// chunks). 1B int8 layers (kernel_bench, one thread, 16 layers' weights): 32 tokens 1.1x, 64
+// 1.2x faster than token tiles one at a time, each reading the block's B tile again; one
+// tile alone is faster through amx_tile (its epilogues overlap the next products' reads).
+template <int Bits, typename Read>
+void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64_t count,
+                        const uint8_t* codes, int64_t step, Read& first_read) {
+  constexpr int64_t kRecord = record_bytes(Bits), kValueBytes = kRows * kBlock * Bits / 8;
+  const int64_t blocks = st.blocks, chunk = kAmxProducts / count;
+  const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
+  alignas(64) int32_t dots[kAmxProducts][256];
+  alignas(64) float partial[kAmxPass][kAmxTokens][kRows];
+  for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
+    const int64_t b1 = std::min(blocks, b0 + chunk);
+    int64_t p = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      if (first == 0) first_read(b);
+      amx_load_b(b, codes + b * step);
+      for (int64_t i = 0; i < count; ++i, ++p) {
+        amx_dot(p, b, st.amx.a + ((first + i) * blocks + b) * kAmxTileBytes);
+        if (p > 0) amx_store(p - 1, dots[p - 1]);
+      }
+    }
+    amx_store(p - 1, dots[p - 1]);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t tile = first + i;
+      __m512 y[kAmxTokens];
+      for (int t = 0; t < kAmxTokens; ++t)
+        y[t] = b0 == 0 ? Isa::fzero() : _mm512_load_ps(partial[i][t]);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t at = (tile * blocks + b) * kAmxTokens;
+        amx_epilogue(y, dots[(b - b0) * count + i], halves + b * kRecord, st.amx.xscale + at,
+                     st.amx.xsum + at);
+      }
+      if (b1 == blocks) amx_store_y(st, group, tile, y);
+      else for (int t = 0; t < kAmxTokens; ++t) _mm512_store_ps(partial[i][t], y[t]);
+    }
+  }
+}
+
+// One record group (16 output rows) for the call's whole 16-token tiles; returns the tokens
+// done (the rest go to the VNNI tiles).
+template <int Bits>
+int64_t amx_tiles(const BlockStep& st, int64_t group) {
+  constexpr int64_t kRecord = record_bytes(Bits);
+  const int64_t blocks = st.blocks;
   const uint8_t* records = st.weights + group * blocks * kRecord;
-  // 4 bits: the codes as B tiles, unpacked in the first token tile, cached for the others.
+  // 4 bits: the codes as B tiles, unpacked in the first pass, cached for the others.
   thread_local std::vector<uint8_t> buffer;
   uint8_t* unpacked = Bits == 4 ? tile_buffer(buffer, blocks * kAmxTileBytes) : nullptr;
   const uint8_t* codes = Bits == 4 ? unpacked : records;  // block b's B tile: codes + b * step
   const int64_t step = Bits == 4 ? kAmxTileBytes : kRecord;
-  // The first token tile reads the records, block b's just before its product, prefetching
-  // ahead as block_tile does (and unpacks 4-bit ones), so the reads from memory overlap the
-  // tile products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers
-  // 16), 16 tokens 1.1-1.3x faster than when a group's 4-bit records were unpacked first,
+  // The first pass reads the records, block b's just before its products, prefetching ahead
+  // as block_tile does (and unpacks 4-bit ones), so the reads from memory overlap the tile
+  // products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers 16),
+  // 16 tokens 1.1-1.3x faster than when a group's 4-bit records were unpacked first,
   // prefetched into L2 during the run's group before (1.01x).
   auto first_read = [&](int64_t b) {
     prefetch_ahead<kRecord>(records + b * kRecord, kPrefetchFarTiles);
@@ -1065,30 +1182,11 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
       asm volatile("" ::"m"(*reinterpret_cast<const uint8_t(*)[kAmxTileBytes]>(out)));
     }
   };
-  const uint8_t* halves = records + kValueBytes;  // block b's: halves + b * kRecord
-  alignas(64) int32_t dots[kAmxSets][256];
   const int64_t tiles = st.tokens / kAmxTokens;
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int8_t* a = st.amx.a + tile * blocks * kAmxTileBytes;
-    const float* xscale = st.amx.xscale + tile * blocks * kAmxTokens;
-    const float* xsum = st.amx.xsum + tile * blocks * kAmxTokens;
-    auto product = [&](int64_t b) {
-      if (b >= blocks) return;
-      if (tile == 0) first_read(b);
-      amx_dot(b % kAmxSets, a + b * kAmxTileBytes, codes + b * step, dots[b % kAmxSets]);
-    };
-    __m512 y[kAmxTokens];
-    for (auto& v : y) v = Isa::fzero();
-    for (int64_t b = 0; b < kAmxLead; ++b) product(b);
-    for (int64_t b = 0; b < blocks; ++b) {
-      product(b + kAmxLead);
-      amx_epilogue(y, dots[b % kAmxSets], halves + b * kRecord, xscale + b * kAmxTokens,
-                   xsum + b * kAmxTokens);
-    }
-    const int64_t col = group * kRows;
-    for (int t = 0; t < kAmxTokens; ++t)
-      Isa::store(st.y + (tile * kAmxTokens + t) * st.n + col, y[t], st.n - col);
-  }
+  int64_t first = 0;
+  for (int64_t count; (count = std::min<int64_t>(kAmxPass, tiles - first)) >= 2; first += count)
+    amx_tiles_together<Bits>(st, group, first, count, codes, step, first_read);
+  if (first < tiles) amx_tile<Bits>(st, group, first, codes, step, first_read);
   return tiles * kAmxTokens;
 }
 
@@ -1400,6 +1498,9 @@ template <int Bits>
 void block_task(void* data, size_t task) {
   const BlockStep& st = *static_cast<const BlockStep*>(data);
   st.threads->fetch_or(thread_bit(), std::memory_order_relaxed);
+#ifdef __AMX_INT8__
+  if (st.tokens >= kAmxFrom) configure_tiles();  // once a task: TILESTORECFG stalls
+#endif
   for (int64_t g = st.runs[task]; g < st.runs[task + 1]; ++g) block_group<Bits>(st, g);
 }
 
