@@ -330,8 +330,8 @@ def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
     """AMX's 16-token tiles give the VNNI tiles' floats exactly, on every token count around
     the tile edges and where AMX takes over, and in passes of several tiles (up to 112), with N
     and K not whole records: so a token's result does not depend on how many tokens share its
-    call (each row alone gives it too). The largest dot products (all codes at their top, x
-    one sign) too: AMX's sums start from a float bias, exact only below 2^22."""
+    call (each row alone gives it too). The largest dot products too (all codes at their top,
+    x of one sign)."""
     if "avx512_amx" not in SUPPORTED:
         pytest.skip("this CPU has no AMX-INT8, or the OS does not let this process use it")
     rng = np.random.default_rng(bits)

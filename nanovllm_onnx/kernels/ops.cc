@@ -997,28 +997,19 @@ void amx_layout(void* data, size_t tile) {
   }
 }
 
-// The C tiles start at kAmxBias, not zero: TDPBSUD adds the block's int32 dot products to it,
-// and each is below 2^22 in magnitude (32 x 255 x 127), so a C element is the bit pattern of
-// the float 1.5 x 2^23 + dot exactly, and dot as a float (block_tile's conversion) is that
-// float - 1.5 x 2^23 exactly: a subtraction rather than a conversion (see amx_epilogue).
-constexpr float kAmxBiasValue = 12582912.f;  // 1.5 x 2^23 (its ulp is 1)
-alignas(64) const int32_t kAmxBias[16] = {
-    0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000,
-    0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000, 0x4B400000};
-
 // Block b's B tile into tile 6 + b % 2.
 inline void amx_load_b(int64_t b, const uint8_t* codes) {
   if (b % 2 == 0) _tile_loadd(6, codes, 64);
   else _tile_loadd(7, codes, 64);
 }
 
-// Product p on C tile p % 4 (from kAmxBias): the A tile at a (into tile 4 + p % 2) times the
-// B tile of block b (6 + b % 2). A and B alternate between two tiles each, so that a load need
-// not wait for the product before to have read its tile.
-#define AMX_DOT(C, A, B)       \
-  _tile_loadd(C, kAmxBias, 0); \
-  _tile_loadd(A, a, kBlock);   \
-  _tile_dpbsud(C, A, B);       \
+// Product p on C tile p % 4: the A tile at a (into tile 4 + p % 2) times the B tile of block
+// b (6 + b % 2). A and B alternate between two tiles each, so that a load need not wait for
+// the product before to have read its tile.
+#define AMX_DOT(C, A, B)   \
+  _tile_zero(C);             \
+  _tile_loadd(A, a, kBlock); \
+  _tile_dpbsud(C, A, B);     \
   break
 inline void amx_dot(int64_t p, int64_t b, const int8_t* a) {
   switch (p % 4 * 2 + b % 2) {
@@ -1053,20 +1044,21 @@ inline void amx_store(int64_t p, int32_t (&c)[256]) {
 
 // y [16 tokens] += a block's dot products, as block_tile adds them (xscale and xsum: the
 // block's 16 tokens'). While AMX works, the core runs 512-bit multiplies, FMAs and
-// conversions (VCVTDQ2PS too) on one port instead of two, adds still on two (standalone: 64
-// FMAs beside a TDPBSUD 2.1x as long as alone, 64 VADDPS 1.2x), so the epilogue's multiplies
-// bound a product: 3 a token (48 cycles) with the bias subtracted, 4 with a conversion (64;
-// standalone in L1, 1.12x faster per product).
+// conversions on one port instead of two, adds still on two (standalone: 64 FMAs, VMULPS,
+// VCVTDQ2PS or VPDPBUSD beside one TDPBSUD 2.1x as long as alone, 64 VADDPS 1.2x): this
+// epilogue's 4 a token, 64 cycles a product, bound the path with the tile instructions (which
+// it does not overlap much). Starting the C tiles at 1.5 x 2^23's bit pattern (every dot
+// product is below 2^22: then the float of a C element minus 1.5 x 2^23 is the dot product,
+// exactly) trades the conversion for a subtraction, an add: 1.12x standalone in L1, but in the
+// kernel the C tiles' extra load cost more (1B int8 layers 0.95x).
 __attribute__((always_inline)) inline void amx_epilogue(__m512 (&y)[kAmxTokens],
                                                         const int32_t (&dots)[256],
                                                         const uint8_t* halves, const float* xscale,
                                                         const float* xsum) {
   const __m512 scale = Isa::load_halves(halves), minimum = Isa::load_halves(halves + 2 * kRows);
-  const __m512 bias = Isa::fset1(kAmxBiasValue);
 #pragma GCC unroll 16
   for (int t = 0; t < kAmxTokens; ++t) {
-    const __m512 biased = _mm512_load_ps(reinterpret_cast<const float*>(dots) + t * kRows);
-    const __m512 sum = _mm512_sub_ps(biased, bias);
+    const __m512 sum = Isa::to_float(_mm512_load_si512(dots + t * kRows));
     y[t] = Isa::fmadd(sum, Isa::mul(scale, Isa::fset1(xscale[t])), y[t]);
     y[t] = Isa::fmadd(minimum, Isa::fset1(xsum[t]), y[t]);
   }
@@ -1113,9 +1105,10 @@ void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* c
 // Token tiles first..first + count - 1 (2 to kAmxPass) of a record group over every block,
 // in chunks of kAmxProducts / count blocks: each block's B tile loaded once for the count
 // products, then each tile's epilogue over the chunk (its y kept in `partial` between
-// chunks). 1B int8 layers (kernel_bench, one thread, 16 layers' weights): 32 tokens 1.1x, 64
-// 1.2x faster than token tiles one at a time, each reading the block's B tile again; one
-// tile alone is faster through amx_tile (its epilogues overlap the next products' reads).
+// chunks). 1B int8 layer (kernel_bench, one thread): 32 tokens 1.05-1.2x, 64 1.15-1.2x
+// faster than token tiles one at a time, each reading the block's B tile again. One tile
+// alone is faster through amx_tile (chunked, 16 tokens ran 0.8-0.9x: the interleaved
+// epilogues overlap the next products' reads of the records).
 template <int Bits, typename Read>
 void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64_t count,
                         const uint8_t* codes, int64_t step, Read& first_read) {
