@@ -1321,8 +1321,9 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
 // time, while the next chunk's records are dequantized (into a second buffer); the sums
 // go through memory between passes (the same sums in the same order). Those round trips
 // cost: this loop alone (no dequantization) takes ~9 ns per TDPBF16PS, ~6 with no C loads and
-// stores, ~5 for the instruction (a microbenchmark); passes of 4, 16, 32 or 64 blocks, every
-// other pass in reverse order, or 2 or 8 groups per task were no faster in the kernel.
+// stores, ~5 for the instruction (a microbenchmark); passes of 4 or 16 blocks (32 or 64 in
+// the microbenchmark), every other pass in reverse order, or 2 or 8 groups per task were no
+// faster.
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
