@@ -1354,7 +1354,7 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
 // Over all of K both the A and the B tiles stream from L2 (4 KB per 4 TDPBF16PS, prefetched),
 // hence only where they fit (whole_k()); there, one thread, the 2048-input projections of the
 // 1B layer ran 1.05-1.21x faster than in passes at 16-192 tokens (gate_up 1.13-1.21x at
-// 32-192), int8 0.96-1.19x; 1B layer 1.03-1.17x (2 threads, noisy), engine prefill 1.06x.
+// 32-192), int8 0.96-1.19x; 1B layer 1.02-1.10x (2 threads), engine A's prefill 1.09x.
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
