@@ -391,7 +391,8 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
         (mixed,) = amx.run(None, {"x": x, PROMPT_ROWS: prompt.astype(np.uint8)})
         np.testing.assert_array_equal(mixed[prompt], y[prompt])
         np.testing.assert_array_equal(mixed[~prompt], vnni.run(None, {"x": x[~prompt]})[0])
-    # 256 rows of K 2048 are 1 MB of A tiles: tasks of 16 groups (2100 outputs: and a last of 4)
+    # 256 rows of K 2048 are 1 MB of A tiles: tasks of 16 groups in passes over K (2100
+    # outputs: and a last of 4); 40 rows hold the C tiles over all of K (whole_k in ops.cc)
     k, n = 2048, 2100
     weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, k // 32, bits), bits))
     amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)

@@ -1196,14 +1196,24 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
 // 1.5-2.1x on 128, 1.7-2.3x on 512; below ~20 rows the dequantization, a fixed cost per call,
 // makes it slower (one row: ~0.2-0.3x), the price of results that do not depend on the call.
 constexpr int64_t kTileValues = kRows * kBlock;  // bf16 of one A or B tile (1 KB)
+// Whether a call's tasks hold the C tiles over all of K, a group pair at a time (bf16_task):
+// where the A tiles and two pairs' B tiles (a_bytes + 4 x blocks KB) fit in half the L2, so
+// that both stream from L2. Past that they come from L3 and the passes win (one thread,
+// 2048 x 8192 down projection at 48-128 tokens: 0.61-0.65x; 2048 x 16384 at 512: 0.65x).
+bool whole_k(int64_t a_bytes, int64_t blocks) {
+  return a_bytes + 4 * blocks * kTileValues * 2 <= (1 << 20);
+}
+
 // Record groups (16 output rows each) per task. Each task reads all of the prompt rows' A
 // tiles: from 1 MB of them (a 2048 x 8192 down projection's from 128 tokens, K 2048's from 256)
 // they no longer stay in L2, and tasks of 16 groups read them 4x less often than tasks of 4
 // (1.17-1.19x faster on that projection at 256 tokens, one thread); down to 4 while that leaves
 // fewer than 8 tasks (2 threads, of unequal speed on a shared machine). Smaller A tiles keep
-// tasks of 4 (with 16, the 135M shapes ran 0.93-0.95x at 256-512 tokens).
-int64_t strip_groups(int64_t groups, int64_t a_bytes) {
-  return a_bytes < (1 << 20) ? 4 : std::clamp<int64_t>(groups / 16 * 2, 4, 16);
+// tasks of 4 (with 16, the 135M shapes ran 0.93-0.95x at 256-512 tokens), unless the task
+// holds C over all of K: there its first pair's dequantization, which nothing overlaps, is a
+// smaller part of a longer task (2048 x 16384 at 128 tokens, one thread: 1.09x vs 1.05x).
+int64_t strip_groups(int64_t groups, int64_t a_bytes, bool whole_k) {
+  return a_bytes < (1 << 20) && !whole_k ? 4 : std::clamp<int64_t>(groups / 16 * 2, 4, 16);
 }
 
 struct Bf16Step {
@@ -1212,6 +1222,7 @@ struct Bf16Step {
   const int64_t* rows;   // y's row of prompt row i
   float* y;
   int64_t prompts, n, blocks, groups, strip;  // strip: groups per task
+  bool whole_k;  // C held over all of K (whole_k())
 };
 
 // One record dequantized to bf16 as TDPBF16PS's B tile: tile row j holds inputs 2j and 2j + 1
@@ -1308,42 +1319,70 @@ const TileConfig& bf16_tiles() {
 
 constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tiles stay in L1
 
-// A task's records, dequantized a chunk ahead of the tile products: `step` dequantizes the
-// next `per_step` records of the pending chunk, and the products call it between their tile
-// instructions, so the vector ports dequantize while the AMX unit multiplies (out of order:
-// neither waits for the other), instead of in a phase of their own.
+// A task's records, dequantized a chunk ahead of the tile products: each block step of the
+// products calls `step`, which dequantizes the records due by then (k of the chunk's `steps`
+// steps: k x records / steps of them, spread evenly), so that the vector ports dequantize
+// while the AMX unit multiplies, instead of in a phase of their own. They overlap little,
+// measured (1B layer, 128 tokens, one thread: products alone ~10 ms, dequantization alone ~5,
+// both 17-19), and finer steps (a half, a quarter or an eighth of a record, after every
+// TDPBF16PS) were slower: 0.91-0.94x at 128 tokens.
+// The chunk's B tiles lie in group pairs, [group / 2][block][group % 2], so that a pair's
+// tiles, read by every token pair, are 16 contiguous KB (in [block][group] order they were 4 KB
+// apart, one L1 set's lines): products alone 1.1x faster.
+// A chunk is a unit of the task's work: its groups (all of them, or a pair where the task
+// holds C over all of K) and blocks (kChunkBlocks, or all).
 template <int Bits>
 struct PendingChunk {
   const uint8_t* records;  // the task's first group's record of block 0
-  int64_t blocks, count;   // K blocks of a group, groups of the task
-  uint16_t* w = nullptr;   // the chunk's B tiles [block][group]
-  int64_t b0 = 0, chunk = 0, done = 0, per_step = 0;
+  int64_t blocks;          // K blocks of a group
+  uint16_t* w = nullptr;   // the chunk's B tiles [group / 2][block][group % 2]
+  int64_t g0 = 0, count = 0, b0 = 0, chunk = 0;  // its groups and blocks
+  int64_t steps = 0, taken = 0, done = 0, g = 0, b = 0;
 
-  void start(uint16_t* tiles, int64_t first_block, int64_t chunk_blocks, int64_t steps) {
-    w = tiles, b0 = first_block, chunk = chunk_blocks, done = 0;
-    per_step = steps > 0 ? (count * chunk + steps - 1) / steps : 0;
+  void start(uint16_t* tiles, int64_t first_group, int64_t groups, int64_t first_block,
+             int64_t chunk_blocks, int64_t step_count) {
+    w = tiles, g0 = first_group, count = groups, b0 = first_block, chunk = chunk_blocks;
+    steps = step_count;
+    taken = done = g = b = 0;
   }
   __attribute__((always_inline)) void step() {
-    for (int64_t i = 0; i < per_step && done < count * chunk; ++i, ++done) {
-      const int64_t g = done / chunk, b = done % chunk;  // a group's records lie in K order
-      const uint8_t* rec = records + (g * blocks + b0 + b) * record_bytes(Bits);
-      if (b0 + b + kChunkBlocks < blocks)  // the same record of the chunk after, from memory
+    const int64_t total = count * chunk;
+    const int64_t until = taken < steps ? ++taken * total / steps : total;
+    // a group's records lie in K order
+    for (; done < until; ++done, ++b == chunk ? (b = 0, ++g) : 0) {
+      const uint8_t* rec = records + ((g0 + g) * blocks + b0 + b) * record_bytes(Bits);
+      if (b0 + b + kChunkBlocks < blocks)  // the group's record kChunkBlocks on, from memory
         for (int64_t at = 0; at < record_bytes(Bits); at += 64)
           _mm_prefetch(reinterpret_cast<const char*>(rec + kChunkBlocks * record_bytes(Bits) + at),
                        _MM_HINT_T1);
-      dequantize_record<Bits>(rec, w + (b * count + g) * kTileValues);
+      dequantize_record<Bits>(rec, w + ((g / 2 * chunk + b) * 2 + g % 2) * kTileValues);
     }
   }
-  void finish() { per_step = count * chunk, step(); }
+  void finish() { taken = steps, step(); }
 };
+
+constexpr int64_t kPrefetchBlocks = 2;  // A tiles ahead, prefetched into L1
+
+inline void prefetch_tile(const void* tile) {
+  for (int64_t at = 0; at < kTileValues * 2; at += 64)
+    _mm_prefetch(static_cast<const char*>(tile) + at, _MM_HINT_T0);
+}
 
 // The C tiles (token tile tt, group g at c + (tt * count + g) * 256 floats) += the products of
 // NT A tiles (a + tt * blocks KB: a token tile's blocks) with NG groups' B tiles (group g's of
 // block b at w + b * stride + g KB) over `chunk` blocks, in order; zero first where `zero`.
-// Each block's products are followed by a step of `pending`.
+// Each block's products are followed by a step of `pending`. Where `fetch`, the A tiles
+// kPrefetchBlocks blocks ahead (past the chunk: the next call's, from next_a, unless null) and
+// the next call's C tiles (next_c, unless null) are prefetched into L1: they come from L2 (a
+// 128-token chunk's A tiles are 64 KB, the C tiles 32 KB), and the products wait on those
+// loads. With the B tiles in pairs (PendingChunk), 1B layer 1.03-1.10x faster at 64-512 tokens.
+// Where `fetch_w` (C held over all of K: a pair's B tiles, 2 x blocks KB, stream from L2 too),
+// the B tiles as well (past the chunk: the next call's, from next_w, unless null).
 template <int Bits, int NT, int NG>
 void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_t stride,
-                  int64_t chunk, float* c, int64_t count, bool zero, PendingChunk<Bits>& pending) {
+                  int64_t chunk, float* c, int64_t count, bool zero, PendingChunk<Bits>& pending,
+                  bool fetch, const uint16_t* next_a, const float* next_c,
+                  bool fetch_w, const uint16_t* next_w) {
   constexpr int64_t kC = kRows * kRows;
   float* c1 = c + count * kC;  // token tile 1
   if (zero) {
@@ -1370,6 +1409,22 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (NG == 2) _tile_dpbf16ps(3, 5, 7);
     }
+    const int64_t ahead = b + kPrefetchBlocks;  // its A tiles: this call's or the next one's
+    const uint16_t* at = ahead < chunk ? a + kPrefetchBlocks * kTileValues
+                         : next_a      ? next_a + (ahead - chunk) * kTileValues
+                                       : nullptr;
+    if (fetch && at) {
+      prefetch_tile(at);
+      if constexpr (NT == 2) prefetch_tile(at + a_stride);
+    }
+    const uint16_t* wt = ahead < chunk ? w + kPrefetchBlocks * stride
+                         : next_w      ? next_w + (ahead - chunk) * stride
+                                       : nullptr;
+    if (fetch_w && wt) {
+      prefetch_tile(wt);
+      if constexpr (NG == 2) prefetch_tile(wt + kTileValues);
+    }
+    if (next_c && b < NT * NG) prefetch_tile(next_c + b / NG * count * kC + b % NG * kC);
     pending.step();
   }
   _tile_stored(0, c, 64);
@@ -1378,10 +1433,19 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
   if constexpr (NT == 2 && NG == 2) _tile_stored(3, c1 + kC, 64);
 }
 
-// One task: st.strip record groups against every prompt row, in passes over K: a chunk
-// of the groups' records is multiplied with every token tile, 2 token tiles x 2 groups at a
-// time, while the next chunk's records are dequantized (into a second buffer); the sums
-// go through memory between passes (the same sums in the same order).
+// One task: st.strip record groups against every prompt row, chunk by chunk: a chunk's records
+// are multiplied with every token tile, 2 token tiles x 2 groups at a time, while the next
+// chunk's records are dequantized (into a second buffer). A chunk is kChunkBlocks blocks of all
+// the groups (passes over K: the sums go through memory between passes, the same sums in the
+// same order), or where st.whole_k a group pair over all of K: the sums stay in the tile
+// registers from the first block to the last. The round trips cost: this loop alone (no
+// dequantization) takes ~9 ns per TDPBF16PS in passes, ~6 with no C loads and stores, ~5 for
+// the instruction (a microbenchmark); passes of 4 or 16 blocks (32 or 64 in the
+// microbenchmark), every other pass in reverse order, or 2 or 8 groups per task were no faster.
+// Over all of K both the A and the B tiles stream from L2 (4 KB per 4 TDPBF16PS, prefetched),
+// hence only where they fit (whole_k()); there, one thread, the 2048-input projections of the
+// 1B layer ran 1.05-1.21x faster than in passes at 16-192 tokens (gate_up 1.13-1.21x at
+// 32-192), int8 0.96-1.19x; 1B layer 1.02-1.10x (2 threads), engine A's prefill 1.09x.
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
@@ -1389,34 +1453,54 @@ void bf16_task(void* data, size_t strip) {
   const int64_t first = int64_t(strip) * st.strip;
   const int64_t count = std::min(st.strip, st.groups - first), blocks = st.blocks;
   const int64_t tiles = (st.prompts + kRows - 1) / kRows, a_stride = blocks * kTileValues;
-  const int64_t chunk_values = kChunkBlocks * count * kTileValues;
+  const int64_t unit_groups = st.whole_k ? 2 : count;  // a chunk's groups and blocks
+  const int64_t unit_blocks = st.whole_k ? blocks : kChunkBlocks;
+  const int64_t chunk_values = (unit_groups + 1) / 2 * 2 * unit_blocks * kTileValues;
   thread_local std::vector<uint16_t> buffer;
-  uint16_t* w = tile_buffer(buffer, 2 * chunk_values);  // two chunks' [block][group]
+  uint16_t* w = tile_buffer(buffer, 2 * chunk_values);  // two chunks' [group / 2][block][2]
   thread_local std::vector<float> sums;  // C tiles [token tile][group]
   float* c = tile_buffer(sums, tiles * count * kC);
   using Product = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
-                           int64_t, bool, PendingChunk<Bits>&);
+                           int64_t, bool, PendingChunk<Bits>&, bool, const uint16_t*,
+                           const float*, bool, const uint16_t*);
   static constexpr Product kProducts[2][2] = {
       {bf16_product<Bits, 1, 1>, bf16_product<Bits, 1, 2>},
       {bf16_product<Bits, 2, 1>, bf16_product<Bits, 2, 2>}};
   use_tiles(bf16_tiles());
-  PendingChunk<Bits> pending{st.weights + first * blocks * record_bytes(Bits), blocks, count};
-  pending.start(w, 0, std::min(kChunkBlocks, blocks), 0);
+  PendingChunk<Bits> pending{st.weights + first * blocks * record_bytes(Bits), blocks};
+  pending.start(w, 0, std::min(unit_groups, count), 0, std::min(unit_blocks, blocks), 0);
   pending.finish();
-  const int64_t products = (count + 1) / 2 * ((tiles + 1) / 2);  // calls per chunk
-  for (int64_t b0 = 0, i = 0; b0 < blocks; b0 += kChunkBlocks, ++i) {
-    const int64_t chunk = std::min(kChunkBlocks, blocks - b0), next = b0 + kChunkBlocks;
+  const int64_t token_pairs = (tiles + 1) / 2;
+  // (in passes, one token pair's A tiles stay in L1: nothing to prefetch)
+  const bool fetch = st.whole_k || tiles > 2;
+  for (int64_t g0 = 0, b0 = 0, i = 0; g0 < count; ++i) {  // chunk i: from group g0, block b0
+    const int64_t groups = std::min(unit_groups, count - g0);
+    const int64_t chunk = std::min(unit_blocks, blocks - b0);
+    int64_t ng0 = g0, nb0 = b0 + unit_blocks;  // the next chunk's first group and block
+    if (nb0 >= blocks) nb0 = 0, ng0 += unit_groups;
     uint16_t* wc = w + (i % 2) * chunk_values;
+    uint16_t* wn = w + (1 - i % 2) * chunk_values;
     asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
-    pending.start(w + (1 - i % 2) * chunk_values, next,
-                  std::max<int64_t>(0, std::min(kChunkBlocks, blocks - next)), products * chunk);
-    for (int64_t g = 0; g < count; g += 2)
-      for (int64_t t = 0; t < tiles; t += 2)
-        kProducts[t + 1 < tiles][g + 1 < count](st.a + t * a_stride + b0 * kTileValues, a_stride,
-                                                wc + g * kTileValues, count * kTileValues, chunk,
-                                                c + (t * count + g) * kC, count, b0 == 0, pending);
+    pending.start(wn, ng0, std::clamp<int64_t>(count - ng0, 0, unit_groups), nb0,
+                  std::min(unit_blocks, blocks - nb0), (groups + 1) / 2 * token_pairs * chunk);
+    for (int64_t g = g0; g < g0 + groups; g += 2)
+      for (int64_t t = 0; t < tiles; t += 2) {
+        int64_t nt = t + 2, ng = g, nb = b0;  // the next call's token tile, group and block
+        if (nt >= tiles) nt = 0, ng += 2;
+        const bool same = ng < g0 + groups;  // in this chunk
+        if (!same) ng = ng0, nb = nb0;
+        const bool ahead = ng < count;
+        const uint16_t* nw = same ? wc + (ng - g0) * chunk * kTileValues : wn;
+        kProducts[t + 1 < tiles][g + 1 < count](
+            st.a + t * a_stride + b0 * kTileValues, a_stride, wc + (g - g0) * chunk * kTileValues,
+            2 * kTileValues, chunk, c + (t * count + g) * kC, count, b0 == 0, pending, fetch,
+            fetch && ahead ? st.a + nt * a_stride + nb * kTileValues : nullptr,
+            fetch && ahead && nb > 0 ? c + (nt * count + ng) * kC : nullptr, st.whole_k,
+            ahead ? nw : nullptr);
+      }
     pending.finish();
     asm volatile("" ::: "memory");  // the chunk after next overwrites these tiles
+    g0 = ng0, b0 = nb0;
   }
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t g = 0; g < count; ++g) {
@@ -1586,8 +1670,10 @@ struct BlockLinearKernel {
     uint16_t* a = tile_buffer(buffer, tiles * m.blocks * kTileValues);
     Bf16Rows rows{x, prompt.data(), m.k, m.blocks, prompts, a};
     ctx.ParallelFor(prompt_tile, tiles, 0, &rows);
-    const int64_t strip = strip_groups(m.groups, tiles * m.blocks * kTileValues * 2);
-    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups, strip};
+    const int64_t a_bytes = tiles * m.blocks * kTileValues * 2;
+    const bool whole = whole_k(a_bytes, m.blocks);
+    const int64_t strip = strip_groups(m.groups, a_bytes, whole);
+    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups, strip, whole};
     ctx.ParallelFor(m.bits == 4 ? bf16_task<4> : bf16_task<8>, (m.groups + strip - 1) / strip, 0,
                     &st);
     if (prompts == tokens) return;
