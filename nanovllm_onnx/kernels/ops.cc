@@ -1409,21 +1409,20 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (NG == 2) _tile_dpbf16ps(3, 5, 7);
     }
-    const int64_t ahead = b + kPrefetchBlocks;  // its A tiles: this call's or the next one's
-    const uint16_t* at = ahead < chunk ? a + kPrefetchBlocks * kTileValues
-                         : next_a      ? next_a + (ahead - chunk) * kTileValues
-                                       : nullptr;
-    if (fetch && at) {
-      prefetch_tile(at);
-      if constexpr (NT == 2) prefetch_tile(at + a_stride);
-    }
-    const uint16_t* wt = ahead < chunk ? w + kPrefetchBlocks * stride
-                         : next_w      ? next_w + (ahead - chunk) * stride
-                                       : nullptr;
-    if (fetch_w && wt) {
-      prefetch_tile(wt);
-      if constexpr (NG == 2) prefetch_tile(wt + kTileValues);
-    }
+    // The A (or B) tiles kPrefetchBlocks blocks on (tiles `step` apart a block): this call's,
+    // or past its chunk the next call's (from `next`, unless null); `pair` on, the second's.
+    auto tiles_ahead = [&](const uint16_t* here, const uint16_t* next, int64_t step,
+                           int64_t pair) {
+      const int64_t ahead = b + kPrefetchBlocks;
+      const uint16_t* tile = ahead < chunk ? here + kPrefetchBlocks * step
+                             : next        ? next + (ahead - chunk) * step
+                                           : nullptr;
+      if (!tile) return;
+      prefetch_tile(tile);
+      if (pair) prefetch_tile(tile + pair);
+    };
+    if (fetch) tiles_ahead(a, next_a, kTileValues, NT == 2 ? a_stride : 0);
+    if (fetch_w) tiles_ahead(w, next_w, stride, NG == 2 ? kTileValues : 0);
     if (next_c && b < NT * NG) prefetch_tile(next_c + b / NG * count * kC + b % NG * kC);
     pending.step();
   }
