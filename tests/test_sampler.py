@@ -323,3 +323,23 @@ def test_logprobs_hold_top_n_and_the_sampled_token_from_raw_logits() -> None:
         assert value == pytest.approx(ref[0, token], abs=1e-5)
     assert logprobs[1] == {int(tokens[1]): pytest.approx(ref[1, tokens[1]], abs=1e-5)}
     assert logprobs[2] is None
+
+
+def test_rows_sampled_in_parts_on_threads_match_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch split into parts on several threads gives each seeded row the token that one
+    call over the whole batch gives, step after step (every filter, greedy rows between)."""
+    monkeypatch.setattr(sampler_module, "_MIN_PART", 1)  # split even a small batch
+    configs = [{}, {"temperature": 0.7}, {"top_k": 20}, {"top_p": 0.9}, {"temperature": 0.0},
+               {"min_p": 0.05, "top_p": 0.8, "temperature": 1.3}, {"top_k": 5, "top_p": 0.5}]
+    logits = (np.random.default_rng(3).normal(size=(4, 11, 3000)) * 3).astype(np.float32)
+
+    def tokens(num_threads: int) -> list[list[int]]:
+        seqs = [make_seq(seed=100 + i, **configs[i % len(configs)]) for i in range(11)]
+        sampler = Sampler([EOS], num_threads)
+        for step in logits:
+            for seq, token in zip(seqs, sampler(step.copy(), seqs)[0], strict=True):
+                seq.append_token(int(token))
+        assert (sampler._workers is None) == (num_threads == 1)
+        return [seq.output_token_ids for seq in seqs]
+
+    assert tokens(3) == tokens(1)

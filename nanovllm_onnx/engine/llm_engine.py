@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from itertools import count
 
@@ -113,7 +114,9 @@ class LLMEngine:
                                           release_slot=self._release_slot)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens)
-        self.sampler = Sampler(mc.eos_token_ids)
+        # As many threads as ONNX Runtime's pool (0: its default, one per core), idle while
+        # the sampler runs.
+        self.sampler = Sampler(mc.eos_token_ids, cfg.intra_op_num_threads or os.cpu_count() or 1)
         self.structured = StructuredOutputs(GrammarCompiler(
             self.tokenizer.tokenizer.to_str(), mc.vocab_size, mc.eos_token_ids))
         self.requests: dict[str, Request] = {}
