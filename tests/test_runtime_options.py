@@ -47,6 +47,15 @@ def test_session_options_reach_onnx_runtime(converted: dict[str, Path]) -> None:
     assert len(llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 16
 
 
+def test_sampler_threads_follow_the_pool_where_it_does_not_spin(
+        converted: dict[str, Path]) -> None:
+    """ONNX Runtime's idle pool lends the sampler its cores; spinning threads would hold them."""
+    model = str(converted["llama"])
+    resting = LLM(model, intra_op_num_threads=3, intra_op_spinning=False).llm_engine.sampler
+    spinning = LLM(model, intra_op_num_threads=3).llm_engine.sampler
+    assert (resting.num_threads, spinning.num_threads) == (3, 1)
+
+
 @pytest.mark.parametrize("argv,spinning", [(["serve"], False),
                                             (["serve", "--intra-op-spinning"], True)])
 def test_serve_runs_without_spinning_unless_asked(argv: list[str], spinning: bool,
