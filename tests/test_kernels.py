@@ -406,8 +406,8 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
 def test_large_prompt_calls_blocked_for_the_cache_give_the_rows_small_calls_give(bits: int) -> None:
     """A call of more than 256 prompt rows runs blocked for the L2 (ops.cc bf16_plan): token
     chunks of 8 tiles, K blocks of 64, C tiles through memory between K blocks, stored to y
-    directly where the rows are consecutive. Each row's result is the same bit for bit as in calls of
-    40 rows (C held over all of K), also with generated rows between the prompt rows."""
+    directly where the rows are consecutive. Each row's result is the same bit for bit as in
+    calls of 40 rows (C held over all of K), also with generated rows between the prompt rows."""
     if "avx512_amx" not in SUPPORTED:
         pytest.skip("this CPU has no AMX (INT8 and BF16), or the OS does not let this process "
                     "use it: prompt rows take the int8 path like the others")
