@@ -1476,10 +1476,11 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
 // one thread, the 2048-input projections of the 1B layer ran 1.05-1.21x faster than in passes
 // at 16-192 tokens (gate_up 1.13-1.21x at 32-192), int8 0.96-1.19x; 1B layer 1.02-1.10x (2
 // threads), engine A's prefill 1.09x.
-// A call's last K block stores its C tiles to y directly (tilestored, y's rows apart) where its
-// rows are consecutive: at 1024 rows the C tiles (1 MB a task) were read back from L2/L3 for
-// y: gate_up 1.10x, qkv 1.13x. Streaming them to y (vmovntps, no reads for ownership) was
-// slower: 0.96-0.98x.
+// A blocked call's last K block stores its C tiles to y directly (tilestored, y's rows apart)
+// where its rows are consecutive: at 1024 rows the C tiles (512 KB a task) were read back from
+// L2/L3 for y: gate_up 1.10x, qkv 1.13x. Streaming them to y (vmovntps, no reads for
+// ownership) was slower: 0.96-0.98x. Smaller calls keep the C buffer (their y stores direct:
+// workload A's 128-row prefill 0.92x, one run).
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
@@ -1505,11 +1506,12 @@ void bf16_task(void* data, size_t strip) {
   static constexpr Product kProducts[2][2] = {
       {bf16_product<Bits, 1, 1>, bf16_product<Bits, 1, 2>},
       {bf16_product<Bits, 2, 1>, bf16_product<Bits, 2, 2>}};
-  // Where the call's token tiles are whole, consecutive rows of y and its groups' outputs all
-  // in y, its last K block stores the C tiles to y directly (else to c, copied at the end).
+  // Where the call is blocked (more than one token chunk), its token tiles whole, consecutive
+  // rows of y and its groups' outputs all in y, its last K block stores the C tiles to y
+  // directly (else to c, copied at the end).
   auto to_y = [&](int64_t t, int64_t g, int64_t nt, int64_t ng) -> float* {
     const int64_t last = (t + nt) * kRows - 1;
-    if (last >= st.prompts || st.rows[last] - st.rows[t * kRows] != last - t * kRows ||
+    if (chunks == 1 || last >= st.prompts || st.rows[last] - st.rows[t * kRows] != last - t * kRows ||
         (first + g + ng) * kRows > st.n)
       return nullptr;
     return st.y + st.rows[t * kRows] * st.n + (first + g) * kRows;
