@@ -1512,7 +1512,8 @@ void bf16_task(void* data, size_t strip) {
   // directly (else to c, copied at the end).
   auto to_y = [&](int64_t t, int64_t g, int64_t nt, int64_t ng) -> float* {
     const int64_t last = (t + nt) * kRows - 1;
-    if (chunks == 1 || last >= st.prompts || st.rows[last] - st.rows[t * kRows] != last - t * kRows ||
+    if (chunks == 1 || last >= st.prompts ||
+        st.rows[last] - st.rows[t * kRows] != last - t * kRows ||
         (first + g + ng) * kRows > st.n)
       return nullptr;
     return st.y + st.rows[t * kRows] * st.n + (first + g) * kRows;
