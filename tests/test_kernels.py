@@ -392,7 +392,7 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
         np.testing.assert_array_equal(mixed[prompt], y[prompt])
         np.testing.assert_array_equal(mixed[~prompt], vnni.run(None, {"x": x[~prompt]})[0])
     # 256 rows of K 2048 are 1 MB of A tiles: tasks of 16 groups in passes over K (2100
-    # outputs: and a last of 4); 40 rows hold the C tiles over all of K (whole_k in ops.cc)
+    # outputs: and a last of 4); 40 rows hold the C tiles over all of K (bf16_plan in ops.cc)
     k, n = 2048, 2100
     weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, k // 32, bits), bits))
     amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
@@ -400,6 +400,32 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
     (y,) = amx.run(None, {"x": x, PROMPT_ROWS: np.ones(256, np.uint8)})
     (part,) = amx.run(None, {"x": x[:40], PROMPT_ROWS: np.ones(40, np.uint8)})
     np.testing.assert_array_equal(y[:40], part)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_large_prompt_calls_blocked_for_the_cache_give_the_rows_small_calls_give(bits: int) -> None:
+    """A call of more than 256 prompt rows runs blocked for the L2 (ops.cc bf16_plan): token
+    chunks of 8 tiles, K blocks of 64, C tiles through memory between K blocks, stored to y
+    directly where the rows are consecutive. Each row's result is the same bit for bit as in
+    calls of 40 rows (C held over all of K), also with generated rows between the prompt rows."""
+    if "avx512_amx" not in SUPPORTED:
+        pytest.skip("this CPU has no AMX (INT8 and BF16), or the OS does not let this process "
+                    "use it: prompt rows take the int8 path like the others")
+    rng = np.random.default_rng(bits + 20)
+    k, n = 2200, 200  # 69 blocks, the last partial: 2 K blocks; 13 groups, the last partial
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // 32), bits), bits))
+    amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
+    x = rng.standard_normal((330, k)).astype(np.float32)  # 21 token tiles: chunks 8, 8, 5
+    (y,) = amx.run(None, {"x": x, PROMPT_ROWS: np.ones(330, np.uint8)})
+    for start in range(0, 330, 40):
+        rows = slice(start, start + 40)
+        count = len(x[rows])
+        (part,) = amx.run(None, {"x": x[rows], PROMPT_ROWS: np.ones(count, np.uint8)})
+        np.testing.assert_array_equal(y[rows], part, err_msg=f"rows {start}-{start + count}")
+    prompt = np.ones(330, bool)
+    prompt[rng.choice(330, 12, replace=False)] = False  # 318 prompt rows, still blocked
+    (mixed,) = amx.run(None, {"x": x, PROMPT_ROWS: prompt.astype(np.uint8)})
+    np.testing.assert_array_equal(mixed[prompt], y[prompt])
 
 
 @pytest.mark.parametrize("target", TARGETS[1:])

@@ -1211,34 +1211,58 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
 // 1.5-2.1x on 128, 1.7-2.3x on 512; below ~20 rows the dequantization, a fixed cost per call,
 // makes it slower (one row: ~0.2-0.3x), the price of results that do not depend on the call.
 constexpr int64_t kTileValues = kRows * kBlock;  // bf16 of one A or B tile (1 KB)
-// Whether a call's tasks hold the C tiles over all of K, a group pair at a time (bf16_task):
-// where the A tiles and two pairs' B tiles (a_bytes + 4 x blocks KB) fit in half the L2, so
-// that both stream from L2. Past that they come from L3 and the passes win (one thread,
-// 2048 x 8192 down projection at 48-128 tokens: 0.61-0.65x; 2048 x 16384 at 512: 0.65x).
-bool whole_k(int64_t a_bytes, int64_t blocks) {
-  return a_bytes + 4 * blocks * kTileValues * 2 <= (1 << 20);
-}
-
-// Record groups (16 output rows each) per task. Each task reads all of the prompt rows' A
-// tiles: from 1 MB of them (a 2048 x 8192 down projection's from 128 tokens, K 2048's from 256)
-// they no longer stay in L2, and tasks of 16 groups read them 4x less often than tasks of 4
-// (1.17-1.19x faster on that projection at 256 tokens, one thread); down to 4 while that leaves
-// fewer than 8 tasks (2 threads, of unequal speed on a shared machine). Smaller A tiles keep
-// tasks of 4 (with 16, the 135M shapes ran 0.93-0.95x at 256-512 tokens), unless the task
-// holds C over all of K: there its first pair's dequantization, which nothing overlaps, is a
-// smaller part of a longer task (2048 x 16384 at 128 tokens, one thread: 1.09x vs 1.05x).
-int64_t strip_groups(int64_t groups, int64_t a_bytes, bool whole_k) {
-  return a_bytes < (1 << 20) && !whole_k ? 4 : std::clamp<int64_t>(groups / 16 * 2, 4, 16);
-}
-
 struct Bf16Step {
   const uint8_t* weights;
   const uint16_t* a;     // the prompt rows in A tiles: [ceil(P / 16), blocks, 16 rows, 32]
   const int64_t* rows;   // y's row of prompt row i
   float* y;
   int64_t prompts, n, blocks, groups, strip;  // strip: groups per task
-  bool whole_k;  // C held over all of K (whole_k())
+  int64_t unit_groups, unit_blocks, chunk_tiles;  // a unit of dequantized B; token tiles
+  bool held;  // units of a group pair: C held in the tile registers over the unit's blocks
 };
+
+constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tiles stay in L1
+
+// A call's plan (bf16_task's units and token chunks). Where the A tiles and two pairs' B tiles
+// (a_bytes + 4 x blocks KB) fit in half the L2, so that both stream from L2, the tasks hold
+// the C tiles over all of K, a group pair at a time, for all the rows at once. Past that the
+// A tiles come from L3 (over all of K there, one thread, 2048 x 8192 down projection at
+// 48-128 tokens: 0.61-0.65x): up to 256 rows, passes of kChunkBlocks blocks over all of a
+// task's groups (C through memory between passes); past 256 rows, blocked for the L2 as a GEMM
+// is: a task dequantizes its 8 groups' B tiles for a K block of 64 (512 KB) once and keeps
+// them in L2 while the prompt rows go through in chunks of 8 token tiles (their A tiles of the
+// K block: 512 KB), C held over the K block (C through memory between K blocks only in the
+// 8192-input down projection). At 1024 rows (1B layer, 2 threads, loaded machine) 1.01-1.10x
+// the passes, the served-like wave's prompt steps 1.17x; the products stay at ~13-15 ns per
+// TDPBF16PS whatever the blocking (tasks of 8 or 16 groups, K blocks of 16-64, chunks of 4-16
+// tiles, the next chunk's A tiles prefetched into L2: all within the noise), against ~8.5 in
+// a microbenchmark with both operands from L2 and ~5.5 from L1: the blocking is not what
+// bounds them. At 256 rows the blocked plan was
+// 0.96-0.99x (its first chunk's dequantization overlaps half the products).
+constexpr int64_t kBlockGroups = 8;  // a blocked call's task: 8 groups
+constexpr int64_t kBlockK = 64;      // K blocks of a blocked call's K block
+constexpr int64_t kBlockTiles = 8;   // token tiles of a blocked call's token chunk
+void bf16_plan(Bf16Step& st, int64_t tiles, int64_t a_bytes) {
+  const int64_t blocks = st.blocks, groups = st.groups;
+  if (a_bytes + 4 * blocks * kTileValues * 2 <= (1 << 20)) {
+    // Tasks of 16 groups (down to 4 while that leaves fewer than 8 tasks: 2 threads, of
+    // unequal speed on a shared machine): the first pair's dequantization, which nothing
+    // overlaps, is a smaller part of a longer task (2048 x 16384 at 128 tokens, one thread:
+    // 1.09x vs 1.05x with 4).
+    st.strip = std::clamp<int64_t>(groups / 16 * 2, 4, 16);
+    st.unit_groups = 2, st.unit_blocks = blocks, st.chunk_tiles = tiles, st.held = true;
+  } else if (tiles <= 2 * kBlockTiles) {
+    // tasks of 16 groups read the A tiles (from L3 past 1 MB) 4x less often than tasks of 4:
+    // 1.17-1.19x on the down projection at 256 tokens, one thread; smaller A tiles keep tasks
+    // of 4 (with 16, the 135M shapes ran 0.93-0.95x at 256-512 tokens)
+    st.strip = a_bytes < (1 << 20) ? 4 : std::clamp<int64_t>(groups / 16 * 2, 4, 16);
+    st.unit_groups = st.strip;
+    st.unit_blocks = kChunkBlocks, st.chunk_tiles = tiles, st.held = false;
+  } else {
+    st.strip = kBlockGroups, st.unit_groups = 2, st.unit_blocks = std::min(blocks, kBlockK);
+    st.chunk_tiles = kBlockTiles, st.held = true;
+  }
+}
 
 // One record dequantized to bf16 as TDPBF16PS's B tile: tile row j holds inputs 2j and 2j + 1
 // of the 16 output rows, [output row][input % 2]. Record vector v (byte 4r + c: row r's input
@@ -1332,8 +1356,6 @@ const TileConfig& bf16_tiles() {
   return config;
 }
 
-constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tiles stay in L1
-
 // A task's records, dequantized a chunk ahead of the tile products: each block step of the
 // products calls `step`, which dequantizes the records due by then (k of the chunk's `steps`
 // steps: k x records / steps of them, spread evenly), so that the vector ports dequantize
@@ -1345,7 +1367,7 @@ constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tile
 // tiles, read by every token pair, are 16 contiguous KB (in [block][group] order they were 4 KB
 // apart, one L1 set's lines): products alone 1.1x faster.
 // A chunk is a unit of the task's work: its groups (all of them, or a pair where the task
-// holds C over all of K) and blocks (kChunkBlocks, or all).
+// holds C over a K block) and blocks (kChunkBlocks, a K block, or all).
 template <int Bits>
 struct PendingChunk {
   const uint8_t* records;  // the task's first group's record of block 0
@@ -1397,7 +1419,7 @@ template <int Bits, int NT, int NG>
 void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_t stride,
                   int64_t chunk, float* c, int64_t count, bool zero, PendingChunk<Bits>& pending,
                   bool fetch, const uint16_t* next_a, const float* next_c,
-                  bool fetch_w, const uint16_t* next_w) {
+                  bool fetch_w, const uint16_t* next_w, float* y, int64_t y_stride) {
   constexpr int64_t kC = kRows * kRows;
   float* c1 = c + count * kC;  // token tile 1
   if (zero) {
@@ -1441,25 +1463,40 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
     if (next_c && b < NT * NG) prefetch_tile(next_c + b / NG * count * kC + b % NG * kC);
     pending.step();
   }
+  if (y) {
+    const int64_t bytes = y_stride * 4;
+    _tile_stored(0, y, bytes);
+    if constexpr (NG == 2) _tile_stored(1, y + kRows, bytes);
+    if constexpr (NT == 2) _tile_stored(2, y + kRows * y_stride, bytes);
+    if constexpr (NT == 2 && NG == 2) _tile_stored(3, y + kRows * y_stride + kRows, bytes);
+    return;
+  }
   _tile_stored(0, c, 64);
   if constexpr (NG == 2) _tile_stored(1, c + kC, 64);
   if constexpr (NT == 2) _tile_stored(2, c1, 64);
   if constexpr (NT == 2 && NG == 2) _tile_stored(3, c1 + kC, 64);
 }
 
-// One task: st.strip record groups against every prompt row, chunk by chunk: a chunk's records
-// are multiplied with every token tile, 2 token tiles x 2 groups at a time, while the next
-// chunk's records are dequantized (into a second buffer). A chunk is kChunkBlocks blocks of all
-// the groups (passes over K: the sums go through memory between passes, the same sums in the
-// same order), or where st.whole_k a group pair over all of K: the sums stay in the tile
-// registers from the first block to the last. The round trips cost: this loop alone (no
-// dequantization) takes ~9 ns per TDPBF16PS in passes, ~6 with no C loads and stores, ~5 for
-// the instruction (a microbenchmark); passes of 4 or 16 blocks (32 or 64 in the
-// microbenchmark), every other pass in reverse order, or 2 or 8 groups per task were no faster.
-// Over all of K both the A and the B tiles stream from L2 (4 KB per 4 TDPBF16PS, prefetched),
-// hence only where they fit (whole_k()); there, one thread, the 2048-input projections of the
-// 1B layer ran 1.05-1.21x faster than in passes at 16-192 tokens (gate_up 1.13-1.21x at
-// 32-192), int8 0.96-1.19x; 1B layer 1.02-1.10x (2 threads), engine A's prefill 1.09x.
+// One task: st.strip record groups against every prompt row, unit by unit (bf16_plan): a unit's
+// records (its groups and K blocks) are multiplied with every token tile, 2 token tiles x 2
+// groups at a time, while the next unit's records are dequantized (into another slot). A unit
+// is kChunkBlocks blocks of all the groups (passes over K: the sums go through memory between
+// passes, the same sums in the same order), or where st.held a group pair over a K block (all
+// of K, or 64 blocks): the sums stay in the tile registers from its first block to its last.
+// With more than one token chunk a K block's units stay dequantized while the chunks go
+// through. The round trips cost: this loop alone (no dequantization) takes ~9 ns per
+// TDPBF16PS in passes, ~6 with no C loads and stores, ~5 for the instruction (a
+// microbenchmark); passes of 4 or 16 blocks (32 or 64 in the microbenchmark), every other pass
+// in reverse order, or 2 or 8 groups per task were no faster. Over all of K both the A and the
+// B tiles stream from L2 (4 KB per 4 TDPBF16PS, prefetched), hence only where they fit; there,
+// one thread, the 2048-input projections of the 1B layer ran 1.05-1.21x faster than in passes
+// at 16-192 tokens (gate_up 1.13-1.21x at 32-192), int8 0.96-1.19x; 1B layer 1.02-1.10x (2
+// threads), engine A's prefill 1.09x.
+// A blocked call's last K block stores its C tiles to y directly (tilestored, y's rows apart)
+// where its rows are consecutive: at 1024 rows the C tiles (512 KB a task) were read back from
+// L2/L3 for y: gate_up 1.10x, qkv 1.13x. Streaming them to y (vmovntps, no reads for
+// ownership) was slower: 0.96-0.98x. Smaller calls keep the C buffer (their y stores direct:
+// workload A's 128-row prefill 0.92x, one run).
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
@@ -1467,66 +1504,100 @@ void bf16_task(void* data, size_t strip) {
   const int64_t first = int64_t(strip) * st.strip;
   const int64_t count = std::min(st.strip, st.groups - first), blocks = st.blocks;
   const int64_t tiles = (st.prompts + kRows - 1) / kRows, a_stride = blocks * kTileValues;
-  const int64_t unit_groups = st.whole_k ? 2 : count;  // a chunk's groups and blocks
-  const int64_t unit_blocks = st.whole_k ? blocks : kChunkBlocks;
-  const int64_t chunk_values = (unit_groups + 1) / 2 * 2 * unit_blocks * kTileValues;
+  const int64_t unit_groups = std::min(st.unit_groups, count), unit_blocks = st.unit_blocks;
+  const int64_t units = (count + unit_groups - 1) / unit_groups;  // group units per K block
+  const int64_t k_blocks = (blocks + unit_blocks - 1) / unit_blocks;
+  const int64_t chunks = (tiles + st.chunk_tiles - 1) / st.chunk_tiles;  // token chunks
+  // Unit j (K block j / units, group unit j % units) lies in slot j % slots: two (the one in
+  // use, the next one) with one token chunk, else a K block's units and the next one.
+  const int64_t slots = chunks == 1 ? 2 : units + 1;
+  const int64_t unit_values = (unit_groups + 1) / 2 * 2 * unit_blocks * kTileValues;
   thread_local std::vector<uint16_t> buffer;
-  uint16_t* w = tile_buffer(buffer, 2 * chunk_values);  // two chunks' [group / 2][block][2]
+  uint16_t* w = tile_buffer(buffer, slots * unit_values);  // [slot][group / 2][block][2]
   thread_local std::vector<float> sums;  // C tiles [token tile][group]
   float* c = tile_buffer(sums, tiles * count * kC);
   using Product = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
                            int64_t, bool, PendingChunk<Bits>&, bool, const uint16_t*,
-                           const float*, bool, const uint16_t*);
+                           const float*, bool, const uint16_t*, float*, int64_t);
   static constexpr Product kProducts[2][2] = {
       {bf16_product<Bits, 1, 1>, bf16_product<Bits, 1, 2>},
       {bf16_product<Bits, 2, 1>, bf16_product<Bits, 2, 2>}};
+  // Where the call is blocked (more than one token chunk), its token tiles whole, consecutive
+  // rows of y and its groups' outputs all in y, its last K block stores the C tiles to y
+  // directly (else to c, copied at the end).
+  auto to_y = [&](int64_t t, int64_t g, int64_t nt, int64_t ng) -> float* {
+    const int64_t last = (t + nt) * kRows - 1;
+    if (chunks == 1 || last >= st.prompts ||
+        st.rows[last] - st.rows[t * kRows] != last - t * kRows ||
+        (first + g + ng) * kRows > st.n)
+      return nullptr;
+    return st.y + st.rows[t * kRows] * st.n + (first + g) * kRows;
+  };
   use_tiles(bf16_tiles());
   PendingChunk<Bits> pending{st.weights + first * blocks * record_bytes(Bits), blocks};
-  pending.start(w, 0, std::min(unit_groups, count), 0, std::min(unit_blocks, blocks), 0);
+  pending.start(w, 0, unit_groups, 0, std::min(unit_blocks, blocks), 0);
   pending.finish();
-  const int64_t token_pairs = (tiles + 1) / 2;
   // (in passes, one token pair's A tiles stay in L1: nothing to prefetch)
-  const bool fetch = st.whole_k || tiles > 2;
-  for (int64_t g0 = 0, b0 = 0, i = 0; g0 < count; ++i) {  // chunk i: from group g0, block b0
+  const bool fetch = st.held || tiles > 2;
+  // Step (kb, tc, gu): group unit gu's products with token chunk tc over K block kb, in that
+  // order; a unit is dequantized during its predecessor's products with the first chunk.
+  for (int64_t kb = 0, tc = 0, gu = 0; kb < k_blocks;) {
+    const int64_t j = kb * units + gu, g0 = gu * unit_groups, b0 = kb * unit_blocks;
     const int64_t groups = std::min(unit_groups, count - g0);
     const int64_t chunk = std::min(unit_blocks, blocks - b0);
-    int64_t ng0 = g0, nb0 = b0 + unit_blocks;  // the next chunk's first group and block
-    if (nb0 >= blocks) nb0 = 0, ng0 += unit_groups;
-    uint16_t* wc = w + (i % 2) * chunk_values;
-    uint16_t* wn = w + (1 - i % 2) * chunk_values;
+    const int64_t t0 = tc * st.chunk_tiles, t1 = std::min(tiles, t0 + st.chunk_tiles);
+    int64_t nkb = kb, ntc = tc, ngu = gu + 1;  // the next step
+    if (ngu == units) ngu = 0, ++ntc;
+    if (ntc == chunks) ntc = 0, ++nkb;
+    const int64_t nt0 = ntc * st.chunk_tiles, ng0 = ngu * unit_groups, nb0 = nkb * unit_blocks;
+    uint16_t* wc = w + j % slots * unit_values;
+    uint16_t* wn = w + (nkb * units + ngu) % slots * unit_values;
     asm volatile("" ::: "memory");  // tileloadd's asm does not say that it reads them
-    pending.start(wn, ng0, std::clamp<int64_t>(count - ng0, 0, unit_groups), nb0,
-                  std::min(unit_blocks, blocks - nb0), (groups + 1) / 2 * token_pairs * chunk);
+    const int64_t due = j + 1;  // the next unit to dequantize, during the first chunk
+    const int64_t due_g = due % units * unit_groups, due_b = due / units * unit_blocks;
+    const bool dequantize = tc == 0 && due_b < blocks;
+    pending.start(w + due % slots * unit_values, due_g,
+                  dequantize ? std::min(unit_groups, count - due_g) : 0, due_b,
+                  std::min(unit_blocks, blocks - due_b),
+                  (groups + 1) / 2 * ((t1 - t0 + 1) / 2) * chunk);
     for (int64_t g = g0; g < g0 + groups; g += 2)
-      for (int64_t t = 0; t < tiles; t += 2) {
+      for (int64_t t = t0; t < t1; t += 2) {
         int64_t nt = t + 2, ng = g, nb = b0;  // the next call's token tile, group and block
-        if (nt >= tiles) nt = 0, ng += 2;
-        const bool same = ng < g0 + groups;  // in this chunk
-        if (!same) ng = ng0, nb = nb0;
-        const bool ahead = ng < count;
+        if (nt >= t1) nt = t0, ng += 2;
+        const bool same = ng < g0 + groups;  // in this step
+        if (!same) nt = nt0, ng = ng0, nb = nb0;
+        const bool ahead = nb < blocks;
         const uint16_t* nw = same ? wc + (ng - g0) * chunk * kTileValues : wn;
-        kProducts[t + 1 < tiles][g + 1 < count](
+        kProducts[t + 1 < t1][g + 1 < count](
             st.a + t * a_stride + b0 * kTileValues, a_stride, wc + (g - g0) * chunk * kTileValues,
             2 * kTileValues, chunk, c + (t * count + g) * kC, count, b0 == 0, pending, fetch,
             fetch && ahead ? st.a + nt * a_stride + nb * kTileValues : nullptr,
-            fetch && ahead && nb > 0 ? c + (nt * count + ng) * kC : nullptr, st.whole_k,
-            ahead ? nw : nullptr);
+            fetch && ahead && nb > 0 ? c + (nt * count + ng) * kC : nullptr, st.held,
+            ahead ? nw : nullptr,
+            b0 + chunk == blocks ? to_y(t, g, 1 + (t + 1 < t1), 1 + (g + 1 < count)) : nullptr,
+            st.n);
       }
     pending.finish();
-    asm volatile("" ::: "memory");  // the chunk after next overwrites these tiles
-    g0 = ng0, b0 = nb0;
+    asm volatile("" ::: "memory");  // a later unit overwrites these tiles
+    kb = nkb, tc = ntc, gu = ngu;
   }
-  for (int64_t t = 0; t < tiles; ++t)
-    for (int64_t g = 0; g < count; ++g) {
-      const int64_t col = (first + g) * kRows;
-      const float* ct = c + (t * count + g) * kC;
-      for (int64_t r = 0; r < kRows; ++r) {
-        const int64_t row = t * kRows + r;
-        if (row < st.prompts && col < st.n)
-          Isa::store(st.y + st.rows[row] * st.n + col, _mm512_load_ps(ct + r * kRows),
-                     st.n - col);
+  for (int64_t t0 = 0; t0 < tiles; t0 += st.chunk_tiles)  // the calls' tiles (as above)
+    for (int64_t g = 0, t1 = std::min(tiles, t0 + st.chunk_tiles); g < count; g += 2)
+      for (int64_t t = t0; t < t1; t += 2) {
+        const int64_t nt = 1 + (t + 1 < t1), ng = 1 + (g + 1 < count);
+        if (to_y(t, g, nt, ng)) continue;
+        for (int64_t i = t; i < t + nt; ++i)
+          for (int64_t j = g; j < g + ng; ++j) {
+            const int64_t col = (first + j) * kRows;
+            const float* ct = c + (i * count + j) * kC;
+            for (int64_t r = 0; r < kRows; ++r) {
+              const int64_t row = i * kRows + r;
+              if (row < st.prompts && col < st.n)
+                Isa::store(st.y + st.rows[row] * st.n + col, _mm512_load_ps(ct + r * kRows),
+                           st.n - col);
+            }
+          }
       }
-    }
 }
 #endif
 #endif
@@ -1685,11 +1756,10 @@ struct BlockLinearKernel {
     Bf16Rows rows{x, prompt.data(), m.k, m.blocks, prompts, a};
     ctx.ParallelFor(prompt_tile, tiles, 0, &rows);
     const int64_t a_bytes = tiles * m.blocks * kTileValues * 2;
-    const bool whole = whole_k(a_bytes, m.blocks);
-    const int64_t strip = strip_groups(m.groups, a_bytes, whole);
-    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups, strip, whole};
-    ctx.ParallelFor(m.bits == 4 ? bf16_task<4> : bf16_task<8>, (m.groups + strip - 1) / strip, 0,
-                    &st);
+    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups};
+    bf16_plan(st, tiles, a_bytes);
+    ctx.ParallelFor(m.bits == 4 ? bf16_task<4> : bf16_task<8>,
+                    (m.groups + st.strip - 1) / st.strip, 0, &st);
     if (prompts == tokens) return;
     // The generated rows, gathered, through the int8 path, and back to their places.
     thread_local std::vector<float> xg, yg;
