@@ -1232,13 +1232,14 @@ constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tile
 // is: a task dequantizes its 8 groups' B tiles for a K block of 64 (512 KB) once and keeps
 // them in L2 while the prompt rows go through in chunks of 8 token tiles (their A tiles of the
 // K block: 512 KB), C held over the K block (C through memory between K blocks only in the
-// 8192-input down projection). At 1024 rows (1B layer, 2 threads, loaded machine) 1.01-1.10x
-// the passes, the served-like wave's prompt steps 1.17x; the products stay at ~13-15 ns per
+// 8192-input down projection). At 1024 rows (1B layer, 2 threads) 0.98-1.14x the passes, the
+// served-like wave's prompt steps 1.09-1.11x (quiet); the products stay at ~13-15 ns per
 // TDPBF16PS whatever the blocking (tasks of 8 or 16 groups, K blocks of 16-64, chunks of 4-16
 // tiles, the next chunk's A tiles prefetched into L2: all within the noise), against ~8.5 in
 // a microbenchmark with both operands from L2 and ~5.5 from L1: the blocking is not what
-// bounds them. At 256 rows the blocked plan was
-// 0.96-0.99x (its first chunk's dequantization overlaps half the products).
+// bounds them. At 256 rows the blocked plan was 0.96-0.99x (its first chunk's dequantization
+// overlaps half the products). Since this loop was generalized for it, 128-192-row calls, whose
+// plan did not change, run 0.91-0.96x (A's prefill 0.94-0.95x, quiet): cause not found.
 constexpr int64_t kBlockGroups = 8;  // a blocked call's task: 8 groups
 constexpr int64_t kBlockK = 64;      // K blocks of a blocked call's K block
 constexpr int64_t kBlockTiles = 8;   // token tiles of a blocked call's token chunk
