@@ -833,8 +833,12 @@ constexpr int64_t kPrefetchNear = 1024, kPrefetchFar = 3072, kPrefetchFarTiles =
 
 // Prefetches a record's lines kPrefetchNear ahead into L1 and `far` ahead into L2 (past the
 // weights' end: a prefetch faults nowhere).
+// Every helper that only prefetches is always_inline: GCC finds such a function const (a
+// prefetch is no side effect to it) and deletes the calls to it that it has not inlined by
+// then, silently. So bf16_product's A and B tile prefetches were gone from 3f24ebc (a lambda
+// that only prefetched) to the tenth session: its 128-row calls 0.89-0.95x.
 template <int64_t kRecord>
-inline void prefetch_ahead(const uint8_t* rec, int64_t far) {
+__attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* rec, int64_t far) {
   const char* at = reinterpret_cast<const char*>(rec);
   for (int64_t line = 0; line < kRecord; line += 64) {
     _mm_prefetch(at + kPrefetchNear + line, _MM_HINT_T0);
@@ -1177,7 +1181,7 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
   // products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers 16),
   // 16 tokens 1.1-1.3x faster than when a group's 4-bit records were unpacked first,
   // prefetched into L2 during the run's group before (1.01x).
-  auto first_read = [&](int64_t b) {
+  auto first_read = [&](int64_t b) __attribute__((always_inline)) {  // (see prefetch_ahead)
     prefetch_ahead<kRecord>(records + b * kRecord, kPrefetchFarTiles);
     if constexpr (Bits == 4) {
       uint8_t* out = unpacked + b * kAmxTileBytes;
@@ -1401,7 +1405,8 @@ struct PendingChunk {
 
 constexpr int64_t kPrefetchBlocks = 2;  // A tiles ahead, prefetched into L1
 
-inline void prefetch_tile(const void* tile) {
+// (always_inline: see prefetch_ahead)
+__attribute__((always_inline)) inline void prefetch_tile(const void* tile) {
   for (int64_t at = 0; at < kTileValues * 2; at += 64)
     _mm_prefetch(static_cast<const char*>(tile) + at, _MM_HINT_T0);
 }
@@ -1448,9 +1453,10 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
       if constexpr (NG == 2) _tile_dpbf16ps(3, 5, 7);
     }
     // The A (or B) tiles kPrefetchBlocks blocks on (tiles `step` apart a block): this call's,
-    // or past its chunk the next call's (from `next`, unless null); `pair` on, the second's.
+    // or past its chunk the next call's (from `next`, unless null); `pair` on, the second's
+    // (always_inline: see prefetch_ahead).
     auto tiles_ahead = [&](const uint16_t* here, const uint16_t* next, int64_t step,
-                           int64_t pair) {
+                           int64_t pair) __attribute__((always_inline)) {
       const int64_t ahead = b + kPrefetchBlocks;
       const uint16_t* tile = ahead < chunk ? here + kPrefetchBlocks * step
                              : next        ? next + (ahead - chunk) * step
