@@ -1242,8 +1242,12 @@ constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tile
 // tiles, the next chunk's A tiles prefetched into L2: all within the noise), against ~8.5 in
 // a microbenchmark with both operands from L2 and ~5.5 from L1: the blocking is not what
 // bounds them. At 256 rows the blocked plan was 0.96-0.99x (its first chunk's dequantization
-// overlaps half the products). Since this loop was generalized for it, 128-192-row calls, whose
-// plan did not change, run 0.91-0.96x (A's prefill 0.94-0.95x, quiet): cause not found.
+// overlaps half the products). (All measured without bf16_product's A and B prefetches, which
+// the compiler had dropped: see prefetch_ahead. The 128-192-row calls' 0.91-0.96x, blamed on
+// this loop's generalization, was that: with them back, 1B layer, 3 runs of 21 rounds, load
+// 3-6: 128 rows 0.99-1.01x the eighth session's build, 192 rows 0.95-1.01x (a copy of one
+// build against itself: +-4%), 1024 rows 1.08-1.11x the build without them; the blocked plan
+// at 1024 rows 1.13-1.24x the passes.)
 constexpr int64_t kBlockGroups = 8;  // a blocked call's task: 8 groups
 constexpr int64_t kBlockK = 64;      // K blocks of a blocked call's K block
 constexpr int64_t kBlockTiles = 8;   // token tiles of a blocked call's token chunk
@@ -1503,7 +1507,8 @@ void bf16_product(const uint16_t* a, int64_t a_stride, const uint16_t* w, int64_
 // where its rows are consecutive: at 1024 rows the C tiles (512 KB a task) were read back from
 // L2/L3 for y: gate_up 1.10x, qkv 1.13x. Streaming them to y (vmovntps, no reads for
 // ownership) was slower: 0.96-0.98x. Smaller calls keep the C buffer (their y stores direct:
-// workload A's 128-row prefill 0.92x, one run).
+// workload A's 128-row prefill 0.92x in one run without the A and B prefetches; with them,
+// 64-192-row calls 0.99-1.05x, within a same-build control's 0.96-1.06x: no clear gain).
 template <int Bits>
 void bf16_task(void* data, size_t strip) {
   const Bf16Step& st = *static_cast<const Bf16Step*>(data);
