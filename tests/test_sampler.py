@@ -112,7 +112,7 @@ def narrow_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("narrow_candidates")
 def test_top_p_nucleus_wider_than_the_first_candidates() -> None:
-    """About 90 tokens in the nucleus: the row outgrows the candidates."""
+    """About 90 tokens in the nucleus: more than the candidates."""
     rng = np.random.default_rng(0)
     vocab = 600
     logits = rng.uniform(-6.0, -4.0, vocab).astype(np.float32)
@@ -163,14 +163,16 @@ def sorted_row_draw(x: np.ndarray, u: float, top_k: int = 0, top_p: float = 1.0)
     ("peaked", {"top_p": 0.9}),
     ("peaked", {"top_k": 50, "top_p": 0.95}),
     ("ties", {"top_p": 0.8}),
+    ("island", {"top_p": 0.9}),  # 2,000 likely tokens: only they are bucketed
     ("tail", {"top_p": 0.9999999}),  # the cut deep in a tail: float64 sums round, full sort
     ("equal", {"top_p": 0.5}),  # 1,024 tied tokens: the cut and the draw inside one bucket
 ])
 def test_top_p_draws_the_sorted_rows_token(shape: str, params: dict,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Each u in [0, 1) draws exactly the token of the full sort: the kept set's edge (u just
-    below 1 draws the last kept token) and every place in between, on rows whose nucleus is
-    far wider than the candidates, or not, or sums past float64's exact range."""
+    below 1 draws the last kept token) and every place in between, on rows whose nucleus holds
+    most of the vocabulary, thousands of tokens (first the candidates, then the buckets), or
+    tens (the candidates alone), or sums past float64's exact range (the buckets, then a sort)."""
     rng = np.random.default_rng(7)
     vocab = 20000
     x = {
@@ -178,13 +180,15 @@ def test_top_p_draws_the_sorted_rows_token(shape: str, params: dict,
         "spread": rng.normal(size=vocab) * 2,
         "peaked": rng.normal(size=vocab) * 6,
         "ties": np.round(rng.normal(size=vocab) * 4) / 4,  # runs of equal logits
+        "island": np.where(rng.permutation(vocab) < 2000, rng.normal(size=vocab) * 0.5,
+                           rng.normal(size=vocab) - 20),
         "tail": np.r_[0.0, rng.uniform(-25.01, -25, vocab - 1)],
         "equal": np.where(rng.permutation(vocab) < 1024, 0.0, -np.inf),
     }[shape].astype(np.float32)
-    wide_calls: list[int | None] = []
-    wide = sampler_module._draw_from_wide_nucleus
-    monkeypatch.setattr(sampler_module, "_draw_from_wide_nucleus",
-                        lambda *a: wide_calls.append(wide(*a)) or wide_calls[-1])
+    drawn: list[int | None] = []
+    buckets = sampler_module._draw_from_nucleus
+    monkeypatch.setattr(sampler_module, "_draw_from_nucleus",
+                        lambda *a: drawn.append(buckets(*a)) or drawn[-1])
     u = np.r_[0.0, rng.random(60), 1 - 2.0 ** -53, 0.5]
     sp = SamplingParams(max_tokens=None, **params)
     tokens = sampler_module._sample(np.tile(x, (u.size, 1)), np.ones(u.size, np.float32),
@@ -192,8 +196,8 @@ def test_top_p_draws_the_sorted_rows_token(shape: str, params: dict,
     expected = [sorted_row_draw(x, ui, sp.top_k, sp.top_p) for ui in u]
     assert tokens.tolist() == expected
     # Which way each row went: the buckets' exact sums, or the sort where they could round.
-    assert len(wide_calls) == {"peaked": 0}.get(shape, 0 if sp.top_k else u.size)
-    assert (None in wide_calls) == (shape == "tail")
+    assert len(drawn) == (0 if sp.top_k or shape == "peaked" else u.size)
+    assert (None in drawn) == (shape == "tail")
 
 
 # ---- greedy ------------------------------------------------------------------------------------

@@ -34,12 +34,12 @@ if TYPE_CHECKING:
 
 # vLLM samples greedily below this temperature; dividing by it would overflow anyway.
 _GREEDY_EPS = 1e-5
-# Top-p looks at this many best tokens first (a partition and a short sort); a row whose nucleus
-# goes past them finds its cut by bucketing the weights (_draw_from_wide_nucleus).
+# Top-p looks for its nucleus among this many best tokens first (a partition and a short sort);
+# a row whose nucleus goes past them finds its cut by bucketing its weights instead
+# (_draw_from_nucleus), each by its float32 bits shifted right by _BUCKET_SHIFT.
 _FIRST_CANDIDATES = 256
-# A weight's bucket: its float32 bits shifted right by this, weights lying in [0, 1].
 _BUCKET_SHIFT = 16
-_NUM_BUCKETS = (0x3F800000 >> _BUCKET_SHIFT) + 1
+_TOP_BUCKET = 0x3F800000 >> _BUCKET_SHIFT  # weight 1's; buckets are counted down from it
 # Sampling over the whole vocabulary picks a block, then a token inside it: two short cumsums
 # instead of one long sequential one.
 _BLOCK = 256
@@ -315,28 +315,23 @@ def _sample_top_k_top_p(x: np.ndarray, k: np.ndarray, p: np.ndarray, u: np.ndarr
     # Without top-k, top-p's mass is relative to the whole vocabulary.
     z = np.zeros(n)
     no_k = np.flatnonzero(k == 0)
-    weights = np.empty((0, vocab), dtype=np.float32)
+    w = np.empty((0, vocab), dtype=np.float32)
     if no_k.size:
-        weights = x[no_k]
-        weights -= weights.max(axis=1, keepdims=True)
-        z[no_k] = np.exp(weights, out=weights).sum(axis=1)
-    # No weight exceeds the best one's 1: a nucleus holding p * z holds at least p * z tokens,
-    # so such rows skip the candidates.
+        w = x[no_k]
+        w -= w.max(axis=1, keepdims=True)
+        z[no_k] = np.exp(w, out=w).sum(axis=1)
+    # No weight exceeds the best one's 1: a nucleus holding p * z holds at least p * z tokens.
     wide = (k == 0) & (p * z > _FIRST_CANDIDATES)
     tokens = np.empty(n, dtype=np.int64)
-    rest = np.flatnonzero(~wide)
-    small_k = k[rest] <= _FIRST_CANDIDATES
-    for rows in rest[small_k], rest[~small_k]:  # a large top_k widens only its own rows
-        if not rows.size:
-            continue
+    rows = np.flatnonzero(~wide)
+    if rows.size:
         width = max(int(k[rows].max()), _FIRST_CANDIDATES if (k[rows] == 0).any() else 0)
-        xs = x if rows.size == n else x[rows]
-        tok, done = _truncate_and_draw(xs, k[rows], p[rows], z[rows], u[rows], min(width, vocab))
+        xr = x if rows.size == n else x[rows]
+        tok, done = _truncate_and_draw(xr, k[rows], p[rows], z[rows], u[rows], min(width, vocab))
         tokens[rows[done]] = tok[done]
-        wide[rows[~done]] = True  # top-p rows whose nucleus outgrew the candidates
-    weight_row = np.cumsum(k == 0) - 1
+        wide[rows[~done]] = True  # top-p rows whose nucleus goes past the candidates
     for row in np.flatnonzero(wide):
-        token = _draw_from_wide_nucleus(x[row], weights[weight_row[row]], z[row], p[row], u[row])
+        token = _draw_from_nucleus(x[row], w[np.searchsorted(no_k, row)], z[row], p[row], u[row])
         if token is None:  # float64 sums could round: sort the whole row
             token = _truncate_and_draw(x[row:row + 1], k[row:row + 1], p[row:row + 1],
                                        z[row:row + 1], u[row:row + 1], vocab)[0][0]
@@ -344,40 +339,51 @@ def _sample_top_k_top_p(x: np.ndarray, k: np.ndarray, p: np.ndarray, u: np.ndarr
     return tokens
 
 
-def _draw_from_wide_nucleus(x: np.ndarray, w: np.ndarray, total: float, p: float,
-                            u: float) -> int | None:
-    """Top-p and a draw for one row in O(vocab), without sorting the nucleus: the token that
-    _truncate_and_draw gives over the whole sorted row. w = exp(x - max(x)) and total = z, its
-    sum. The weights go into buckets by their float32 bits (exponent and top 7 mantissa bits:
-    a non-negative float's bits order like its value); the running mass of the buckets, best
-    first, gives the bucket where the nucleus ends and the one the draw lands in, and only
-    their tokens are sorted. Weights of one exponent sum exactly in float64, and so does every
-    running sum down to the cut while it stays below 2^53 units of the cut bucket's exponent:
-    then any summing order gives the sorted row's sums bit for bit. None where it does not
-    (top_p close to 1 over a long tail: the cut's weight below ~2^-28 of the mass)."""
-    key = w.view(np.int32) >> _BUCKET_SHIFT
-    cum = np.cumsum(np.bincount(key, weights=w, minlength=_NUM_BUCKETS)[::-1])  # best first
-    threshold = p * total
-    cut_bucket = int(np.searchsorted(cum, threshold))  # the first to reach the threshold
-    if cut_bucket == _NUM_BUCKETS:
-        return None
-    exponent = (_NUM_BUCKETS - 1 - cut_bucket) >> (23 - _BUCKET_SHIFT)  # biased, as in the bits
-    if cum[cut_bucket] >= 2.0 ** (exponent - 150 + 52):  # 2^52 units of its last mantissa bit
+def _draw_from_nucleus(x: np.ndarray, w: np.ndarray, z: float, p: float,
+                       u: float) -> int | None:
+    """Top-p and a draw for one row in O(vocab), without sorting the nucleus: the token of
+    _truncate_and_draw over the whole sorted row, or None where that cannot be sure. w =
+    exp(x - max(x)), z its sum. The weights go into buckets by their float32 bits (exponent and
+    top 7 mantissa bits: a non-negative float's bits order like its value); the running mass of
+    the buckets, best first, gives the bucket where the nucleus ends and the one the draw lands
+    in, and only their tokens are sorted. Weights of one exponent sum exactly in float64, and
+    so does every running sum down to the cut while it stays below 2^53 units of the cut
+    bucket's last mantissa bit: then any summing order gives the sorted row's sums bit for bit.
+    None where it does not (top_p within ~5e-4 of 1 over a long tail)."""
+    # The tokens from the cut on weigh more than (1 - p) * z, so the cut weighs more than
+    # (1 - p) * z / vocab (half that: z is a float32 sum). A peaked row has few tokens in the
+    # buckets above this bound's and buckets only those (were the bound wrong, their running
+    # mass would stop short of the threshold: None).
+    bound = np.float32((1 - p) * z / (2 * w.size)).view(np.int32) >> _BUCKET_SHIFT
+    heavy = w >= np.int32((bound + 1) << _BUCKET_SHIFT).view(np.float32)
+    ids = None
+    if np.count_nonzero(heavy) * 4 < w.size:
+        ids = np.flatnonzero(heavy)
+        x, w = x[ids], w[ids]
+    bucket = (_TOP_BUCKET - (w.view(np.int32) >> _BUCKET_SHIFT)).astype(np.intp)  # weight 1: 0
+    # Given int32 buckets or float32 weights, bincount's own conversions cost 4x its counting.
+    cum = np.cumsum(np.bincount(bucket, weights=w.astype(np.float64)))
+    threshold = p * z
+    cut = int(np.searchsorted(cum, threshold))  # the bucket of the last kept token
+    exponent = (_TOP_BUCKET - cut) >> (23 - _BUCKET_SHIFT)  # biased, as in the bits
+    if cut == cum.size or cum[cut] >= 2.0 ** (exponent - 150 + 52):
         return None
 
-    def sorted_bucket(bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    def sorted_bucket(b: int) -> tuple[np.ndarray, np.ndarray]:
         """The bucket's tokens best first (value, then id, as _order_keys) and the running
         mass of the row up to each."""
-        ids = np.flatnonzero(key == _NUM_BUCKETS - 1 - bucket)
-        ids = ids[np.argsort(_order_keys(x[ids], ids))]
-        return ids, (cum[bucket - 1] if bucket else 0.0) + np.cumsum(w[ids], dtype=np.float64)
+        members = np.flatnonzero(bucket == b)
+        tokens = members if ids is None else ids[members]
+        order = np.argsort(_order_keys(x[members], tokens))
+        before = cum[b - 1] if b else 0.0
+        return tokens[order], before + np.cumsum(w[members[order]], dtype=np.float64)
 
-    ids, running = sorted_bucket(cut_bucket)
+    tokens, running = sorted_bucket(cut)
     target = u * running[np.searchsorted(running, threshold)]  # u of the kept mass, below it
-    draw_bucket = int(np.searchsorted(cum, target, side="right"))
-    if draw_bucket != cut_bucket:
-        ids, running = sorted_bucket(draw_bucket)
-    return int(ids[np.searchsorted(running, target, side="right")])
+    drawn = int(np.searchsorted(cum, target, side="right"))
+    if drawn != cut:
+        tokens, running = sorted_bucket(drawn)
+    return int(tokens[np.searchsorted(running, target, side="right")])
 
 
 def _truncate_and_draw(
