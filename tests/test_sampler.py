@@ -160,7 +160,8 @@ def sorted_row_draw(x: np.ndarray, u: float, top_k: int = 0, top_p: float = 1.0)
     ("flat", {"top_p": 0.999}),
     ("flat", {"top_k": 3000, "top_p": 0.9}),
     ("spread", {"top_p": 0.95}),  # p * z < 256: the candidates first, then the buckets
-    ("peaked", {"top_p": 0.9}),
+    ("peaked", {"top_p": 0.9}),  # the candidates alone
+    ("peaked, large vocabulary", {"top_p": 0.9}),  # the buckets first
     ("peaked", {"top_k": 50, "top_p": 0.95}),
     ("ties", {"top_p": 0.8}),
     ("island", {"top_p": 0.9}),  # 2,000 likely tokens: only they are bucketed
@@ -175,10 +176,13 @@ def test_top_p_draws_the_sorted_rows_token(shape: str, params: dict,
     tens (the candidates alone), or sums past float64's exact range (the buckets, then a sort)."""
     rng = np.random.default_rng(7)
     vocab = 20000
+    if shape == "peaked, large vocabulary":
+        monkeypatch.setattr(sampler_module, "_BUCKETS_FIRST_VOCAB", vocab)
     x = {
         "flat": rng.normal(size=vocab) * 0.5,
         "spread": rng.normal(size=vocab) * 2,
         "peaked": rng.normal(size=vocab) * 6,
+        "peaked, large vocabulary": rng.normal(size=vocab) * 6,
         "ties": np.round(rng.normal(size=vocab) * 4) / 4,  # runs of equal logits
         "island": np.where(rng.permutation(vocab) < 2000, rng.normal(size=vocab) * 0.5,
                            rng.normal(size=vocab) - 20),

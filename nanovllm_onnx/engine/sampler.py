@@ -38,6 +38,11 @@ _GREEDY_EPS = 1e-5
 # a row whose nucleus goes past them finds its cut by bucketing its weights instead
 # (_draw_from_nucleus), each by its float32 bits shifted right by _BUCKET_SHIFT.
 _FIRST_CANDIDATES = 256
+# From this vocabulary size on every top-p row is bucketed: the per-row loop (~0.1 ms a row)
+# costs less than the candidates' passes over the whole batch. 32 rows of normal logits of sd 6
+# or 10 (nuclei of 3 to 30 tokens), shared machine: 1.8-2.3x faster at 128,256, 1.15-1.3x at
+# 49,152, 0.5-1.4x at 32,000.
+_BUCKETS_FIRST_VOCAB = 1 << 16
 _BUCKET_SHIFT = 16
 _TOP_BUCKET = 0x3F800000 >> _BUCKET_SHIFT  # weight 1's; buckets are counted down from it
 # Sampling over the whole vocabulary picks a block, then a token inside it: two short cumsums
@@ -321,7 +326,7 @@ def _sample_top_k_top_p(x: np.ndarray, k: np.ndarray, p: np.ndarray, u: np.ndarr
         w -= w.max(axis=1, keepdims=True)
         z[no_k] = np.exp(w, out=w).sum(axis=1)
     # No weight exceeds the best one's 1: a nucleus holding p * z holds at least p * z tokens.
-    wide = (k == 0) & (p * z > _FIRST_CANDIDATES)
+    wide = (k == 0) & ((p * z > _FIRST_CANDIDATES) | (vocab >= _BUCKETS_FIRST_VOCAB))
     tokens = np.empty(n, dtype=np.int64)
     rows = np.flatnonzero(~wide)
     if rows.size:
