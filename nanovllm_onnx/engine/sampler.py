@@ -365,9 +365,9 @@ def _draw_from_nucleus(x: np.ndarray, w: np.ndarray, z: float, p: float,
     if np.count_nonzero(heavy) * 4 < w.size:
         ids = np.flatnonzero(heavy)
         x, w = x[ids], w[ids]
-    bucket = (_TOP_BUCKET - (w.view(np.int32) >> _BUCKET_SHIFT)).astype(np.intp)  # weight 1: 0
+    bucket = _TOP_BUCKET - (w.view(np.int32) >> _BUCKET_SHIFT)  # weight 1's is 0
     # Given int32 buckets or float32 weights, bincount's own conversions cost 4x its counting.
-    cum = np.cumsum(np.bincount(bucket, weights=w.astype(np.float64)))
+    cum = np.cumsum(np.bincount(bucket.astype(np.intp), weights=w.astype(np.float64)))
     threshold = p * z
     cut = int(np.searchsorted(cum, threshold))  # the bucket of the last kept token
     exponent = (_TOP_BUCKET - cut) >> (23 - _BUCKET_SHIFT)  # biased, as in the bits
