@@ -8,9 +8,11 @@ Logit rows of three shapes: flat (normal, sd 1: what a random-weight model gives
 vocabulary), spread (sd 2: a nucleus of thousands, but p * z below the 256 first candidates)
 and peaked (sd 6: a nucleus of tens of tokens, as a trained model at low temperature), each
 under the sampling settings below, seeded. --against DIR times DIR's
-nanovllm_onnx/engine/sampler.py (loaded by path) too, call by call in turn with this
-checkout's, and checks that both give the same tokens. One sampler thread. Each figure is the
-median over rounds of a round's least time per call (a shared machine's load falls on both).
+nanovllm_onnx/engine/sampler.py (loaded by path) too, case by case in turn with this
+checkout's (who goes first alternates by round), and checks that both give the same tokens.
+One sampler thread, timed in CPU seconds of the calling thread (which other processes' load
+changes less than the wall time): each figure is the median over rounds of a round's least
+time per call.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def load_sampler(checkout: str) -> ModuleType:
 
 def time_step(module: ModuleType, logits: np.ndarray, settings: dict,
               calls: int) -> tuple[float, list[int]]:
-    """Least seconds of `calls` calls (fresh seeded sequences, a fresh copy of the logits each)
+    """Least CPU seconds of `calls` calls (fresh seeded sequences, a fresh copy of the logits each)
     and the last call's tokens."""
     sampler = module.Sampler([2])
     best = float("inf")
@@ -58,9 +60,9 @@ def time_step(module: ModuleType, logits: np.ndarray, settings: dict,
         seqs = [Sequence("r", [1], SamplingParams(max_tokens=None, seed=i, **settings))
                 for i in range(len(logits))]
         x = logits.copy()
-        start = time.perf_counter()
+        start = time.thread_time()
         tokens = sampler(x, seqs)[0]
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return best, tokens.tolist()
 
 
@@ -81,17 +83,18 @@ def main() -> None:
     logits = {shape: (rng.standard_normal((args.rows, args.vocab)) * sd).astype(np.float32)
               for shape, sd in SHAPES.items()}
     times: dict[tuple[str, str, str], list[float]] = {}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
+        order = list(samplers.items())[::-1 if round_ % 2 else 1]  # who goes first alternates
         for shape in SHAPES:
             for name, settings in SETTINGS.items():
                 tokens = {}
-                for label, module in samplers.items():
+                for label, module in order:
                     seconds, tokens[label] = time_step(module, logits[shape], settings, args.calls)
                     times.setdefault((shape, name, label), []).append(seconds)
                 if len(tokens) == 2 and tokens["before"] != tokens["this"]:
                     raise SystemExit(f"different tokens: {shape} logits, {name}")
 
-    print(f"{args.rows} x {args.vocab:,} logits, ms per step (1 thread), {args.rounds} rounds, "
+    print(f"{args.rows} x {args.vocab:,} logits, CPU ms per step (1 thread), {args.rounds} rounds, "
           f"load {os.getloadavg()[0]:.1f}" + (", same tokens" if args.against else ""))
     labels = list(samplers)
     print("| logits | settings | " + " | ".join(labels) + (" | ratio |" if args.against else " |"))
