@@ -39,9 +39,9 @@ _GREEDY_EPS = 1e-5
 # (_draw_from_nucleus), each by its float32 bits shifted right by _BUCKET_SHIFT.
 _FIRST_CANDIDATES = 256
 # From this vocabulary size on every top-p row is bucketed: the per-row loop (~0.1 ms a row)
-# costs less than the candidates' passes over the whole batch. 32 rows of normal logits of sd 6
-# or 10 (nuclei of 3 to 30 tokens), shared machine: 1.8-2.3x faster at 128,256, 1.15-1.3x at
-# 49,152, 0.5-1.4x at 32,000.
+# then costs less than the candidates' passes over the whole batch. 32 rows whose nucleus fits
+# the candidates (normal logits of sd 6 or 10, Zipf-like ones), CPU time, shared machine:
+# buckets 1.15-1.95x faster at 128,256 tokens, 0.90-1.36x at 49,152, 0.88-1.12x at 32,000.
 _BUCKETS_FIRST_VOCAB = 1 << 16
 _BUCKET_SHIFT = 16
 _TOP_BUCKET = 0x3F800000 >> _BUCKET_SHIFT  # weight 1's; buckets are counted down from it
