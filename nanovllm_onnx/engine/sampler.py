@@ -40,8 +40,9 @@ _GREEDY_EPS = 1e-5
 _FIRST_CANDIDATES = 256
 # From this vocabulary size on every top-p row is bucketed: the per-row loop (~0.1 ms a row)
 # then costs less than the candidates' passes over the whole batch. 32 rows whose nucleus fits
-# the candidates (normal logits of sd 6 or 10, Zipf-like ones), CPU time, shared machine:
-# buckets 1.15-1.95x faster at 128,256 tokens, 0.90-1.36x at 49,152, 0.88-1.12x at 32,000.
+# the candidates (normal logits of sd 6 or 10, Zipf-like of exponent 1.5), CPU time, shared
+# machine: buckets 1.15-1.95x faster at 128,256 tokens, 0.90-1.36x at 49,152, 0.88-1.12x at
+# 32,000.
 _BUCKETS_FIRST_VOCAB = 1 << 16
 _BUCKET_SHIFT = 16
 _TOP_BUCKET = 0x3F800000 >> _BUCKET_SHIFT  # weight 1's; buckets are counted down from it
@@ -372,6 +373,7 @@ def _draw_from_nucleus(x: np.ndarray, w: np.ndarray, z: float, p: float,
     threshold = p * z
     cut = int(np.searchsorted(cum, threshold))  # the bucket of the last kept token
     exponent = (_TOP_BUCKET - cut) >> (23 - _BUCKET_SHIFT)  # biased, as in the bits
+    # The cut bucket's last mantissa bit is 2^(exponent - 150): past 2^52 of them sums may round.
     if cut == cum.size or cum[cut] >= 2.0 ** (exponent - 150 + 52):
         return None
 
