@@ -1246,8 +1246,8 @@ constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tile
 // the compiler had dropped: see prefetch_ahead. The 128-192-row calls' 0.91-0.96x, blamed on
 // this loop's generalization, was that: with them back, 1B layer, 3 runs of 21 rounds, load
 // 3-6: 128 rows 0.99-1.01x the eighth session's build, 192 rows 0.95-1.01x (a copy of one
-// build against itself: +-4%), 1024 rows 1.08-1.11x the build without them; the blocked plan
-// at 1024 rows 1.13-1.24x the passes.)
+// build against itself: up to +-6%), 1024 rows 1.04-1.11x the build without them; the blocked
+// plan at 1024 rows 1.13-1.24x the passes.)
 constexpr int64_t kBlockGroups = 8;  // a blocked call's task: 8 groups
 constexpr int64_t kBlockK = 64;      // K blocks of a blocked call's K block
 constexpr int64_t kBlockTiles = 8;   // token tiles of a blocked call's token chunk
