@@ -106,14 +106,13 @@ def test_min_p_applies_before_top_p() -> None:
 
 @pytest.fixture
 def narrow_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Top-p tries 16, 64, 256 candidates, then the whole row: every round on a small vocab."""
+    """Top-p tries 16 candidates before it buckets the row: both on a small vocab."""
     monkeypatch.setattr(sampler_module, "_FIRST_CANDIDATES", 16)
-    monkeypatch.setattr(sampler_module, "_GROWTH", 4)
 
 
 @pytest.mark.usefixtures("narrow_candidates")
 def test_top_p_nucleus_wider_than_the_first_candidates() -> None:
-    """About 90 tokens in the nucleus: the row widens twice before it settles."""
+    """About 90 tokens in the nucleus: more than the candidates."""
     rng = np.random.default_rng(0)
     vocab = 600
     logits = rng.uniform(-6.0, -4.0, vocab).astype(np.float32)
@@ -126,7 +125,7 @@ def test_top_p_nucleus_wider_than_the_first_candidates() -> None:
 
 @pytest.mark.usefixtures("narrow_candidates")
 def test_top_p_over_almost_the_whole_vocabulary() -> None:
-    """Nearly flat logits: the nucleus outgrows every candidate width and the row is sorted."""
+    """Nearly flat logits: the nucleus holds most of the vocabulary."""
     rng = np.random.default_rng(1)
     logits = rng.uniform(0, 0.01, 600).astype(np.float32)
     kept = reference_probs(logits, top_p=0.95) > 0
@@ -134,6 +133,75 @@ def test_top_p_over_almost_the_whole_vocabulary() -> None:
     assert kept.sum() > 256
     assert kept[drawn].all()
     assert len(set(drawn.tolist())) > 500
+
+
+def sorted_row_draw(x: np.ndarray, u: float, top_k: int = 0, top_p: float = 1.0) -> int:
+    """The sampler's top-k/top-p draw written as one full sort of the row: tokens best first
+    (value, then lower id), float32 weights exp(x - max), float64 running sums; top-p keeps up
+    to the token whose running sum reaches top_p of the mass (the whole row's float32 sum, or
+    the top-k set's), and the draw takes the first kept token whose running sum exceeds u of
+    the kept mass."""
+    order = np.lexsort((np.arange(x.size), -x))
+    w = np.exp(x - x.max())
+    running = np.cumsum(w[order], dtype=np.float64)
+    total = float(w.sum())
+    if top_k:
+        keep = np.count_nonzero(x >= x[order[top_k - 1]])
+        running, total = running[:keep], running[keep - 1]
+    last = int(np.searchsorted(running, top_p * total)) if top_p < 1 else running.size - 1
+    last = min(last, int(np.searchsorted(running, running[-1])))  # the last weighted one
+    target = u * running[last]
+    return int(order[min(int(np.searchsorted(running, target, side="right")), last)])
+
+
+@pytest.mark.parametrize("shape, params", [
+    ("flat", {"top_p": 0.9}),
+    ("flat", {"top_p": 0.5}),
+    ("flat", {"top_p": 0.999}),
+    ("flat", {"top_k": 3000, "top_p": 0.9}),
+    ("spread", {"top_p": 0.95}),  # p * z < 256: the candidates first, then the buckets
+    ("peaked", {"top_p": 0.9}),  # the candidates alone
+    ("peaked, large vocabulary", {"top_p": 0.9}),  # the buckets first
+    ("peaked", {"top_k": 50, "top_p": 0.95}),
+    ("ties", {"top_p": 0.8}),
+    ("island", {"top_p": 0.9}),  # 2,000 likely tokens: only they are bucketed
+    ("tail", {"top_p": 0.9999999}),  # the cut deep in a tail: float64 sums round, full sort
+    ("equal", {"top_p": 0.5}),  # 1,024 tied tokens: the cut and the draw inside one bucket
+])
+def test_top_p_draws_the_sorted_rows_token(shape: str, params: dict,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each u in [0, 1) draws exactly the token of the full sort: the kept set's edge (u just
+    below 1 draws the last kept token) and every place in between, on rows whose nucleus holds
+    most of the vocabulary, thousands of tokens (first the candidates, then the buckets), or
+    tens (the candidates alone), or sums past float64's exact range (the buckets, then a sort)."""
+    rng = np.random.default_rng(7)
+    vocab = 20000
+    if shape == "peaked, large vocabulary":
+        monkeypatch.setattr(sampler_module, "_BUCKETS_FIRST_VOCAB", vocab)
+    x = {
+        "flat": rng.normal(size=vocab) * 0.5,
+        "spread": rng.normal(size=vocab) * 2,
+        "peaked": rng.normal(size=vocab) * 6,
+        "peaked, large vocabulary": rng.normal(size=vocab) * 6,
+        "ties": np.round(rng.normal(size=vocab) * 4) / 4,  # runs of equal logits
+        "island": np.where(rng.permutation(vocab) < 2000, rng.normal(size=vocab) * 0.5,
+                           rng.normal(size=vocab) - 20),
+        "tail": np.r_[0.0, rng.uniform(-25.01, -25, vocab - 1)],
+        "equal": np.where(rng.permutation(vocab) < 1024, 0.0, -np.inf),
+    }[shape].astype(np.float32)
+    drawn: list[int | None] = []
+    buckets = sampler_module._draw_from_nucleus
+    monkeypatch.setattr(sampler_module, "_draw_from_nucleus",
+                        lambda *a: drawn.append(buckets(*a)) or drawn[-1])
+    u = np.r_[0.0, rng.random(60), 1 - 2.0 ** -53, 0.5]
+    sp = SamplingParams(max_tokens=None, **params)
+    tokens = sampler_module._sample(np.tile(x, (u.size, 1)), np.ones(u.size, np.float32),
+                                    [sp] * u.size, u)
+    expected = [sorted_row_draw(x, ui, sp.top_k, sp.top_p) for ui in u]
+    assert tokens.tolist() == expected
+    # Which way each row went: the buckets' exact sums, or the sort where they could round.
+    assert len(drawn) == (0 if sp.top_k or shape == "peaked" else u.size)
+    assert (None in drawn) == (shape == "tail")
 
 
 # ---- greedy ------------------------------------------------------------------------------------

@@ -34,10 +34,18 @@ if TYPE_CHECKING:
 
 # vLLM samples greedily below this temperature; dividing by it would overflow anyway.
 _GREEDY_EPS = 1e-5
-# Top-p looks at this many best tokens first and widens only the rows whose nucleus goes past
-# them, so a typical step never sorts the whole vocabulary.
+# Top-p looks for its nucleus among this many best tokens first (a partition and a short sort);
+# a row whose nucleus goes past them finds its cut by bucketing its weights instead
+# (_draw_from_nucleus), each by its float32 bits shifted right by _BUCKET_SHIFT.
 _FIRST_CANDIDATES = 256
-_GROWTH = 16
+# From this vocabulary size on every top-p row is bucketed: the per-row loop (~0.1 ms a row)
+# then costs less than the candidates' passes over the whole batch. 32 rows whose nucleus fits
+# the candidates (normal logits of sd 6 or 10, Zipf-like of exponent 1.5), CPU time, shared
+# machine: buckets 1.15-1.95x faster at 128,256 tokens, 0.90-1.36x at 49,152, 0.88-1.12x at
+# 32,000.
+_BUCKETS_FIRST_VOCAB = 1 << 16
+_BUCKET_SHIFT = 16
+_TOP_BUCKET = 0x3F800000 >> _BUCKET_SHIFT  # weight 1's; buckets are counted down from it
 # Sampling over the whole vocabulary picks a block, then a token inside it: two short cumsums
 # instead of one long sequential one.
 _BLOCK = 256
@@ -160,11 +168,12 @@ def _sample(x: np.ndarray, temperature: np.ndarray, params: list[SamplingParams]
     min_p = np.array([p.min_p for p in params])
     rows = np.flatnonzero(min_p > 0)
     if rows.size:
-        sub = x[rows]
+        sub = x if rows.size == n else x[rows]
         # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p): no softmax needed.
         cut = sub.max(axis=1, keepdims=True) + np.log(min_p[rows, None]).astype(np.float32)
-        sub[sub < cut] = -np.inf
-        x[rows] = sub
+        np.putmask(sub, sub < cut, -np.inf)  # 2-3x faster than sub[sub < cut] = -np.inf
+        if sub is not x:
+            x[rows] = sub
 
     top_k = np.array([p.top_k for p in params], dtype=np.int64)
     top_k[top_k >= vocab] = 0  # keeping the whole vocabulary is no filter
@@ -313,21 +322,76 @@ def _sample_top_k_top_p(x: np.ndarray, k: np.ndarray, p: np.ndarray, u: np.ndarr
     # Without top-k, top-p's mass is relative to the whole vocabulary.
     z = np.zeros(n)
     no_k = np.flatnonzero(k == 0)
+    w = np.empty((0, vocab), dtype=np.float32)
     if no_k.size:
-        sub = x[no_k]
-        sub -= sub.max(axis=1, keepdims=True)
-        z[no_k] = np.exp(sub, out=sub).sum(axis=1)
+        w = x[no_k]
+        w -= w.max(axis=1, keepdims=True)
+        z[no_k] = np.exp(w, out=w).sum(axis=1)
+    # No weight exceeds the best one's 1: a nucleus holding p * z holds at least p * z tokens.
+    wide = (k == 0) & ((p * z > _FIRST_CANDIDATES) | (vocab >= _BUCKETS_FIRST_VOCAB))
     tokens = np.empty(n, dtype=np.int64)
-    pending = np.arange(n)
-    width = max(int(k.max()), _FIRST_CANDIDATES if no_k.size else 0)
-    while pending.size:
-        width = min(width, vocab)
-        xp = x if pending.size == n else x[pending]
-        tok, done = _truncate_and_draw(xp, k[pending], p[pending], z[pending], u[pending], width)
-        tokens[pending[done]] = tok[done]
-        pending = pending[~done]
-        width *= _GROWTH
+    rows = np.flatnonzero(~wide)
+    if rows.size:
+        width = max(int(k[rows].max()), _FIRST_CANDIDATES if (k[rows] == 0).any() else 0)
+        xr = x if rows.size == n else x[rows]
+        tok, done = _truncate_and_draw(xr, k[rows], p[rows], z[rows], u[rows], min(width, vocab))
+        tokens[rows[done]] = tok[done]
+        wide[rows[~done]] = True  # top-p rows whose nucleus goes past the candidates
+    for row in np.flatnonzero(wide):
+        token = _draw_from_nucleus(x[row], w[np.searchsorted(no_k, row)], z[row], p[row], u[row])
+        if token is None:  # float64 sums could round: sort the whole row
+            token = _truncate_and_draw(x[row:row + 1], k[row:row + 1], p[row:row + 1],
+                                       z[row:row + 1], u[row:row + 1], vocab)[0][0]
+        tokens[row] = token
     return tokens
+
+
+def _draw_from_nucleus(x: np.ndarray, w: np.ndarray, z: float, p: float,
+                       u: float) -> int | None:
+    """Top-p and a draw for one row in O(vocab), without sorting the nucleus: the token of
+    _truncate_and_draw over the whole sorted row, or None where that cannot be sure. w =
+    exp(x - max(x)), z its sum. The weights go into buckets by their float32 bits (exponent and
+    top 7 mantissa bits: a non-negative float's bits order like its value); the running mass of
+    the buckets, best first, gives the bucket where the nucleus ends and the one the draw lands
+    in, and only their tokens are sorted. Weights of one exponent sum exactly in float64, and
+    so does every running sum down to the cut while it stays below 2^53 units of the cut
+    bucket's last mantissa bit: then any summing order gives the sorted row's sums bit for bit.
+    None where it does not (top_p within ~5e-4 of 1 over a long tail)."""
+    # The tokens from the cut on weigh more than (1 - p) * z, so the cut weighs more than
+    # (1 - p) * z / vocab (half that: z is a float32 sum). A peaked row has few tokens in the
+    # buckets above this bound's and buckets only those (were the bound wrong, their running
+    # mass would stop short of the threshold: None).
+    bound = np.float32((1 - p) * z / (2 * w.size)).view(np.int32) >> _BUCKET_SHIFT
+    heavy = w >= np.int32((bound + 1) << _BUCKET_SHIFT).view(np.float32)
+    ids = None
+    if np.count_nonzero(heavy) * 4 < w.size:
+        ids = np.flatnonzero(heavy)
+        x, w = x[ids], w[ids]
+    bucket = _TOP_BUCKET - (w.view(np.int32) >> _BUCKET_SHIFT)  # weight 1's is 0
+    # Given int32 buckets or float32 weights, bincount's own conversions cost 4x its counting.
+    cum = np.cumsum(np.bincount(bucket.astype(np.intp), weights=w.astype(np.float64)))
+    threshold = p * z
+    cut = int(np.searchsorted(cum, threshold))  # the bucket of the last kept token
+    exponent = (_TOP_BUCKET - cut) >> (23 - _BUCKET_SHIFT)  # biased, as in the bits
+    # The cut bucket's last mantissa bit is 2^(exponent - 150): past 2^52 of them sums may round.
+    if cut == cum.size or cum[cut] >= 2.0 ** (exponent - 150 + 52):
+        return None
+
+    def sorted_bucket(b: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bucket's tokens best first (value, then id, as _order_keys) and the running
+        mass of the row up to each."""
+        members = np.flatnonzero(bucket == b)
+        tokens = members if ids is None else ids[members]
+        order = np.argsort(_order_keys(x[members], tokens))
+        before = cum[b - 1] if b else 0.0
+        return tokens[order], before + np.cumsum(w[members[order]], dtype=np.float64)
+
+    tokens, running = sorted_bucket(cut)
+    target = u * running[np.searchsorted(running, threshold)]  # u of the kept mass, below it
+    drawn = int(np.searchsorted(cum, target, side="right"))
+    if drawn != cut:
+        tokens, running = sorted_bucket(drawn)
+    return int(tokens[np.searchsorted(running, target, side="right")])
 
 
 def _truncate_and_draw(
