@@ -19,11 +19,14 @@ distinct layers' weights per call (N copies of the projections, random each), pe
 figures: one layer's weights stay in the L2/L3 from call to call, while the engine's layers
 read theirs from memory (a 1B int4 layer is 38 MB); 16 measure that cold case. Also checks that
 the builds' outputs are identical bit for bit (AMX against VNNI must be). A target written
-`avx512_amx:prompt` runs every row as a prompt token (prompt_rows: AMX's bf16 path), and its
-largest difference from the first build is printed instead when the first is not one (two
-prompt targets must agree bit for bit too). TARGET@DIR takes the build from DIR's ops.so (another
+`avx512_amx:prompt` runs every row as a prompt token (prompt_rows: AMX's bf16 path), one
+written `avx512_amx:either` as a generated token that may take either path (the kernel's choice
+by the call's size, as in an engine that is not batch-invariant); a target whose rows' role is
+not the first's prints its largest difference from it instead (two targets of one role must
+agree bit for bit too). TARGET@DIR takes the build from DIR's ops.so (another
 checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process; with
---prefill too).
+--prefill too, where `TARGET:invariant` is an engine with batch_invariant=True: its generated
+tokens on the int8 path in every step).
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
 output token: every projection is one 128-token call), an engine per build in one process,
 in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
@@ -170,12 +173,14 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
     ours = model_runner.custom_ops_library
     for target in targets:
         name, library = build(target)
+        name, _, invariant = name.partition(":")
         os.environ[TARGET_ENV] = name  # read when the engine registers the ops
         model_runner.custom_ops_library = lambda at=library: at  # (DIR's, or ours)
         try:
             engines[target] = LLM(None if model == "default" else model,
                                   **({"weights": weights} if weights else {}),
                                   intra_op_num_threads=THREADS, intra_op_spinning=False,
+                                  batch_invariant=invariant == "invariant",
                                   enable_prefix_caching=False)  # really compute each prefill
         finally:
             del os.environ[TARGET_ENV]
@@ -277,26 +282,29 @@ def main() -> None:
     args = ap.parse_args()
     targets = args.targets or [t for t in ("avx512_vnni", "avx512_amx", "avx512_amx:prompt")
                                if t.removesuffix(":prompt") in supported_targets()]
-    prompt = {t: t.partition("@")[0].endswith(":prompt") for t in targets}
+    # each target's rows' role (prompt_rows): TARGET 0, TARGET:prompt 1, TARGET:either 2
+    roles = {"": 0, "prompt": 1, "either": 2}
+    role = {t: roles.get(t.partition("@")[0].partition(":")[2], 0) for t in targets}
     if args.prefill:  # the engine marks its prompt tokens itself
-        plain = [t for t in targets if ":" not in t.partition("@")[0]]
+        plain = [t for t in targets if not role[t]]
         engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
         return
     shapes = SHAPES[args.model]
-    sessions = {t: layer_session(shapes * args.layers, args.bits, t.replace(":prompt", ""))
+    sessions = {t: layer_session(shapes * args.layers, args.bits,
+                                 t.replace(":prompt", "").replace(":either", ""))
                 for t in targets}
     rng = np.random.default_rng(1)
     xs = {tokens: {f"x{i}": x for i, x in enumerate(
         [rng.standard_normal((tokens, k)).astype(np.float32) for k, _ in shapes] * args.layers)}
         for tokens in args.tokens}
-    feeds = {(t, tokens): {**x, PROMPT_ROWS: np.full(tokens, prompt[t], np.uint8)}
+    feeds = {(t, tokens): {**x, PROMPT_ROWS: np.full(tokens, role[t], np.uint8)}
              for t in targets for tokens, x in xs.items()}
     bound = {(t, tokens): bind(sess, feeds[t, tokens], shapes * args.layers)
              for t, sess in sessions.items() for tokens in args.tokens}
     for tokens in args.tokens:
         first, *rest = (run_bound(sess, *bound[t, tokens]) for t, sess in sessions.items())
         for target, out in zip(targets[1:], rest):
-            if prompt[target] != prompt[targets[0]]:
+            if role[target] != role[targets[0]]:
                 diff = max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(first, out))
                 print(f"{target} on {tokens} tokens: largest difference {diff:.1e} of the "
                       f"largest output")

@@ -60,6 +60,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help='speculative decoding, as JSON: \'{"method": "ngram", '
                              '"num_speculative_tokens": 4}\' or \'{"model": DRAFT, '
                              '"num_speculative_tokens": 4}\' (see README)')
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="each token's result independent of what shares its step "
+                             "(on AMX CPUs big decode steps are then slower; see README)")
     parser.add_argument("--providers", default="cpu",
                         help="comma-separated execution providers in order, e.g. cuda,cpu "
                              "(a missing one is skipped with a warning; CPU is always last)")

@@ -91,6 +91,10 @@ class EngineConfig:
     providers: list[str] = field(default_factory=lambda: ["cpu"])
     # vLLM's speculative_config: {"method": "ngram", ...} or {"model": DRAFT, ...}
     speculative_config: dict | None = None
+    # Each token's result independent of what shares its step (batching, chunked prefill,
+    # speculation), as vLLM's VLLM_BATCH_INVARIANT=1: on AMX, generated tokens then stay on the
+    # int8 path in any step (off: in big steps, and beside prompt tokens, they run in bf16).
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         checks = [

@@ -17,7 +17,10 @@ from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
 from nanovllm_onnx.kernels import (
     DOMAIN,
+    EITHER_ROLE,
+    INT8_ROLE,
     KEY_TILE,
+    PROMPT_ROLE,
     PROMPT_ROWS,
     TARGET_ENV,
     kernel_target,
@@ -400,6 +403,38 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
     (y,) = amx.run(None, {"x": x, PROMPT_ROWS: np.ones(256, np.uint8)})
     (part,) = amx.run(None, {"x": x[:40], PROMPT_ROWS: np.ones(40, np.uint8)})
     np.testing.assert_array_equal(y[:40], part)
+
+
+@pytest.mark.parametrize("bits, rows", [(4, 24), (8, 48)])
+def test_generated_rows_free_to_take_either_path_take_bf16_in_big_calls(bits: int,
+                                                                       rows: int) -> None:
+    """Rows of role 2 (generated tokens of an engine that is not batch-invariant) get the int8
+    path's result (the VNNI build's) in a call of fewer than `rows` of them, where it is the
+    faster path on AMX, and the bf16 path's (as prompt rows, role 1) in a call of `rows` or
+    more, or beside a prompt row, whose dequantized weights they share."""
+    if "avx512_amx" not in SUPPORTED:
+        pytest.skip("this CPU has no AMX (INT8 and BF16), or the OS does not let this process "
+                    "use it: every row takes the int8 path")
+    rng = np.random.default_rng(bits + 30)
+    k, n = 200, 37
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // 32), bits), bits))
+    amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
+    vnni = block_session(k, n, bits, weights, "avx512_vnni")
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+
+    def run(x: np.ndarray, roles: np.ndarray) -> np.ndarray:
+        return amx.run(None, {"x": x, PROMPT_ROWS: roles.astype(np.uint8)})[0]
+
+    either = np.full(rows, EITHER_ROLE)
+    bf16_rows = run(x, np.full(rows, PROMPT_ROLE))
+    np.testing.assert_array_equal(run(x, either), bf16_rows)
+    few = run(x[:-1], either[:-1])
+    np.testing.assert_array_equal(few, vnni.run(None, {"x": x[:-1]})[0])
+    assert not np.array_equal(few, bf16_rows[:-1])  # the two paths tell apart
+    beside_a_prompt = np.full(4, EITHER_ROLE)
+    beside_a_prompt[2] = PROMPT_ROLE
+    np.testing.assert_array_equal(run(x[:4], beside_a_prompt), bf16_rows[:4])
+    np.testing.assert_array_equal(run(x, np.full(rows, INT8_ROLE)), vnni.run(None, {"x": x})[0])
 
 
 @pytest.mark.parametrize("bits", [4, 8])

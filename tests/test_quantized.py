@@ -237,3 +237,30 @@ def unpack(records: np.ndarray, bits: int) -> np.ndarray:
                       for h in (halves[..., :16], halves[..., 16:]))
     return (q * scale[..., None] + minimum[..., None]).reshape(groups * 16, -1)
 
+
+
+def test_big_decode_steps_take_bf16_on_amx_unless_batch_invariant(hf_models: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """24 sequences decoding together (int4): on AMX their steps are big enough that the
+    generated tokens take BlockLinear's bf16 path (test_kernels: role 2), so their logprobs
+    part from those each gets decoded alone (int8 path); with batch_invariant=True each
+    sequence's are the same bit for bit batched or alone. Without AMX every generated token
+    takes the int8 path: batched and alone the same in both engines."""
+    from nanovllm_onnx.kernels import kernel_target
+
+    convert(hf_models["llama"], tmp_path, "int4")
+    prompts = random_prompts(24, seed=5, lo=5, hi=15)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
+
+    def logprobs(llm: LLM, prompts: list[list[int]]) -> list[list[dict[int, float]]]:
+        return [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    alone = {}
+    for invariant in (True, False):
+        llm = LLM(str(tmp_path), batch_invariant=invariant, kv_cache_dtype="fp32",
+                  enable_prefix_caching=False)
+        batched = logprobs(llm, prompts)
+        alone[invariant] = [logprobs(llm, [p])[0] for p in prompts]
+        assert (batched == alone[invariant]) == (invariant or kernel_target() != "avx512_amx")
+    assert alone[True] == alone[False]  # one row a step: the int8 path in both

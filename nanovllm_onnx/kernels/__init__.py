@@ -18,9 +18,12 @@ DOMAIN = "nanovllm"
 KEY_TILE = 16  # the key cache is [.., capacity / KEY_TILE, head_dim, KEY_TILE]: see the source
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
 TARGET_ENV = "NANO_VLLM_ONNX_KERNEL_TARGET"
-# The graph input (uint8 [tokens]) saying which tokens are their request's prompt: the layers'
-# BlockLinear take those on AMX's bf16 path, generated ones on the int8 path (see ops.cc).
+# The graph input (uint8 [tokens]) giving each token's role, by which the layers' BlockLinear
+# choose its path on AMX (see ops.cc): a prompt token bf16; a generated one the int8 path, or
+# either, whichever is faster for the call (bf16 in calls of a few dozen rows or with prompt
+# tokens: the token's result then depends on what shares its step).
 PROMPT_ROWS = "prompt_rows"
+INT8_ROLE, PROMPT_ROLE, EITHER_ROLE = 0, 1, 2
 LIBRARY = Path(__file__).with_name("ops.so")
 SOURCES = ("dispatch.cc", "ops.cc")  # what setup.py hashes, in its order
 

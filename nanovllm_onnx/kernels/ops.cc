@@ -664,8 +664,10 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
 // of vector v is row r's input 4v + c), then 16 fp16 scales and 16 fp16 minimums. 8 bits:
 // vector v is bytes 64v..64v+63 (record 576 bytes). 4 bits: vectors 2p and 2p + 1 are the
 // low and high nibbles of bytes 64p..64p+63 (record 320 bytes). Attributes: K, N, bits.
-// Optional input 2, prompt_rows (uint8 [tokens]): rows that are prompt tokens, which the AMX
-// build computes in bf16 (see BLOCK_LINEAR_BF16); other builds ignore it.
+// Optional input 2, prompt_rows (uint8 [tokens]), each row's path in the AMX build (other
+// builds ignore it): 0 the int8 path, 1 (a prompt token) bf16 (see BLOCK_LINEAR_BF16), 2 (a
+// generated token of an engine that does not promise batch invariance) whichever is faster
+// for the call (bf16_either).
 constexpr int kRows = 16;   // output rows of one record
 constexpr int kBlock = 32;  // inputs of one record
 
@@ -1210,7 +1212,8 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
 // and the products accumulate in fp32 over all of K in tiles: no per-block epilogue, which
 // bounds the int8 tiles. A row's result depends on its own values only (tile rows are
 // independent, K goes in one order), so it is the same with any number of prompt rows in the
-// call. Generated tokens stay on the int8 path (decode speed, and their results as before).
+// call. Generated tokens take it only where marked 2 and the call is big enough (bf16_either):
+// else the int8 path, faster for few rows, and the same with any number of rows.
 // Measured against the AMX int8 tiles (1B layer shapes, CPU time): 1.3-1.9x on 64 tokens,
 // 1.5-2.1x on 128, 1.7-2.3x on 512; below ~20 rows the dequantization, a fixed cost per call,
 // makes it slower (one row: ~0.2-0.3x), the price of results that do not depend on the call.
@@ -1226,6 +1229,22 @@ struct Bf16Step {
 };
 
 constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tiles stay in L1
+
+// Whether a call's rows of role 2 (prompt_rows) go on the bf16 path: where it has prompt rows
+// (their dequantized weights then serve the rest for little more than a second A tile: the
+// int8 path would read the weights again), or enough rows of role 2 that the bf16 path, whose
+// dequantization is a fixed cost per call, is the faster. Measured, 1B layer, 16 layers'
+// weights from memory, 2 threads, bf16 / int8 CPU time: 4 bits 16 rows 0.89-0.91x, 24 1.13x,
+// 32 1.24-1.29x; 8 bits (1.8x the bytes to dequantize) 24 rows 0.89x, 32 0.91x, 48 1.21x,
+// 64 1.48x.
+inline bool bf16_either(const uint8_t* role, int64_t tokens, int64_t bits) {
+  int64_t count = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (role[t] == 1) return true;
+    count += role[t] == 2;
+  }
+  return count >= (bits == 4 ? 24 : 48);
+}
 
 // A call's plan (bf16_task's units and token chunks). Where the A tiles and two pairs' B tiles
 // (a_bytes + 4 x blocks KB) fit in half the L2, so that both stream from L2, the tasks hold
@@ -1812,11 +1831,12 @@ struct BlockLinearKernel {
                           ORT_INVALID_ARGUMENT);
 #ifdef BLOCK_LINEAR_BF16
       if (roles != nullptr) {
-        const uint8_t* is_prompt = roles.GetTensorData<uint8_t>();
-        thread_local std::vector<int64_t> prompt;
+        const uint8_t* role = roles.GetTensorData<uint8_t>();
+        const bool either = bf16_either(role, tokens, m.bits);
+        thread_local std::vector<int64_t> prompt;  // the rows on the bf16 path
         prompt.clear();
         for (int64_t t = 0; t < tokens; ++t)
-          if (is_prompt[t]) prompt.push_back(t);
+          if (role[t] == 1 || (role[t] == 2 && either)) prompt.push_back(t);
         if (!prompt.empty()) return bf16_rows(ctx, xs, tokens, prompt, w, y);
       }
 #endif

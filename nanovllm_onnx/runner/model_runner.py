@@ -15,7 +15,13 @@ import onnxruntime as ort
 
 from nanovllm_onnx.config import EngineConfig, ModelConfig
 from nanovllm_onnx.engine.sequence import Sequence
-from nanovllm_onnx.kernels import PROMPT_ROWS, custom_ops_library
+from nanovllm_onnx.kernels import (
+    EITHER_ROLE,
+    INT8_ROLE,
+    PROMPT_ROLE,
+    PROMPT_ROWS,
+    custom_ops_library,
+)
 from nanovllm_onnx.runner.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -210,6 +216,7 @@ class ModelRunner:
         self._logits = np.empty((engine_cfg.max_num_seqs, model_cfg.vocab_size), np.float32)
         self._bound_rows: tuple[int, int] | None = None
         self._prompt_rows = PROMPT_ROWS in {i.name for i in self.session.get_inputs()}
+        self._generated_role = INT8_ROLE if engine_cfg.batch_invariant else EITHER_ROLE
         self._cache_values: list[ort.OrtValue] = []
 
     def _bind_cache_rows(self, lo: int, hi: int) -> None:
@@ -235,7 +242,11 @@ class ModelRunner:
         order = sorted(range(len(step.seqs)), key=slots.__getitem__)
         offsets = np.cumsum([0] + [step.num_tokens[i] for i in order])
         input_ids = np.empty(offsets[-1], np.int64)
-        prompt_rows = np.zeros(offsets[-1], np.uint8)
+        # BlockLinear's path for each row (the graph's prompt_rows input, see ops.cc): AMX's
+        # bf16 path for prompt tokens (1); generated ones (decodes, drafts, recomputed ones)
+        # whichever is faster for the step's size (2), or, batch-invariant, the int8 path (0)
+        # whatever shares their step. Other CPUs run every row on the int8 path.
+        roles = np.full(offsets[-1], self._generated_role, np.uint8)
         past_lens = np.zeros(hi - lo, np.int32)
         query_lens = np.zeros(hi - lo, np.int32)
         first_token = {}
@@ -243,9 +254,7 @@ class ModelRunner:
             seq, n = step.seqs[i], step.num_tokens[i]
             start = step.start(i)
             input_ids[offset:offset + n] = step.input_ids(i)
-            # BlockLinear takes prompt tokens on AMX's bf16 path, generated ones (decodes,
-            # drafts, recomputed ones) on its int8 path: each token by its own role.
-            prompt_rows[offset:offset + step.num_prompt_tokens(i)] = 1
+            roles[offset:offset + step.num_prompt_tokens(i)] = PROMPT_ROLE
             past_lens[seq.slot - lo], query_lens[seq.slot - lo] = start, n
             first_token[i] = offset
         logits_index = np.array([first_token[i] + j for i in range(len(step.seqs))
@@ -259,7 +268,7 @@ class ModelRunner:
         b.bind_cpu_input("past_lens", past_lens)
         b.bind_cpu_input("query_lens", query_lens)
         if self._prompt_rows:
-            b.bind_cpu_input(PROMPT_ROWS, prompt_rows)
+            b.bind_cpu_input(PROMPT_ROWS, roles)
         self._bind_cache_rows(lo, hi)
         b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(b)
