@@ -238,7 +238,6 @@ def unpack(records: np.ndarray, bits: int) -> np.ndarray:
     return (q * scale[..., None] + minimum[..., None]).reshape(groups * 16, -1)
 
 
-
 def test_big_decode_steps_take_bf16_on_amx_unless_batch_invariant(hf_models: dict[str, Path],
                                                                     tmp_path: Path) -> None:
     """24 sequences decoding together (int4): on AMX their steps are big enough that the
