@@ -54,6 +54,9 @@ from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
 from nanovllm_onnx.kernels import (
     DOMAIN,
+    EITHER_ROLE,
+    INT8_ROLE,
+    PROMPT_ROLE,
     PROMPT_ROWS,
     TARGET_ENV,
     custom_ops_library,
@@ -102,6 +105,12 @@ def build(target: str) -> tuple[str, Path]:
     ops.so, another checkout's, else this one's)."""
     name, _, directory = target.partition("@")
     return name, Path(directory, "ops.so") if directory else custom_ops_library()
+
+
+def without_role(target: str) -> str:
+    """TARGET:ROLE or TARGET:ROLE@DIR as the build alone: TARGET or TARGET@DIR."""
+    name, at, directory = target.partition("@")
+    return name.partition(":")[0] + at + directory
 
 
 def ops_session(graph: GraphProto, target: str) -> ort.InferenceSession:
@@ -282,16 +291,15 @@ def main() -> None:
     args = ap.parse_args()
     targets = args.targets or [t for t in ("avx512_vnni", "avx512_amx", "avx512_amx:prompt")
                                if t.removesuffix(":prompt") in supported_targets()]
-    # each target's rows' role (prompt_rows): TARGET 0, TARGET:prompt 1, TARGET:either 2
-    roles = {"": 0, "prompt": 1, "either": 2}
-    role = {t: roles.get(t.partition("@")[0].partition(":")[2], 0) for t in targets}
+    # each target's rows' role (prompt_rows): TARGET int8, TARGET:prompt, TARGET:either
+    roles = {"prompt": PROMPT_ROLE, "either": EITHER_ROLE}
+    role = {t: roles.get(t.partition("@")[0].partition(":")[2], INT8_ROLE) for t in targets}
     if args.prefill:  # the engine marks its prompt tokens itself
         plain = [t for t in targets if not role[t]]
         engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
         return
     shapes = SHAPES[args.model]
-    sessions = {t: layer_session(shapes * args.layers, args.bits,
-                                 t.replace(":prompt", "").replace(":either", ""))
+    sessions = {t: layer_session(shapes * args.layers, args.bits, without_role(t))
                 for t in targets}
     rng = np.random.default_rng(1)
     xs = {tokens: {f"x{i}": x for i, x in enumerate(

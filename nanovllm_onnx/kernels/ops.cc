@@ -668,6 +668,7 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
 // builds ignore it): 0 the int8 path, 1 (a prompt token) bf16 (see BLOCK_LINEAR_BF16), 2 (a
 // generated token of an engine that does not promise batch invariance) whichever is faster
 // for the call (bf16_either).
+constexpr uint8_t kPromptRole = 1, kEitherRole = 2;  // (kernels/__init__.py's roles)
 constexpr int kRows = 16;   // output rows of one record
 constexpr int kBlock = 32;  // inputs of one record
 
@@ -1240,8 +1241,8 @@ constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tile
 inline bool bf16_either(const uint8_t* role, int64_t tokens, int64_t bits) {
   int64_t count = 0;
   for (int64_t t = 0; t < tokens; ++t) {
-    if (role[t] == 1) return true;
-    count += role[t] == 2;
+    if (role[t] == kPromptRole) return true;
+    count += role[t] == kEitherRole;
   }
   return count >= (bits == 4 ? 24 : 48);
 }
@@ -1841,7 +1842,8 @@ struct BlockLinearKernel {
         thread_local std::vector<int64_t> prompt;  // the rows on the bf16 path
         prompt.clear();
         for (int64_t t = 0; t < tokens; ++t)
-          if (role[t] == 1 || (role[t] == 2 && either)) prompt.push_back(t);
+          if (role[t] == kPromptRole || (role[t] == kEitherRole && either))
+            prompt.push_back(t);
         if (!prompt.empty()) return bf16_rows(ctx, xs, tokens, prompt, w, y);
       }
 #endif
