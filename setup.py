@@ -20,7 +20,8 @@ TARGETS = {  # the names dispatch.cc chooses among, best first
     "avx512_vnni": ["-march=x86-64-v4", "-mavx512vnni"],
     "avx2_vnni": ["-march=x86-64-v3", "-mavxvnni"],
     "avx2": ["-march=x86-64-v3"],
-    "portable": ["-march=x86-64"],
+    # No FMA: attention's chains of multiply-adds kept in order (see fmadd in ops.cc).
+    "portable": ["-march=x86-64", "-fno-associative-math", "-ffp-contract=off"],
 }
 # -ffast-math (glibc's vector expf: softmax, SiLU) only when compiling: a library linked with
 # it carries crtfastmath.o, which turns on flush-to-zero in whatever process loads it.

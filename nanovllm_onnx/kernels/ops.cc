@@ -59,6 +59,26 @@ inline vec load(const _Float16* p) {
 #endif
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+// acc + x * v, fused where the CPU has FMA. Written `acc += x * v`, -ffast-math leaves GCC free
+// to contract and reassociate a chain of them differently in each instantiation: the AVX2
+// build's attention gave a query other floats when a short prompt's queries were split into
+// more tasks (batch-dependent outputs). The intrinsics are kept as written; the portable
+// build (no FMA) is compiled without reassociation or contraction instead (setup.py).
+inline vec fmadd(float x, vec v, vec acc) {
+#ifdef __AVX512F__
+  return (vec)_mm512_fmadd_ps(_mm512_set1_ps(x), (__m512)v, (__m512)acc);
+#elif defined(__FMA__)
+  __m256 halves[2], sums[2];
+  std::memcpy(halves, &v, sizeof v);
+  std::memcpy(sums, &acc, sizeof acc);
+  for (int h = 0; h < 2; ++h) sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(x), halves[h], sums[h]);
+  std::memcpy(&acc, sums, sizeof acc);
+  return acc;
+#else
+  return acc + x * v;
+#endif
+}
 inline void store(_Float16* p, vec v) {
 #ifdef __AVX512F__
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
@@ -152,7 +172,7 @@ void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* score
       vec k[TW];
       for (int w = 0; w < TW; ++w) k[w] = load(tile + w * D * kTile + d * kTile);
       for (int n = 0; n < NR; ++n)
-        for (int w = 0; w < TW; ++w) acc[n][w] += q[n * D + d] * k[w];
+        for (int w = 0; w < TW; ++w) acc[n][w] = fmadd(q[n * D + d], k[w], acc[n][w]);
     }
     for (int n = 0; n < NR; ++n)
       for (int w = 0; w < TW; ++w) store(scores + n * stride + (t + w) * kTile, acc[n][w]);
@@ -178,7 +198,7 @@ void weigh_values(const float* p, int64_t stride, const float* scale, const T* v
     for (int c = 0; c < DC; ++c) v[c] = load(values + l * D + c * kTile);
     for (int n = 0; n < NR; ++n) {
       float w = p[n * stride + l];
-      for (int c = 0; c < DC; ++c) acc[n][c] += w * v[c];
+      for (int c = 0; c < DC; ++c) acc[n][c] = fmadd(w, v[c], acc[n][c]);
     }
   }
   for (int n = 0; n < NR; ++n)
