@@ -73,9 +73,12 @@ step_ortgenai() {
     done
 }
 
+cpu_has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+
 step_llamacpp() {
-    # llama.cpp vendored in the llama-cpp-python sdist; explicit AVX-512 flags, AMX off (its
-    # AMX kernel crashed at ldtilecfg on the Xeon kind of this machine).
+    # llama.cpp vendored in the llama-cpp-python sdist; the CPU's own AVX-512 flags (none on an
+    # AVX2-only CPU: an AVX-512 build dies there of an illegal instruction), AMX off (its AMX
+    # kernel crashed at ldtilecfg on the Xeon kind of this machine, and -march=native turns it on).
     local dir=$PEERS/llamacpp src
     mkdir -p "$dir"
     if [ ! -x "$dir/bin/llama-server" ]; then
@@ -87,8 +90,9 @@ step_llamacpp() {
         src=$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)
         cmake -S "$src" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
             -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-            -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
-            -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+            -DGGML_AVX512="$(cpu_has avx512f)" -DGGML_AVX512_VBMI="$(cpu_has avx512vbmi)" \
+            -DGGML_AVX512_VNNI="$(cpu_has avx512_vnni)" -DGGML_AVX512_BF16="$(cpu_has avx512_bf16)" \
+            -DGGML_AVX_VNNI="$(cpu_has avx_vnni)" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
             -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF || return 1
         cmake --build "$dir/build" -j "$JOBS" --target llama-server llama-quantize llama-bench \
             || return 1
