@@ -38,61 +38,70 @@ namespace {
 constexpr int kTile = 16;      // key positions per tile (one 512-bit vector of floats)
 constexpr int kQueryBlock = 8;  // query tokens of one row that a task handles together
 
+// A tile's 16 floats (fp32 or fp16 caches are loaded as floats), and acc + x * v, fused where
+// the CPU has FMA. Written `acc += x * v`, -ffast-math leaves GCC free to contract and
+// reassociate a chain of them differently in each instantiation: the AVX2 build's attention
+// gave a query other floats when a short prompt's queries were split into more tasks
+// (batch-dependent outputs). The intrinsics are kept as written; the portable build (no FMA)
+// is compiled without reassociation or contraction instead (setup.py).
+#ifdef __AVX512F__
+typedef float vec __attribute__((vector_size(64), aligned(4)));
+
+inline vec load(const float* p) { return (vec)_mm512_loadu_ps(p); }
+inline vec load(const _Float16* p) {  // (GCC scalarizes the generic conversion)
+  return (vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store(float* p, vec v) { _mm512_storeu_ps(p, (__m512)v); }
+inline void store(_Float16* p, vec v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline vec fmadd(float x, vec v, vec acc) {
+  return (vec)_mm512_fmadd_ps(_mm512_set1_ps(x), (__m512)v, (__m512)acc);
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// AVX2: two registers. As a 64-byte generic vector GCC moved every multiply-add's result
+// through the stack and general registers: attention 4-5x slower (attn_bench).
+struct vec {
+  __m256 lo, hi;
+};
+inline vec operator*(vec v, float s) {
+  return {_mm256_mul_ps(v.lo, _mm256_set1_ps(s)), _mm256_mul_ps(v.hi, _mm256_set1_ps(s))};
+}
+inline vec load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline vec load(const _Float16* p) {
+  const auto* h = reinterpret_cast<const __m128i*>(p);
+  return {_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_cvtph_ps(_mm_loadu_si128(h + 1))};
+}
+inline void store(float* p, vec v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+inline void store(_Float16* p, vec v) {
+  auto* h = reinterpret_cast<__m128i*>(p);
+  _mm_storeu_si128(h, _mm256_cvtps_ph(v.lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(h + 1, _mm256_cvtps_ph(v.hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline vec fmadd(float x, vec v, vec acc) {
+  const __m256 b = _mm256_set1_ps(x);
+  return {_mm256_fmadd_ps(b, v.lo, acc.lo), _mm256_fmadd_ps(b, v.hi, acc.hi)};
+}
+#else
 typedef float vec __attribute__((vector_size(64), aligned(4)));
 typedef _Float16 half_vec __attribute__((vector_size(32), aligned(2)));
 
-// 16 cache entries as floats (fp32 or fp16 caches).
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline vec load(const _Float16* p) {
-#ifdef __AVX512F__  // GCC scalarizes the generic conversion unless the CPU has AVX512-FP16
-  return (vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)  // the AVX2 builds: 8 at a time (a batched decode ran 15x slower)
-  __m256 halves[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-                      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  vec v;
-  std::memcpy(&v, halves, sizeof v);
-  return v;
-#else
   half_vec h;
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, vec);
-#endif
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-
-// acc + x * v, fused where the CPU has FMA. Written `acc += x * v`, -ffast-math leaves GCC free
-// to contract and reassociate a chain of them differently in each instantiation: the AVX2
-// build's attention gave a query other floats when a short prompt's queries were split into
-// more tasks (batch-dependent outputs). The intrinsics are kept as written; the portable
-// build (no FMA) is compiled without reassociation or contraction instead (setup.py).
-inline vec fmadd(float x, vec v, vec acc) {
-#ifdef __AVX512F__
-  return (vec)_mm512_fmadd_ps(_mm512_set1_ps(x), (__m512)v, (__m512)acc);
-#elif defined(__FMA__)
-  __m256 halves[2], sums[2];
-  std::memcpy(halves, &v, sizeof v);
-  std::memcpy(sums, &acc, sizeof acc);
-  for (int h = 0; h < 2; ++h) sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(x), halves[h], sums[h]);
-  std::memcpy(&acc, sums, sizeof acc);
-  return acc;
-#else
-  return acc + x * v;
-#endif
-}
 inline void store(_Float16* p, vec v) {
-#ifdef __AVX512F__
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif defined(__F16C__)
-  __m256 halves[2];
-  std::memcpy(halves, &v, sizeof v);
-  for (int h = 0; h < 2; ++h)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8 * h),
-                     _mm256_cvtps_ph(halves[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#else
   for (int i = 0; i < kTile; ++i) p[i] = _Float16(v[i]);
-#endif
 }
+inline vec fmadd(float x, vec v, vec acc) { return acc + x * v; }
+#endif
 
 // Runs f, turning an exception into the status ONNX Runtime expects (none may cross the C API).
 template <typename F>
