@@ -782,10 +782,13 @@ struct Isa {
   // Whether dot4 takes codes up to 255 as they are: then the high nibbles can stay in place
   // (16 x their value) and their dot products be shifted back instead.
   static constexpr bool kWideCodes = true;
+  static constexpr int kEightBitOffset = 0;  // codes as they are (see the AVX2 dot4)
   static I high_nibbles_in_place(I w) { return _mm512_and_si512(w, _mm512_set1_epi8(char(0xF0))); }
   static I shift_right(I a, int n) { return _mm512_srai_epi32(a, n); }
   template <int Bits>
   static I dot4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  template <int Bits>
+  static I finish(I acc) { return acc; }  // a block's sums as int32 (see the AVX2 dot4)
   static F fzero() { return _mm512_setzero_ps(); }
   static F fset1(float x) { return _mm512_set1_ps(x); }
   static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
@@ -801,8 +804,8 @@ struct Isa {
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define BLOCK_LINEAR_SIMD
 // AVX2: two vectors of 8 rows per record vector. Without AVX-VNNI, VPMADDUBSW + VPMADDWD make
-// the u8 x s8 dot products of 4 bytes; 8-bit values go as two nibbles so that no int16 sum
-// saturates (255 * 127 * 2 would).
+// the u8 x s8 dot products of 4 bytes; 8-bit codes go centered on 0 so that no int16 sum
+// saturates (255 * 127 * 2 would; see dot4).
 struct Isa {
   using F = __m256;
   using I = __m256i;
@@ -817,8 +820,10 @@ struct Isa {
   }
 #ifdef __AVXVNNI__
   static constexpr bool kWideCodes = true;
+  static constexpr int kEightBitOffset = 0;
 #else  // VPMADDUBSW's int16 sums would saturate (240 * 127 * 2)
   static constexpr bool kWideCodes = false;
+  static constexpr int kEightBitOffset = 128;  // see dot4
 #endif
   static I high_nibbles_in_place(I w) { return _mm256_and_si256(w, _mm256_set1_epi8(char(0xF0))); }
   static I shift_right(I a, int n) { return _mm256_srai_epi32(a, n); }
@@ -827,12 +832,25 @@ struct Isa {
 #ifdef __AVXVNNI__
     return _mm256_dpbusd_avx_epi32(acc, w, x);
 #else
-    const I ones = _mm256_set1_epi16(1);
-    if constexpr (Bits == 4)
-      return add(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
-    acc = add(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(w, false), x), ones));
-    return add(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(w, true), x),
-                                      _mm256_set1_epi16(16)));
+    // 4 bits: VPMADDUBSW's int16 pair sums (at most 2 * 15 * 127) add up as int16 over the
+    // block's 8 record vectors (at most 30,480), widened to int32 once a block (finish).
+    if constexpr (Bits == 4) return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x));
+    // 8 bits: the codes less 128, c, as |c| (unsigned, at most 128) times x with c's sign
+    // (|x| <= 127): pair sums at most 2 * 128 * 127, no saturation, one VPMADDUBSW where two
+    // nibbles took two. The sums come out short of 128 * sum(x): block_tile adds it back
+    // through the block's minimum (kEightBitOffset).
+    const I centered = _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80)));
+    return add(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(centered),
+                                                           _mm256_sign_epi8(x, centered)),
+                                      _mm256_set1_epi16(1)));
+#endif
+  }
+  template <int Bits>
+  static I finish(I acc) {  // a block's sums as int32 (see dot4)
+#ifdef __AVXVNNI__
+    return acc;
+#else
+    return Bits == 4 ? _mm256_madd_epi16(acc, _mm256_set1_epi16(1)) : acc;
 #endif
   }
   static F fzero() { return _mm256_setzero_ps(); }
@@ -929,12 +947,16 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
     }
     for (int h = 0; h < P; ++h) {
       const F scale = Isa::load_halves(rec + kValueBytes + h * kPartBytes / 2);
-      const F minimum = Isa::load_halves(rec + kValueBytes + 2 * kRows + h * kPartBytes / 2);
+      F minimum = Isa::load_halves(rec + kValueBytes + 2 * kRows + h * kPartBytes / 2);
+      if constexpr (Bits == 8 && Isa::kEightBitOffset != 0)  // the sums' missing 128 * sum(x)
+        minimum = Isa::fmadd(scale, Isa::fset1(Isa::kEightBitOffset), minimum);
       for (int t = 0; t < TT; ++t) {
         const int64_t xb = (token + t) * st.blocks + b;
-        I sum = acc[t][h][0];
-        if constexpr (kInPlace) sum = Isa::add(sum, Isa::shift_right(acc[t][h][1], 4));
-        else if constexpr (S == 2) sum = Isa::add(sum, acc[t][h][1]);
+        I sum = Isa::finish<Bits>(acc[t][h][0]);
+        if constexpr (kInPlace)
+          sum = Isa::add(sum, Isa::shift_right(Isa::finish<Bits>(acc[t][h][1]), 4));
+        else if constexpr (S == 2)
+          sum = Isa::add(sum, Isa::finish<Bits>(acc[t][h][1]));
         y[t][h] = Isa::fmadd(Isa::to_float(sum), Isa::mul(scale, Isa::fset1(st.xscale[xb])),
                              y[t][h]);
         y[t][h] = Isa::fmadd(minimum, Isa::fset1(st.xsum[xb]), y[t][h]);
