@@ -206,15 +206,17 @@ def test_requests_arriving_while_others_decode(converted: dict[str, Path],
     assert_all_free(llm)
 
 
-def test_bfloat16_checkpoint(hf_models: dict[str, Path], tmp_path: Path) -> None:
-    """Most HF checkpoints ship bfloat16: read as float32, they give transformers' tokens."""
+def test_sharded_bfloat16_checkpoint(hf_models: dict[str, Path], tmp_path: Path) -> None:
+    """Most HF checkpoints ship bfloat16, and from 3B up in shards (model-0000K-of-0000N
+    with an index): read as float32, they give transformers' tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from nanovllm_onnx.convert.converter import convert
 
     model = AutoModelForCausalLM.from_pretrained(hf_models["qwen2"], dtype=torch.bfloat16)
-    model.save_pretrained(tmp_path / "bf16")
+    model.save_pretrained(tmp_path / "bf16", max_shard_size="40KB")
+    assert len(list((tmp_path / "bf16").glob("model-*-of-*.safetensors"))) > 2
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "bf16" / name).write_bytes((hf_models["qwen2"] / name).read_bytes())
     convert(tmp_path / "bf16", tmp_path / "onnx", "fp32")

@@ -58,6 +58,27 @@ def test_folder_without_weights(hf_models: dict[str, Path], tmp_path: Path) -> N
         convert(folder, tmp_path / "out")
 
 
+def test_sharded_folder_missing_a_shard_or_a_weight(hf_models: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """An interrupted download names the shard it lacks; a weight missing from every file is
+    named too (not a KeyError from inside the converter)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(hf_models["llama"], dtype=torch.float32).save_pretrained(
+        folder, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_models["llama"] / name, folder)
+    shard = sorted(folder.glob("model-*-of-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ModelLoadError, match=f"lacks {shard.name}, listed in model.safetensors"):
+        convert(folder, tmp_path / "out")
+    (folder / "model.safetensors.index.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"has no weight model\.\w"):
+        convert(folder, tmp_path / "out")
+
+
 def test_unknown_architecture_names_the_supported_ones(hf_models: dict[str, Path],
                                                         tmp_path: Path) -> None:
     folder = shutil.copytree(hf_models["llama"], tmp_path / "m")

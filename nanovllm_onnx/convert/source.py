@@ -23,6 +23,14 @@ class ModelLoadError(ValueError):
     """A model folder or file that cannot be used, with what is wrong in it."""
 
 
+class MissingWeightError(ModelLoadError, KeyError):
+    """A weight the model needs that its file lacks; a KeyError too, so that `in` and `.get`
+    on the tensors work as on a dict."""
+
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0])
+
+
 class LazyMapping(Mapping[str, T]):
     """Values read only when asked for."""
 
@@ -30,7 +38,10 @@ class LazyMapping(Mapping[str, T]):
         self._loaders = loaders
 
     def __getitem__(self, name: str) -> T:
-        return self._loaders[name]()
+        loader = self._loaders.get(name)
+        if loader is None:
+            raise MissingWeightError(f"the model file has no weight {name}")
+        return loader()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._loaders)
@@ -78,7 +89,7 @@ class LazyTensors(LazyMapping[np.ndarray]):
         return self[name]
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
+        return np.ascontiguousarray(super().__getitem__(name), dtype=np.float32)
 
     def rows(self, name: str) -> Rows:
         """`name` by ranges of rows (read whole first where its source cannot read part)."""
@@ -153,6 +164,12 @@ def load_hf_folder(folder: Path) -> ModelSource:
             f"{folder} has no *.safetensors weights (PyTorch .bin checkpoints are not read: "
             "re-save with save_pretrained(..., safe_serialization=True))"
         )
+    index = folder / "model.safetensors.index.json"  # a sharded checkpoint's list of shards
+    if index.is_file():
+        listed = set(_read_json(index).get("weight_map", {}).values())
+        if missing := sorted(name for name in listed if not (folder / name).is_file()):
+            raise ModelLoadError(f"{folder} lacks {', '.join(missing)}, listed in "
+                                 f"{index.name}: an interrupted download?")
     loaders: dict[str, Callable[[], np.ndarray]] = {}
     rows: dict[str, Rows] = {}
     for file in files:
