@@ -18,6 +18,7 @@ import pytest
 from benchmarks.random_checkpoint import config, write_checkpoint
 from nanovllm_onnx.config import GRAPH_FILE
 from nanovllm_onnx.convert.converter import PARTIAL, convert, is_converted, resolve_model
+from nanovllm_onnx.convert.source import LazyTensors
 from tests.conftest import write_tokenizer
 
 # A Llama-3.2-shaped checkpoint, scaled down: 62M parameters, 124 MB of bf16, 250 MB of fp32.
@@ -79,6 +80,15 @@ def test_conversion_stays_under_memory_budget(checkpoint: Path, tmp_path: Path) 
 
     expected = load_hf_folder(checkpoint).tensors["model.embed_tokens.weight"][:2]
     np.testing.assert_array_equal(rows, expected)
+
+
+def test_asking_for_a_weights_presence_reads_nothing() -> None:
+    """The converter asks whether an LM head exists: that read a Llama-3.1-8B's whole head as
+    float32 (2 GB) where Mapping's `in` fetched the value."""
+    read: list[str] = []
+    tensors = LazyTensors({"lm_head.weight": lambda: read.append("lm_head") or np.zeros(2)})
+    assert "lm_head.weight" in tensors and "model.norm.weight" not in tensors
+    assert tensors.get("model.norm.weight") is None and read == []
 
 
 def test_served_blocks_are_the_files_pages(checkpoint: Path, tmp_path: Path) -> None:

@@ -43,6 +43,9 @@ class LazyMapping(Mapping[str, T]):
             raise MissingWeightError(f"the model file has no weight {name}")
         return loader()
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would read the value
+        return name in self._loaders
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._loaders)
 
