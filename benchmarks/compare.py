@@ -5,6 +5,7 @@
     python benchmarks/compare.py --rounds 3 --markdown results.md --json results.json
     python benchmarks/compare.py --only ours llamacpp --files Q4_K_M Q8_0   # the same GGUFs
     python benchmarks/compare.py --model 1b --repeats 1   # the Llama-3.2-1B-shaped model
+    python benchmarks/compare.py --model 8b --workload A --repeats 1   # ours and llama.cpp
 
 Each engine runs in its own process with its own virtual environment's python (peers are set up
 by setup_peers.sh under ~/.cache/nano-vllm-onnx/peers), one process per workload, so B's peak
@@ -14,7 +15,8 @@ nano-vllm-onnx is faster. With
 --rounds N the whole sequence of engines runs N times and each figure is the median over the
 rounds: a shared machine's slow drifts then fall on every engine alike.
 --model 1b compares on the Llama-3.2-1B-shaped random checkpoint (setup_peers.sh llama1b) and
-its GGUFs and exports, with the smaller B ("Bs" of workloads.py) in B's column.
+its GGUFs and exports, with the smaller B ("Bs" of workloads.py) in B's column; --model 8b on
+the Llama-3.1-8B-shaped one (setup_peers.sh llama8b) against llama.cpp on its Q4_K_M GGUF.
 """
 
 from __future__ import annotations
@@ -56,33 +58,42 @@ def gguf(quantization: str) -> Path:
 
 
 HF_135M = PEERS / "hf/SmolLM2-135M-Instruct"
-HF_1B = PEERS / "hf/llama-1b"
-B_WORKLOAD = {"135m": "B", "1b": "Bs"}  # what runs in B's column
+B_WORKLOAD = {"135m": "B", "1b": "Bs", "8b": "Bs"}  # what runs in B's column
+# The Llama-shaped random checkpoints: our formats from the checkpoint, and the GGUFs made of it
+# (setup_peers.sh llama1b / llama8b). At 8B only llama.cpp: OpenVINO's and onnxruntime-genai's
+# exporters load the whole model in float32 (32 GB), more than these machines have.
+LLAMA_RUNS = {"1b": (("auto", "int4", "int4_all"), ("Q4_K_M", "Q8_0")),
+              "8b": (("int4", "int4_all"), ("Q4_K_M",))}
 
 
 def configs(model: str, ours_args: list[str]) -> list[Config]:
     ov, og, vl = venv_python("openvino"), venv_python("ortgenai"), venv_python("vllm")
-    if model == "1b":
-        gguf_1b = {w: PEERS / "llamacpp" / f"llama-1b-{w}.gguf" for w in ("Q4_K_M", "Q8_0")}
+    if model in LLAMA_RUNS:
+        hf = PEERS / f"hf/llama-{model}"
+        formats, files = LLAMA_RUNS[model]
+        ggufs = {w: PEERS / "llamacpp" / f"llama-{model}-{w}.gguf" for w in files}
+        runs = [
+            # From the HF checkpoint and from the GGUFs (their own blocks).
+            *[Config("ours", "throughput.py", ("--model", str(hf), "--weights", w, *ours_args),
+                     None, (hf / "config.json",)) for w in formats],
+            *[Config("ours", "throughput.py", ("--model", str(f), "--weights", "auto",
+                                               *ours_args), None, (f,), w)
+              for w, f in ggufs.items()],
+            *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w, "--model", str(f)), None,
+                     (f,), w) for w, f in ggufs.items()],
+        ]
+        if model != "1b":
+            return runs
         export = {w: PEERS / "openvino" / f"llama-1b-{w}" for w in ("int4", "int8")}
         og_int4 = PEERS / "ortgenai/llama-1b-int4"
         return [
-            # From the HF checkpoint (auto: 8-bit blocks) and from the GGUFs (their own blocks).
-            *[Config("ours", "throughput.py", ("--model", str(HF_1B), "--weights", w,
-                                               *ours_args), None, (HF_1B / "config.json",))
-              for w in ("auto", "int4", "int4_all")],
-            *[Config("ours", "throughput.py", ("--model", str(f), "--weights", "auto",
-                                               *ours_args), None, (f,), w)
-              for w, f in gguf_1b.items()],
-            *[Config("llamacpp", "peer_llamacpp.py", ("--weights", w, "--model", str(f)), None,
-                     (f,), w) for w, f in gguf_1b.items()],
+            *runs,
             *[Config("openvino", "peer_openvino.py", ("--weights", w, "--model", str(d)), ov,
                      (ov, d / "openvino_model.xml")) for w, d in export.items()],
             Config("ortgenai", "peer_ortgenai.py", ("--precision", "int4", "--model",
                                                     str(og_int4)), og,
                    (og, og_int4 / "genai_config.json")),
-            Config("vllm", "peer_vllm.py", ("--model", str(HF_1B)), vl,
-                   (vl, HF_1B / "config.json")),
+            Config("vllm", "peer_vllm.py", ("--model", str(hf)), vl, (vl, hf / "config.json")),
         ]
     return [
         *[Config("ours", "throughput.py", ("--weights", w, *ours_args), None, ())
@@ -206,8 +217,8 @@ def wait_idle(limit: float, max_wait: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(B_WORKLOAD), default="135m",
-                    help="135m: the default model; 1b: the Llama-3.2-1B-shaped random checkpoint "
-                         "(B's column runs the smaller Bs)")
+                    help="135m: the default model; 1b, 8b: the Llama-3.2-1B- and "
+                         "Llama-3.1-8B-shaped random checkpoints (B's column runs the smaller Bs)")
     ap.add_argument("--workload", nargs="+", choices=["A", "B"], default=["A", "B"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1,
@@ -256,7 +267,8 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}"
     rounds = f" in each of {args.rounds} rounds (median over rounds)" if args.rounds > 1 else ""
     model = {"135m": "SmolLM2-135M-Instruct",
-             "1b": "Llama-3.2-1B-shaped random checkpoint, B's column is workload Bs"}
+             "1b": "Llama-3.2-1B-shaped random checkpoint, B's column is workload Bs",
+             "8b": "Llama-3.1-8B-shaped random checkpoint, B's column is workload Bs"}
     text = (f"Model: {model[args.model]}. Machine: {machine}; every engine 2 threads; median of "
             f"{args.repeats}{rounds}; ratios are our best format's figure (ours on the same file "
             "where it ran it) / the peer's.\n\n" + table(rows))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the peer engines' virtual environments and models (none is a project dependency).
-# Usage: benchmarks/setup_peers.sh [transformers|openvino|ortgenai|llamacpp|vllm|llama1b]...
-# (default: all but llama1b, the 1B model's checkpoint and every peer's files of it; its parts
-# one at a time: llama1b_gguf, llama1b_openvino, llama1b_ortgenai)
+# Usage: benchmarks/setup_peers.sh [transformers|openvino|ortgenai|llamacpp|vllm|llama1b|llama8b]...
+# (default: all but llama1b, the 1B model's checkpoint and every peer's files of it, its parts
+# one at a time: llama1b_gguf, llama1b_openvino, llama1b_ortgenai; and llama8b, the 8B's
+# checkpoint and Q4_K_M GGUF)
 # Everything lands under $PEERS (default ~/.cache/nano-vllm-onnx/peers); each step logs to
 # $PEERS/<step>.log and a failed step does not stop the others.
 set -uo pipefail
@@ -144,32 +145,43 @@ step_llama1b() {
     return $failed
 }
 
-llama1b_checkpoint() {
-    local hf=$PEERS/hf/llama-1b
+llama_checkpoint() {  # SIZE: the Llama-SIZE-shaped random checkpoint, made once
+    local hf=$PEERS/hf/llama-$1
     [ -f "$hf/config.json" ] || PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
-        "$OURS_PYTHON" "$HERE/random_checkpoint.py" 1b "$hf" >&2 || return 1
+        "$OURS_PYTHON" "$HERE/random_checkpoint.py" "$1" "$hf" >&2 || return 1
     echo "$hf"
 }
 
-step_llama1b_gguf() {  # Q4_K_M and Q8_0 GGUFs with llama.cpp's converter and llama-quantize
-    local dir=$PEERS/llamacpp t hf
-    [ -f "$dir/llama-1b-Q4_K_M.gguf" ] && [ -f "$dir/llama-1b-Q8_0.gguf" ] && return 0
-    hf=$(llama1b_checkpoint) || return 1
+llama_ggufs() {  # SIZE TYPE...: GGUFs with llama.cpp's converter and llama-quantize
+    local size=$1 dir=$PEERS/llamacpp t hf missing=0
+    shift
+    for t in "$@"; do [ -f "$dir/llama-$size-$t.gguf" ] || missing=1; done
+    [ $missing = 0 ] && return 0
+    hf=$(llama_checkpoint "$size") || return 1
     # convert_hf_to_gguf.py (with its own gguf-py) needs torch, transformers and sentencepiece.
     "$PEERS/transformers/venv/bin/pip" install -q sentencepiece || return 1
     "$PEERS/transformers/venv/bin/python" \
         "$(echo "$dir"/src/llama_cpp_python-*/vendor/llama.cpp)/convert_hf_to_gguf.py" "$hf" \
-        --outtype bf16 --outfile "$dir/llama-1b-BF16.gguf" || return 1
-    for t in Q8_0 Q4_K_M; do
-        [ -f "$dir/llama-1b-$t.gguf" ] || "$dir/bin/llama-quantize" "$dir/llama-1b-BF16.gguf" \
-            "$dir/llama-1b-$t.gguf" "$t" 2 || return 1
+        --outtype bf16 --outfile "$dir/llama-$size-BF16.gguf" || return 1
+    for t in "$@"; do
+        [ -f "$dir/llama-$size-$t.gguf" ] || "$dir/bin/llama-quantize" \
+            "$dir/llama-$size-BF16.gguf" "$dir/llama-$size-$t.gguf" "$t" 2 || return 1
     done
-    rm "$dir/llama-1b-BF16.gguf"
+    rm "$dir/llama-$size-BF16.gguf"
+}
+
+step_llama1b_gguf() { llama_ggufs 1b Q8_0 Q4_K_M; }
+
+step_llama8b() {
+    # The 8B check: a Llama-3.1-8B-shaped checkpoint (16 GB of bf16 in 4 shards) and its Q4_K_M
+    # GGUF for llama.cpp (~12 min; 16 GB more on disk while the bf16 GGUF is made). Needs the
+    # transformers and llamacpp steps.
+    llama_ggufs 8b Q4_K_M
 }
 
 step_llama1b_openvino() {  # int4 (optimum-intel's default: asymmetric, groups of 128), int8
     local fmt hf
-    hf=$(llama1b_checkpoint) || return 1
+    hf=$(llama_checkpoint 1b) || return 1
     for fmt in int4 int8; do
         [ -f "$PEERS/openvino/llama-1b-$fmt/openvino_model.xml" ] && continue
         "$PEERS/openvino/venv/bin/optimum-cli" export openvino --model "$hf" \
@@ -181,7 +193,7 @@ step_llama1b_openvino() {  # int4 (optimum-intel's default: asymmetric, groups o
 step_llama1b_ortgenai() {
     local hf
     [ -f "$PEERS/ortgenai/llama-1b-int4/genai_config.json" ] && return 0
-    hf=$(llama1b_checkpoint) || return 1
+    hf=$(llama_checkpoint 1b) || return 1
     "$PEERS/ortgenai/venv/bin/python" -m onnxruntime_genai.models.builder -i "$hf" \
         -o "$PEERS/ortgenai/llama-1b-int4" -p int4 -e cpu -c "$PEERS/ortgenai/cache"
 }
