@@ -15,10 +15,12 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from nanovllm_onnx.convert import graph
 from nanovllm_onnx.convert.gguf_blocks import file_blocks
 from nanovllm_onnx.convert.graph import GraphBuilder
+from nanovllm_onnx.convert.source import BlockRows
 from tests.conftest import ops_session
 
 T = GGMLQuantizationType
@@ -96,6 +98,24 @@ def test_gguf_type_runs_from_its_blocks(qtype: GGMLQuantizationType) -> None:
         err = np.abs(y - x.astype(np.float64) @ ref.T)
         assert np.all(err <= bound * 1.0001 + 1e-5 * np.abs(y).max()), qtype.name
         assert err.max() > 0  # the bound is not vacuous: activations are rounded
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_vocabulary_table_packs_a_range_of_rows_at_a_time(
+        qtype: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF's embedding and LM head are packed by ranges of rows (an 8B's whole Q6_K head
+    took 4 GB): the same bytes as packed whole."""
+    rows = 160
+    raw = make_tensor(qtype, rows, COLS, np.random.default_rng(3))
+    monkeypatch.setattr(graph, "CHUNK_BYTES", 48 * COLS * 4)  # chunks of 48 rows: 4 of them
+    by_rows = BlockRows((rows, COLS), 4 if qtype == T.Q4_K else 8,
+                        lambda lo, hi: file_blocks(raw[lo:hi], qtype, hi - lo, COLS))
+    packed = []
+    for weight in (file_blocks(raw, qtype, rows, COLS), by_rows):
+        g = GraphBuilder("auto")
+        assert g.block_const("w", weight, bits=8).bits == by_rows.bits
+        packed.append(numpy_helper.to_array(g.initializers[0]))
+    np.testing.assert_array_equal(*packed)
 
 
 def tiny_llama(hidden: int = 256, layers: int = 2) -> object:

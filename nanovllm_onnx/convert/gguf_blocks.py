@@ -1,13 +1,15 @@
 """A GGUF tensor's quantized blocks as BlockLinear blocks (w = q * scale + minimum per 32
 inputs), kept as the file has them wherever the format allows.
 
-Every type is dequantized by `gguf.quants.dequantize` (the reference), and each block's q is
-read back from those values against the scale and minimum the file's own block gives: exact
-where the file's scale and minimum are fp16 values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K,
-IQ4_NL), within fp16 rounding of a product where they are products (Q4_K, Q5_K: d x a 6-bit
-sub-block scale). Q6_K and Q2_K keep a scale (and Q2_K a minimum) per 16 inputs, which one
-8-bit block of 32 cannot hold: those are rounded again, to 8 bits from their minimum to their
-maximum per 32 (see benchmarks/gguf_blocks.py for the error and bytes of each choice).
+Each block keeps the scale and minimum the file's own block gives: exact where those are fp16
+values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, IQ4_NL), within fp16 rounding of a product where
+they are products (Q4_K, Q5_K: d x a 6-bit sub-block scale). The codes of the common types
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) are unpacked from the file's bytes; Q3_K's and
+IQ4_NL's are read back from `gguf.quants.dequantize`'s values (the reference the tests hold
+every type to; it takes ~10x longer: over a minute for an 8B Q4_K_M). Q6_K and Q2_K keep a
+scale (and Q2_K a minimum) per 16 inputs, which one 8-bit block of 32 cannot hold: those are
+rounded again, to 8 bits from their minimum to their maximum per 32 (see
+benchmarks/gguf_blocks.py for the error and bytes of each choice).
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ def file_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int,
     """BlockLinear blocks of a quantized [rows, cols] tensor from its raw GGUF bytes."""
     from .graph import quantize_blocks
 
-    values = dequantize(raw, qtype).reshape(rows, cols)
     if qtype in _REROUNDED:
-        return quantize_blocks(values, 8, symmetric=False)
+        return quantize_blocks(dequantize(raw, qtype).reshape(rows, cols), 8, symmetric=False)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     blocks = np.asarray(raw).reshape(rows, cols // block_size, type_size)
     d = _half(blocks, 0)
@@ -54,8 +55,44 @@ def file_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int,
         # -124..128: 8-bit codes 128 - s * c with scale -d and minimum 128 d, both exact.
         d = np.repeat(_half(blocks, type_size - 2), block_size // 32, axis=1)
         scale, minimum = -d, 128 * d
-    bits = 4 if qtype in _FOUR_BIT else 8
-    return blocks_from_values(values, scale, minimum, bits)
+    bits = block_bits(qtype)
+    codes = _codes(blocks, qtype)
+    if codes is None:
+        return blocks_from_values(dequantize(raw, qtype).reshape(rows, cols), scale, minimum,
+                                  bits)
+    scale, minimum = (a.astype(np.float16).astype(np.float32) for a in (scale, minimum))
+    return QuantBlocks(codes.reshape(rows, -1, 32), scale, minimum, bits)
+
+
+def _codes(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray | None:
+    """The codes of [rows, blocks, bytes] GGUF blocks, in the order of their weights, as laid
+    out by llama.cpp (ggml-quants.c); None for the types read back from their values."""
+    if qtype == T.Q8_0:  # int8 after the fp16 d: code - 128 is the int8, its sign bit flipped
+        return blocks[..., 2:] ^ np.uint8(0x80)
+    if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):  # 16 bytes last: weights 0-15 in the low
+        qs = blocks[..., -16:]                     # nibbles, 16-31 in the high ones
+        codes = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)
+        if qtype in (T.Q5_0, T.Q5_1):  # before them, weight i's fifth bit as bit i of a u32
+            high = np.ascontiguousarray(blocks[..., -20:-16]).view("<u4")
+            codes |= ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+        return codes
+    if qtype in _K_QUANTS:  # super-blocks of 8 x 32 weights, codes in the last 128 bytes: 32
+        # bytes hold sub-blocks 2j (low nibbles) and 2j + 1 (high); Q5_K's fifth bit of
+        # sub-block b is bit b of the 32 bytes before them
+        rows, supers = blocks.shape[:2]
+        qs = blocks[..., -128:].reshape(rows, supers, 4, 1, 32)
+        codes = ((qs >> np.array([0, 4], np.uint8)[:, None]) & np.uint8(15)).reshape(
+            rows, supers, 8, 32)
+        if qtype == T.Q5_K:
+            high = blocks[..., 16:48].reshape(rows, supers, 1, 32)
+            codes |= ((high >> np.arange(8, dtype=np.uint8)[:, None]) & np.uint8(1)) << 4
+        return codes
+    return None
+
+
+def block_bits(qtype: GGMLQuantizationType) -> int:
+    """The bits of the BlockLinear blocks a quantized type runs as."""
+    return 4 if qtype in _FOUR_BIT else 8
 
 
 def blocks_from_values(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray,

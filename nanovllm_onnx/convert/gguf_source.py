@@ -19,8 +19,16 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .gguf_blocks import FLOAT_TYPES, SUPPORTED, file_blocks
-from .source import LazyMapping, LazyTensors, ModelLoadError, ModelSource, QuantBlocks, Rows
+from .gguf_blocks import FLOAT_TYPES, SUPPORTED, block_bits, file_blocks
+from .source import (
+    BlockRows,
+    LazyMapping,
+    LazyTensors,
+    ModelLoadError,
+    ModelSource,
+    QuantBlocks,
+    Rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +96,13 @@ def load_gguf(path: Path) -> ModelSource:
                   "output.weight": "lm_head.weight"}
     rows = {hf: _row_reader(path, tensors[name]) for name, hf in vocabulary.items()
             if name in tensors}
+    block_rows = {hf: _block_rows(path, tensors[name]) for name, hf in vocabulary.items()
+                  if hf in blocks}
     return ModelSource(
         config=config,
         tensors=LazyTensors(loaders, rows),
         quant_blocks=LazyMapping(blocks),
+        block_rows=block_rows,
         tokenizer_json=tokenizer_json,
         tokenizer_config=tokenizer_config,
         generation_config=generation_config,
@@ -290,14 +301,26 @@ def _weight_loaders(
             permute_heads = kv_heads
         loaders[hf_name] = _tensor_loader(path, tensor, shape, permute_heads)
         if tensor.tensor_type not in FLOAT_TYPES:
-            blocks[hf_name] = _blocks_loader(tensor, shape, permute_heads)
+            blocks[hf_name] = _blocks_loader(path, tensor, shape, permute_heads)
     return loaders, blocks
 
 
-def _blocks_loader(tensor: ReaderTensor, shape: tuple[int, ...],
+def _data(path: Path, tensor: ReaderTensor, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Rows [lo, hi) of a tensor's data (the reader's layout: [rows, bytes of a row] where
+    quantized) in a mapping of their own, which goes with the array: the file's pages count
+    towards this process's memory only while a tensor is converted, not until the reader goes
+    (an 8B Q4_K_M's 4.7 GB did)."""
+    rows = tensor.data.shape[0]
+    hi = rows if hi is None else hi
+    row_bytes = tensor.data.nbytes // rows
+    return np.memmap(path, tensor.data.dtype, "r", int(tensor.data_offset) + lo * row_bytes,
+                     (hi - lo, *tensor.data.shape[1:]))
+
+
+def _blocks_loader(path: Path, tensor: ReaderTensor, shape: tuple[int, ...],
                    permute_heads: int | None) -> Callable[[], QuantBlocks]:
     def load() -> QuantBlocks:
-        blocks = file_blocks(tensor.data, tensor.tensor_type, *shape)
+        blocks = file_blocks(_data(path, tensor), tensor.tensor_type, *shape)
         if permute_heads is not None:
             blocks = QuantBlocks(*(_unpermute_rows(getattr(blocks, f), permute_heads)
                                    for f in ("q", "scale", "minimum")), blocks.bits)
@@ -310,7 +333,7 @@ def _tensor_loader(
     path: Path, tensor: ReaderTensor, shape: tuple[int, ...], permute_heads: int | None
 ) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        weights = _dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        weights = _dequantize(_data(path, tensor), tensor.tensor_type).reshape(shape)
         return weights if permute_heads is None else _unpermute_rows(weights, permute_heads)
 
     return load
@@ -319,7 +342,15 @@ def _tensor_loader(
 def _row_reader(path: Path, tensor: ReaderTensor) -> Rows:
     """A 2-D tensor by ranges of rows (the reader's layout is [rows, bytes of a row])."""
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return Rows(shape, lambda lo, hi: _dequantize(tensor.data[lo:hi], tensor.tensor_type))
+    return Rows(shape, lambda lo, hi: _dequantize(_data(path, tensor, lo, hi),
+                                                  tensor.tensor_type))
+
+
+def _block_rows(path: Path, tensor: ReaderTensor) -> BlockRows:
+    """A quantized 2-D tensor's blocks by ranges of rows."""
+    rows, cols = (int(d) for d in reversed(tensor.shape.tolist()))
+    return BlockRows((rows, cols), block_bits(tensor.tensor_type), lambda lo, hi: file_blocks(
+        _data(path, tensor, lo, hi), tensor.tensor_type, hi - lo, cols))
 
 
 def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from nanovllm_onnx.config import FOUR_BIT_FORMATS, ModelConfig
-from nanovllm_onnx.convert.source import ModelSource, QuantBlocks, Rows
+from nanovllm_onnx.convert.source import BlockRows, ModelSource, QuantBlocks, Rows
 from nanovllm_onnx.convert.weight_file import WeightFile
 from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, PROMPT_ROWS, quantize
 
@@ -131,7 +131,8 @@ class GraphBuilder:
         return self.block_op("BlockLinear", x, self.block_const(name, weight, bits),
                              self.prompt_rows)
 
-    def block_const(self, name: str, weight: np.ndarray | list[np.ndarray] | Rows | QuantBlocks,
+    def block_const(self, name: str,
+                    weight: np.ndarray | list[np.ndarray] | Rows | QuantBlocks | BlockRows,
                     bits: int) -> BlockWeights:
         """Packed blocks as an initializer: `weight`'s own, or it rounded to `bits` and packed
         a chunk of rows (whole groups of 16) at a time: stacked parts (q, k, v) one part at a
@@ -146,6 +147,10 @@ class GraphBuilder:
             n, num_blocks, _ = weight.q.shape
             return BlockWeights(self.const(name, pack_blocks(weight)), num_blocks * BLOCK, n,
                                 weight.bits)
+        if isinstance(weight, BlockRows):  # its own blocks, a chunk of rows at a time
+            (n, k), step = weight.shape, chunk_rows(weight.shape[1], multiple=16)
+            packed = (pack_blocks(weight.read(lo, min(lo + step, n))) for lo in range(0, n, step))
+            return BlockWeights(self.const(name, packed), k, n, weight.bits)
         rows = weight if isinstance(weight, Rows) else Rows.of(weight)
         (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
         packed = (quantize_packed(c, bits) for c in rows.chunks(step, stored=True))
@@ -291,13 +296,13 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
                 return QuantBlocks.concat(parts)
         return [src.matrix(n) for n in names]
 
-    def table(name: str) -> Rows | QuantBlocks:
+    def table(name: str) -> Rows | BlockRows:
         """The embedding or LM head: a GGUF's own blocks for auto; otherwise 8-bit blocks, as
         GGUF files keep the output matrix at 6-8 bits: SmolLM2's Q8_0 embedding comes back
         exactly (int4 perplexity 12.55 vs 14.26 in 4-bit blocks; int8 13.16 vs 13.25 per
         channel, at the same speed); int4_all rounds it to 4-bit blocks, as asked."""
-        if cfg.weights == "auto" and name in src.quant_blocks:
-            return src.quant_blocks[name]
+        if cfg.weights == "auto" and name in src.block_rows:
+            return src.block_rows[name]
         return src.rows(name)
 
     cos_sin = rotary_cache(hd, cfg.max_position_embeddings, hf["rope_parameters"])
