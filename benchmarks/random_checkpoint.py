@@ -70,6 +70,10 @@ def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
     return shapes
 
 
+def bf16_bytes(shape: list[int]) -> int:
+    return 2 * int(np.prod(shape))
+
+
 def bf16_chunks(rng: np.random.Generator, name: str, count: int):
     """Normal(0, INIT_STD) values, norms around 1, as bf16 bits (the top half of float32)."""
     for start in range(0, count, CHUNK):
@@ -86,7 +90,7 @@ def write_safetensors(path: Path, shapes: dict[str, list[int]],
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
-        size = 2 * int(np.prod(shape))
+        size = bf16_bytes(shape)
         header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -125,7 +129,7 @@ def write_checkpoint(out: Path, cfg: dict, seed: int = 0) -> Path:
     shards: list[dict[str, list[int]]] = [{}]
     shard_bytes = 0
     for name, shape in shapes.items():  # in order, a new shard when this one would pass 5 GB
-        size = 2 * int(np.prod(shape))
+        size = bf16_bytes(shape)
         if shards[-1] and shard_bytes + size > SHARD_BYTES:
             shards.append({})
             shard_bytes = 0
@@ -137,7 +141,7 @@ def write_checkpoint(out: Path, cfg: dict, seed: int = 0) -> Path:
     for file, shard in zip(files, shards):
         write_safetensors(out / file, shard, rng)
     if len(shards) > 1:
-        total = sum(2 * int(np.prod(shape)) for shape in shapes.values())
+        total = sum(map(bf16_bytes, shapes.values()))
         weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

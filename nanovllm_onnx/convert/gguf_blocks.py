@@ -56,11 +56,13 @@ def file_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int,
         d = np.repeat(_half(blocks, type_size - 2), block_size // 32, axis=1)
         scale, minimum = -d, 128 * d
     bits = block_bits(qtype)
-    codes = _codes(blocks, qtype)
-    if codes is None:
-        return blocks_from_values(dequantize(raw, qtype).reshape(rows, cols), scale, minimum,
-                                  bits)
+    # Rounded to fp16, as BlockLinear stores them.
     scale, minimum = (a.astype(np.float16).astype(np.float32) for a in (scale, minimum))
+    codes = _codes(blocks, qtype)
+    if codes is None:  # the nearest code to the reference's values (0 where the scale is 0:
+        # a constant block), the file's own where the scale and minimum are exact
+        codes = quantize.block_codes(dequantize(raw, qtype).reshape(rows, cols), scale,
+                                     minimum, bits)
     return QuantBlocks(codes.reshape(rows, -1, 32), scale, minimum, bits)
 
 
@@ -93,15 +95,6 @@ def _codes(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray | None
 def block_bits(qtype: GGMLQuantizationType) -> int:
     """The bits of the BlockLinear blocks a quantized type runs as."""
     return 4 if qtype in _FOUR_BIT else 8
-
-
-def blocks_from_values(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray,
-                       bits: int) -> QuantBlocks:
-    """The codes of `values` [rows, cols] against a given scale and minimum per 32 inputs
-    (rounded to fp16 first, as BlockLinear stores them): the nearest code (0 where the scale
-    is 0: a constant block), the file's own where the scale and minimum are exact."""
-    scale, minimum = (a.astype(np.float16).astype(np.float32) for a in (scale, minimum))
-    return QuantBlocks(quantize.block_codes(values, scale, minimum, bits), scale, minimum, bits)
 
 
 def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
