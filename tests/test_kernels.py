@@ -254,13 +254,13 @@ def test_bad_lengths_are_clear_errors() -> None:
     run([CAPACITY - 1, 0], [1, 0])  # the last position is fine
 
 
-def swiglu_session(per_token: bool, target: str = "") -> ort.InferenceSession:
+def swiglu_session(per_token: bool, target: str = "", width: int = 32) -> ort.InferenceSession:
     outputs = ["act", "scale"] if per_token else ["act"]
     node = helper.make_node("SwiGLU", ["gate_up"], outputs, domain=DOMAIN)
     info = helper.make_tensor_value_info
     graph = helper.make_graph(
-        [node], "swiglu", [info("gate_up", F32, ["tokens", 64])],
-        [info("act", F32, ["tokens", 32])] + [info("scale", F32, ["tokens", 1])] * per_token)
+        [node], "swiglu", [info("gate_up", F32, ["tokens", 2 * width])],
+        [info("act", F32, ["tokens", width])] + [info("scale", F32, ["tokens", 1])] * per_token)
     return ops_session(graph, target)
 
 
@@ -286,13 +286,15 @@ def test_swiglu_and_its_per_token_scale(target: str) -> None:
 
 
 def block_session(k: int, n: int, bits: int, weights: np.ndarray, target: str = "",
-                  prompt_rows: bool = False) -> ort.InferenceSession:
-    """BlockLinear alone; with `prompt_rows`, fed its rows' roles too."""
+                  prompt_rows: bool = False, swiglu: bool = False) -> ort.InferenceSession:
+    """BlockLinear alone; with `prompt_rows`, fed its rows' roles too; with `swiglu`, fed
+    gate_up [tokens, 2K] (its width left to the op to check)."""
     roles = [PROMPT_ROWS] if prompt_rows else []
+    fused = {"swiglu": 1} if swiglu else {}
     node = helper.make_node("BlockLinear", ["x", "w", *roles], ["y"], domain=DOMAIN, K=k, N=n,
-                            bits=bits)
+                            bits=bits, **fused)
     info = helper.make_tensor_value_info
-    inputs = [info("x", F32, ["tokens", k])]
+    inputs = [info("x", F32, ["tokens", "width" if swiglu else k])]  # (the op checks 2K)
     inputs += [info(PROMPT_ROWS, TensorProto.UINT8, ["tokens"])] if prompt_rows else []
     graph = helper.make_graph([node], "block_linear", inputs, [info("y", F32, ["tokens", n])],
                               [numpy_helper.from_array(weights, "w")])
@@ -505,6 +507,33 @@ def test_builds_without_amx_run_prompt_rows_on_the_int8_path(target: str) -> Non
         None, {"x": x, PROMPT_ROWS: np.ones(20, np.uint8)})
     np.testing.assert_array_equal(y, block_session(k, n, bits, weights, target).run(
         None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_linear_fed_gate_up_is_swiglu_then_block_linear(target: str, bits: int) -> None:
+    """swiglu = 1 (a down projection fed gate_up [T, 2K]): bit for bit what the SwiGLU op and
+    BlockLinear of its output give, on every path of every build this CPU runs: a few rows,
+    AMX's int8 tiles (20), its bf16 path (40 prompt rows, or generated rows free to take it),
+    and prompt rows beside generated ones."""
+    skip_unless_runnable(target)
+    rng = np.random.default_rng(bits + 50)
+    k, n = 200, 37
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // 32), bits), bits))
+    fused = block_session(k, n, bits, weights, target, prompt_rows=True, swiglu=True)
+    plain = block_session(k, n, bits, weights, target, prompt_rows=True)
+    swiglu = swiglu_session(False, target, width=k)
+    mixed = (rng.random(40) < 0.5).astype(np.uint8)
+    for tokens, roles in ((1, INT8_ROLE), (3, PROMPT_ROLE), (20, INT8_ROLE), (40, PROMPT_ROLE),
+                          (40, EITHER_ROLE), (40, mixed)):
+        gate_up = (rng.standard_normal((tokens, 2 * k)) * 3).astype(np.float32)
+        rows = np.broadcast_to(np.uint8(roles), (tokens,)).copy()
+        (act,) = swiglu.run(None, {"gate_up": gate_up})
+        (want,) = plain.run(None, {"x": act, PROMPT_ROWS: rows})
+        (got,) = fused.run(None, {"x": gate_up, PROMPT_ROWS: rows})
+        np.testing.assert_array_equal(got, want, err_msg=f"{tokens} rows, roles {roles}")
+    with pytest.raises(Exception, match=r"x must be \[\.\.\., 2K\] \(swiglu: gate, up\)"):
+        fused.run(None, {"x": gate_up[:, :k], PROMPT_ROWS: rows})
 
 
 def test_block_linear_rejects_weights_of_another_shape() -> None:

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 # written as they are made; 19: GGUF blocks kept, auto weights, the embedding in blocks;
 # 20: the model's sliding window recorded; 21: the layers' BlockLinear take prompt_rows;
 # 22: int8 weights as uint8 with zero point 128, right on AVX2 without VNNI)
-CONVERTER_VERSION = "22"
+CONVERTER_VERSION = "23"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 PARTIAL = ".partial"  # suffix of a conversion's folder while it is written
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"

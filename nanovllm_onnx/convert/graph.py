@@ -84,7 +84,7 @@ class GraphBuilder:
         if self.weights == "int8":
             return self._int8_linear(x, name, parts, bias, token_scale)
         if self.weights != "fp32":
-            y = self.block_linear(x, name, parts, bits=4 if self.weights in FOUR_BIT_FORMATS else 8)
+            y = self.block_linear(x, name, parts, self.block_bits)
         else:
             # Gemm reads HF's [out, in] as it is: transposing it cost more than writing it;
             # stacked parts are written one after the other (no concatenated copy).
@@ -93,6 +93,11 @@ class GraphBuilder:
         if bias is not None:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias)])
         return y
+
+    @property
+    def block_bits(self) -> int:
+        """The bits of the projections' blocks in a block format."""
+        return 4 if self.weights in FOUR_BIT_FORMATS else 8
 
     def _int8_linear(self, x: str, name: str, parts: list[np.ndarray], bias: np.ndarray | None,
                      token_scale: str | None) -> str:
@@ -124,12 +129,14 @@ class GraphBuilder:
         return y
 
     def block_linear(self, x: str, name: str,
-                     weight: np.ndarray | list[np.ndarray] | QuantBlocks | Rows, bits: int) -> str:
+                     weight: np.ndarray | list[np.ndarray] | QuantBlocks | Rows, bits: int,
+                     swiglu: bool = False) -> str:
         """4- or 8-bit blocks of 32 inputs, a scale and a minimum each, through the engine's
         BlockLinear (activations quantized per block of 32 too). A GGUF's blocks go in as
-        they are (at their own width): no second rounding."""
+        they are (at their own width): no second rounding. `swiglu`: x is [gate, up] and
+        the op multiplies silu(gate) * up, made row by row (no SwiGLU node)."""
         return self.block_op("BlockLinear", x, self.block_const(name, weight, bits),
-                             self.prompt_rows)
+                             self.prompt_rows, swiglu)
 
     def block_const(self, name: str,
                     weight: np.ndarray | list[np.ndarray] | Rows | QuantBlocks | BlockRows,
@@ -157,12 +164,13 @@ class GraphBuilder:
         return BlockWeights(self.const(name, packed), k, n, bits)
 
     def block_op(self, op_type: str, x: str, weights: BlockWeights,
-                 prompt_rows: str | None = None) -> str:
-        """BlockLinear (x [..., K] -> [..., N]; `prompt_rows`: which rows are prompt tokens)
-        or BlockGather (token ids -> rows [..., K])."""
+                 prompt_rows: str | None = None, swiglu: bool = False) -> str:
+        """BlockLinear (x [..., K] -> [..., N]; `prompt_rows`: which rows are prompt tokens;
+        `swiglu`: x is [gate, up], [..., 2K]) or BlockGather (token ids -> rows [..., K])."""
         inputs = [x, weights.name] + ([prompt_rows] if prompt_rows else [])
+        fused = {"swiglu": 1} if swiglu else {}
         (y,) = self.op(op_type, inputs, domain=DOMAIN, K=weights.k, N=weights.n,
-                       bits=weights.bits)
+                       bits=weights.bits, **fused)
         return y
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
@@ -354,12 +362,15 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
         # SwiGLU divides each token by its max |act| itself. The other projections stay per
         # tensor: per token there gains 0.04 (o_proj) to 0.3 (qkv and gate_up together)
         # perplexity but costs 3-10% of a one-row decode (5 nodes each).
+        down = f"{p}.mlp.down_proj.weight"
         if cfg.weights == "int8":
             act, scale = g.op("SwiGLU", [gate_up], n_out=2, domain=DOMAIN)
-        else:
-            (act,), scale = g.op("SwiGLU", [gate_up], domain=DOMAIN), None
-        down = f"{p}.mlp.down_proj.weight"
-        x = g.linear(act, down, stacked([down]), token_scale=scale)
+            x = g.linear(act, down, stacked([down]), token_scale=scale)
+        elif cfg.weights == "fp32":
+            (act,) = g.op("SwiGLU", [gate_up], domain=DOMAIN)
+            x = g.linear(act, down, stacked([down]))
+        else:  # BlockLinear takes gate_up as it is (SwiGLU fused into its input)
+            x = g.block_linear(gate_up, down, stacked([down]), g.block_bits, swiglu=True)
 
     (last,) = g.op("Add", [x, residual])
     (last,) = g.op("Gather", [last, "logits_index"])

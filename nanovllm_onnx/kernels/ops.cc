@@ -608,6 +608,14 @@ struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<kCache>, SlotAttentio
   }
 };
 
+// act[i] = silu(gate[i]) * up[i], for SwiGLU and for BlockLinear's fused input (swiglu).
+// Never inlined: both must compute the same floats, and a copy inlined elsewhere could be
+// vectorized differently (another exp).
+__attribute__((noinline)) void silu_times(const float* gate, const float* up, float* act,
+                                          int64_t n) {
+  for (int64_t i = 0; i < n; ++i) act[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
 // SwiGLU: act = silu(gate) * up of gate_up [T, 2I] (gate first). With a second output, each
 // row of act is divided by its max |act| (at least 1e-30), returned as scale [T, 1]: the
 // int8 GEMM that follows then sees one activation scale per token. One node where the
@@ -630,12 +638,10 @@ struct SwiGLUKernel {
     float* act = rows.act + r * n;
     // Scalar std::exp: the vector exp_ps (2 ulp) gained nothing here (the op is memory-bound:
     // 1,024 rows 1.00x, the 135M decode no faster) and changed the floats, hence the tokens.
-    float peak = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
-      act[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-      peak = std::max(peak, std::fabs(act[i]));
-    }
+    silu_times(gate, up, act, n);
     if (rows.scale == nullptr) return;
+    float peak = 0.f;
+    for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::fabs(act[i]));
     peak = std::max(peak, 1e-30f);
     rows.scale[r] = peak;
     const float inv = 1.f / peak;
@@ -696,12 +702,25 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
 // Optional input 2, prompt_rows (uint8 [tokens]), each row's path in the AMX build (other
 // builds ignore it): 0 the int8 path, 1 (a prompt token) bf16 (see BLOCK_LINEAR_BF16), 2 (a
 // generated token of an engine that does not promise batch invariance) whichever is faster
-// for the call (bf16_either).
+// for the call (bf16_either). Attribute swiglu = 1: x is gate_up [T, 2K] (SwiGLU's input) and
+// the op multiplies silu(gate) * up, made a row at a time as the row is quantized or rounded
+// to bf16: a down projection without the T x K floats of SwiGLU's output written and read
+// back (~5% of a 1B prompt step of 1,024 tokens went to SwiGLU).
 constexpr uint8_t kPromptRole = 1, kEitherRole = 2;  // (kernels/__init__.py's roles)
 constexpr int kRows = 16;   // output rows of one record
 constexpr int kBlock = 32;  // inputs of one record
 
 constexpr int64_t record_bytes(int64_t bits) { return kRows * kBlock * bits / 8 + 4 * kRows; }
+
+// Row x of BlockLinear's input as the K values it multiplies: x itself, or where swiglu (x is
+// [gate, up], 2K wide) silu(gate) * up, in the calling thread's buffer (until its next call).
+inline const float* input_row(const float* x, int64_t k, bool swiglu) {
+  if (!swiglu) return x;
+  thread_local std::vector<float> act;
+  act.resize(k);
+  silu_times(x, x + k, act.data(), k);
+  return act.data();
+}
 
 // The code of row r's input i (0..31) in a record, and the row's scale and minimum.
 inline int record_code(const uint8_t* rec, int64_t bits, int r, int i) {
@@ -1412,7 +1431,7 @@ void dequantize_record(const uint8_t* rec, uint16_t* tile) {
 struct Bf16Rows {
   const float* x;
   const int64_t* rows;
-  int64_t k, blocks, prompts;
+  int64_t k, width, blocks, prompts;  // width: x's row (2K where swiglu)
   uint16_t* a;
 };
 
@@ -1422,7 +1441,8 @@ void prompt_tile(void* data, size_t i) {
   const Bf16Rows& r = *static_cast<const Bf16Rows*>(data);
   for (int64_t t = 0; t < kRows; ++t) {
     const int64_t row = int64_t(i) * kRows + t;
-    const float* x = row < r.prompts ? r.x + r.rows[row] * r.k : nullptr;
+    const float* x =
+        row < r.prompts ? input_row(r.x + r.rows[row] * r.width, r.k, r.width != r.k) : nullptr;
     uint16_t* a = r.a + int64_t(i) * r.blocks * kTileValues + t * kBlock;
     for (int64_t b = 0; b < r.blocks; ++b, a += kTileValues) {
       const int64_t count = x ? std::min<int64_t>(kBlock, r.k - b * kBlock) : 0;
@@ -1790,15 +1810,26 @@ struct BlockMatrix {
 
 struct BlockLinearKernel {
   BlockMatrix m;
+  int64_t width;  // x's row: K, or 2K where swiglu (gate_up)
   // The most threads seen running one call's runs (ONNX Runtime does not tell a custom op its
   // pool's size): the next calls' runs are planned for them.
   mutable std::atomic<int> threads{2};
 
-  BlockLinearKernel(const OrtApi&, const OrtKernelInfo* info) : m(info, "BlockLinear") {}
+  BlockLinearKernel(const OrtApi&, const OrtKernelInfo* info)
+      : m(info, "BlockLinear"), width(m.k) {
+    int64_t swiglu = 0;
+    try {
+      swiglu = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("swiglu");
+    } catch (const Ort::Exception&) {  // (absent: 0)
+    }
+    if (swiglu != 0 && swiglu != 1)
+      ORT_CXX_API_THROW("BlockLinear: swiglu must be 0 or 1", ORT_INVALID_ARGUMENT);
+    width = swiglu ? 2 * m.k : m.k;
+  }
 
   struct Rows {
     const float* x;
-    int64_t k, blocks;
+    int64_t k, width, blocks;
     int8_t* q;
     float* scale;
     float* sum;
@@ -1806,8 +1837,8 @@ struct BlockLinearKernel {
 
   static void quantize(void* data, size_t t) {
     const Rows& r = *static_cast<const Rows*>(data);
-    quantize_row(r.x + t * r.k, r.k, r.blocks, r.q + t * r.blocks * kBlock,
-                 r.scale + t * r.blocks, r.sum + t * r.blocks);
+    quantize_row(input_row(r.x + t * r.width, r.k, r.width != r.k), r.k, r.blocks,
+                 r.q + t * r.blocks * kBlock, r.scale + t * r.blocks, r.sum + t * r.blocks);
   }
 
   // y [tokens, N] of x [tokens, K] on the int8 path.
@@ -1818,7 +1849,7 @@ struct BlockLinearKernel {
     q.resize(tokens * m.blocks * kBlock);
     scale.resize(tokens * m.blocks);
     sum.resize(tokens * m.blocks);
-    Rows rows{x, m.k, m.blocks, q.data(), scale.data(), sum.data()};
+    Rows rows{x, m.k, width, m.blocks, q.data(), scale.data(), sum.data()};
     ctx.ParallelFor(quantize, tokens, 0, &rows);
     BlockStep st{weights, q.data(), scale.data(), sum.data(), y, tokens, m.n, m.blocks,
                  nullptr, nullptr};
@@ -1851,7 +1882,7 @@ struct BlockLinearKernel {
     const int64_t tiles = (prompts + kRows - 1) / kRows;
     thread_local std::vector<uint16_t> buffer;
     uint16_t* a = tile_buffer(buffer, tiles * m.blocks * kTileValues);
-    Bf16Rows rows{x, prompt.data(), m.k, m.blocks, prompts, a};
+    Bf16Rows rows{x, prompt.data(), m.k, width, m.blocks, prompts, a};
     ctx.ParallelFor(prompt_tile, tiles, 0, &rows);
     const int64_t a_bytes = tiles * m.blocks * kTileValues * 2;
     Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups};
@@ -1866,10 +1897,10 @@ struct BlockLinearKernel {
       if (i < prompts && prompt[i] == t) ++i;
       else generated.push_back(t);
     const int64_t count = static_cast<int64_t>(generated.size());
-    xg.resize(count * m.k);
+    xg.resize(count * width);
     yg.resize(count * m.n);
     for (int64_t i = 0; i < count; ++i)
-      std::memcpy(&xg[i * m.k], x + generated[i] * m.k, m.k * sizeof(float));
+      std::memcpy(&xg[i * width], x + generated[i] * width, width * sizeof(float));
     int8_rows(ctx, xg.data(), count, weights, yg.data());
     for (int64_t i = 0; i < count; ++i)
       std::memcpy(y + generated[i] * m.n, &yg[i * m.n], m.n * sizeof(float));
@@ -1881,8 +1912,10 @@ struct BlockLinearKernel {
       Ort::KernelContext ctx(context);
       auto x = ctx.GetInput(0), weights = ctx.GetInput(1);
       auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
-      if (shape.empty() || shape.back() != m.k)
-        ORT_CXX_API_THROW("BlockLinear: x must be [..., K]", ORT_INVALID_ARGUMENT);
+      if (shape.empty() || shape.back() != width)
+        ORT_CXX_API_THROW(width == m.k ? "BlockLinear: x must be [..., K]"
+                                       : "BlockLinear: x must be [..., 2K] (swiglu: gate, up)",
+                          ORT_INVALID_ARGUMENT);
       m.check(weights, "BlockLinear");
       int64_t tokens = 1;
       for (size_t i = 0; i + 1 < shape.size(); ++i) tokens *= shape[i];
