@@ -1041,6 +1041,9 @@ constexpr int kAmxTokens = 16;  // tokens per tile (the A and C tiles' rows)
 // Calls of fewer tokens run only the VNNI tiles: 16 tokens on AMX 1.3x, 24 (16 + 8) 1.1x
 // faster than on them (kernel_bench, 1B int4); 8 would fill half a tile for the same unpacking.
 constexpr int kAmxFrom = 16;
+// A product's C tile is stored once kStoreLag more products are issued (see amx_store).
+constexpr int64_t kStoreLag = 3;
+static_assert(kStoreLag < 4, "a product's C tile is reused 4 products on");
 constexpr int kAmxPass = 4;       // token tiles per pass over a group's records
 constexpr int kAmxProducts = 16;  // tile products per chunk (their dot products: 16 KB)
 constexpr int64_t kAmxTileBytes = kAmxTokens * kBlock;  // an A tile; a block's B tile too
@@ -1127,10 +1130,13 @@ inline void amx_dot(int64_t p, int64_t b, const int8_t* a) {
 }
 #undef AMX_DOT
 
-// c = product p's C tile, stored after the next product is issued rather than right after
-// its own (a store waits for its TDPBSUD, and the next product's loads would wait behind it:
-// standalone, in L1, 1.07x faster per product). The store names exactly c (the intrinsic's
-// "memory" clobber would keep y in memory rather than registers).
+// c = product p's C tile, stored once product p + kStoreLag is issued, before product p + 4
+// takes the tile back (a store waits for its TDPBSUD to finish, and the tile instructions
+// behind it wait too). Standalone, in L1, TSC ticks a product: 16 without
+// stores, 25-33 stored one product on, 20-28 three on; 1B 8-bit layers from memory
+// (kernel_bench --layers 16, 2 threads): 32 tokens 1.07-1.08x, 16 and 64 1.01-1.03x faster
+// than one on; a served-like wave's 32-row decode steps 1.04x. The store names exactly c (the
+// intrinsic's "memory" clobber would keep y in memory rather than registers).
 #define AMX_STORE(C)                                                                      \
   asm volatile("tilestored %%tmm" #C ", (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64})); \
   break
@@ -1173,9 +1179,9 @@ inline void amx_store_y(const BlockStep& st, int64_t group, int64_t tile,
     Isa::store(st.y + (tile * kAmxTokens + t) * st.n + col, y[t], st.n - col);
 }
 
-// One token tile of a record group over every block: block b + 2's product issued before
-// block b's epilogue (on C tiles of their own), so the tile unit works ahead and the vector
-// ports overlap the reads of the records.
+// One token tile of a record group over every block: block b + kStoreLag's product issued
+// before block b's epilogue (on C tiles of their own), so the tile unit works ahead and the
+// vector ports overlap the reads of the records.
 template <int Bits, typename Read>
 void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* codes,
               int64_t step, Read& first_read) {
@@ -1184,20 +1190,20 @@ void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* c
   const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
   const int8_t* a = st.amx.a + tile * blocks * kAmxTileBytes;
   alignas(64) int32_t dots[4][256];
-  auto product = [&](int64_t b) {  // issues block b's, stores block b - 1's
+  auto product = [&](int64_t b) {  // issues block b's, stores block b - kStoreLag's
     if (b < blocks) {
       if (tile == 0) first_read(b);
       amx_load_b(b, codes + b * step);
       amx_dot(b, b, a + b * kAmxTileBytes);
     }
-    if (b > 0 && b <= blocks) amx_store(b - 1, dots[(b - 1) % 4]);
+    const int64_t done = b - kStoreLag;
+    if (done >= 0 && done < blocks) amx_store(done, dots[done % 4]);
   };
   __m512 y[kAmxTokens];
   for (auto& v : y) v = Isa::fzero();
-  product(0);
-  product(1);
+  for (int64_t b = 0; b < kStoreLag; ++b) product(b);
   for (int64_t b = 0; b < blocks; ++b) {
-    product(b + 2);
+    product(b + kStoreLag);
     const int64_t at = (tile * blocks + b) * kAmxTokens;
     amx_epilogue(y, dots[b % 4], halves + b * kRecord, st.amx.xscale + at, st.amx.xsum + at);
   }
@@ -1227,10 +1233,10 @@ void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64
       amx_load_b(b, codes + b * step);
       for (int64_t i = 0; i < count; ++i, ++p) {
         amx_dot(p, b, st.amx.a + ((first + i) * blocks + b) * kAmxTileBytes);
-        if (p > 0) amx_store(p - 1, dots[p - 1]);
+        if (p >= kStoreLag) amx_store(p - kStoreLag, dots[p - kStoreLag]);
       }
     }
-    amx_store(p - 1, dots[p - 1]);
+    for (int64_t q = std::max<int64_t>(0, p - kStoreLag); q < p; ++q) amx_store(q, dots[q]);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t tile = first + i;
       __m512 y[kAmxTokens];
