@@ -1132,11 +1132,11 @@ inline void amx_dot(int64_t p, int64_t b, const int8_t* a) {
 
 // c = product p's C tile, stored once product p + kStoreLag is issued, before product p + 4
 // takes the tile back (a store waits for its TDPBSUD to finish, and the tile instructions
-// behind it wait too). Standalone, in L1, TSC ticks a product: 16 without
-// stores, 25-33 stored one product on, 20-28 three on; 1B 8-bit layers from memory
-// (kernel_bench --layers 16, 2 threads): 32 tokens 1.07-1.08x, 16 and 64 1.01-1.03x faster
-// than one on; a served-like wave's 32-row decode steps 1.04x. The store names exactly c (the
-// intrinsic's "memory" clobber would keep y in memory rather than registers).
+// behind it wait too). Standalone, in L1, TSC ticks a product: 16 without stores, 25-33
+// stored one product on, 20-28 three on; 1B 8-bit layers from memory (kernel_bench --layers
+// 16, 2 threads): 32 tokens 1.07-1.08x, 16 and 64 1.01-1.03x faster than one on; a
+// served-like wave's 32-row decode steps 1.04x. The store names exactly c (the intrinsic's
+// "memory" clobber would keep y in memory rather than registers).
 #define AMX_STORE(C)                                                                      \
   asm volatile("tilestored %%tmm" #C ", (%1,%2,1)" : "=m"(c) : "r"(c), "r"(int64_t{64})); \
   break
@@ -1347,8 +1347,11 @@ inline bool bf16_either(const uint8_t* role, int64_t tokens, int64_t bits) {
 // TDPBF16PS whatever the blocking (tasks of 8 or 16 groups, K blocks of 16-64, chunks of 4-16
 // tiles, the next chunk's A tiles prefetched into L2: all within the noise), against ~8.5 in
 // a microbenchmark with both operands from L2 and ~5.5 from L1: the blocking is not what
-// bounds them. At 256 rows the blocked plan was 0.96-0.99x (its first chunk's dequantization
-// overlaps half the products). (All measured without bf16_product's A and B prefetches, which
+// bounds them. Writing y is: a 1,024-row gate_up call (64 MB of y) took 55-58 CPU ms with A
+// and B read from L1 buffers, 31 without its y stores (A-stationary sweeps of 8-16 blocks over
+// all group pairs, y's lines prefetched for writing, or y staged in L1: 0.97-1.06x). At 256
+// rows the blocked plan was 0.96-0.99x (its first chunk's dequantization overlaps half the
+// products). (All measured without bf16_product's A and B prefetches, which
 // the compiler had dropped: see prefetch_ahead. The 128-192-row calls' 0.91-0.96x, blamed on
 // this loop's generalization, was that: with them back, 1B layer, 3 runs of 21 rounds, load
 // 3-6: 128 rows 0.99-1.01x the eighth session's build, 192 rows 0.95-1.01x (a copy of one
