@@ -197,12 +197,14 @@ def test_bad_constraints_and_unimplemented_fields_get_400(server: Server, path: 
 
 
 def test_a_slow_compiling_schema_does_not_stall_other_requests(server: Server) -> None:
-    """A 1,000-property schema takes llguidance seconds to compile. It is compiled off the
-    engine thread, so a stream running meanwhile keeps getting tokens: had the engine thread
-    compiled it, the stream would get at most a chunk or two while it waits."""
+    """A 2,000-property schema takes llguidance about a second to compile. It is compiled off
+    the engine thread, so a stream running meanwhile keeps getting tokens (~15 here, at half its
+    pace: the two share the cores); had the engine thread compiled it, the stream would get at
+    most a chunk or two while it waits. (With 1,000 properties the window held ~6 tokens
+    against the bar's 5: too close.)"""
     big = {"type": "object", "properties": {
         f"f{i}": {"anyOf": [{"type": "string", "pattern": f"^[a-z]{{{i % 5},{i % 5 + 10}}}$"},
-                            {"type": "integer", "minimum": i}]} for i in range(1000)}}
+                            {"type": "integer", "minimum": i}]} for i in range(2000)}}
     stamps: list[float] = []
     window: list[float] = []
 
