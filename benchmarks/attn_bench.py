@@ -6,13 +6,17 @@ the engine binds them).
     python benchmarks/attn_bench.py --targets avx512_amx@../main/nanovllm_onnx/kernels \
         avx512_amx                                           # main's build against this one
     python benchmarks/attn_bench.py --cache fp32 --cases decode32 prompt128
+    python benchmarks/attn_bench.py --cases prompt4x256 --targets avx512_amx:float avx512_amx
 
 Cases: decodeN (N rows of one token, contexts 256-320), promptN (one row, N tokens from
 position 0), prompt4x256 (four rows of 256, the prompt step of a wave of 256-token
 prompts), swigluN (N rows of the MLP's width). Each round times every build on every case in
 turn (interleaved); times are CPU seconds of the process per call (threads do not spin), the
 table gives each build's median and its speed relative to the first build. Also checks that
-the builds' attention outputs agree (bit for bit, or the largest difference where not).
+the builds' attention outputs agree (bit for bit, or the largest difference where not). Each
+call gets its tokens' roles as the engine's block formats feed them (prompt_rows: a prompt
+case's tokens are prompt tokens, a decode's generated ones); TARGET:float feeds none, as
+for fp32 and int8 weights (AMX then runs prompt rows in float too).
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import os
 
 import numpy as np
 import onnxruntime as ort
-from kernel_bench import medians, ops_session, time_calls
+from kernel_bench import medians, ops_session, time_calls, without_role
 from onnx import TensorProto, helper, numpy_helper
 from workloads import THREADS
 
-from nanovllm_onnx.kernels import DOMAIN, KEY_TILE
+from nanovllm_onnx.kernels import DOMAIN, EITHER_ROLE, KEY_TILE, PROMPT_ROLE, PROMPT_ROWS
 
 SHAPES = {  # heads, kv_heads, head_dim, MLP width, rows (max_num_seqs), slot capacity
     "1b": (32, 8, 64, 8192, 32, 512),
@@ -37,12 +41,15 @@ CACHE = {"fp16": (np.float16, TensorProto.FLOAT16), "fp32": (np.float32, TensorP
 
 
 def attention_session(model: str, cache: str, target: str) -> ort.InferenceSession:
+    """SlotAttention at the model's shapes, fed prompt_rows unless the target is TARGET:float."""
     heads, kv_heads, d, _, rows, capacity = SHAPES[model]
     cache_type = CACHE[cache][1]
     key_shape = [rows, kv_heads, capacity // KEY_TILE, d, KEY_TILE]
     value_shape = [rows, kv_heads, capacity, d]
+    roles = [] if fed_no_roles(target) else [PROMPT_ROWS]
     node = helper.make_node(
-        "SlotAttention", ["qkv", "past_key", "past_value", "past_lens", "query_lens", "cos", "sin"],
+        "SlotAttention",
+        ["qkv", "past_key", "past_value", "past_lens", "query_lens", "cos", "sin", *roles],
         ["out", "present_key", "present_value"], domain=DOMAIN, num_heads=heads,
         kv_num_heads=kv_heads, scale=d ** -0.5)
     angles = np.outer(np.arange(capacity), 10000.0 ** (-np.arange(d // 2) / (d // 2)))
@@ -52,13 +59,18 @@ def attention_session(model: str, cache: str, target: str) -> ort.InferenceSessi
         [info("qkv", TensorProto.FLOAT, ["tokens", (heads + 2 * kv_heads) * d]),
          info("past_key", cache_type, key_shape), info("past_value", cache_type, value_shape),
          info("past_lens", TensorProto.INT32, [rows]),
-         info("query_lens", TensorProto.INT32, [rows])],
+         info("query_lens", TensorProto.INT32, [rows]),
+         *[info(name, TensorProto.UINT8, ["tokens"]) for name in roles]],
         [info("out", TensorProto.FLOAT, ["tokens", heads * d]),
          info("present_key", cache_type, key_shape),
          info("present_value", cache_type, value_shape)],
         [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
          numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")])
-    return ops_session(graph, target)
+    return ops_session(graph, without_role(target))
+
+
+def fed_no_roles(target: str) -> bool:
+    return target.partition("@")[0].endswith(":float")
 
 
 def swiglu_session(model: str, target: str) -> ort.InferenceSession:
@@ -78,7 +90,7 @@ class AttentionCase:
     call writes its new keys at the same positions every time."""
 
     def __init__(self, sess: ort.InferenceSession, model: str, cache: str, past: list[int],
-                 query: list[int], rng: np.random.Generator) -> None:
+                 query: list[int], rng: np.random.Generator, roles: bool) -> None:
         heads, kv_heads, d, _, rows, capacity = SHAPES[model]
         dtype = CACHE[cache][0]
         past += [0] * (rows - len(past))
@@ -98,6 +110,9 @@ class AttentionCase:
             binding.bind_cpu_input("qkv", qkv)
             binding.bind_cpu_input("past_lens", np.array(past, np.int32))
             binding.bind_cpu_input("query_lens", np.array(query, np.int32))
+            if roles:  # a decode's token is a generated one, the others prompt tokens
+                role = EITHER_ROLE if max(query) == 1 else PROMPT_ROLE
+                binding.bind_cpu_input(PROMPT_ROWS, np.full(len(qkv), role, np.uint8))
             binding.bind_output("out", "cpu", 0, np.float32, list(self.out.shape),
                                 self.out.ctypes.data)
             self.caches.append(caches)
@@ -155,7 +170,7 @@ def main() -> None:
     cases = {}
     for target in args.targets:
         attn, swiglu = (attention_session(args.model, args.cache, target),
-                        swiglu_session(args.model, target))
+                        swiglu_session(args.model, without_role(target)))
         for name in args.cases:
             rng = np.random.default_rng(0)  # the same inputs for every build
             if name.startswith("swiglu"):
@@ -163,7 +178,8 @@ def main() -> None:
                                                  int(name.removeprefix("swiglu")), rng)
             else:
                 cases[target, name] = AttentionCase(attn, args.model, args.cache,
-                                                    *lengths(name, rng), rng)
+                                                    *lengths(name, rng), rng,
+                                                    not fed_no_roles(target))
     for name in args.cases:
         first, *rest = (cases[t, name].run().copy() for t in args.targets)
         for target, out in zip(args.targets[1:], rest):

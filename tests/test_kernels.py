@@ -34,12 +34,16 @@ CACHE_TYPES = {np.float32: F32, np.float16: F16}
 
 
 def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray,
-            target: str = "", cache: type = np.float32) -> ort.InferenceSession:
+            target: str = "", cache: type = np.float32,
+            prompt_rows: bool = False) -> ort.InferenceSession:
+    """SlotAttention alone; with `prompt_rows`, fed its tokens' roles too."""
     key_shape = [rows, KV_HEADS, CAPACITY // KEY_TILE, head_dim, KEY_TILE]
     value_shape = [rows, KV_HEADS, CAPACITY, head_dim]
     cache_type = CACHE_TYPES[cache]
+    roles = [PROMPT_ROWS] if prompt_rows else []
     node = helper.make_node(
-        "SlotAttention", ["qkv", "past_key", "past_value", "past_lens", "query_lens", "cos", "sin"],
+        "SlotAttention",
+        ["qkv", "past_key", "past_value", "past_lens", "query_lens", "cos", "sin", *roles],
         ["out", "present_key", "present_value"], domain=DOMAIN, num_heads=HEADS,
         kv_num_heads=KV_HEADS, scale=head_dim ** -0.5)
     info = helper.make_tensor_value_info
@@ -47,7 +51,8 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray,
         [node], "slot_attention",
         [info("qkv", F32, ["tokens", (HEADS + 2 * KV_HEADS) * head_dim]),
          info("past_key", cache_type, key_shape), info("past_value", cache_type, value_shape),
-         info("past_lens", I32, [rows]), info("query_lens", I32, [rows])],
+         info("past_lens", I32, [rows]), info("query_lens", I32, [rows]),
+         *[info(name, TensorProto.UINT8, ["tokens"]) for name in roles]],
         [info("out", F32, ["tokens", HEADS * head_dim]),
          info("present_key", cache_type, key_shape),
          info("present_value", cache_type, value_shape)],
@@ -87,10 +92,12 @@ def untile(key_tiles: np.ndarray) -> np.ndarray:
 
 
 def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[int],
-              query: list[int], cos: np.ndarray, sin: np.ndarray, cache: type = np.float32
-              ) -> tuple[np.ndarray, ...]:
+              query: list[int], cos: np.ndarray, sin: np.ndarray, cache: type = np.float32,
+              bf16_rows: tuple[int, ...] = ()) -> tuple[np.ndarray, ...]:
     """float64 attention, row by row; returns (out, keys, values) after the step. The new
-    K/V are rounded to the cache's precision before attention reads them, as in the op."""
+    K/V are rounded to the cache's precision before attention reads them, as in the op. Rows
+    in `bf16_rows` as AMX's bf16 tiles take them: the scaled queries, the keys, the softmax's
+    numerators and the values rounded to bf16 (the numerators' sum not)."""
     d = keys.shape[-1]
     keys, values = keys.astype(np.float64), values.astype(np.float64)
     out = np.zeros((len(qkv), HEADS * d))
@@ -106,12 +113,14 @@ def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[
         keys[row, :, p:p + n] = rotate(k, c, s).transpose(1, 0, 2).astype(cache)
         values[row, :, p:p + n] = v.transpose(1, 0, 2).astype(cache)
         q = rotate(q, c, s) * d ** -0.5
+        rounded = (lambda a: bf16(a).astype(np.float64)) if row in bf16_rows else (lambda a: a)
         for h in range(HEADS):
-            scores = q[:, h] @ keys[row, h // group, :p + n].T  # [n, p + n]
+            k, v = keys[row, h // group, :p + n], values[row, h // group, :p + n]
+            scores = rounded(q[:, h]) @ rounded(k).T  # [n, p + n]
             scores[np.arange(p + n)[None, :] > pos[:, None]] = -np.inf
             weights = np.exp(scores - scores.max(-1, keepdims=True))
-            weights /= weights.sum(-1, keepdims=True)
-            out[start:start + n, h * d:(h + 1) * d] = weights @ values[row, h // group, :p + n]
+            out[start:start + n, h * d:(h + 1) * d] = (
+                rounded(weights) @ rounded(v) / weights.sum(-1, keepdims=True))
         start += n
     return out, keys, values
 
@@ -228,6 +237,67 @@ def test_a_verification_equals_its_tokens_decoded_one_by_one(target: str) -> Non
     np.testing.assert_array_equal(at_once, one_by_one)
     ref_out, _, _ = reference(qkv, keys, values, [past], [n], cos, sin, np.float16)
     np.testing.assert_allclose(at_once, ref_out, atol=2e-4)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int) -> None:
+    """With prompt_rows, AMX runs the rows of prompt tokens on the bf16 tiles: their outputs
+    are the bf16 reference's (queries, keys, softmax numerators and values rounded to bf16),
+    far closer to it than to exact attention; a prompt's queries get the same floats alone, among
+    other rows and in chunks on top of the cache; generated rows (a decode, a verification)
+    keep the float path's floats bit for bit. Builds without AMX ignore the roles."""
+    rng = np.random.default_rng(head_dim + 1)
+    angles = rng.uniform(0, 2 * np.pi, (POSITIONS, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    # a prompt of 70 (three 32-token blocks: the last short), a chunk of 40 on 33 cached
+    # tokens, a decode and a verification of 5 (generated: role 2)
+    past, query = [0, 33, 40, 20], [70, 40, 1, 5]
+    roles = np.concatenate([np.full(n, PROMPT_ROLE if r < 2 else 2, np.uint8)
+                            for r, n in enumerate(query)])
+    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(np.float16)
+    values = rng.standard_normal(keys.shape).astype(np.float16)
+    qkv = (rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)) * 2
+           ).astype(np.float32)
+
+    def run(target: str, rows: list[int], tokens: np.ndarray, start: list[int],
+            key_cache: np.ndarray, value_cache: np.ndarray, with_roles: bool = True
+            ) -> np.ndarray:
+        sess = session(head_dim, len(rows), cos, sin, target, np.float16, with_roles)
+        lengths = [len(t) for t in tokens]
+        feeds = {"qkv": np.concatenate(tokens), "past_key": key_cache[rows],
+                 "past_value": value_cache[rows], "past_lens": np.array(start, np.int32),
+                 "query_lens": np.array(lengths, np.int32)}
+        if with_roles:
+            feeds[PROMPT_ROWS] = np.concatenate([roles_of[r][:len(t)]
+                                                 for r, t in zip(rows, tokens)])
+        out, new_keys, new_values = sess.run(None, feeds)
+        key_cache[rows], value_cache[rows] = new_keys, new_values
+        return out
+
+    bounds = np.cumsum(query)[:-1]
+    tokens, roles_of = np.split(qkv, bounds), np.split(roles, bounds)
+    everything = list(range(len(query)))
+    for target in FLOAT_TARGETS:  # no AMX: the roles change nothing
+        if target in SUPPORTED:
+            np.testing.assert_array_equal(
+                run(target, everything, tokens, past, tiles(keys), values.copy()),
+                run(target, everything, tokens, past, tiles(keys), values.copy(), False))
+    skip_unless_runnable("avx512_amx")
+    out = run("avx512_amx", everything, tokens, past, tiles(keys), values.copy())
+    exact, _, _ = reference(qkv, keys, values, past, query, cos, sin, np.float16)
+    rounded, _, _ = reference(qkv, keys, values, past, query, cos, sin, np.float16, (0, 1))
+    prompt = roles == PROMPT_ROLE
+    error, gap = np.abs(out - rounded)[prompt].max(), np.abs(exact - rounded)[prompt].max()
+    assert error < gap / 4, (error, gap)
+    float_path = run("avx512_vnni", everything, tokens, past, tiles(keys), values.copy(), False)
+    np.testing.assert_array_equal(out[~prompt], float_path[~prompt])
+    # the prompt alone, and in chunks of 32 and 38 (the second reading the first's keys)
+    np.testing.assert_array_equal(
+        run("avx512_amx", [0], tokens[:1], [0], tiles(keys), values.copy()), out[:70])
+    key_cache, value_cache = tiles(keys), values.copy()
+    chunked = [run("avx512_amx", [0], [tokens[0][:32]], [0], key_cache, value_cache),
+               run("avx512_amx", [0], [tokens[0][32:]], [32], key_cache, value_cache)]
+    np.testing.assert_array_equal(np.concatenate(chunked), out[:70])
 
 
 def test_bad_lengths_are_clear_errors() -> None:

@@ -286,6 +286,9 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
     """The graph; its weights go to `weight_file` as they are made, when one is given."""
     w, hf = src.tensors, src.config
     g = GraphBuilder(cfg.weights, weight_file, prompt_rows=PROMPT_ROWS)
+    # The block formats' prompt tokens go through AMX's bf16 tiles, their attention too; fp32
+    # and int8 keep theirs in float.
+    prompt_roles = [] if cfg.weights in ("fp32", "int8") else [PROMPT_ROWS]
     eps = float(hf["rms_norm_eps"])
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qk_norm = cfg.architecture == "Qwen3ForCausalLM"
@@ -346,7 +349,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
             qkv = _qk_norm(g, qkv, p, w, heads, kv_heads, hd, eps)
         attn, _, _ = g.op(
             "SlotAttention",
-            [qkv, f"past_key.{i}", f"past_value.{i}", "past_lens", "query_lens", cos, sin],
+            [qkv, f"past_key.{i}", f"past_value.{i}", "past_lens", "query_lens", cos, sin,
+             *prompt_roles],
             n_out=3, domain=DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
             scale=float(hd) ** -0.5,
         )

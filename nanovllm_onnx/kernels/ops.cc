@@ -13,6 +13,8 @@
 //         3 past_lens [B] int32: tokens already in each row's cache
 //         4 query_lens [B] int32: new tokens of each row (0: idle row, untouched)
 //         5 cos [max_positions, D / 2], 6 sin: rotary tables (rotate-half)
+//         7 prompt_rows [T] uint8, optional: each token's role (BlockLinear's input 2); on
+//           AMX a row of prompt tokens (head size a multiple of 32) runs on the bf16 tiles
 // Outputs: 0 attn [T, H * D]; 1 present_key, 2 present_value: the caches with the new rotated
 // keys and values at positions past_len .. past_len + query_len - 1. Bind them to the same
 // buffers as the past inputs (IOBinding) and the update is in place; otherwise the past is
@@ -35,8 +37,23 @@
 
 namespace {
 
+// The avx512_amx build's bf16 tiles (TDPBF16PS), which take prompt tokens: BlockLinear's
+// bf16 path and SlotAttention's prompt rows.
+#if defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define AMX_BF16
+#endif
+// A token row's role (the graph's prompt_rows input, kernels/__init__.py's roles): 1 a prompt
+// token, 2 a generated token of an engine that does not promise batch invariance, 0 another.
+constexpr uint8_t kPromptRole = 1, kEitherRole = 2;
+
 constexpr int kTile = 16;      // key positions per tile (one 512-bit vector of floats)
 constexpr int kQueryBlock = 8;  // query tokens of one row that a task handles together
+#ifdef AMX_BF16
+constexpr bool kAmxPrompts = true;  // prompt rows' attention on the bf16 tiles
+#else
+constexpr bool kAmxPrompts = false;
+#endif
+constexpr int kPromptBlock = 32;  // a prompt row's query tokens a task takes there
 
 // A tile's 16 floats (fp32 or fp16 caches are loaded as floats), and acc + x * v, fused where
 // the CPU has FMA. Written `acc += x * v`, -ffast-math leaves GCC free to contract and
@@ -134,6 +151,7 @@ struct Shape {
 struct Task {
   int64_t row, kv_head, first, last;
   bool appends;
+  bool prompt;  // the row's tokens are prompt tokens (AMX: bf16 tiles, amx_prompt_attention)
 };
 
 struct Step {
@@ -375,6 +393,12 @@ void append(const Step& st, int64_t b, int64_t g) {
   }
 }
 
+#ifdef AMX_BF16
+template <int DC, typename T>
+void amx_prompt_attention(const float* q, int64_t num_q, int64_t group, int64_t first_len,
+                          const T* key_tiles, const T* values, int64_t keys, float* out);
+#endif
+
 // next_keys, next_lines: what to prefetch while weighing the values (see run_tasks).
 template <int DC, typename T>
 void run_task(const Step& st, const Task& task, const char* next_keys, int64_t next_lines) {
@@ -405,20 +429,33 @@ void run_task(const Step& st, const Task& task, const char* next_keys, int64_t n
     }
   }
   const int64_t slot = task.row * s.kv_heads + task.kv_head;
-  // All of a KV head's query vectors at once where they fit (kScored), so that
-  // the keys and values are read once.
+  const T* key_tiles = static_cast<const T*>(st.keys) + slot * s.capacity * D;
   const T* values = static_cast<const T*>(st.values) + slot * s.capacity * D;
-  in_chunks<Scorer<DC, T>::template Kernel>(
-      static_cast<int>(num_q), kScored, q.data(),
-      static_cast<const T*>(st.keys) + slot * s.capacity * D, num_tiles, scores.data(), stride,
-      values);
-  // Softmax of each query over the keys it sees (causal: up to its own position).
-  for (int64_t n = 0; n < num_q; ++n)
-    inverse_sums[n] =
-        softmax_numerators(&scores[n * stride], past + task.first + n / group + 1, keys);
-  in_chunks<Weigher<DC, T>::template Kernel>(
-      static_cast<int>(num_q), std::max(1, kWeighRegisters / DC - 1), scores.data(), stride,
-      inverse_sums.data(), values, keys, out.data(), next_keys, next_lines);
+  bool done = false;
+#ifdef AMX_BF16
+  if constexpr (DC % 2 == 0) {  // (a tile product takes 32 of D)
+    if (task.prompt) {
+      out.resize((num_q + kTile - 1) / kTile * kTile * D);
+      amx_prompt_attention<DC, T>(q.data(), num_q, group, past + task.first + 1, key_tiles,
+                                  values, keys, out.data());
+      done = true;
+    }
+  }
+#endif
+  if (!done) {
+    // All of a KV head's query vectors at once where they fit (kScored), so that
+    // the keys and values are read once.
+    in_chunks<Scorer<DC, T>::template Kernel>(static_cast<int>(num_q), kScored, q.data(),
+                                              key_tiles, num_tiles, scores.data(), stride,
+                                              values);
+    // Softmax of each query over the keys it sees (causal: up to its own position).
+    for (int64_t n = 0; n < num_q; ++n)
+      inverse_sums[n] =
+          softmax_numerators(&scores[n * stride], past + task.first + n / group + 1, keys);
+    in_chunks<Weigher<DC, T>::template Kernel>(
+        static_cast<int>(num_q), std::max(1, kWeighRegisters / DC - 1), scores.data(), stride,
+        inverse_sums.data(), values, keys, out.data(), next_keys, next_lines);
+  }
   for (int64_t j = task.first; j < task.last; ++j) {
     float* dst = st.out + (st.offsets[task.row] + j) * s.heads * D + task.kv_head * group * D;
     std::memcpy(dst, &out[(j - task.first) * group * D], group * D * sizeof(float));
@@ -494,19 +531,29 @@ struct SlotAttentionKernel {
   // thread idle a third of the call; 6 tasks of 4 and 3 tokens even them out (each block
   // reads the keys again, cheap next to scoring them). A decode's single token is one block.
   // (The CPU count is read once: glibc reads it from /sys, some microseconds, every call.)
-  static void add_tasks(Step& st, const int32_t* query) {
+  // A prompt row (roles, where given) on AMX takes the bf16 tiles in blocks of kPromptBlock
+  // tokens: each task rounds the keys and values it reads to bf16 tiles, for all its queries.
+  static void add_tasks(Step& st, const int32_t* query, const uint8_t* roles) {
     const Shape& s = st.s;
-    auto blocks_of = [](int64_t n) { return (n + kQueryBlock - 1) / kQueryBlock; };
+    auto prompt = [&](int64_t b) {
+      return kAmxPrompts && s.head_dim % 32 == 0 && roles != nullptr && query[b] > 0 &&
+             roles[st.offsets[b]] == kPromptRole;
+    };
+    auto blocks_of = [&](int64_t b) {
+      const int64_t block = prompt(b) ? kPromptBlock : kQueryBlock;
+      return (query[b] + block - 1) / block;
+    };
     int64_t tasks = 0;
-    for (int64_t b = 0; b < s.rows; ++b) tasks += s.kv_heads * blocks_of(query[b]);
+    for (int64_t b = 0; b < s.rows; ++b) tasks += s.kv_heads * blocks_of(b);
     static const int64_t wanted = 2 * std::max(1u, std::thread::hardware_concurrency());
     const int64_t split = tasks == 0 ? 1 : (wanted + tasks - 1) / tasks;
     for (int64_t b = 0; b < s.rows; ++b) {
-      const int64_t n = query[b], blocks = std::min(n, blocks_of(n) * split);
+      const int64_t n = query[b], blocks = std::min(n, blocks_of(b) * split);
       for (int64_t g = 0; g < s.kv_heads; ++g) {
         for (int64_t i = 0; i < blocks; ++i)  // block i: tokens [n i / blocks, n (i + 1) / blocks)
-          st.tasks.push_back({b, g, n * i / blocks, n * (i + 1) / blocks, blocks == 1});
-        if (blocks > 1) st.appends.push_back({b, g, 0, n, true});
+          st.tasks.push_back(
+              {b, g, n * i / blocks, n * (i + 1) / blocks, blocks == 1, prompt(b)});
+        if (blocks > 1) st.appends.push_back({b, g, 0, n, true, false});
       }
     }
   }
@@ -578,7 +625,11 @@ struct SlotAttentionKernel {
     st.past_lens = past;
     auto fn = half ? task_runner<_Float16>(s.head_dim) : task_runner<float>(s.head_dim);
     check(fn != nullptr, "head_dim must be 16, 32, 64 or 128");  // (append's buffers: 128)
-    add_tasks(st, query);
+    auto roles = ctx.GetInputCount() > 7 ? ctx.GetInput(7) : Ort::ConstValue{nullptr};
+    check(roles == nullptr ||
+              roles.GetTensorTypeAndShapeInfo().GetElementCount() == size_t(s.tokens),
+          "prompt_rows needs one entry per token of qkv");
+    add_tasks(st, query, roles == nullptr ? nullptr : roles.GetTensorData<uint8_t>());
     if (st.tasks.empty()) return;
     if (!st.appends.empty())
       ctx.ParallelFor(half ? run_appends<_Float16> : run_appends<float>, st.appends.size(), 0,
@@ -596,11 +647,15 @@ struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<kCache>, SlotAttentio
   }
   const char* GetName() const { return "SlotAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 7; }
+  size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == 1 || i == 2) return kCache;
+    if (i == 7) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     return (i == 3 || i == 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
                               : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetOutputType(size_t i) const {
@@ -700,13 +755,12 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
 // vector v is bytes 64v..64v+63 (record 576 bytes). 4 bits: vectors 2p and 2p + 1 are the
 // low and high nibbles of bytes 64p..64p+63 (record 320 bytes). Attributes: K, N, bits.
 // Optional input 2, prompt_rows (uint8 [tokens]), each row's path in the AMX build (other
-// builds ignore it): 0 the int8 path, 1 (a prompt token) bf16 (see BLOCK_LINEAR_BF16), 2 (a
+// builds ignore it): 0 the int8 path, 1 (a prompt token) bf16 (see AMX_BF16), 2 (a
 // generated token of an engine that does not promise batch invariance) whichever is faster
 // for the call (bf16_either). Attribute swiglu = 1: x is gate_up [T, 2K] (SwiGLU's input) and
 // the op multiplies silu(gate) * up, made a row at a time as the row is quantized or rounded
 // to bf16: a down projection without the T x K floats of SwiGLU's output written and read
 // back (~5% of a 1B prompt step of 1,024 tokens went to SwiGLU).
-constexpr uint8_t kPromptRole = 1, kEitherRole = 2;  // (kernels/__init__.py's roles)
 constexpr int kRows = 16;   // output rows of one record
 constexpr int kBlock = 32;  // inputs of one record
 
@@ -1291,8 +1345,7 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
   return tiles * kAmxTokens;
 }
 
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define BLOCK_LINEAR_BF16
+#ifdef AMX_BF16
 // The bf16 path (the avx512_amx build) for rows that are prompt tokens (BlockLinear's input
 // 2): each record is dequantized once per call to TDPBF16PS's B tile (w = q * scale + min in
 // fp32, rounded to the nearest bf16), the prompt rows rounded to bf16 in A tiles of 16 tokens,
@@ -1473,6 +1526,129 @@ const TileConfig& bf16_tiles() {
     return c;
   }();
   return config;
+}
+
+// Two rows of 16 floats as the 16 bf16 pairs (a[i], b[i]) of a TDPBF16PS B tile row.
+inline __m512i bf16_pairs(__m512 a, __m512 b) {
+  static const __m512i order = [] {
+    alignas(64) int16_t index[32];
+    for (int i = 0; i < 16; ++i) index[2 * i] = int16_t(i), index[2 * i + 1] = int16_t(16 + i);
+    return _mm512_load_si512(index);
+  }();
+  return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
+// 32 floats rounded to bf16, in order (an A tile row).
+inline void store_bf16(uint16_t* to, const float* from) {
+  _mm512_store_si512(to, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(from + 16),
+                                                      _mm512_loadu_ps(from)));
+}
+
+// Prompt rows' attention on the bf16 tiles (SlotAttention's task of a prompt row, see
+// run_task): one KV head's num_q query vectors q [num_q, D] (rotated and scaled), vector n seeing
+// the first first_len + n / group keys of the `keys` the task reads. The scores are bf16
+// products summed in fp32 (the query and key vectors rounded to bf16, as BlockLinear rounds
+// prompt rows), the softmax in fp32 as on the float path, its numerators rounded to bf16 to
+// weigh the values (bf16 too); out [16 ceil(num_q / 16), D] gets each vector's output.
+// A vector's floats depend on its own keys only: the keys past it weigh exactly 0.
+template <int DC, typename T>
+void amx_prompt_attention(const float* q, int64_t num_q, int64_t group, int64_t first_len,
+                          const T* key_tiles, const T* values, int64_t keys, float* out) {
+  constexpr int D = DC * kTile, kChunks = D / 32;  // a product takes 32 of a vector's D
+  const int64_t q_tiles = (num_q + kRows - 1) / kRows, tiles = (keys + kTile - 1) / kTile;
+  const int64_t stride = (keys + 31) / 32 * 32, blocks = stride / 32;  // blocks of 32 keys
+  // The tiles are all rounded first, then multiplied: a tile load of lines just stored waits
+  // for the stores (rounded one tile at a time, just before its products: 1.2x slower).
+  thread_local std::vector<uint16_t> a_buffer, b_buffer, v_buffer;
+  thread_local std::vector<float> score_buffer;
+  uint16_t* qa = tile_buffer(a_buffer, (q_tiles * kChunks + blocks) * kTileValues);
+  uint16_t* pa = qa + q_tiles * kChunks * kTileValues;  // a query tile's weights [block]
+  uint16_t* kb = tile_buffer(b_buffer, tiles * kChunks * kTileValues);
+  uint16_t* vb = tile_buffer(v_buffer, blocks * DC * kTileValues);
+  float* scores = tile_buffer(score_buffer, q_tiles * kRows * stride);
+  use_tiles(bf16_tiles());
+  alignas(64) static const float zeros[D] = {};
+  for (int64_t n = 0; n < q_tiles * kRows; ++n)
+    for (int c = 0; c < kChunks; ++c)
+      store_bf16(qa + ((n / kRows * kChunks) + c) * kTileValues + n % kRows * 32,
+                 n < num_q ? q + n * D + 32 * c : zeros);
+  for (int64_t t = 0; t < tiles; ++t) {  // keys as B tiles [tile][32 of D]
+    const T* tile = key_tiles + t * D * kTile;  // [D][16 positions]
+    for (int c = 0; c < kChunks; ++c)
+      for (int j = 0; j < kRows; ++j) {
+        const int d = 32 * c + 2 * j;
+        _mm512_store_si512(kb + (t * kChunks + c) * kTileValues + j * 32,
+                           bf16_pairs((__m512)load(tile + d * kTile),
+                                      (__m512)load(tile + (d + 1) * kTile)));
+      }
+  }
+  for (int64_t blk = 0; blk < blocks; ++blk)  // values as B tiles [block][16 of D], 0 past keys
+    for (int sl = 0; sl < DC; ++sl)
+      for (int j = 0; j < kRows; ++j) {
+        const int64_t key = blk * 32 + 2 * j;
+        auto row = [&](int64_t k) {
+          return k < keys ? (__m512)load(values + k * D + sl * kTile) : _mm512_setzero_ps();
+        };
+        _mm512_store_si512(vb + (blk * DC + sl) * kTileValues + j * 32,
+                           bf16_pairs(row(key), row(key + 1)));
+      }
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t qt = 0; qt < q_tiles; ++qt) {
+      _tile_zero(0);
+      for (int c = 0; c < kChunks; ++c) {
+        _tile_loadd(4, qa + (qt * kChunks + c) * kTileValues, 64);
+        _tile_loadd(6, kb + (t * kChunks + c) * kTileValues, 64);
+        _tile_dpbf16ps(0, 4, 6);
+      }
+      _tile_stored(0, scores + qt * kRows * stride + t * kTile, stride * 4);
+    }
+  float inverse_sums[kRows];
+  for (int64_t qt = 0; qt < q_tiles; ++qt) {
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t n = qt * kRows + r;
+      float* row = scores + n * stride;
+      if (n < num_q) inverse_sums[r] = softmax_numerators(row, first_len + n / group, stride);
+      else std::memset(row, 0, stride * sizeof(float));
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        store_bf16(pa + blk * kTileValues + r * 32, row + blk * 32);
+    }
+    for (int s0 = 0; s0 < DC; s0 += 4) {  // 4 C tiles: 64 of D at a time
+      _tile_zero(0);
+      if (DC > 1) _tile_zero(1);
+      if (DC > 2) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        _tile_loadd(4, pa + blk * kTileValues, 64);
+        const uint16_t* v = vb + (blk * DC + s0) * kTileValues;
+        _tile_loadd(6, v, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (DC > 1) {
+          _tile_loadd(7, v + kTileValues, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (DC > 2) {
+          _tile_loadd(6, v + 2 * kTileValues, 64);
+          _tile_dpbf16ps(2, 4, 6);
+          _tile_loadd(7, v + 3 * kTileValues, 64);
+          _tile_dpbf16ps(3, 4, 7);
+        }
+      }
+      float* o = out + qt * kRows * D + s0 * kTile;
+      _tile_stored(0, o, D * 4);
+      if (DC > 1) _tile_stored(1, o + kTile, D * 4);
+      if (DC > 2) {
+        _tile_stored(2, o + 2 * kTile, D * 4);
+        _tile_stored(3, o + 3 * kTile, D * 4);
+      }
+    }
+    for (int r = 0; r < kRows && qt * kRows + r < num_q; ++r)
+      for (int d = 0; d < D; d += kTile) {
+        float* o = out + (qt * kRows + r) * D + d;
+        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), _mm512_set1_ps(inverse_sums[r])));
+      }
+  }
 }
 
 // A task's records, dequantized a chunk ahead of the tile products: each block step of the
@@ -1883,7 +2059,7 @@ struct BlockLinearKernel {
     if (count > threads) threads = count;
   }
 
-#ifdef BLOCK_LINEAR_BF16
+#ifdef AMX_BF16
   // y's rows `prompt` of x on the bf16 path; the others (generated tokens) on the int8 path.
   void bf16_rows(Ort::KernelContext& ctx, const float* x, int64_t tokens,
                  const std::vector<int64_t>& prompt, const uint8_t* weights, float* y) const {
@@ -1938,7 +2114,7 @@ struct BlockLinearKernel {
           roles.GetTensorTypeAndShapeInfo().GetElementCount() != size_t(tokens))
         ORT_CXX_API_THROW("BlockLinear: prompt_rows needs one entry per token row of x",
                           ORT_INVALID_ARGUMENT);
-#ifdef BLOCK_LINEAR_BF16
+#ifdef AMX_BF16
       if (roles != nullptr) {
         const uint8_t* role = roles.GetTensorData<uint8_t>();
         const bool either = bf16_either(role, tokens, m.bits);
