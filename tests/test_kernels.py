@@ -239,8 +239,9 @@ def test_a_verification_equals_its_tokens_decoded_one_by_one(target: str) -> Non
     np.testing.assert_allclose(at_once, ref_out, atol=2e-4)
 
 
+@pytest.mark.parametrize("cache", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
-def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int) -> None:
+def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> None:
     """With prompt_rows, AMX runs the rows of prompt tokens on the bf16 tiles: their outputs
     are the bf16 reference's (queries, keys, softmax numerators and values rounded to bf16),
     far closer to it than to exact attention; a prompt's queries get the same floats alone, among
@@ -254,15 +255,15 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int) -> None:
     past, query = [0, 33, 40, 20], [70, 40, 1, 5]
     roles = np.concatenate([np.full(n, PROMPT_ROLE if r < 2 else 2, np.uint8)
                             for r, n in enumerate(query)])
-    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(np.float16)
-    values = rng.standard_normal(keys.shape).astype(np.float16)
+    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(cache)
+    values = rng.standard_normal(keys.shape).astype(cache)
     qkv = (rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)) * 2
            ).astype(np.float32)
 
     def run(target: str, rows: list[int], tokens: np.ndarray, start: list[int],
             key_cache: np.ndarray, value_cache: np.ndarray, with_roles: bool = True
             ) -> np.ndarray:
-        sess = session(head_dim, len(rows), cos, sin, target, np.float16, with_roles)
+        sess = session(head_dim, len(rows), cos, sin, target, cache, with_roles)
         lengths = [len(t) for t in tokens]
         feeds = {"qkv": np.concatenate(tokens), "past_key": key_cache[rows],
                  "past_value": value_cache[rows], "past_lens": np.array(start, np.int32),
@@ -284,8 +285,8 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int) -> None:
                 run(target, everything, tokens, past, tiles(keys), values.copy(), False))
     skip_unless_runnable("avx512_amx")
     out = run("avx512_amx", everything, tokens, past, tiles(keys), values.copy())
-    exact, _, _ = reference(qkv, keys, values, past, query, cos, sin, np.float16)
-    rounded, _, _ = reference(qkv, keys, values, past, query, cos, sin, np.float16, (0, 1))
+    exact, _, _ = reference(qkv, keys, values, past, query, cos, sin, cache)
+    rounded, _, _ = reference(qkv, keys, values, past, query, cos, sin, cache, (0, 1))
     prompt = roles == PROMPT_ROLE
     error, gap = np.abs(out - rounded)[prompt].max(), np.abs(exact - rounded)[prompt].max()
     assert error < gap / 4, (error, gap)
