@@ -366,6 +366,32 @@ def test_distribution_over_vocabulary_blocks() -> None:
     assert 0.5 * np.abs(observed - expected).sum() < 0.02
 
 
+
+def test_full_vocabulary_draw_inverts_the_cdf_in_token_order() -> None:
+    """The draw over the whole vocabulary (ops.cc's, through ctypes) gives for each uniform u
+    the token where u falls in the running sum of the softmax weights in token-id order, across
+    block edges and a last partial block (1,000 tokens: 3 blocks of 256 and one of 232); a
+    token at -inf (masked) is never drawn, even where u lands on its place."""
+    rng = np.random.default_rng(5)
+    rows, vocab = 64, 1000
+    x = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    masked = rng.random((rows, vocab)) < 0.2
+    x[masked] = -np.inf
+    u = rng.random(rows)
+    probs = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    cum = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
+    expected = np.array([np.searchsorted(c, v, side="right") for c, v in zip(cum, u)])
+    clear = np.array([np.abs(c - v).min() > 1e-5 for c, v in zip(cum, u)])  # off the edges
+    tokens = sampler_module._sample_full(x, u)
+    np.testing.assert_array_equal(tokens[clear], expected[clear])
+    assert clear.sum() > rows * 0.9
+    # u at each masked token's place in the running sum: the next unmasked token instead
+    row = x[0]
+    for token in np.flatnonzero(masked[0])[:20]:
+        at = np.full(8, cum[0][token - 1] if token else 0.0)
+        drawn = sampler_module._sample_full(np.repeat(row[None], 8, axis=0), at)
+        assert not masked[0][drawn].any()
+
 # ---- logprobs ----------------------------------------------------------------------------------
 
 def test_logprobs_hold_top_n_and_the_sampled_token_from_raw_logits() -> None:

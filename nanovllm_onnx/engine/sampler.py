@@ -19,14 +19,18 @@ tokens alone or in any batch.
 
 from __future__ import annotations
 
+import ctypes
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from itertools import chain, count
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nanovllm_onnx.engine.sequence import Sequence
+from nanovllm_onnx.kernels import kernel_target, target_library
 from nanovllm_onnx.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -46,18 +50,15 @@ _FIRST_CANDIDATES = 256
 _BUCKETS_FIRST_VOCAB = 1 << 16
 _BUCKET_SHIFT = 16
 _TOP_BUCKET = 0x3F800000 >> _BUCKET_SHIFT  # weight 1's; buckets are counted down from it
-# Sampling over the whole vocabulary picks a block, then a token inside it: two short cumsums
-# instead of one long sequential one.
-_BLOCK = 256
 _LOW_32 = 0xFFFFFFFF
 # The order key of a -inf logit with an id past any vocabulary: pads sort last and read as -inf.
 _PAD_KEY = 0x7F800000_FFFFFFFF
 # Random rows are independent, so a large batch is split into parts sampled on as many
-# threads (numpy releases the GIL in its ufuncs and reductions) while ONNX Runtime's threads
-# wait for the next step. Two threads on a quiet 2-core machine, temperature 1.0: 32 x 128,256
-# logits 1.51x faster, 16 x 128,256 1.37x, 32 x 49,152 1.23x, 8 x 128,256 1.09x, but 16 x
-# 49,152 0.99x and 4 x 128,256 0.78x (the hand-off costs ~0.4 ms): parts of at least this many.
-_MIN_PART = 1 << 19
+# threads (numpy and ctypes release the GIL) while ONNX Runtime's threads wait for the next
+# step. Two threads on a quiet 2-core machine, temperature 1.0 (the whole-vocabulary draw in
+# ops.cc): 32 x 128,256 logits 1.30x faster (1.73 -> 1.32 ms), 16 x 128,256 1.10x, but 8 x
+# 128,256 and 32 x 49,152 0.98-1.01x (the hand-off costs ~0.4 ms): parts of at least this many.
+_MIN_PART = 1 << 20
 
 
 class Sampler:
@@ -295,25 +296,25 @@ def _inverse_cdf(
 
 
 def _sample_full(x: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Draw from softmax(x) per row, walking the vocabulary in token-id order. x is overwritten
-    with its weights: at a 128k vocabulary and 32 rows a fresh 16 MB array a step costs more
-    (page faults) than the exp itself."""
-    n, vocab = x.shape
-    full, rest = divmod(vocab, _BLOCK)
-    x -= x.max(axis=1, keepdims=True)
-    w = np.exp(x, out=x)
-    block_sums = w[:, :full * _BLOCK].reshape(n, full, _BLOCK).sum(axis=2)
-    if rest:  # the last, partial block, summed zero-padded as a whole one
-        last = np.zeros((n, _BLOCK), dtype=np.float32)
-        last[:, :rest] = w[:, full * _BLOCK:]
-        block_sums = np.hstack([block_sums, last.sum(axis=1, keepdims=True)])
-    block_cum = np.cumsum(block_sums, axis=1, dtype=np.float64)
-    block, u = _inverse_cdf(block_cum, u, np.full(n, block_sums.shape[1]))
-    cols = block[:, None] * _BLOCK + np.arange(_BLOCK)
-    inner = np.where(cols < vocab, w[np.arange(n)[:, None], np.minimum(cols, vocab - 1)], 0)
-    inner_cum = np.cumsum(inner, axis=1, dtype=np.float64)
-    pos, _ = _inverse_cdf(inner_cum, u, np.full(n, _BLOCK))
-    return block * _BLOCK + pos
+    """Draw from softmax(x) per row, walking the vocabulary in token-id order: blocks of 256
+    tokens first, then the drawn block's tokens (ops.cc's sampling, for this CPU's build: numpy
+    took ~3x as long, in four passes over the logits)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = np.ascontiguousarray(u, dtype=np.float64)
+    tokens = np.empty(len(x), dtype=np.int64)
+    _draw_rows()(x.ctypes.data, len(x), x.shape[1], u.ctypes.data, tokens.ctypes.data)
+    return tokens
+
+
+@cache
+def _draw_rows() -> Callable[..., None]:
+    """ops.cc's NanovllmDrawRows in the build this process's sessions get (its sources' hash
+    checked once)."""
+    draw = target_library(kernel_target()).NanovllmDrawRows
+    draw.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                     ctypes.c_void_p]
+    draw.restype = None
+    return draw
 
 
 def _sample_top_k_top_p(x: np.ndarray, k: np.ndarray, p: np.ndarray, u: np.ndarray) -> np.ndarray:

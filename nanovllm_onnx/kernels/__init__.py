@@ -55,6 +55,13 @@ def kernel_target() -> str:
     return target
 
 
+@cache
+def target_library(target: str) -> ctypes.CDLL:
+    """The `target` build of ops.cc itself, for the functions it exports beside the ops
+    (quantization, sampling: through ctypes, which releases the GIL while they run)."""
+    return ctypes.CDLL(str(custom_ops_library().with_name(f"ops_{target}.so")))
+
+
 def supported_targets() -> list[str]:
     """The builds this CPU can run, best first (cpuid, as the dispatcher sees it)."""
     return _library(custom_ops_library()).NanovllmKernelTargets().decode().split(",")

@@ -14,7 +14,7 @@ from functools import cache, partial
 import numpy as np
 from ml_dtypes import bfloat16
 
-from nanovllm_onnx.kernels import custom_ops_library, kernel_target
+from nanovllm_onnx.kernels import kernel_target, target_library
 
 BLOCK = 32  # inputs per block
 ROWS = 16  # output rows per packed record
@@ -40,7 +40,7 @@ def _library() -> ctypes.CDLL:
 
 @cache
 def _build(target: str) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(custom_ops_library().with_name(f"ops_{target}.so")))
+    library = target_library(target)
     for name, argtypes in _SIGNATURES.items():
         getattr(library, name).argtypes = argtypes
         getattr(library, name).restype = None
