@@ -245,16 +245,19 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> 
     """With prompt_rows, AMX runs the rows of prompt tokens on the bf16 tiles: their outputs
     are the bf16 reference's (queries, keys, softmax numerators and values rounded to bf16),
     far closer to it than to exact attention; a prompt's queries get the same floats alone, among
-    other rows and in chunks on top of the cache; generated rows (a decode, a verification)
-    keep the float path's floats bit for bit. Builds without AMX ignore the roles."""
+    other rows and in chunks on top of the cache; generated tokens (a decode, a verification,
+    recomputed ones after a prompt's in its row) keep the float path's floats bit for bit.
+    Builds without AMX ignore the roles."""
     rng = np.random.default_rng(head_dim + 1)
     angles = rng.uniform(0, 2 * np.pi, (POSITIONS, head_dim // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     # a prompt of 70 (three 32-token blocks: the last short), a chunk of 40 on 33 cached
-    # tokens, a decode and a verification of 5 (generated: role 2)
-    past, query = [0, 33, 40, 20], [70, 40, 1, 5]
+    # tokens, a decode and a verification of 5 (generated: role 2), and a prompt of 20 with 6
+    # generated tokens after it (recomputed after a preemption)
+    past, query = [0, 33, 40, 20, 0], [70, 40, 1, 5, 26]
     roles = np.concatenate([np.full(n, PROMPT_ROLE if r < 2 else 2, np.uint8)
                             for r, n in enumerate(query)])
+    roles[-6 - 20:-6] = PROMPT_ROLE
     keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(cache)
     values = rng.standard_normal(keys.shape).astype(cache)
     qkv = (rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)) * 2
@@ -286,7 +289,7 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> 
     skip_unless_runnable("avx512_amx")
     out = run("avx512_amx", everything, tokens, past, tiles(keys), values.copy())
     exact, _, _ = reference(qkv, keys, values, past, query, cos, sin, cache)
-    rounded, _, _ = reference(qkv, keys, values, past, query, cos, sin, cache, (0, 1))
+    rounded, _, _ = reference(qkv, keys, values, past, query, cos, sin, cache, (0, 1, 4))
     prompt = roles == PROMPT_ROLE
     error, gap = np.abs(out - rounded)[prompt].max(), np.abs(exact - rounded)[prompt].max()
     assert error < gap / 4, (error, gap)
@@ -299,6 +302,9 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> 
     chunked = [run("avx512_amx", [0], [tokens[0][:32]], [0], key_cache, value_cache),
                run("avx512_amx", [0], [tokens[0][32:]], [32], key_cache, value_cache)]
     np.testing.assert_array_equal(np.concatenate(chunked), out[:70])
+    np.testing.assert_array_equal(  # the mixed row's prompt tokens: as a prompt alone
+        run("avx512_amx", [4], [tokens[4][:20]], [0], tiles(keys), values.copy()),
+        out[-26:-6])
 
 
 def test_bad_lengths_are_clear_errors() -> None:

@@ -531,29 +531,38 @@ struct SlotAttentionKernel {
   // thread idle a third of the call; 6 tasks of 4 and 3 tokens even them out (each block
   // reads the keys again, cheap next to scoring them). A decode's single token is one block.
   // (The CPU count is read once: glibc reads it from /sys, some microseconds, every call.)
-  // A prompt row (roles, where given) on AMX takes the bf16 tiles in blocks of kPromptBlock
-  // tokens: each task rounds the keys and values it reads to bf16 tiles, for all its queries.
+  // A row's leading prompt tokens (roles, where given) take the bf16 tiles on AMX, in blocks
+  // of kPromptBlock tokens: each task rounds the keys and values it reads to bf16 tiles, for
+  // all its queries. Its generated tokens (recomputed after a preemption) keep the float
+  // path, as every token's path follows its own role.
   static void add_tasks(Step& st, const int32_t* query, const uint8_t* roles) {
     const Shape& s = st.s;
-    auto prompt = [&](int64_t b) {
-      return kAmxPrompts && s.head_dim % 32 == 0 && roles != nullptr && query[b] > 0 &&
-             roles[st.offsets[b]] == kPromptRole;
-    };
-    auto blocks_of = [&](int64_t b) {
-      const int64_t block = prompt(b) ? kPromptBlock : kQueryBlock;
-      return (query[b] + block - 1) / block;
-    };
+    std::vector<int64_t> prompts(s.rows, 0);  // each row's leading prompt tokens on the tiles
+    if (kAmxPrompts && s.head_dim % 32 == 0 && roles != nullptr)
+      for (int64_t b = 0; b < s.rows; ++b)
+        while (prompts[b] < query[b] && roles[st.offsets[b] + prompts[b]] == kPromptRole)
+          ++prompts[b];
+    auto blocks_of = [](int64_t n, int64_t block) { return (n + block - 1) / block; };
     int64_t tasks = 0;
-    for (int64_t b = 0; b < s.rows; ++b) tasks += s.kv_heads * blocks_of(b);
+    for (int64_t b = 0; b < s.rows; ++b)
+      tasks += s.kv_heads * (blocks_of(prompts[b], kPromptBlock) +
+                             blocks_of(query[b] - prompts[b], kQueryBlock));
     static const int64_t wanted = 2 * std::max(1u, std::thread::hardware_concurrency());
     const int64_t split = tasks == 0 ? 1 : (wanted + tasks - 1) / tasks;
     for (int64_t b = 0; b < s.rows; ++b) {
-      const int64_t n = query[b], blocks = std::min(n, blocks_of(b) * split);
+      const int64_t n = query[b], p = prompts[b];
+      // tokens [0, p) in `tiled` blocks, [p, n) in `plain` ones; block i of m over [lo, hi):
+      // tokens [lo + (hi - lo) i / m, lo + (hi - lo) (i + 1) / m)
+      const int64_t tiled = std::min(p, blocks_of(p, kPromptBlock) * split);
+      const int64_t plain = std::min(n - p, blocks_of(n - p, kQueryBlock) * split);
+      const bool alone = tiled + plain == 1;
       for (int64_t g = 0; g < s.kv_heads; ++g) {
-        for (int64_t i = 0; i < blocks; ++i)  // block i: tokens [n i / blocks, n (i + 1) / blocks)
-          st.tasks.push_back(
-              {b, g, n * i / blocks, n * (i + 1) / blocks, blocks == 1, prompt(b)});
-        if (blocks > 1) st.appends.push_back({b, g, 0, n, true, false});
+        for (int64_t i = 0; i < tiled; ++i)
+          st.tasks.push_back({b, g, p * i / tiled, p * (i + 1) / tiled, alone, true});
+        for (int64_t i = 0; i < plain; ++i)
+          st.tasks.push_back({b, g, p + (n - p) * i / plain, p + (n - p) * (i + 1) / plain,
+                              alone, false});
+        if (tiled + plain > 1) st.appends.push_back({b, g, 0, n, true, false});
       }
     }
   }
