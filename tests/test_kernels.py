@@ -255,7 +255,7 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> 
     # tokens, a decode and a verification of 5 (generated: role 2), and a prompt of 20 with 6
     # generated tokens after it (recomputed after a preemption)
     past, query = [0, 33, 40, 20, 0], [70, 40, 1, 5, 26]
-    roles = np.concatenate([np.full(n, PROMPT_ROLE if r < 2 else 2, np.uint8)
+    roles = np.concatenate([np.full(n, PROMPT_ROLE if r < 2 else EITHER_ROLE, np.uint8)
                             for r, n in enumerate(query)])
     roles[-6 - 20:-6] = PROMPT_ROLE
     keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(cache)
@@ -263,7 +263,7 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> 
     qkv = (rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)) * 2
            ).astype(np.float32)
 
-    def run(target: str, rows: list[int], tokens: np.ndarray, start: list[int],
+    def run(target: str, rows: list[int], tokens: list[np.ndarray], start: list[int],
             key_cache: np.ndarray, value_cache: np.ndarray, with_roles: bool = True
             ) -> np.ndarray:
         sess = session(head_dim, len(rows), cos, sin, target, cache, with_roles)

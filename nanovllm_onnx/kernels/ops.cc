@@ -151,7 +151,7 @@ struct Shape {
 struct Task {
   int64_t row, kv_head, first, last;
   bool appends;
-  bool prompt;  // the row's tokens are prompt tokens (AMX: bf16 tiles, amx_prompt_attention)
+  bool prompt;  // its tokens are prompt tokens on the bf16 tiles (amx_prompt_attention)
 };
 
 struct Step {
@@ -415,9 +415,8 @@ void run_task(const Step& st, const Task& task, const char* next_keys, int64_t n
   if (task.appends) append<T>(st, task.row, task.kv_head);
   thread_local std::vector<float> q, scores, inverse_sums, out;
   q.resize(num_q * D);
-  scores.resize(num_q * stride);
-  inverse_sums.resize(num_q);
-  out.resize(num_q * D);
+  // (the bf16 tiles write whole tiles of 16 query vectors)
+  out.resize((task.prompt ? (num_q + kTile - 1) / kTile * kTile : num_q) * D);
   // Query vectors, token-major: n = (token - first) * group + head within the group.
   for (int64_t j = task.first; j < task.last; ++j) {
     const float* tok = st.qkv + (st.offsets[task.row] + j) * width;
@@ -435,7 +434,6 @@ void run_task(const Step& st, const Task& task, const char* next_keys, int64_t n
 #ifdef AMX_BF16
   if constexpr (DC % 2 == 0) {  // (a tile product takes 32 of D)
     if (task.prompt) {
-      out.resize((num_q + kTile - 1) / kTile * kTile * D);
       amx_prompt_attention<DC, T>(q.data(), num_q, group, past + task.first + 1, key_tiles,
                                   values, keys, out.data());
       done = true;
@@ -443,6 +441,8 @@ void run_task(const Step& st, const Task& task, const char* next_keys, int64_t n
   }
 #endif
   if (!done) {
+    scores.resize(num_q * stride);
+    inverse_sums.resize(num_q);
     // All of a KV head's query vectors at once where they fit (kScored), so that
     // the keys and values are read once.
     in_chunks<Scorer<DC, T>::template Kernel>(static_cast<int>(num_q), kScored, q.data(),
@@ -1409,9 +1409,11 @@ inline bool bf16_either(const uint8_t* role, int64_t tokens, int64_t bits) {
 // TDPBF16PS whatever the blocking (tasks of 8 or 16 groups, K blocks of 16-64, chunks of 4-16
 // tiles, the next chunk's A tiles prefetched into L2: all within the noise), against ~8.5 in
 // a microbenchmark with both operands from L2 and ~5.5 from L1: the blocking is not what
-// bounds them. Writing y is: a 1,024-row gate_up call (64 MB of y) took 55-58 CPU ms with A
-// and B read from L1 buffers, 31 without its y stores (A-stationary sweeps of 8-16 blocks over
-// all group pairs, y's lines prefetched for writing, or y staged in L1: 0.97-1.06x). At 256
+// bounds them. With A and B read from L1 buffers, writing y was: a 1,024-row gate_up call (64
+// MB of y) took 55-58 CPU ms so, 31 without its y stores (A-stationary sweeps of 8-16 blocks
+// over all group pairs, y's lines prefetched for writing, or y staged in L1: 0.97-1.06x). With
+// the operands streamed as here it is not: a build skipping half of gate_up's y stores ran the
+// served-like wave's prompt steps 0.96x (sixteenth session). At 256
 // rows the blocked plan was 0.96-0.99x (its first chunk's dequantization overlaps half the
 // products). (All measured without bf16_product's A and B prefetches, which
 // the compiler had dropped: see prefetch_ahead. The 128-192-row calls' 0.91-0.96x, blamed on
