@@ -9,6 +9,8 @@ gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token co
         avx512_amx:prompt --tokens 16 64 128 512     # another checkout's build against this one
     python benchmarks/kernel_bench.py --layers 16 --tokens 1 4 8 16   # weights from memory
     python benchmarks/kernel_bench.py --model 1b-head --bits 8   # the 1B LM head alone
+    python benchmarks/kernel_bench.py --bits 8 --layers 16 --tokens 32 128 1024 \
+        --targets avx512_amx avx512_amx:prompt torch    # against oneDNN's bf16 GEMMs
 
 Each round times every build on every token count, in turn (interleaved: a shared machine's
 load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
@@ -27,6 +29,9 @@ agree bit for bit too). TARGET@DIR takes the build from DIR's ops.so (another
 checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process; with
 --prefill too, where `TARGET:invariant` is an engine with batch_invariant=True: its generated
 tokens on the int8 path in every step).
+The target `torch` is the peer: torch's bf16 linear (oneDNN, as vLLM's CPU backend runs its
+unquantized layers) on the same weights dequantized to bf16, with bf16 inputs made once; its
+largest difference from the first build is printed, as for another role.
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
 output token: every projection is one 128-token call), an engine per build in one process,
 in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
@@ -42,7 +47,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +68,7 @@ from nanovllm_onnx.kernels import (
     supported_targets,
 )
 
+TORCH = "torch"  # the peer target: torch's bf16 linear
 SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
     "1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)],
     "135m": [(576, 960), (576, 576), (576, 3072), (1536, 576)],
@@ -71,18 +77,48 @@ SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
 
 
 @cache
-def random_weights(shapes: tuple[tuple[int, int], ...], bits: int) -> list[TensorProto]:
-    """Packed random blocks per shape (made once: every build's session takes the same)."""
+def random_blocks(shapes: tuple[tuple[int, int], ...], bits: int) -> list[QuantBlocks]:
+    """Random blocks per shape (made once: every build takes the same)."""
     rng = np.random.default_rng(0)
     weights = []
-    for i, (k, n) in enumerate(shapes):
+    for k, n in shapes:
         blocks = -(-k // 32)
         q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
         scale = rng.uniform(0.001, 0.01, (n, blocks)).astype(np.float32)
         minimum = -rng.uniform(0, 0.1, (n, blocks)).astype(np.float32)
-        weights.append(numpy_helper.from_array(
-            pack_blocks(QuantBlocks(q, scale, minimum, bits)), f"w{i}"))
+        weights.append(QuantBlocks(q, scale, minimum, bits))
     return weights
+
+
+def random_weights(shapes: tuple[tuple[int, int], ...], bits: int) -> list[TensorProto]:
+    """random_blocks packed as BlockLinear's weights."""
+    return [numpy_helper.from_array(pack_blocks(w), f"w{i}")
+            for i, w in enumerate(random_blocks(shapes, bits))]
+
+
+def torch_calls(shapes: list[tuple[int, int]], bits: int,
+                xs: dict[int, list[np.ndarray]]) -> dict[int, Callable[[], list[np.ndarray]]]:
+    """The peer target, per token count: torch's bf16 linear (oneDNN's AMX/AVX-512 GEMMs, what
+    vLLM's CPU backend runs) on the same weights dequantized to bf16 and the inputs rounded to
+    bf16 (made once, as a bf16 model's activations are), THREADS threads. A call gives the
+    outputs as float32 arrays, converted after the timed products."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU time = work, as for ours
+    import torch
+
+    torch.set_num_threads(THREADS)
+    weights = [torch.from_numpy(w.dequantize()).bfloat16()
+               for w in random_blocks(tuple(shapes), bits)]
+    ys: list = []
+
+    def call(inputs: list) -> Callable[[], list[np.ndarray]]:
+        def run() -> list[np.ndarray]:
+            with torch.inference_mode():
+                ys[:] = [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)]
+            return ys
+        return run
+
+    return {tokens: call([torch.from_numpy(x).bfloat16() for x in x_list])
+            for tokens, x_list in xs.items()}
 
 
 def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.InferenceSession:
@@ -294,23 +330,29 @@ def main() -> None:
     # each target's rows' role (prompt_rows): TARGET int8, TARGET:prompt, TARGET:either
     roles = {"prompt": PROMPT_ROLE, "either": EITHER_ROLE}
     role = {t: roles.get(t.partition("@")[0].partition(":")[2], INT8_ROLE) for t in targets}
+    role.update({TORCH: -1} if TORCH in targets else {})  # bf16 products: not ours
     if args.prefill:  # the engine marks its prompt tokens itself
         plain = [t for t in targets if not role[t]]
         engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
         return
-    shapes = SHAPES[args.model]
-    sessions = {t: layer_session(shapes * args.layers, args.bits, without_role(t))
-                for t in targets}
+    shapes = SHAPES[args.model] * args.layers
     rng = np.random.default_rng(1)
-    xs = {tokens: {f"x{i}": x for i, x in enumerate(
-        [rng.standard_normal((tokens, k)).astype(np.float32) for k, _ in shapes] * args.layers)}
-        for tokens in args.tokens}
-    feeds = {(t, tokens): {**x, PROMPT_ROWS: np.full(tokens, role[t], np.uint8)}
-             for t in targets for tokens, x in xs.items()}
-    bound = {(t, tokens): bind(sess, feeds[t, tokens], shapes * args.layers)
-             for t, sess in sessions.items() for tokens in args.tokens}
+    xs = {tokens: [rng.standard_normal((tokens, k)).astype(np.float32) for k, _ in shapes]
+          for tokens in args.tokens}
+    calls: dict[tuple[str, int], Callable[[], list]] = {}  # each build's call, per token count
+    for t in targets:
+        if t == TORCH:
+            calls.update(((t, tokens), call) for tokens, call in
+                         torch_calls(shapes, args.bits, xs).items())
+            continue
+        sess = layer_session(shapes, args.bits, without_role(t))
+        for tokens, x in xs.items():
+            feeds = {**{f"x{i}": a for i, a in enumerate(x)},
+                     PROMPT_ROWS: np.full(tokens, role[t], np.uint8)}
+            calls[t, tokens] = partial(run_bound, sess, *bind(sess, feeds, shapes))
     for tokens in args.tokens:
-        first, *rest = (run_bound(sess, *bound[t, tokens]) for t, sess in sessions.items())
+        first, *rest = ([np.asarray(y.float()) if t == TORCH else y
+                         for y in calls[t, tokens]()] for t in targets)
         for target, out in zip(targets[1:], rest):
             if role[target] != role[targets[0]]:
                 diff = max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(first, out))
@@ -321,12 +363,11 @@ def main() -> None:
     times: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (CPU, wall) per layer
     for _ in range(args.rounds):
         for tokens in args.tokens:
-            for target, sess in sessions.items():
-                cpu, wall = time_calls(lambda s=sess, b=bound[target, tokens]: run_bound(s, *b),
-                                       args.seconds)
+            for target in targets:
+                cpu, wall = time_calls(calls[target, tokens], args.seconds)
                 times.setdefault((target, tokens), []).append(
                     (cpu / args.layers, wall / args.layers))
-    macs = sum(k * n for k, n in shapes)
+    macs = sum(k * n for k, n in SHAPES[args.model])
     print(f"{args.model} layer, int{args.bits}, {THREADS} threads, {args.rounds} rounds, "
           f"{args.layers} distinct layers' weights; load average {os.getloadavg()[0]:.2f}; "
           "outputs identical across builds of a path; ms per layer")
