@@ -15,13 +15,20 @@ submitted at once, sampled as the server samples the client's requests (vLLM's c
 temperature: 1.0, the whole vocabulary). Every offline run gets prompts of its own: one engine
 runs them all, and prompts it has seen would come from its prefix cache. Each round runs our
 server, our offline engine, then vLLM's server; figures are the medians.
+
+Both servers log vLLM's engine stats line every 10 s (average prompt and generation throughput
+over the interval): from those, each server's phases apart, its prefill (the busiest
+interval's prompt throughput) and its decode (the median generation throughput of intervals
+that ran no prompt token, 32 sequences decoding).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -97,14 +104,29 @@ def bench(url: str, tokenizer: Path, out_dir: Path, tag: str) -> dict:
     return res
 
 
+STATS = re.compile(r"Avg prompt throughput: ([\d.]+) tokens/s, "
+                   r"Avg generation throughput: ([\d.]+) tokens/s")
+
+
+def phase_rates(server_log: Path) -> tuple[float, float]:
+    """A server's prefill and decode tok/s from its stats lines (nan where it logged none)."""
+    lines = [tuple(map(float, m.groups())) for m in STATS.finditer(server_log.read_text())]
+    prefill = max((p for p, _ in lines), default=math.nan)
+    decode = [g for p, g in lines if p == 0 and g > 0]
+    return prefill, median(decode) if decode else math.nan
+
+
 def served(argv: list[str], env: dict[str, str], model: Path, out_dir: Path, tag: str) -> dict:
-    proc, url = start(argv, env, out_dir / f"{tag}.log")
+    server_log = out_dir / f"{tag}.log"
+    proc, url = start(argv, env, server_log)
     try:
         res = bench(url, model, out_dir, tag)
     finally:
         stop(proc)
+    res["prefill_tok_s"], res["decode_tok_s"] = phase_rates(server_log)
     log(f"{tag}: {res['output_throughput']:.1f} output tok/s, TTFT median "
-        f"{res['median_ttft_ms']:.0f} ms, TPOT median {res['median_tpot_ms']:.1f} ms")
+        f"{res['median_ttft_ms']:.0f} ms, TPOT median {res['median_tpot_ms']:.1f} ms; prefill "
+        f"{res['prefill_tok_s']:.0f} tok/s, decode {res['decode_tok_s']:.1f} tok/s")
     return res
 
 
@@ -145,26 +167,35 @@ def main() -> None:
               **({"weights": args.weights} if args.weights else {}))
     offline(llm, seed=0)  # warm-up (and the conversion, cached for the server)
     figures: dict[str, list[float]] = {"ours": [], "offline": [], "vllm": []}
+    phases: dict[str, list[tuple[float, float]]] = {"ours": [], "vllm": []}  # (prefill, decode)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
         for r in range(args.rounds):
             log(f"round {r + 1} of {args.rounds}")
-            figures["ours"].append(served(ours_argv, {}, model, out_dir, f"ours{r}")[
-                "output_throughput"])
-            figures["offline"].append(offline(llm, seed=r + 1))
-            figures["vllm"].append(served(vllm_argv, vllm_env(VLLM_VENV), model, out_dir,
-                                          f"vllm{r}")["output_throughput"])
+            for name, argv, env in (("ours", ours_argv, {}),
+                                    ("vllm", vllm_argv, vllm_env(VLLM_VENV))):
+                res = served(argv, env, model, out_dir, f"{name}{r}")
+                figures[name].append(res["output_throughput"])
+                phases[name].append((res["prefill_tok_s"], res["decode_tok_s"]))
+                if name == "ours":
+                    figures["offline"].append(offline(llm, seed=r + 1))
     ours, vllm, off = (median(figures[k]) for k in ("ours", "vllm", "offline"))
     rounds = {k: ", ".join(f"{v:.1f}" for v in vs) for k, vs in figures.items()}
+    (our_prefill, vllm_prefill), (our_decode, vllm_decode) = (
+        (median([p[i] for p in phases[k]]) for k in ("ours", "vllm")) for i in (0, 1))
     print(f"model {model.name}; vLLM bench serve: random {PROMPT_LEN} in / {OUTPUT_LEN} out, "
           f"{REQUESTS} requests, max concurrency {CONCURRENCY}; median of {args.rounds} rounds\n"
           f"  nano-vllm-onnx serve  {ours:8.1f} output tok/s ({rounds['ours']})\n"
           f"  vllm serve            {vllm:8.1f} output tok/s ({rounds['vllm']})\n"
           f"  ours / vLLM           {ours / vllm:8.2f}x\n"
           f"  our offline engine    {off:8.1f} output tok/s ({rounds['offline']}); "
-          f"served / offline {100 * ours / off:.0f}%")
+          f"served / offline {100 * ours / off:.0f}%\n"
+          f"  from the stats lines  prefill {our_prefill:.0f} vs {vllm_prefill:.0f} tok/s "
+          f"({our_prefill / vllm_prefill:.2f}x), decode {our_decode:.1f} vs {vllm_decode:.1f} "
+          f"tok/s ({our_decode / vllm_decode:.2f}x)")
     if args.json:
-        args.json.write_text(json.dumps({"model": str(model), **figures}, indent=2))
+        args.json.write_text(json.dumps({"model": str(model), **figures, "phases": phases},
+                                        indent=2))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         serve(engine_config(args), name, host=args.host, port=args.port, api_key=args.api_key,
               max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
-              log_level=args.serve_log_level, tool_call_parser=args.tool_call_parser)
+              log_level=args.serve_log_level, tool_call_parser=args.tool_call_parser,
+              log_stats_interval=None if args.disable_log_stats else args.log_stats_interval)
     except EngineDeadError as e:  # exit non-zero: the supervisor restarts the server
         sys.exit(f"error: {e}")
 
@@ -213,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="the format of the model's tool calls (default: from the chat template)")
     p.add_argument("--log-level", dest="serve_log_level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error", "critical"])
+    p.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between vLLM's engine stats lines (prompt and generation "
+                        "throughput, running and waiting, KV cache use), logged while the "
+                        "engine works; not with --ray (each replica has its /metrics)")
+    p.add_argument("--disable-log-stats", action="store_true", help="no engine stats lines")
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ from schemathesis.checks import not_a_server_error
 
 from nanovllm_onnx import LLM, EngineConfig, LLMEngine, SamplingParams
 from nanovllm_onnx.outputs import CompletionOutput, RequestOutput
+from nanovllm_onnx.server.api_server import serve
 from nanovllm_onnx.server.async_engine import AsyncEngine
 from nanovllm_onnx.server.metrics import ServerMetrics
 from nanovllm_onnx.server.protocol import APIError
@@ -114,10 +115,14 @@ def start_server(model: Path, log: Path, *args: str, env: dict[str, str] | None 
         time.sleep(0.1)
 
 
+STATS_INTERVAL_S = 0.25  # the `server` fixture's engine stats lines
+
+
 @pytest.fixture(scope="module")
 def server(converted: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Server]:
-    s = start_server(converted[MODEL], tmp_path_factory.mktemp("server") / "server.log")
+    s = start_server(converted[MODEL], tmp_path_factory.mktemp("server") / "server.log",
+                     "--log-stats-interval", str(STATS_INTERVAL_S))
     yield s
     s.stop()
 
@@ -346,6 +351,49 @@ def test_metrics_count_what_a_request_did_under_vllms_names(server: Server) -> N
     assert after["process_resident_memory_bytes"] > 50 * 2**20
     assert after["num_blocks"] > after["nanovllm_prefix_cache_blocks"]
     assert after["nanovllm_prefix_cache_blocks"] >= 2
+
+
+STATS_LINE = re.compile(
+    r"Avg prompt throughput: (\d+\.\d) tokens/s, Avg generation throughput: (\d+\.\d) "
+    r"tokens/s, Running: (\d+) reqs, Waiting: (\d+) reqs, KV cache usage: (\d+\.\d)%, "
+    r"Prefix cache hit rate: (\d+\.\d)%$")
+
+
+def test_stats_lines_give_the_computed_tokens_and_stop_once_idle(server: Server) -> None:
+    server.wait_idle()
+    time.sleep(3 * STATS_INTERVAL_S)  # the line that shows the engine idle is out
+    start = len(server.log.read_text().splitlines())
+    prompt = random_prompts(1, seed=11, lo=40, hi=40)[0]
+    for _ in range(2):  # the second finds the prompt's 2 full blocks in the prefix cache
+        httpx.post(f"{server.url}{COMPLETIONS}", json={
+            "prompt": prompt, "max_tokens": 7, "n": 2, "seed": 1, "ignore_eos": True})
+    server.wait_idle()
+    time.sleep(3 * STATS_INTERVAL_S)
+    lines = server.log.read_text().splitlines()[start:]
+    stats = [tuple(map(float, m.groups())) for line in lines
+             if (m := STATS_LINE.search(line)) and " INFO " in line]
+    assert stats, lines
+    # Each line averages over its interval: summed back, the tokens computed. Prompt tokens are
+    # those the model ran: 40 for the first sequence, then for each of the 3 others (its
+    # sample, and both of the second request) the 8 past the 2 cached blocks, not the 160
+    # admitted; 3 of 4 sequences' 32 looked-up tokens hit.
+    # (An interval runs past its nominal length on a busy machine, never short of it.)
+    prompt_tokens = sum(s[0] for s in stats) * STATS_INTERVAL_S
+    generated = sum(s[1] for s in stats) * STATS_INTERVAL_S
+    assert 64 * 0.6 < prompt_tokens < 64 * 1.1, stats
+    assert 2 * 2 * 7 * 0.6 < generated < 2 * 2 * 7 * 1.1, stats
+    assert max(s[5] for s in stats) > 0  # the second request's hits, in the interval's rate
+    # The last line shows the engine idle; none follows while it stays idle.
+    assert stats[-1] == (0.0, 0.0, 0, 0, 0.0, 0.0)
+    time.sleep(3 * STATS_INTERVAL_S)
+    assert len(server.log.read_text().splitlines()) == start + len(lines)
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, float("nan")])
+def test_a_stats_interval_that_is_not_positive_is_refused_before_loading(
+        interval: float, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="log_stats_interval must be positive"):
+        serve(EngineConfig(model=str(tmp_path / "missing")), MODEL, log_stats_interval=interval)
 
 
 # ---- disconnects ---------------------------------------------------------------------------
@@ -637,6 +685,7 @@ def test_a_dead_engine_thread_fails_every_request_at_once_and_refuses_new_ones(
 
 KILLER = """import sys
 from nanovllm_onnx import cli
+from nanovllm_onnx.server.api_server import serve
 from nanovllm_onnx.server.async_engine import AsyncEngine
 
 publish = AsyncEngine._publish_stats

@@ -278,10 +278,14 @@ def serve(config: EngineConfig, served_model_name: str, *, host: str = "127.0.0.
           port: int = 8000, api_key: str | None = None,
           max_waiting: int = DEFAULT_MAX_WAITING,
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "info",
-          tool_call_parser: str | None = None) -> None:
+          tool_call_parser: str | None = None, log_stats_interval: float | None = 10.0) -> None:
+    """log_stats_interval: seconds between the engine stats lines (None: none)."""
     if max_waiting < 1 or max_request_bytes < 1:
         raise ValueError("max_waiting and max_request_bytes must be at least 1")
-    engine = AsyncEngine(LLMEngine(config), max_waiting, ServerMetrics(served_model_name))
+    if log_stats_interval is not None and not log_stats_interval > 0:
+        raise ValueError(f"log_stats_interval must be positive, got {log_stats_interval}")
+    engine = AsyncEngine(LLMEngine(config), max_waiting, ServerMetrics(served_model_name),
+                         log_stats_interval=log_stats_interval)
     app = build_app(engine, served_model_name, api_key, max_request_bytes, tool_call_parser)
     logger.info("serving %s on http://%s:%d%s", served_model_name, host, port,
                 " (API key required)" if api_key else "")

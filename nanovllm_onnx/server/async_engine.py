@@ -52,6 +52,33 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's totals and state after an iteration (made by the engine thread, read by the
+    stats logger's: a frozen value, swapped whole)."""
+
+    prompt_tokens: int = 0  # prompt tokens computed (not those found in the prefix cache)
+    generation_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0  # 0-1
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0
+
+
+def stats_line(before: EngineStats, now: EngineStats, seconds: float) -> str:
+    """vLLM's periodic engine line (its wording, so that what reads vLLM's logs reads these):
+    the interval's average throughputs and prefix cache hit rate, the state at its end."""
+    queries = now.prefix_queries - before.prefix_queries
+    hits = now.prefix_hits - before.prefix_hits
+    return (f"Avg prompt throughput: {(now.prompt_tokens - before.prompt_tokens) / seconds:.1f} "
+            f"tokens/s, Avg generation throughput: "
+            f"{(now.generation_tokens - before.generation_tokens) / seconds:.1f} tokens/s, "
+            f"Running: {now.running} reqs, Waiting: {now.waiting} reqs, KV cache usage: "
+            f"{100 * now.kv_cache_usage:.1f}%, Prefix cache hit rate: "
+            f"{100 * hits / queries if queries else 0.0:.1f}%")
+
+
 _STOP = object()
 # What the engine thread sends a stream: the prompt token count once admitted, then
 # (prompt index, output) pairs; or an error.
@@ -68,12 +95,19 @@ def _unavailable() -> APIError:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics,
-                 on_death: Callable[[], None] | None = None) -> None:
+                 on_death: Callable[[], None] | None = None,
+                 log_stats_interval: float | None = None) -> None:
+        """log_stats_interval: seconds between vLLM's engine stats lines (None: none)."""
         self.engine = engine
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.on_death = on_death  # called by the dying engine thread, after failing requests
         self.died = False
+        self._generated = 0  # tokens generated so far
+        self.stats = self._engine_stats()  # after the engine thread's latest iteration
+        self._stopping = threading.Event()
+        self._stats_thread = None if log_stats_interval is None else threading.Thread(
+            target=self._log_stats, args=(log_stats_interval,), name="stats", daemon=True)
         self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
         # Held while a request is queued and while the dying thread drains the queue: no
         # request can be queued after the drain and wait forever.
@@ -92,10 +126,25 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._thread.start()
+        if self._stats_thread is not None:
+            self._stats_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
         self._commands.put(_STOP)
         self._thread.join(timeout)
+
+    def _log_stats(self, interval: float) -> None:
+        """Every `interval` seconds a stats line, while the engine works and once after (the
+        line that shows it idle), as vLLM logs them: on a clock of its own, so that a long
+        idle time is not averaged into the next busy interval."""
+        before, start, busy = self.stats, time.monotonic(), False
+        while not self._stopping.wait(interval):
+            now, end = self.stats, time.monotonic()
+            active = now.running or now.waiting or now != before
+            if active or busy:
+                logger.info("%s", stats_line(before, now, end - start))
+            before, start, busy = now, end, bool(active)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self.died
@@ -258,6 +307,7 @@ class AsyncEngine:
         if sampled:
             self.metrics.generation_tokens.inc(new_tokens)
             self.metrics.batch_size.observe(sampled)
+            self._generated += new_tokens
 
     def _fail_step(self) -> None:
         """Abort the requests of the failed step. If none was running, the step failed before
@@ -292,6 +342,14 @@ class AsyncEngine:
             if now > before:
                 counter.inc(now - before)
         self._counted = counts
+        self.stats = self._engine_stats()
+
+    def _engine_stats(self) -> EngineStats:
+        bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        return EngineStats(self.engine.num_prefill_tokens, self._generated,
+                           len(scheduler.running), len(scheduler.waiting),
+                           bm.num_seq_blocks / bm.num_blocks, bm.prefix_queries * bm.block_size,
+                           bm.prefix_hits * bm.block_size)
 
 
 def _check_room(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
