@@ -131,6 +131,20 @@ def test_structured_outputs_and_tool_calls_through_the_ingress(cluster: str) -> 
     assert list(json.loads(call.function.arguments)) == ["city"]
 
 
+def test_tokenize_and_detokenize_through_the_ingress(cluster: str, reference: LLM) -> None:
+    """A replica tokenizes (the ingress has no tokenizer): the engine's own tokens."""
+    import httpx
+
+    root = cluster.removesuffix("/v1")
+    got = httpx.post(f"{root}/tokenize", json={"messages": QUESTION}, timeout=60).json()
+    ids = reference.llm_engine.tokenizer.chat_prompt_ids(QUESTION)
+    assert got["tokens"] == ids and got["count"] == len(ids)
+    text = httpx.post(f"{root}/detokenize", json={"tokens": ids}, timeout=60).json()["prompt"]
+    assert text == reference.llm_engine.tokenizer.decode(ids, skip_special_tokens=False)
+    bad = httpx.post(f"{root}/detokenize", json={"tokens": [10**9]}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
 def replica_stats() -> dict[str, ReplicaReport]:
     """Each live replica's stats (calls go to the least loaded replica: ask until both)."""
     handle = serve.get_deployment_handle("EngineReplica", app_name=APP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from nanovllm_onnx.server.async_engine import AsyncEngine
 from nanovllm_onnx.server.metrics import ServerMetrics
 from nanovllm_onnx.server.protocol import APIError
 from nanovllm_onnx.server.serving import DONE, DeltaTracker, ResponseMeta, event_stream
-from tests.conftest import random_prompts
+from tests.conftest import VOCAB, random_prompts
 
 MODEL = "llama"  # the served name: the converted folder's name
 API_KEY = "test-key"
@@ -394,6 +395,59 @@ def test_a_stats_interval_that_is_not_positive_is_refused_before_loading(
         interval: float, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="log_stats_interval must be positive"):
         serve(EngineConfig(model=str(tmp_path / "missing")), MODEL, log_stats_interval=interval)
+
+
+# ---- tokenize, detokenize, version ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(hf_models: dict[str, Path]) -> Any:
+    """transformers' tokenizer of the served checkpoint: the reference."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(hf_models[MODEL])
+
+
+def test_tokenize_and_detokenize_agree_with_transformers(server: Server,
+                                                         hf_tokenizer: Any) -> None:
+    text = "Paris is the capital of France; café 東京 🙂"
+    got = httpx.post(f"{server.url}/tokenize", json={
+        "model": MODEL, "prompt": text, "return_token_strs": True}).json()
+    ids = hf_tokenizer(text)["input_ids"]
+    max_model_len = client(server).models.list().data[0].max_model_len
+    assert got == {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
+                   "token_strs": hf_tokenizer.convert_ids_to_tokens(ids)}
+    # A conversation as the chat template renders it: the tokens a chat completion's usage
+    # counts, special tokens included, which detokenize keeps.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    got = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    rendered = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=False)
+    ids = hf_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert got["tokens"] == ids and got["token_strs"] is None
+    chat = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert chat.usage is not None and chat.usage.prompt_tokens == len(ids)
+    prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert prompt == hf_tokenizer.decode(ids) and prompt.startswith("<|im_start|>system")
+    assert httpx.get(f"{server.url}/version").json() == {
+        "version": importlib.metadata.version("nano-vllm-onnx")}
+
+
+@pytest.mark.parametrize(("body", "route", "param"), [
+    ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "tokenize", "prompt"),
+    ({}, "tokenize", "prompt"),
+    ({"messages": []}, "tokenize", "messages"),
+    ({"prompt": "x", "continue_final_message": True}, "tokenize", "continue_final_message"),
+    ({"prompt": "\ud800"}, "tokenize", "prompt"),
+    ({"prompt": "x", "model": "other"}, "tokenize", "model"),
+    ({"tokens": [1, VOCAB]}, "detokenize", "tokens"),
+    ({"tokens": [-1]}, "detokenize", "tokens"),
+    ({"tokens": "abc"}, "detokenize", "tokens"),
+])
+def test_bad_tokenize_and_detokenize_requests_get_a_400_naming_the_field(
+        server: Server, body: dict, route: str, param: str) -> None:
+    r = httpx.post(f"{server.url}/{route}", content=json.dumps(body),  # (a lone surrogate)
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 # ---- disconnects ---------------------------------------------------------------------------

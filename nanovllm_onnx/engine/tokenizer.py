@@ -49,6 +49,11 @@ class TextTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_strings(self, ids: list[int]) -> list[str | None]:
+        """Each id's token as the vocabulary writes it (None: an id past the tokenizer's
+        vocabulary, in the model's padding)."""
+        return [self.tokenizer.id_to_token(i) for i in ids]
+
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:
         if self._template is None:

@@ -106,6 +106,21 @@ class EngineReplica:
             return str(e)
         return None
 
+    async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool | None
+                       ) -> tuple[list[int], list[str | None]] | ValueError:
+        """The token ids and strings, or why they cannot be made."""
+        try:
+            return await self.engine.tokenize(prompt, add_special_tokens)
+        except ValueError as e:
+            return e
+
+    async def detokenize(self, ids: list[int]) -> str | ValueError:
+        """The text, or why it cannot be made."""
+        try:
+            return await self.engine.detokenize(ids)
+        except ValueError as e:
+            return e
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[Any]:
         """The prompt token count, then the latest outputs after each step, then a
         ReplicaReport; or a ReplicaError. Cancelled (the client left, or the ingress died),
@@ -157,10 +172,10 @@ def _replica_failed() -> APIError:
 
 
 class RemoteEngine:
-    """What the HTTP routes need of AsyncEngine (submit, abort, compile_constraint, metrics,
-    max_model_len, chat_template), over the handle to the engine replicas. A replica that
-    dies mid-request ends its requests with a 503 (an error event when streaming), never a
-    hang."""
+    """What the HTTP routes need of AsyncEngine (submit, abort, compile_constraint, tokenize,
+    detokenize, metrics, max_model_len, chat_template), over the handle to the engine
+    replicas. A replica that dies mid-request ends its requests with a 503 (an error event when
+    streaming), never a hang."""
 
     def __init__(self, replicas: DeploymentHandle, max_model_len: int,
                  chat_template: str | None, model_name: str) -> None:
@@ -217,13 +232,32 @@ class RemoteEngine:
     async def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
         """Compiled (and so checked) by a replica: the ingress may run where the model's
         files are not. The replica keeps it cached for its requests."""
-        try:
-            error = await self.replicas.compile_constraint.remote(constraint)
-        except Exception as e:
-            logger.warning("compiling a constraint: the replica failed: %s", e)
-            raise _replica_failed() from e
+        error = await self._ask(self.replicas.compile_constraint, constraint)
         if error is not None:
             raise ValueError(error)
+
+    async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool | None
+                       ) -> tuple[list[int], list[str | None]]:
+        """By a replica, as compile_constraint: the ingress may run where the model's files are
+        not."""
+        result = await self._ask(self.replicas.tokenize, prompt, add_special_tokens)
+        if isinstance(result, ValueError):
+            raise result
+        return result
+
+    async def detokenize(self, ids: list[int]) -> str:
+        result = await self._ask(self.replicas.detokenize, ids)
+        if isinstance(result, ValueError):
+            raise result
+        return result
+
+    async def _ask(self, method: Any, *args: Any) -> Any:
+        """A replica's answer to a call of `method`; a 503 where the replica failed."""
+        try:
+            return await method.remote(*args)
+        except Exception as e:
+            logger.warning("asking a replica: it failed: %s", e)
+            raise _replica_failed() from e
 
     def abort(self, engine_ids: list[str]) -> None:
         request_id = engine_ids[0].rpartition("-")[0]  # RequestStream's "<request id>-<i>"

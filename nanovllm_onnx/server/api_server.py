@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import Any, TypeVar
 
 import anyio
@@ -35,7 +36,9 @@ from nanovllm_onnx.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     Prompt,
+    TokenizeRequest,
     bad_request,
     server_error,
 )
@@ -250,6 +253,31 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200 if engine.is_alive() else 503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": metadata.version("nano-vllm-onnx")}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        chat = body.messages is not None
+        prompt = ChatPrompt(body.conversation(), body.add_generation_prompt,
+                            body.tool_definitions() or None) if chat else body.prompt
+        try:
+            ids, strings = await engine.tokenize(prompt, body.add_special_tokens)
+        except ValueError as e:
+            raise bad_request(str(e), "messages" if chat else "prompt") from e
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                "token_strs": strings if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        check_model(body.model)
+        try:
+            return {"prompt": await engine.detokenize(body.tokens)}
+        except ValueError as e:
+            raise bad_request(str(e), "tokens") from e
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -163,6 +163,33 @@ class AsyncEngine:
         wrong with it."""
         await asyncio.to_thread(self.engine.structured.compiler.compile, constraint)
 
+    async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool | None
+                       ) -> tuple[list[int], list[str | None]]:
+        """A prompt's token ids and their token strings, or a conversation's as its chat
+        template renders it (add_special_tokens, None: yes for a prompt, no for a
+        conversation, whose template writes them). Off the engine thread: the tokenizer and
+        the template are only read. Raises ValueError naming what is wrong."""
+        tokenizer = self.engine.tokenizer
+
+        def run() -> tuple[list[int], list[str | None]]:
+            if isinstance(prompt, str):
+                ids = tokenizer.encode(prompt, add_special_tokens is not False)
+            else:
+                ids = tokenizer.encode(tokenizer.apply_chat_template(
+                    prompt.messages, prompt.add_generation_prompt, prompt.tools),
+                    bool(add_special_tokens))
+            return ids, tokenizer.token_strings(ids)
+        return await asyncio.to_thread(run)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """Token ids' text, special tokens kept. Raises ValueError for an id outside the
+        vocabulary."""
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
+        return await asyncio.to_thread(self.engine.tokenizer.decode, ids, False)
+
     # ---- event loop side -------------------------------------------------------------------
 
     async def submit(self, request_id: str, prompts: Sequence[Prompt | ChatPrompt],

@@ -295,7 +295,22 @@ class NamedToolChoice(OpenAIModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatInput:
+    """A request's conversation and tools (its `messages` and `tools` fields) as the chat
+    template takes them."""
+
+    messages: list[ChatMessage] | None
+    tools: list[Tool] | None
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages or []]
+
+    def tool_definitions(self) -> list[dict[str, Any]]:
+        """The tools in OpenAI's form."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+
+class ChatCompletionRequest(SamplingRequest, ChatInput):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # OpenAI's older name for max_completion_tokens
     max_completion_tokens: int | None = None
@@ -305,13 +320,6 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
-
-    def conversation(self) -> list[dict[str, Any]]:
-        return [m.template_message() for m in self.messages]
-
-    def tool_definitions(self) -> list[dict[str, Any]]:
-        """The tools as chat templates take them (OpenAI's form)."""
-        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     @property
     def tool_mode(self) -> str:
@@ -354,3 +362,35 @@ class ChatCompletionRequest(SamplingRequest):
                       else self.max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
+
+
+class TokenizeRequest(OpenAIModel, ChatInput):
+    """vLLM's /tokenize: a prompt, or a conversation as the chat template renders it."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    # vLLM's defaults: the tokenizer's special tokens for a prompt; none for a conversation,
+    # whose template writes them
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give either prompt or messages", "prompt")
+        for name in ("continue_final_message", "chat_template"):  # would change the tokens
+            if getattr(self, name):
+                raise bad_request(f"'{name}' is not supported by this server", name)
+        return self
+
+
+class DetokenizeRequest(OpenAIModel):
+    """vLLM's /detokenize: token ids back to text (special tokens kept, as vLLM keeps them)."""
+
+    model: str | None = None
+    tokens: list[int]
