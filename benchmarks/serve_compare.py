@@ -17,9 +17,8 @@ runs them all, and prompts it has seen would come from its prefix cache. Each ro
 server, our offline engine, then vLLM's server; figures are the medians.
 
 Both servers log vLLM's engine stats line every 10 s (average prompt and generation throughput
-over the interval): from those, each server's phases apart, its prefill (the busiest
-interval's prompt throughput) and its decode (the median generation throughput of intervals
-that ran no prompt token, 32 sequences decoding).
+over the interval): from those, each server's phases apart, the rates at which it prefills and
+decodes while it does (phase_rates).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 from peer_vllm import vllm_env
 from serve_load import free_port
 from workloads import PEERS, log, median, random_prompts
@@ -105,15 +105,21 @@ def bench(url: str, tokenizer: Path, out_dir: Path, tag: str) -> dict:
 
 
 STATS = re.compile(r"Avg prompt throughput: ([\d.]+) tokens/s, "
-                   r"Avg generation throughput: ([\d.]+) tokens/s")
+                   r"Avg generation throughput: ([\d.]+) tokens/s, Running: (\d+) reqs")
 
 
 def phase_rates(server_log: Path) -> tuple[float, float]:
-    """A server's prefill and decode tok/s from its stats lines (nan where it logged none)."""
-    lines = [tuple(map(float, m.groups())) for m in STATS.finditer(server_log.read_text())]
-    prefill = max((p for p, _ in lines), default=math.nan)
-    decode = [g for p, g in lines if p == 0 and g > 0]
-    return prefill, median(decode) if decode else math.nan
+    """A server's prefill and decode tok/s, from its stats lines: an interval with requests
+    running at its start and its end spent all its time on its prompt and generated tokens,
+    so its rates x and y (tok/s) meet x / prefill + y / decode = 1; least squares over such
+    intervals. nan where there are too few, or they do not tell the two apart."""
+    lines = [(float(p), float(g), int(r)) for p, g, r in STATS.findall(server_log.read_text())]
+    busy = [(p, g) for (_, _, before), (p, g, running) in zip(lines, lines[1:])
+            if before and running]
+    if len(busy) < 2:
+        return math.nan, math.nan
+    inverse = np.linalg.lstsq(np.array(busy), np.ones(len(busy)), rcond=None)[0]
+    return tuple(float(1 / v) if v > 0 else math.nan for v in inverse)
 
 
 def served(argv: list[str], env: dict[str, str], model: Path, out_dir: Path, tag: str) -> dict:
@@ -181,8 +187,8 @@ def main() -> None:
                     figures["offline"].append(offline(llm, seed=r + 1))
     ours, vllm, off = (median(figures[k]) for k in ("ours", "vllm", "offline"))
     rounds = {k: ", ".join(f"{v:.1f}" for v in vs) for k, vs in figures.items()}
-    (our_prefill, vllm_prefill), (our_decode, vllm_decode) = (
-        (median([p[i] for p in phases[k]]) for k in ("ours", "vllm")) for i in (0, 1))
+    (our_prefill, our_decode), (vllm_prefill, vllm_decode) = (
+        [median([rates[i] for rates in phases[k]]) for i in (0, 1)] for k in ("ours", "vllm"))
     print(f"model {model.name}; vLLM bench serve: random {PROMPT_LEN} in / {OUTPUT_LEN} out, "
           f"{REQUESTS} requests, max concurrency {CONCURRENCY}; median of {args.rounds} rounds\n"
           f"  nano-vllm-onnx serve  {ours:8.1f} output tok/s ({rounds['ours']})\n"
