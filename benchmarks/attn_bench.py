@@ -26,9 +26,9 @@ import os
 
 import numpy as np
 import onnxruntime as ort
-from kernel_bench import medians, ops_session, time_calls, without_role
+from kernel_bench import ops_session, without_role
 from onnx import TensorProto, helper, numpy_helper
-from workloads import THREADS
+from workloads import THREADS, medians, time_calls
 
 from nanovllm_onnx.kernels import DOMAIN, EITHER_ROLE, KEY_TILE, PROMPT_ROLE, PROMPT_ROWS
 

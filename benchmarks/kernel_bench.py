@@ -10,7 +10,7 @@ gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token co
     python benchmarks/kernel_bench.py --layers 16 --tokens 1 4 8 16   # weights from memory
     python benchmarks/kernel_bench.py --model 1b-head --bits 8   # the 1B LM head alone
     python benchmarks/kernel_bench.py --bits 8 --layers 16 --tokens 32 128 1024 \
-        --targets avx512_amx avx512_amx:prompt torch    # against oneDNN's bf16 GEMMs
+        --targets avx512_amx avx512_amx:prompt vllm     # against vLLM's bf16 GEMMs
 
 Each round times every build on every token count, in turn (interleaved: a shared machine's
 load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
@@ -29,9 +29,10 @@ agree bit for bit too). TARGET@DIR takes the build from DIR's ops.so (another
 checkout's nanovllm_onnx/kernels, e.g. main's, for a before/after in one process; with
 --prefill too, where `TARGET:invariant` is an engine with batch_invariant=True: its generated
 tokens on the int8 path in every step).
-The target `torch` is the peer: torch's bf16 linear (oneDNN, as vLLM's CPU backend runs its
-unquantized layers) on the same weights dequantized to bf16, with bf16 inputs made once; its
-largest difference from the first build is printed, as for another role.
+The target `vllm` is the peer: vLLM's CPU GEMMs (oneDNN's prepacked bf16 matmul, as vLLM runs
+an unquantized layer: gemm_vllm.py) on bf16 weights of the same shapes, in a process of the
+vLLM peer venv, once a round (its outputs are not compared; its CPU time counts Intel OpenMP's
+spinning between calls: compare the wall times).
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
 output token: every projection is one 128-token call), an engine per build in one process,
 in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
@@ -43,8 +44,10 @@ time of its 32-row decode steps and of its prompt steps.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from functools import cache, partial
@@ -53,7 +56,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import GraphProto, TensorProto, helper, numpy_helper
-from workloads import THREADS, random_prompts, workload_a, workload_b
+from peer_vllm import vllm_env
+from workloads import (
+    PEERS,
+    RESULT_PREFIX,
+    THREADS,
+    medians,
+    random_prompts,
+    time_calls,
+    workload_a,
+    workload_b,
+)
 
 from nanovllm_onnx.convert.graph import pack_blocks
 from nanovllm_onnx.convert.source import QuantBlocks
@@ -68,7 +81,8 @@ from nanovllm_onnx.kernels import (
     supported_targets,
 )
 
-TORCH = "torch"  # the peer target: torch's bf16 linear
+VLLM = "vllm"  # the peer target: vLLM's GEMMs (gemm_vllm.py)
+VLLM_VENV = PEERS / "vllm/venv"
 SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
     "1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)],
     "135m": [(576, 960), (576, 576), (576, 3072), (1536, 576)],
@@ -77,48 +91,33 @@ SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
 
 
 @cache
-def random_blocks(shapes: tuple[tuple[int, int], ...], bits: int) -> list[QuantBlocks]:
-    """Random blocks per shape (made once: every build takes the same)."""
+def random_weights(shapes: tuple[tuple[int, int], ...], bits: int) -> list[TensorProto]:
+    """Packed random blocks per shape (made once: every build's session takes the same)."""
     rng = np.random.default_rng(0)
     weights = []
-    for k, n in shapes:
+    for i, (k, n) in enumerate(shapes):
         blocks = -(-k // 32)
         q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
         scale = rng.uniform(0.001, 0.01, (n, blocks)).astype(np.float32)
         minimum = -rng.uniform(0, 0.1, (n, blocks)).astype(np.float32)
-        weights.append(QuantBlocks(q, scale, minimum, bits))
+        weights.append(numpy_helper.from_array(
+            pack_blocks(QuantBlocks(q, scale, minimum, bits)), f"w{i}"))
     return weights
 
 
-def random_weights(shapes: tuple[tuple[int, int], ...], bits: int) -> list[TensorProto]:
-    """random_blocks packed as BlockLinear's weights."""
-    return [numpy_helper.from_array(pack_blocks(w), f"w{i}")
-            for i, w in enumerate(random_blocks(shapes, bits))]
-
-
-def torch_calls(shapes: list[tuple[int, int]], bits: int,
-                xs: dict[int, list[np.ndarray]]) -> dict[int, Callable[[], list[np.ndarray]]]:
-    """The peer target, per token count: torch's bf16 linear (oneDNN's AMX/AVX-512 GEMMs, what
-    vLLM's CPU backend runs) on the same weights dequantized to bf16 and the inputs rounded to
-    bf16 (made once, as a bf16 model's activations are), THREADS threads. A call gives the
-    outputs as float32 arrays, converted after the timed products."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU time = work, as for ours
-    import torch
-
-    torch.set_num_threads(THREADS)
-    weights = [torch.from_numpy(w.dequantize()).bfloat16()
-               for w in random_blocks(tuple(shapes), bits)]
-    ys: list = []
-
-    def call(inputs: list) -> Callable[[], list[np.ndarray]]:
-        def run() -> list[np.ndarray]:
-            with torch.inference_mode():
-                ys[:] = [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)]
-            return ys
-        return run
-
-    return {tokens: call([torch.from_numpy(x).bfloat16() for x in x_list])
-            for tokens, x_list in xs.items()}
+def vllm_times(shapes: list[tuple[int, int]], tokens: list[int], seconds: float
+               ) -> dict[int, tuple[float, float]]:
+    """The peer target's (CPU, wall) seconds per call for each token count: vLLM's GEMMs
+    (gemm_vllm.py) in a process of the vLLM peer venv, on bf16 weights of the same shapes."""
+    python = VLLM_VENV / "bin/python"
+    if not python.exists():
+        raise SystemExit(f"{VLLM_VENV} missing: run benchmarks/setup_peers.sh vllm")
+    out = subprocess.run(
+        [str(python), str(Path(__file__).with_name("gemm_vllm.py")), "--shapes",
+         json.dumps(shapes), "--tokens", *map(str, tokens), "--seconds", str(seconds)],
+        check=True, capture_output=True, text=True, env={**os.environ, **vllm_env(VLLM_VENV)})
+    line = next(x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX))
+    return {int(t): tuple(v) for t, v in json.loads(line[len(RESULT_PREFIX):]).items()}
 
 
 def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.InferenceSession:
@@ -187,24 +186,6 @@ def run_bound(sess: ort.InferenceSession, binding: ort.IOBinding,
               outputs: list[np.ndarray]) -> list[np.ndarray]:
     sess.run_with_iobinding(binding)
     return outputs
-
-
-def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
-    """The median CPU and the median wall time of (CPU, wall) samples."""
-    return (statistics.median(cpu for cpu, _ in samples),
-            statistics.median(wall for _, wall in samples))
-
-
-def time_calls(call: Callable[[], object], seconds: float) -> tuple[float, float]:
-    """Median (CPU, wall) seconds per call over about `seconds` of calls, after a warm-up."""
-    call()
-    samples: list[tuple[float, float]] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(samples) < 3:
-        start, start_cpu = time.perf_counter(), time.process_time()
-        call()
-        samples.append((time.process_time() - start_cpu, time.perf_counter() - start))
-    return medians(samples)
 
 
 def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
@@ -330,7 +311,6 @@ def main() -> None:
     # each target's rows' role (prompt_rows): TARGET int8, TARGET:prompt, TARGET:either
     roles = {"prompt": PROMPT_ROLE, "either": EITHER_ROLE}
     role = {t: roles.get(t.partition("@")[0].partition(":")[2], INT8_ROLE) for t in targets}
-    role.update({TORCH: -1} if TORCH in targets else {})  # bf16 products: not ours
     if args.prefill:  # the engine marks its prompt tokens itself
         plain = [t for t in targets if not role[t]]
         engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
@@ -339,21 +319,17 @@ def main() -> None:
     rng = np.random.default_rng(1)
     xs = {tokens: [rng.standard_normal((tokens, k)).astype(np.float32) for k, _ in shapes]
           for tokens in args.tokens}
+    builds = [t for t in targets if t != VLLM]
     calls: dict[tuple[str, int], Callable[[], list]] = {}  # each build's call, per token count
-    for t in targets:
-        if t == TORCH:
-            calls.update(((t, tokens), call) for tokens, call in
-                         torch_calls(shapes, args.bits, xs).items())
-            continue
+    for t in builds:
         sess = layer_session(shapes, args.bits, without_role(t))
         for tokens, x in xs.items():
             feeds = {**{f"x{i}": a for i, a in enumerate(x)},
                      PROMPT_ROWS: np.full(tokens, role[t], np.uint8)}
             calls[t, tokens] = partial(run_bound, sess, *bind(sess, feeds, shapes))
     for tokens in args.tokens:
-        first, *rest = ([np.asarray(y.float()) if t == TORCH else y
-                         for y in calls[t, tokens]()] for t in targets)
-        for target, out in zip(targets[1:], rest):
+        first, *rest = (calls[t, tokens]() for t in builds)
+        for target, out in zip(builds[1:], rest):
             if role[target] != role[targets[0]]:
                 diff = max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(first, out))
                 print(f"{target} on {tokens} tokens: largest difference {diff:.1e} of the "
@@ -363,9 +339,13 @@ def main() -> None:
     times: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (CPU, wall) per layer
     for _ in range(args.rounds):
         for tokens in args.tokens:
-            for target in targets:
+            for target in builds:
                 cpu, wall = time_calls(calls[target, tokens], args.seconds)
                 times.setdefault((target, tokens), []).append(
+                    (cpu / args.layers, wall / args.layers))
+        if VLLM in targets:
+            for tokens, (cpu, wall) in vllm_times(shapes, args.tokens, args.seconds).items():
+                times.setdefault((VLLM, tokens), []).append(
                     (cpu / args.layers, wall / args.layers))
     macs = sum(k * n for k, n in SHAPES[args.model])
     print(f"{args.model} layer, int{args.bits}, {THREADS} threads, {args.rounds} rounds, "

@@ -11,6 +11,7 @@ import random
 import resource
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,24 @@ assert PAD_ID not in {t for p in _b.prompts + workload_a().prompts for t in p}
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median CPU and the median wall time of (CPU, wall) samples."""
+    return (statistics.median(cpu for cpu, _ in samples),
+            statistics.median(wall for _, wall in samples))
+
+
+def time_calls(call: Callable[[], object], seconds: float) -> tuple[float, float]:
+    """Median (CPU, wall) seconds per call over about `seconds` of calls, after a warm-up."""
+    call()
+    samples: list[tuple[float, float]] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(samples) < 3:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        call()
+        samples.append((time.process_time() - start_cpu, time.perf_counter() - start))
+    return medians(samples)
 
 
 def peak_rss_mib() -> float:
