@@ -115,7 +115,9 @@ def vllm_times(shapes: list[tuple[int, int]], tokens: list[int], seconds: float
     out = subprocess.run(
         [str(python), str(Path(__file__).with_name("gemm_vllm.py")), "--shapes",
          json.dumps(shapes), "--tokens", *map(str, tokens), "--seconds", str(seconds)],
-        check=True, capture_output=True, text=True, env={**os.environ, **vllm_env(VLLM_VENV)})
+        capture_output=True, text=True, env={**os.environ, **vllm_env(VLLM_VENV)})
+    if out.returncode:
+        raise SystemExit(f"gemm_vllm.py failed:\n{out.stderr[-3000:]}")
     line = next(x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX))
     return {int(t): tuple(v) for t, v in json.loads(line[len(RESULT_PREFIX):]).items()}
 
@@ -312,7 +314,7 @@ def main() -> None:
     roles = {"prompt": PROMPT_ROLE, "either": EITHER_ROLE}
     role = {t: roles.get(t.partition("@")[0].partition(":")[2], INT8_ROLE) for t in targets}
     if args.prefill:  # the engine marks its prompt tokens itself
-        plain = [t for t in targets if not role[t]]
+        plain = [t for t in targets if not role[t] and t != VLLM]
         engine_run(args.prefill, args.weights, plain, args.rounds, args.workload)
         return
     shapes = SHAPES[args.model] * args.layers
