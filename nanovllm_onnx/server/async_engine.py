@@ -349,17 +349,18 @@ class AsyncEngine:
     def _publish_stats(self) -> None:
         """The engine's state after this iteration into the metrics; its own running counts
         go in as what they added since the last time."""
-        bm, scheduler, m = self.engine.block_manager, self.engine.scheduler, self.metrics
-        m.running.set(len(scheduler.running))
-        m.waiting.set(len(scheduler.waiting))
-        m.kv_cache_usage.set(bm.num_seq_blocks / bm.num_blocks)
+        bm, m = self.engine.block_manager, self.metrics
+        self.stats = stats = self._engine_stats()
+        m.running.set(stats.running)
+        m.waiting.set(stats.waiting)
+        m.kv_cache_usage.set(stats.kv_cache_usage)
         m.prefix_cache_blocks.set(len(bm.cached))
         spec = self.engine.spec_decode_stats
         if spec is not None:
             m.spec_decode_acceptance_rate.set(spec.acceptance_rate)
             m.spec_decode_mean_accepted_length.set(spec.mean_accepted_length)
-        counts = (bm.prefix_queries * bm.block_size, bm.prefix_hits * bm.block_size,
-                  scheduler.num_preemptions, self.engine.num_steps,
+        counts = (stats.prefix_queries, stats.prefix_hits,
+                  self.engine.scheduler.num_preemptions, self.engine.num_steps,
                   *((spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
                     if spec is not None else (0, 0, 0)))
         counters = (m.prefix_cache_queries, m.prefix_cache_hits, m.preemptions, m.steps,
@@ -369,7 +370,6 @@ class AsyncEngine:
             if now > before:
                 counter.inc(now - before)
         self._counted = counts
-        self.stats = self._engine_stats()
 
     def _engine_stats(self) -> EngineStats:
         bm, scheduler = self.engine.block_manager, self.engine.scheduler
