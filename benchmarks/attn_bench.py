@@ -6,14 +6,16 @@ the engine binds them).
     python benchmarks/attn_bench.py --targets avx512_amx@../main/nanovllm_onnx/kernels \
         avx512_amx                                           # main's build against this one
     python benchmarks/attn_bench.py --cache fp32 --cases decode32 prompt128
+    python benchmarks/attn_bench.py --cache fp16 int8     # each build with each cache
     python benchmarks/attn_bench.py --cases prompt4x256 --targets avx512_amx:float avx512_amx
 
 Cases: decodeN (N rows of one token, contexts 256-320), promptN (one row, N tokens from
 position 0), prompt4x256 (four rows of 256, the prompt step of a wave of 256-token
-prompts), swigluN (N rows of the MLP's width). Each round times every build on every case in
-turn (interleaved); times are CPU seconds of the process per call (threads do not spin), the
-table gives each build's median and its speed relative to the first build. Also checks that
-the builds' attention outputs agree (bit for bit, or the largest difference where not). Each
+prompts), swigluN (N rows of the MLP's width). Each round times every build (with every
+cache precision asked for) on every case in turn (interleaved); times are CPU seconds of the
+process per call (threads do not spin), the table gives each build's median and its speed
+relative to the first build. Also checks that the builds' attention outputs agree (bit for
+bit, or the largest difference where not). Each
 call gets its tokens' roles as the engine's block formats feed them (prompt_rows: a prompt
 case's tokens are prompt tokens, a decode's generated ones); TARGET:float feeds none, as
 for fp32 and int8 weights (AMX then runs prompt rows in float too).
@@ -37,15 +39,17 @@ SHAPES = {  # heads, kv_heads, head_dim, MLP width, rows (max_num_seqs), slot ca
     "135m": (9, 3, 64, 1536, 32, 512),
 }
 LAYERS = 16  # caches cycled through call after call: 512 MB at 1B, more than the L3 holds
-CACHE = {"fp16": (np.float16, TensorProto.FLOAT16), "fp32": (np.float32, TensorProto.FLOAT)}
+CACHE = {"fp16": (np.float16, TensorProto.FLOAT16), "fp32": (np.float32, TensorProto.FLOAT),
+         "int8": (np.int8, TensorProto.INT8)}
+SCALE_BYTES = 4  # an int8 cache's scale per position, after its head_dim codes (ops.cc)
 
 
 def attention_session(model: str, cache: str, target: str) -> ort.InferenceSession:
     """SlotAttention at the model's shapes, fed prompt_rows unless the target is TARGET:float."""
     heads, kv_heads, d, _, rows, capacity = SHAPES[model]
-    cache_type = CACHE[cache][1]
-    key_shape = [rows, kv_heads, capacity // KEY_TILE, d, KEY_TILE]
-    value_shape = [rows, kv_heads, capacity, d]
+    cache_type, width = CACHE[cache][1], d + (SCALE_BYTES if cache == "int8" else 0)
+    key_shape = [rows, kv_heads, capacity // KEY_TILE, width, KEY_TILE]
+    value_shape = [rows, kv_heads, capacity, width]
     roles = [] if fed_no_roles(target) else [PROMPT_ROWS]
     node = helper.make_node(
         "SlotAttention",
@@ -92,16 +96,15 @@ class AttentionCase:
     def __init__(self, sess: ort.InferenceSession, model: str, cache: str, past: list[int],
                  query: list[int], rng: np.random.Generator, roles: bool) -> None:
         heads, kv_heads, d, _, rows, capacity = SHAPES[model]
-        dtype = CACHE[cache][0]
         past += [0] * (rows - len(past))
         query += [0] * (rows - len(query))
-        keys = rng.standard_normal((rows, kv_heads, capacity // KEY_TILE, d, KEY_TILE))
-        values = rng.standard_normal((rows, kv_heads, capacity, d))
+        shape = (rows, kv_heads, capacity, d)
+        keys, values = rng.standard_normal(shape), rng.standard_normal(shape)
         qkv = rng.standard_normal((sum(query), (heads + 2 * kv_heads) * d)).astype(np.float32)
         self.out = np.empty((len(qkv), heads * d), np.float32)
         self.sess, self.bindings, self.caches, self.calls = sess, [], [], 0
         for _ in range(LAYERS):
-            caches = keys.astype(dtype), values.astype(dtype)
+            caches = as_cache(keys, cache, tiled=True), as_cache(values, cache, tiled=False)
             binding = sess.io_binding()
             for name, array in zip(("key", "value"), caches):
                 value = ort.OrtValue.ortvalue_from_numpy(array)
@@ -122,6 +125,21 @@ class AttentionCase:
         self.sess.run_with_iobinding(self.bindings[self.calls % LAYERS])
         self.calls += 1
         return self.out
+
+
+def as_cache(x: np.ndarray, cache: str, tiled: bool) -> np.ndarray:
+    """Positions x [rows, kv_heads, capacity, D] in the cache's layout: keys in tiles of
+    KEY_TILE positions; int8 as codes of x / 0.03 (|x| < 3.8) with that scale's bytes."""
+    if cache == "int8":
+        scale = np.full((*x.shape[:-1], 1), 0.03, "<f4").view(np.int8)
+        x = np.concatenate([np.clip(np.rint(x / 0.03), -127, 127).astype(np.int8), scale], -1)
+    else:
+        x = x.astype(CACHE[cache][0])
+    if not tiled:
+        return x
+    r, h, c, d = x.shape
+    tiles = x.reshape(r, h, c // KEY_TILE, KEY_TILE, d)
+    return np.ascontiguousarray(tiles.transpose(0, 1, 2, 4, 3))
 
 
 class SwiGLUCase:
@@ -157,7 +175,7 @@ def lengths(case: str, rng: np.random.Generator) -> tuple[list[int], list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(SHAPES), default="1b")
-    ap.add_argument("--cache", choices=list(CACHE), default="fp16")
+    ap.add_argument("--cache", nargs="+", choices=list(CACHE), default=["fp16"])
     ap.add_argument("--cases", nargs="+",
                     default=["decode32", "decode1", "prompt128", "prompt4x256", "swiglu1024",
                              "swiglu32"])
@@ -167,39 +185,42 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.5, help="per build, case and round")
     args = ap.parse_args()
+    # each build with each cache precision: (target, cache), the first the reference
+    builds = [(t, c) for c in args.cache for t in args.targets]
     cases = {}
-    for target in args.targets:
-        attn, swiglu = (attention_session(args.model, args.cache, target),
+    for target, cache in builds:
+        attn, swiglu = (attention_session(args.model, cache, target),
                         swiglu_session(args.model, without_role(target)))
         for name in args.cases:
             rng = np.random.default_rng(0)  # the same inputs for every build
             if name.startswith("swiglu"):
-                cases[target, name] = SwiGLUCase(swiglu, args.model,
-                                                 int(name.removeprefix("swiglu")), rng)
+                cases[target, cache, name] = SwiGLUCase(swiglu, args.model,
+                                                        int(name.removeprefix("swiglu")), rng)
             else:
-                cases[target, name] = AttentionCase(attn, args.model, args.cache,
-                                                    *lengths(name, rng), rng,
-                                                    not fed_no_roles(target))
+                cases[target, cache, name] = AttentionCase(attn, args.model, cache,
+                                                           *lengths(name, rng), rng,
+                                                           not fed_no_roles(target))
+    names = [f"{t or 'this build'} {c}" if len(args.cache) > 1 else t or "this build"
+             for t, c in builds]
     for name in args.cases:
-        first, *rest = (cases[t, name].run().copy() for t in args.targets)
-        for target, out in zip(args.targets[1:], rest):
+        first, *rest = (cases[b + (name,)].run().copy() for b in builds)
+        for label, out in zip(names[1:], rest):
             if not np.array_equal(first, out):
                 diff = np.abs(first - out).max() / np.abs(first).max()
-                print(f"{target} on {name}: largest difference {diff:.1e} of the largest output")
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+                print(f"{label} on {name}: largest difference {diff:.1e} of the largest output")
+    times: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for _ in range(args.rounds):
         for name in args.cases:
-            for target in args.targets:
-                times.setdefault((target, name), []).append(
-                    time_calls(cases[target, name].run, args.seconds))
-    print(f"{args.model}, {args.cache} cache, {THREADS} threads, {args.rounds} rounds; load "
-          f"average {os.getloadavg()[0]:.2f}; ms per call, CPU / wall (medians)")
-    names = [t or "this build" for t in args.targets]
+            for build in builds:
+                times.setdefault(build + (name,), []).append(
+                    time_calls(cases[build + (name,)].run, args.seconds))
+    print(f"{args.model}, {' / '.join(args.cache)} cache, {THREADS} threads, {args.rounds} "
+          f"rounds; load average {os.getloadavg()[0]:.2f}; ms per call, CPU / wall (medians)")
     print("| case | " + " | ".join(names) + "".join(f" | {n} / {names[0]}" for n in names[1:])
           + " |")
     print("|---" * (2 * len(names)) + "|")
     for name in args.cases:
-        med = [medians(times[t, name]) for t in args.targets]
+        med = [medians(times[b + (name,)]) for b in builds]
         print(f"| {name} | " + " | ".join(f"{c * 1e3:.3f} / {w * 1e3:.3f}" for c, w in med)
               + "".join(f" | {med[0][0] / c:.2f}x / {med[0][1] / w:.2f}x" for c, w in med[1:])
               + " |")

@@ -83,7 +83,7 @@ def decode_bytes(folder) -> tuple[int, int]:
         ext = {e.key: e.value for e in init.external_data}
         total += int(ext["length"]) if "length" in ext else len(init.raw_data) or (
             numpy_helper.to_array(init).nbytes)
-    return total, cfg.kv_bytes_per_token(2)
+    return total, cfg.kv_bytes_per_token(np.float16)
 
 
 def main() -> None:

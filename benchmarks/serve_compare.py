@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--weights", default=None,
                     help="our weight format, server and offline alike (default: auto)")
+    ap.add_argument("--kv-cache-dtype", default=None,
+                    help="our KV cache, server and offline alike (default: auto, fp16)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     if not Path(VLLM_PYTHON).exists():
@@ -165,12 +167,14 @@ def main() -> None:
     model = args.model.expanduser()
     ours_argv = [sys.executable, "-m", "nanovllm_onnx.cli", "serve", str(model),
                  "--served-model-name", NAME, "--max-model-len", str(CONTEXT),
-                 *(["--weights", args.weights] if args.weights else [])]
+                 *(["--weights", args.weights] if args.weights else []),
+                 *(["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])]
     vllm_argv = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                  "--served-model-name", NAME,
                  "--max-model-len", str(CONTEXT), "--dtype", "bfloat16"]
     llm = LLM(str(model), max_model_len=CONTEXT,
-              **({"weights": args.weights} if args.weights else {}))
+              **({"weights": args.weights} if args.weights else {}),
+              **({"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype else {}))
     offline(llm, seed=0)  # warm-up (and the conversion, cached for the server)
     figures: dict[str, list[float]] = {"ours": [], "offline": [], "vllm": []}
     phases: dict[str, list[tuple[float, float]]] = {"ours": [], "vllm": []}  # (prefill, decode)

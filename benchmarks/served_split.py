@@ -4,6 +4,7 @@ step by step.
 
     python benchmarks/served_split.py --model ~/.cache/nano-vllm-onnx/peers/hf/llama-1b
     python benchmarks/served_split.py --model ... --profile    # and the kernels' split
+    python benchmarks/served_split.py --model ... --kv-cache-dtype int8
 
 Each engine step is timed and sorted by what it ran: a prompt step (any prompt tokens, with
 whatever decodes share it) or an N-row decode step; full decode steps (as many rows as the
@@ -69,12 +70,13 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--profile", action="store_true", help="the kernels' split too")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
     folder = resolve_model(args.model, args.weights)
     with tempfile.TemporaryDirectory() as tmp:
         with profiling_sessions(str(Path(tmp) / "ort")) if args.profile else nullcontext():
             llm = LLM(str(folder), max_model_len=CONTEXT, max_num_seqs=CONCURRENCY,
-                      intra_op_num_threads=THREADS)
+                      intra_op_num_threads=THREADS, kv_cache_dtype=args.kv_cache_dtype)
         engine = llm.llm_engine
         params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True)  # as the server samples
         # Each step's model call: -(its prompt tokens) where it has any, else its decode rows.

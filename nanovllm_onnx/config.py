@@ -7,10 +7,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 MODEL_CONFIG_FILE = "nano_vllm_onnx.json"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}  # kv_cache_dtype -> numpy dtype
+KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}  # -> numpy dtype
+
 # The converter's weight formats. auto: a GGUF's quantized tensors run their own blocks, every
 # other weight is q8_0. q8_0: 8-bit blocks of 32 (GGUF's Q8_0 rounding) of every weight. int8:
 # per-channel. int4: 4-bit blocks of 32 (a GGUF's own Q4_0/Q4_1/Q4_K ones where it has them);
@@ -19,6 +22,12 @@ KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}  # kv_cache_dtype -> nu
 # bytes a decode step, lower quality; only when asked.
 WEIGHT_FORMATS = ("auto", "q8_0", "fp32", "int8", "int4", "int4_all")
 FOUR_BIT_FORMATS = ("int4", "int4_all")  # projections and MLP in 4-bit blocks
+
+
+def kv_width(head_dim: int, dtype: np.dtype) -> int:
+    """Elements of one position of one KV head in a cache of `dtype`: an int8 cache keeps the
+    position's float scale in 4 bytes after its head_dim codes (kernels/ops.cc)."""
+    return head_dim + (4 if np.dtype(dtype) == np.int8 else 0)
 
 
 @dataclass
@@ -52,8 +61,9 @@ class ModelConfig:
     def graph_file(self, folder: Path) -> Path:
         return Path(self.graph_path) if self.graph_path else folder / GRAPH_FILE
 
-    def kv_bytes_per_token(self, itemsize: int) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+    def kv_bytes_per_token(self, dtype: np.dtype) -> int:
+        width = kv_width(self.head_dim, dtype)
+        return self.num_layers * 2 * self.num_kv_heads * width * np.dtype(dtype).itemsize
 
     def save(self, folder: Path) -> None:
         (folder / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -75,7 +85,7 @@ class EngineConfig:
     # a token at 512-1024, 4.1-4.3 at 2048, 5.2-5.8 at 4096; benchmarks/README.md).
     max_num_batched_tokens: int = 1024
     kv_cache_memory_gib: float = 1.0
-    kv_cache_dtype: str = "auto"  # auto (fp16; an Optimum export: fp32) | fp16 | fp32
+    kv_cache_dtype: str = "auto"  # auto (fp16; an Optimum export: fp32) | fp16 | fp32 | int8
     block_size: int = 16
     enable_prefix_caching: bool = True
     intra_op_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)

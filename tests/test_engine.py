@@ -1,7 +1,7 @@
 """Greedy tokens equal transformers' however the requests are batched, cached or preempted.
 
-Token-exact comparisons run the KV cache in fp32, transformers' precision here; the default
-fp16 cache is checked against the same reference within fp16's rounding."""
+Token-exact comparisons run the KV cache in fp32, transformers' precision here, or in int8
+against transformers reading keys and values rounded as the int8 cache rounds them."""
 
 from __future__ import annotations
 
@@ -110,18 +110,59 @@ def test_prefix_cache_is_hit_and_exact(converted: dict[str, Path], hf_models: di
     assert_all_free(llm)
 
 
-def test_fp16_prefix_cache_gives_the_tokens_of_a_cold_run(converted: dict[str, Path]) -> None:
-    """Cached fp16 K/V blocks go into a slot (key tiles included) exactly as computed."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])  # auto: fp16
+def test_prefix_cache_gives_the_tokens_of_a_cold_run(kv_cache_dtype: str,
+                                                      converted: dict[str, Path]) -> None:
+    """Cached fp16 or int8 K/V blocks (an int8 position's scale too) go into a slot (key tiles
+    included) exactly as computed."""
     shared = random_prompts(1, seed=1, lo=70, hi=70)[0]
     prompts = [shared + t for t in random_prompts(4, seed=4, lo=1, hi=20)]
-    warm = LLM(str(converted["qwen3"]))  # kv_cache_dtype auto: fp16
+    warm = LLM(str(converted["qwen3"]), kv_cache_dtype=kv_cache_dtype)
     first = warm.generate(prompts[:1], GREEDY, use_tqdm=False)
     rest = warm.generate(prompts[1:], GREEDY, use_tqdm=False)
     assert all(o.num_cached_tokens == 64 for o in rest)
-    cold = LLM(str(converted["qwen3"]), enable_prefix_caching=False)
+    cold = LLM(str(converted["qwen3"]), enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
     expected = cold.generate(prompts, GREEDY, use_tqdm=False)
     assert ([o.outputs[0].token_ids for o in first + rest]
             == [o.outputs[0].token_ids for o in expected])
+
+
+def int8_kv_attention() -> str:
+    """transformers' sdpa attention reading its keys and values rounded as an int8 KV cache
+    rounds them (per position and KV head, in float32: ops.cc's quantize_position), as an
+    attn_implementation name: the reference for kv_cache_dtype=int8."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        peak = x.abs().amax(-1, keepdim=True)
+        inv = torch.where(peak > 0, 127 / peak, 0)
+        return torch.round(x * inv) * (peak * torch.tensor(1 / 127, dtype=torch.float32))
+
+    def attention(module, q, k, v, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return sdpa_attention_forward(module, q, rounded(k), rounded(v), *args, **kwargs)
+
+    AttentionInterface.register("int8_kv", attention)
+    return "int8_kv"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_int8_kv_cache_greedy_matches_transformers_on_its_rounding(
+        name: str, converted: dict[str, Path], hf_models: dict[str, Path]) -> None:
+    """kv_cache_dtype=int8: transformers' tokens where its attention reads keys and values
+    rounded as the cache keeps them, through chunked prefill and batched decodes; the cache
+    holds its tokens in head_dim + 4 bytes a position and KV head (fp16: 2 x head_dim)."""
+    prompts = random_prompts(8, seed=0)
+    expected = reference_greedy(hf_models[name], prompts, NEW_TOKENS,
+                                attn_implementation=int8_kv_attention())
+    llm = LLM(str(converted[name]), kv_cache_dtype="int8", max_num_batched_tokens=48)
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    mc, engine = llm.llm_engine.model_config, llm.llm_engine
+    block_bytes = engine.config.block_size * mc.num_layers * 2 * mc.num_kv_heads * (mc.head_dim + 4)
+    assert engine.block_manager.num_blocks == 2**30 // block_bytes  # kv_cache_memory_gib=1
+    assert_all_free(llm)
 
 
 def test_default_step_budget_chunks_prompts_beside_decodes(converted: dict[str, Path]) -> None:

@@ -30,15 +30,17 @@ from tests.conftest import ops_session
 
 HEADS, KV_HEADS, CAPACITY, POSITIONS = 6, 2, 96, 128
 F32, F16, I32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32
-CACHE_TYPES = {np.float32: F32, np.float16: F16}
+CACHE_TYPES = {np.float32: F32, np.float16: F16, np.int8: TensorProto.INT8}
+SCALE_BYTES = 4  # an int8 cache's per-position scale, after its codes (ops.cc)
 
 
 def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray,
             target: str = "", cache: type = np.float32,
             prompt_rows: bool = False) -> ort.InferenceSession:
     """SlotAttention alone; with `prompt_rows`, fed its tokens' roles too."""
-    key_shape = [rows, KV_HEADS, CAPACITY // KEY_TILE, head_dim, KEY_TILE]
-    value_shape = [rows, KV_HEADS, CAPACITY, head_dim]
+    width = head_dim + (SCALE_BYTES if cache == np.int8 else 0)
+    key_shape = [rows, KV_HEADS, CAPACITY // KEY_TILE, width, KEY_TILE]
+    value_shape = [rows, KV_HEADS, CAPACITY, width]
     cache_type = CACHE_TYPES[cache]
     roles = [PROMPT_ROWS] if prompt_rows else []
     node = helper.make_node(
@@ -91,15 +93,39 @@ def untile(key_tiles: np.ndarray) -> np.ndarray:
     return key_tiles.transpose(0, 1, 2, 4, 3).reshape(r, h, t * KEY_TILE, d)
 
 
+def encode(x: np.ndarray, cache: type) -> np.ndarray:
+    """Positions [.., D] as a cache of type `cache` holds them: int8 [.., D + 4], each
+    position's symmetric codes and its float32 scale's bytes, computed in float32 as the op
+    quantizes them (ops.cc's quantize_position)."""
+    if cache != np.int8:
+        return x.astype(cache)
+    x = x.astype(np.float32)
+    peak = np.abs(x).max(-1, keepdims=True)
+    inv = np.divide(np.float32(127), peak, out=np.zeros_like(peak), where=peak > 0)
+    codes = np.rint(x * inv).astype(np.int8)
+    scale = peak * (np.float32(1) / np.float32(127))
+    return np.concatenate([codes, scale.astype("<f4").view(np.int8)], -1)
+
+
+def decode(c: np.ndarray) -> np.ndarray:
+    """A cache's positions as float64 (int8: codes times scale)."""
+    if c.dtype != np.int8:
+        return c.astype(np.float64)
+    d = c.shape[-1] - SCALE_BYTES
+    return c[..., :d] * np.ascontiguousarray(c[..., d:]).view("<f4").astype(np.float64)
+
+
 def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[int],
               query: list[int], cos: np.ndarray, sin: np.ndarray, cache: type = np.float32,
               bf16_rows: tuple[int, ...] = ()) -> tuple[np.ndarray, ...]:
-    """float64 attention, row by row; returns (out, keys, values) after the step. The new
-    K/V are rounded to the cache's precision before attention reads them, as in the op. Rows
-    in `bf16_rows` as AMX's bf16 tiles take them: the scaled queries, the keys, the softmax's
-    numerators and the values rounded to bf16 (the numerators' sum not)."""
-    d = keys.shape[-1]
-    keys, values = keys.astype(np.float64), values.astype(np.float64)
+    """float64 attention, row by row; returns (out, keys, values) after the step, the caches
+    as `cache` holds them (encode). The new K/V are rounded to the cache's precision before
+    attention reads them, as in the op. Rows in `bf16_rows` as AMX's bf16 tiles take them: the
+    scaled queries, the keys, the softmax's numerators and the values rounded to bf16 (the
+    numerators' sum not)."""
+    d = qkv.shape[-1] // (HEADS + 2 * KV_HEADS)
+    stored = (keys.copy(), values.copy())
+    keys, values = decode(keys), decode(values)
     out = np.zeros((len(qkv), HEADS * d))
     group = HEADS // KV_HEADS
     start = 0
@@ -110,8 +136,10 @@ def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[
         k = tok[:, HEADS * d:(HEADS + KV_HEADS) * d].reshape(n, KV_HEADS, d)
         v = tok[:, (HEADS + KV_HEADS) * d:].reshape(n, KV_HEADS, d)
         c, s = cos[pos][:, None], sin[pos][:, None]
-        keys[row, :, p:p + n] = rotate(k, c, s).transpose(1, 0, 2).astype(cache)
-        values[row, :, p:p + n] = v.transpose(1, 0, 2).astype(cache)
+        for cached, new in zip(stored, (rotate(k, c, s), v)):
+            cached[row, :, p:p + n] = encode(new.transpose(1, 0, 2), cache)
+        keys[row, :, p:p + n] = decode(stored[0][row, :, p:p + n])
+        values[row, :, p:p + n] = decode(stored[1][row, :, p:p + n])
         q = rotate(q, c, s) * d ** -0.5
         rounded = (lambda a: bf16(a).astype(np.float64)) if row in bf16_rows else (lambda a: a)
         for h in range(HEADS):
@@ -122,15 +150,19 @@ def reference(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, past: list[
             out[start:start + n, h * d:(h + 1) * d] = (
                 rounded(weights) @ rounded(v) / weights.sum(-1, keepdims=True))
         start += n
-    return out, keys, values
+    return out, *stored
+
+
+CACHES = pytest.mark.parametrize("cache", [np.float32, np.float16, np.int8],
+                                 ids=["fp32", "fp16", "int8"])
 
 
 @pytest.mark.parametrize("target", FLOAT_TARGETS)
-@pytest.mark.parametrize("cache", [np.float32, np.float16], ids=["fp32", "fp16"])
+@CACHES
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 def test_ragged_rows_match_reference_and_update_in_place(head_dim: int, cache: type,
                                                          target: str) -> None:
-    """In either cache precision (fp16, the default, at the default model's head size 64
+    """In every cache precision (fp16, the default, at the default model's head size 64
     too) and in every build this CPU can run."""
     skip_unless_runnable(target)
     rng = np.random.default_rng(head_dim)
@@ -139,13 +171,16 @@ def test_ragged_rows_match_reference_and_update_in_place(head_dim: int, cache: t
     past, query = [40, 0, 17, 33, CAPACITY - 1, 0], [1, 21, 0, 9, 1, 70]
     angles = rng.uniform(0, 2 * np.pi, (POSITIONS, head_dim // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(cache)
-    values = rng.standard_normal(keys.shape).astype(cache)
+    shape = (len(past), KV_HEADS, CAPACITY, head_dim)
+    keys, values = (encode(rng.standard_normal(shape), cache) for _ in range(2))
     qkv = rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)).astype(np.float32)
     ref_out, ref_keys, ref_values = reference(qkv, keys, values, past, query, cos, sin, cache)
     # fp16: the op rotates keys in float32, the reference in float64, so a key rounds to
-    # fp16 one unit apart at most (2^-10 relative); the output moves by some 1e-5.
-    out_atol, key_rtol = (2e-5, 0.0) if cache == np.float32 else (2e-4, 2**-10)
+    # fp16 one unit apart at most (2^-10 relative); the output moves by some 1e-5. int8: a
+    # key's code one step apart at most (a step: its max |x| / 127).
+    out_atol, key_atol, key_rtol = {
+        np.float32: (2e-5, 2e-6, 0.0), np.float16: (2e-4, 2e-6, 2**-10),
+        np.int8: (2e-4, np.abs(decode(ref_keys)).max() / 127, 0.0)}[cache]
 
     sess = session(head_dim, len(past), cos, sin, target, cache)
     key_cache, value_cache = tiles(keys), values.copy()
@@ -163,9 +198,9 @@ def test_ragged_rows_match_reference_and_update_in_place(head_dim: int, cache: t
 
     np.testing.assert_allclose(out, ref_out, atol=out_atol)
     # The new K/V landed at each row's positions; every other position is untouched.
-    np.testing.assert_allclose(untile(key_cache).astype(np.float64), ref_keys, atol=2e-6,
+    np.testing.assert_allclose(decode(untile(key_cache)), decode(ref_keys), atol=key_atol,
                                rtol=key_rtol)
-    np.testing.assert_array_equal(value_cache, ref_values.astype(cache))
+    np.testing.assert_array_equal(value_cache, ref_values)
 
     # A plain run (no binding) leaves its inputs alone and returns the updated caches.
     feeds = {"qkv": qkv, "past_key": tiles(keys), "past_value": values,
@@ -207,7 +242,8 @@ def test_a_prompt_gets_the_same_floats_alone_or_among_many(head_dim: int, target
 
 
 @pytest.mark.parametrize("target", FLOAT_TARGETS)
-def test_a_verification_equals_its_tokens_decoded_one_by_one(target: str) -> None:
+@pytest.mark.parametrize("cache", [np.float16, np.int8], ids=["fp16", "int8"])
+def test_a_verification_equals_its_tokens_decoded_one_by_one(cache: type, target: str) -> None:
     """A speculative verification (one row, 7 tokens: 21 query vectors of a KV head in
     chunks) gives every token exactly the output that decoding the tokens one at a time
     gives (what makes its greedy tokens the plain decode's), and the reference's."""
@@ -216,10 +252,10 @@ def test_a_verification_equals_its_tokens_decoded_one_by_one(target: str) -> Non
     rng = np.random.default_rng(7)
     angles = rng.uniform(0, 2 * np.pi, (POSITIONS, head_dim // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    keys = rng.standard_normal((1, KV_HEADS, CAPACITY, head_dim)).astype(np.float16)
-    values = rng.standard_normal(keys.shape).astype(np.float16)
+    shape = (1, KV_HEADS, CAPACITY, head_dim)
+    keys, values = (encode(rng.standard_normal(shape), cache) for _ in range(2))
     qkv = rng.standard_normal((n, (HEADS + 2 * KV_HEADS) * head_dim)).astype(np.float32)
-    sess = session(head_dim, 1, cos, sin, target, np.float16)
+    sess = session(head_dim, 1, cos, sin, target, cache)
 
     def run(key_cache: np.ndarray, value_cache: np.ndarray, start: int, tokens: np.ndarray
             ) -> np.ndarray:
@@ -235,11 +271,11 @@ def test_a_verification_equals_its_tokens_decoded_one_by_one(target: str) -> Non
     one_by_one = np.concatenate([run(key_cache, value_cache, past + j, qkv[j:j + 1])
                                  for j in range(n)])
     np.testing.assert_array_equal(at_once, one_by_one)
-    ref_out, _, _ = reference(qkv, keys, values, [past], [n], cos, sin, np.float16)
+    ref_out, _, _ = reference(qkv, keys, values, [past], [n], cos, sin, cache)
     np.testing.assert_allclose(at_once, ref_out, atol=2e-4)
 
 
-@pytest.mark.parametrize("cache", [np.float32, np.float16], ids=["fp32", "fp16"])
+@CACHES
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> None:
     """With prompt_rows, AMX runs the rows of prompt tokens on the bf16 tiles: their outputs
@@ -258,8 +294,8 @@ def test_prompt_rows_on_amx_attend_on_bf16_tiles(head_dim: int, cache: type) -> 
     roles = np.concatenate([np.full(n, PROMPT_ROLE if r < 2 else EITHER_ROLE, np.uint8)
                             for r, n in enumerate(query)])
     roles[-6 - 20:-6] = PROMPT_ROLE
-    keys = rng.standard_normal((len(past), KV_HEADS, CAPACITY, head_dim)).astype(cache)
-    values = rng.standard_normal(keys.shape).astype(cache)
+    shape = (len(past), KV_HEADS, CAPACITY, head_dim)
+    keys, values = (encode(rng.standard_normal(shape), cache) for _ in range(2))
     qkv = (rng.standard_normal((sum(query), (HEADS + 2 * KV_HEADS) * head_dim)) * 2
            ).astype(np.float32)
 

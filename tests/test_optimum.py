@@ -192,6 +192,14 @@ def test_config_comes_from_the_graph_and_config_json(name: str, kv_heads: int,
     assert (mc.vocab_size, mc.eos_token_ids, mc.max_position_embeddings) == (VOCAB, [4], 1024)
 
 
+def test_int8_kv_cache_is_refused_by_name(exports: dict[str, tuple[Path, Path]]) -> None:
+    """An export runs its own attention on float caches: int8 (this engine's SlotAttention
+    only) is a clear error before any step, not a cache the graph cannot take."""
+    with pytest.raises(ValueError, match="kv_cache_dtype=int8 needs a model converted by this "
+                                         "engine"):
+        LLM(str(exports["qwen2"][1]), kv_cache_dtype="int8")
+
+
 def test_cli_model_flag(exports: dict[str, tuple[Path, Path]],
                         capsys: pytest.CaptureFixture[str]) -> None:
     export = exports["gpt2"][1]

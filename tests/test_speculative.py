@@ -104,6 +104,22 @@ def test_greedy_tokens_equal_transformers(spec: dict | str, engine_args: dict,
     assert_all_free(llm)
 
 
+def test_int8_kv_cache_speculation_gives_the_tokens_of_plain_decoding(models: dict[str, Path]
+                                                                       ) -> None:
+    """kv_cache_dtype=int8, the draft's cache too: a verification's queries get the floats one
+    at a time gets (SlotAttention's int8 path, test_kernels), so its greedy tokens are the
+    plain engine's."""
+    int4_draft = {**draft(models["hf"], 4), "weights": "int4"}
+    plain = LLM(str(models[TARGET]), kv_cache_dtype="int8")
+    llm = LLM(str(models[TARGET]), kv_cache_dtype="int8", speculative_config=int4_draft)
+    assert ([o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in plain.generate(prompts(), GREEDY, use_tqdm=False)])
+    drafts, proposed, accepted = stats(llm)
+    assert drafts > 0 and 0 < accepted < proposed
+    assert llm.llm_engine.speculator.kv_cache.dtype == np.int8
+    assert_all_free(llm)
+
+
 def test_structured_and_speculative_requests_in_one_batch(models: dict[str, Path],
                                                         reference: list[list[int]]) -> None:
     """Grammar-constrained sequences propose too: drafts cut at the first the grammar

@@ -84,10 +84,15 @@ class LLMEngine:
         self.max_model_len = cfg.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
         own_graph = mc.runner != "optimum"
         # fp16 halves the cache's memory and the bytes each decode reads, which bound
-        # attention on a batch of long contexts; an Optimum export keeps fp32 in its slots.
+        # attention on a batch of long contexts (int8 halves them again); an Optimum export
+        # keeps fp32 in its slots.
         kv_dtype = np.dtype(KV_CACHE_DTYPES.get(cfg.kv_cache_dtype,
                                                 "float16" if own_graph else "float32"))
-        block_bytes = cfg.block_size * mc.kv_bytes_per_token(kv_dtype.itemsize)
+        if kv_dtype == np.int8 and not own_graph:
+            raise ValueError("kv_cache_dtype=int8 needs a model converted by this engine; an "
+                             "Optimum export runs its own attention on float caches (use auto, "
+                             "fp16 or fp32)")
+        block_bytes = cfg.block_size * mc.kv_bytes_per_token(kv_dtype)
         num_blocks = int(cfg.kv_cache_memory_gib * 2**30) // block_bytes
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)
         if num_blocks < blocks_per_seq:

@@ -9,7 +9,8 @@
 //
 // Inputs: 0 qkv [T, (H + 2 KVH) * D] packed tokens, row after row (q, k, v of each token)
 //         1 past_key [B, KVH, C / 16, D, 16] keys in tiles of 16 positions, dimension-major
-//         2 past_value [B, KVH, C, D] (both float, or both float16: half the memory traffic)
+//         2 past_value [B, KVH, C, D] (both float, or both float16: half the memory traffic;
+//           or both int8, a quarter: see the int8 layout below)
 //         3 past_lens [B] int32: tokens already in each row's cache
 //         4 query_lens [B] int32: new tokens of each row (0: idle row, untouched)
 //         5 cos [max_positions, D / 2], 6 sin: rotary tables (rotate-half)
@@ -19,6 +20,15 @@
 // keys and values at positions past_len .. past_len + query_len - 1. Bind them to the same
 // buffers as the past inputs (IOBinding) and the update is in place; otherwise the past is
 // copied first. Attributes: num_heads, kv_num_heads, scale.
+// An int8 cache holds each position's key (and value) as symmetric codes, round(x * 127 /
+// max |x|), and its float scale max |x| / 127, whose 4 bytes follow the D codes as if they
+// were 4 more dimensions (little-endian, byte j at dimension D + j): the caches are
+// [B, KVH, C / 16, D + 4, 16] and [B, KVH, C, D + 4], a position's bytes where the float
+// caches have its floats, so that the engine copies a position as it copies a float one.
+// Scores are the codes' dot products times the key's scale, and a value weighs by its scale
+// times the softmax's weight (prompt rows on AMX's bf16 tiles take codes times scales, rounded
+// as a float cache's keys and values are): some 0.04% of perplexity (SmolLM2-135M,
+// benchmarks/rounding_quality.py), where fp8's 3 or 2 mantissa bits cost 2% or 9%.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -33,6 +43,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -68,6 +79,20 @@ inline vec load(const float* p) { return (vec)_mm512_loadu_ps(p); }
 inline vec load(const _Float16* p) {  // (GCC scalarizes the generic conversion)
   return (vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+inline vec load(const int8_t* p) {
+  return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(p))));
+}
+// The 16 float scales of an int8 key tile's positions from its 4 byte rows (D .. D + 3).
+inline vec load_scales(const int8_t* rows) {
+  __m512i bits = _mm512_setzero_si512();
+  for (int j = 0; j < 4; ++j)
+    bits = _mm512_or_si512(bits, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                                       reinterpret_cast<const __m128i*>(
+                                                           rows + j * kTile))),
+                                                   8 * j));
+  return (vec)_mm512_castsi512_ps(bits);
+}
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, (__m512)v); }
 inline void store(_Float16* p, vec v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
@@ -85,10 +110,20 @@ struct vec {
 inline vec operator*(vec v, float s) {
   return {_mm256_mul_ps(v.lo, _mm256_set1_ps(s)), _mm256_mul_ps(v.hi, _mm256_set1_ps(s))};
 }
+inline vec operator*(vec a, vec b) {
+  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+}
 inline vec load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline vec load(const _Float16* p) {
   const auto* h = reinterpret_cast<const __m128i*>(p);
   return {_mm256_cvtph_ps(_mm_loadu_si128(h)), _mm256_cvtph_ps(_mm_loadu_si128(h + 1))};
+}
+inline vec load(const int8_t* p) {
+  auto eight = [](const int8_t* at) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at))));
+  };
+  return {eight(p), eight(p + 8)};
 }
 inline void store(float* p, vec v) {
   _mm256_storeu_ps(p, v.lo);
@@ -113,12 +148,76 @@ inline vec load(const _Float16* p) {
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, vec);
 }
+inline vec load(const int8_t* p) {
+  vec v;
+  for (int i = 0; i < kTile; ++i) v[i] = p[i];
+  return v;
+}
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline void store(_Float16* p, vec v) {
   for (int i = 0; i < kTile; ++i) p[i] = _Float16(v[i]);
 }
 inline vec fmadd(float x, vec v, vec acc) { return acc + x * v; }
 #endif
+
+#ifndef __AVX512F__
+inline vec load_scales(const int8_t* rows) {  // (see the AVX-512 one)
+  float scales[kTile];
+  for (int i = 0; i < kTile; ++i) {
+    const uint32_t bits = uint32_t(uint8_t(rows[i])) | uint32_t(uint8_t(rows[kTile + i])) << 8 |
+                          uint32_t(uint8_t(rows[2 * kTile + i])) << 16 |
+                          uint32_t(uint8_t(rows[3 * kTile + i])) << 24;
+    std::memcpy(&scales[i], &bits, 4);
+  }
+  return load(scales);
+}
+#endif
+
+// A cache type's elements per position beyond its D: an int8 position's scale (see the top).
+template <typename T>
+constexpr int kScaleBytes = std::is_same_v<T, int8_t> ? 4 : 0;
+
+// The float scale of an int8 value row (its bytes after the D codes).
+inline float value_scale(const int8_t* row, int64_t D) {
+  float scale;
+  std::memcpy(&scale, row + D, 4);
+  return scale;
+}
+
+// int8 caches: a position's scale (-ffast-math computes peak / 127 by the reciprocal anyway:
+// written so, every build computes the same) and the inverse its codes are rounded by.
+inline float position_scale(float peak) { return peak * (1.f / 127.f); }
+inline float code_factor(float peak) { return peak > 0.f ? 127.f / peak : 0.f; }
+inline void put_scale(float scale, int8_t* at, int64_t step) {  // its bytes at at[j * step]
+  uint8_t bytes[4];
+  std::memcpy(bytes, &scale, 4);
+  for (int j = 0; j < 4; ++j) at[j * step] = int8_t(bytes[j]);
+}
+
+// A value's D floats into an int8 cache row: its codes, then its scale's bytes.
+inline void quantize_value(const float* x, int64_t D, int8_t* row) {
+  float peak = 0.f;
+  for (int64_t d = 0; d < D; ++d) peak = std::max(peak, std::fabs(x[d]));
+  const float inv = code_factor(peak);
+  for (int64_t d = 0; d < D; ++d) row[d] = int8_t(std::nearbyint(x[d] * inv));
+  put_scale(position_scale(peak), row + D, 1);
+}
+
+// Columns [first, last] of a float key tile [D][16] into an int8 key tile [D + 4][16]: each
+// column's codes and scale as quantize_value's.
+inline void quantize_keys(const float* tile, int64_t D, int64_t first, int64_t last,
+                          int8_t* out) {
+  float peak[kTile] = {}, inv[kTile];
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t c = first; c <= last; ++c)
+      peak[c] = std::max(peak[c], std::fabs(tile[d * kTile + c]));
+  for (int64_t c = first; c <= last; ++c) inv[c] = code_factor(peak[c]);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t c = first; c <= last; ++c)
+      out[d * kTile + c] = int8_t(std::nearbyint(tile[d * kTile + c] * inv[c]));
+  for (int64_t c = first; c <= last; ++c)
+    put_scale(position_scale(peak[c]), out + D * kTile + c, kTile);
+}
 
 // Runs f, turning an exception into the status ONNX Runtime expects (none may cross the C API).
 template <typename F>
@@ -182,14 +281,14 @@ constexpr int kAhead = 2;  // 4 KB on of fp16 keys: more is no faster
 template <int NR, int TW, int DC, bool kPrefetch, typename T>
 void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* scores,
                  int64_t stride, const T* values) {
-  constexpr int D = DC * kTile;
-  constexpr int kLines = TW * D * kTile * sizeof(T) / 64;  // of TW tiles' keys (or values)
+  constexpr int D = DC * kTile, kRow = D + kScaleBytes<T>, kTileSize = kRow * kTile;
+  constexpr int kLines = TW * kTileSize * sizeof(T) / 64;  // of TW tiles' keys (or values)
   int64_t t = 0;
   for (; t + TW <= num_tiles; t += TW) {
-    const T* tile = tiles + t * D * kTile;
+    const T* tile = tiles + t * kTileSize;
     const char* keys_ahead = reinterpret_cast<const char*>(
-        tiles + std::min(t + kAhead, num_tiles - TW) * D * kTile);
-    const char* tile_values = reinterpret_cast<const char*>(values + t * kTile * D);
+        tiles + std::min(t + kAhead, num_tiles - TW) * kTileSize);
+    const char* tile_values = reinterpret_cast<const char*>(values + t * kTile * kRow);
     vec acc[NR][TW] = {};
     for (int d = 0; d < D; ++d) {
       for (int i = d * kLines / D; i < (d + 1) * kLines / D && kPrefetch; ++i) {
@@ -197,17 +296,22 @@ void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* score
         __builtin_prefetch(tile_values + i * 64, 0, 2);  // to the L2: the keys pass the L1
       }
       vec k[TW];
-      for (int w = 0; w < TW; ++w) k[w] = load(tile + w * D * kTile + d * kTile);
+      for (int w = 0; w < TW; ++w) k[w] = load(tile + w * kTileSize + d * kTile);
       for (int n = 0; n < NR; ++n)
         for (int w = 0; w < TW; ++w) acc[n][w] = fmadd(q[n * D + d], k[w], acc[n][w]);
     }
+    if constexpr (kScaleBytes<T> > 0)
+      for (int w = 0; w < TW; ++w) {
+        const vec scale = load_scales(tile + w * kTileSize + D * kTile);
+        for (int n = 0; n < NR; ++n) acc[n][w] = acc[n][w] * scale;
+      }
     for (int n = 0; n < NR; ++n)
       for (int w = 0; w < TW; ++w) store(scores + n * stride + (t + w) * kTile, acc[n][w]);
   }
   if constexpr (TW > 1)
     if (t < num_tiles)
-      score_tiles<NR, 1, DC, kPrefetch>(q, tiles + t * D * kTile, num_tiles - t,
-                                        scores + t * kTile, stride, values + t * kTile * D);
+      score_tiles<NR, 1, DC, kPrefetch>(q, tiles + t * kTileSize, num_tiles - t,
+                                        scores + t * kTile, stride, values + t * kTile * kRow);
 }
 
 // out[n] = scale[n] * sum_l p[n][l] * value(l) for l < len, NR query vectors (D = DC * 16).
@@ -215,16 +319,19 @@ void score_tiles(const float* q, const T* tiles, int64_t num_tiles, float* score
 template <int NR, int DC, typename T>
 void weigh_values(const float* p, int64_t stride, const float* scale, const T* values,
                   int64_t len, float* out, const char* ahead, int64_t ahead_lines) {
-  constexpr int D = DC * kTile;
+  constexpr int D = DC * kTile, kRow = D + kScaleBytes<T>;
   vec acc[NR][DC] = {};
   const int64_t per_step = (ahead_lines + len - 1) / len;
   for (int64_t l = 0; l < len; ++l) {
     for (int64_t i = l * per_step; i < std::min((l + 1) * per_step, ahead_lines); ++i)
       __builtin_prefetch(ahead + i * 64, 0, 2);
     vec v[DC];
-    for (int c = 0; c < DC; ++c) v[c] = load(values + l * D + c * kTile);
+    for (int c = 0; c < DC; ++c) v[c] = load(values + l * kRow + c * kTile);
+    float value_weight = 1.f;  // an int8 value's scale
+    if constexpr (kScaleBytes<T> > 0) value_weight = value_scale(values + l * kRow, D);
     for (int n = 0; n < NR; ++n) {
       float w = p[n * stride + l];
+      if constexpr (kScaleBytes<T> > 0) w *= value_weight;
       for (int c = 0; c < DC; ++c) acc[n][c] = fmadd(w, v[c], acc[n][c]);
     }
   }
@@ -367,12 +474,12 @@ inline float softmax_numerators(float* row, int64_t len, int64_t end) {
 template <typename T>
 void append(const Step& st, int64_t b, int64_t g) {
   const Shape& s = st.s;
-  const int64_t D = s.head_dim, half = D / 2;
+  const int64_t D = s.head_dim, half = D / 2, row = D + kScaleBytes<T>;
   const int64_t width = (s.heads + 2 * s.kv_heads) * D;
   const int64_t slot = b * s.kv_heads + g;
   const int64_t past = st.past_lens[b], len = st.offsets[b + 1] - st.offsets[b];
-  T* keys = static_cast<T*>(st.keys) + slot * s.capacity * D;
-  T* values = static_cast<T*>(st.values) + slot * s.capacity * D;
+  T* keys = static_cast<T*>(st.keys) + slot * s.capacity * row;
+  T* values = static_cast<T*>(st.values) + slot * s.capacity * row;
   float k[128], tile[128 * kTile];
   for (int64_t j = 0; j < len; ++j) {
     const float* tok = st.qkv + (st.offsets[b] + j) * width;
@@ -381,15 +488,21 @@ void append(const Step& st, int64_t b, int64_t g) {
     for (int64_t d = 0; d < D; ++d) tile[d * kTile + column] = k[d];
     if (column == kTile - 1 || j == len - 1) {  // the tile's new columns [first, column]
       const int64_t first = pos - column < past ? past % kTile : 0;
-      T* dst = keys + (pos / kTile) * D * kTile;
-      for (int64_t d = 0; d < D; ++d)
-        if (first == 0 && column == kTile - 1)
-          store(dst + d * kTile, load(tile + d * kTile));
-        else
-          for (int64_t c = first; c <= column; ++c) dst[d * kTile + c] = T(tile[d * kTile + c]);
+      T* dst = keys + (pos / kTile) * row * kTile;
+      if constexpr (kScaleBytes<T> > 0)
+        quantize_keys(tile, D, first, column, dst);
+      else
+        for (int64_t d = 0; d < D; ++d)
+          if (first == 0 && column == kTile - 1)
+            store(dst + d * kTile, load(tile + d * kTile));
+          else
+            for (int64_t c = first; c <= column; ++c) dst[d * kTile + c] = T(tile[d * kTile + c]);
     }
     const float* v = tok + (s.heads + s.kv_heads + g) * D;
-    for (int64_t d = 0; d < D; d += kTile) store(values + pos * D + d, load(v + d));
+    if constexpr (kScaleBytes<T> > 0)
+      quantize_value(v, D, values + pos * row);
+    else
+      for (int64_t d = 0; d < D; d += kTile) store(values + pos * D + d, load(v + d));
   }
 }
 
@@ -428,8 +541,9 @@ void run_task(const Step& st, const Task& task, const char* next_keys, int64_t n
     }
   }
   const int64_t slot = task.row * s.kv_heads + task.kv_head;
-  const T* key_tiles = static_cast<const T*>(st.keys) + slot * s.capacity * D;
-  const T* values = static_cast<const T*>(st.values) + slot * s.capacity * D;
+  const int64_t slot_size = s.capacity * (D + kScaleBytes<T>);
+  const T* key_tiles = static_cast<const T*>(st.keys) + slot * slot_size;
+  const T* values = static_cast<const T*>(st.values) + slot * slot_size;
   bool done = false;
 #ifdef AMX_BF16
   if constexpr (DC % 2 == 0) {  // (a tile product takes 32 of D)
@@ -478,11 +592,12 @@ void run_tasks(void* data, size_t i) {
   if (i + 1 < st.tasks.size() && (st.tasks[i + 1].row != task.row ||
                                   st.tasks[i + 1].kv_head != task.kv_head)) {
     const Task& next = st.tasks[i + 1];  // (the blocks of one prompt share their keys)
-    const int64_t D = DC * kTile, slot = next.row * st.s.kv_heads + next.kv_head;
-    next_keys =
-        reinterpret_cast<const char*>(static_cast<const T*>(st.keys) + slot * st.s.capacity * D);
+    const int64_t row = DC * kTile + kScaleBytes<T>;
+    const int64_t slot = next.row * st.s.kv_heads + next.kv_head;
+    next_keys = reinterpret_cast<const char*>(static_cast<const T*>(st.keys) +
+                                              slot * st.s.capacity * row);
     const int64_t tiles = (st.past_lens[next.row] + next.last + kTile - 1) / kTile;
-    next_lines = tiles * D * kTile * int64_t(sizeof(T)) / 64;
+    next_lines = tiles * row * kTile * int64_t(sizeof(T)) / 64;
   }
   run_task<DC, T>(st, task, next_keys, next_lines);
 }
@@ -577,19 +692,21 @@ struct SlotAttentionKernel {
     const auto value_shape = past_value.GetTensorTypeAndShapeInfo().GetShape();
     const auto cache_type = key_info.GetElementType();
     const bool half = cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    const bool int8 = cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
     check(past_value.GetTensorTypeAndShapeInfo().GetElementType() == cache_type &&
-              (half || cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-          "the caches must both be float or both float16");
+              (half || int8 || cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+          "the caches must both be float, both float16 or both int8");
+    const int64_t scale_bytes = int8 ? kScaleBytes<int8_t> : 0;
     const auto cos_shape = cos.GetTensorTypeAndShapeInfo().GetShape();
     check(value_shape.size() == 4 && key_shape.size() == 5, "cache ranks");
     Step st;
     Shape& s = st.s;
-    s = {heads, kv_heads, value_shape[3], value_shape[0], value_shape[2], qkv_shape[0],
-         cos_shape[0]};
-    check(key_shape == std::vector<int64_t>{s.rows, s.kv_heads, s.capacity / kTile, s.head_dim,
-                                            kTile} && s.capacity % kTile == 0,
+    s = {heads, kv_heads, value_shape[3] - scale_bytes, value_shape[0], value_shape[2],
+         qkv_shape[0], cos_shape[0]};
+    check(key_shape == std::vector<int64_t>{s.rows, s.kv_heads, s.capacity / kTile,
+                                            value_shape[3], kTile} && s.capacity % kTile == 0,
           "past_key must be [B, kv_heads, capacity / 16, head_dim, 16] beside past_value "
-          "[B, kv_heads, capacity, head_dim]");
+          "[B, kv_heads, capacity, head_dim] (int8: head_dim + 4 for the scales)");
     check(value_shape[1] == kv_heads && heads % kv_heads == 0, "num_heads / kv_num_heads");
     check(qkv_shape.size() == 2 && qkv_shape[1] == (heads + 2 * kv_heads) * s.head_dim,
           "qkv must be [tokens, (num_heads + 2 kv_num_heads) * head_dim]");
@@ -618,7 +735,7 @@ struct SlotAttentionKernel {
     void* values = present_value.GetTensorMutableRawData();
     // Not bound in place (a plain run): start from a copy of the past.
     const size_t cache_bytes =
-        size_t(s.rows * s.kv_heads * s.capacity * s.head_dim) * (half ? 2 : 4);
+        size_t(s.rows * s.kv_heads * s.capacity * value_shape[3]) * (half ? 2 : int8 ? 1 : 4);
     if (keys != past_key.GetTensorRawData())
       std::memcpy(keys, past_key.GetTensorRawData(), cache_bytes);
     if (values != past_value.GetTensorRawData())
@@ -632,7 +749,9 @@ struct SlotAttentionKernel {
     st.values = values;
     st.out = out.GetTensorMutableData<float>();
     st.past_lens = past;
-    auto fn = half ? task_runner<_Float16>(s.head_dim) : task_runner<float>(s.head_dim);
+    auto fn = half   ? task_runner<_Float16>(s.head_dim)
+              : int8 ? task_runner<int8_t>(s.head_dim)
+                     : task_runner<float>(s.head_dim);
     check(fn != nullptr, "head_dim must be 16, 32, 64 or 128");  // (append's buffers: 128)
     auto roles = ctx.GetInputCount() > 7 ? ctx.GetInput(7) : Ort::ConstValue{nullptr};
     check(roles == nullptr ||
@@ -641,8 +760,10 @@ struct SlotAttentionKernel {
     add_tasks(st, query, roles == nullptr ? nullptr : roles.GetTensorData<uint8_t>());
     if (st.tasks.empty()) return;
     if (!st.appends.empty())
-      ctx.ParallelFor(half ? run_appends<_Float16> : run_appends<float>, st.appends.size(), 0,
-                      &st);
+      ctx.ParallelFor(half   ? run_appends<_Float16>
+                      : int8 ? run_appends<int8_t>
+                             : run_appends<float>,
+                      st.appends.size(), 0, &st);
     ctx.ParallelFor(fn, st.tasks.size(), 0, &st);
   }
 };
@@ -1566,6 +1687,7 @@ template <int DC, typename T>
 void amx_prompt_attention(const float* q, int64_t num_q, int64_t group, int64_t first_len,
                           const T* key_tiles, const T* values, int64_t keys, float* out) {
   constexpr int D = DC * kTile, kChunks = D / 32;  // a product takes 32 of a vector's D
+  constexpr int kRow = D + kScaleBytes<T>;
   const int64_t q_tiles = (num_q + kRows - 1) / kRows, tiles = (keys + kTile - 1) / kTile;
   const int64_t stride = (keys + 31) / 32 * 32, blocks = stride / 32;  // blocks of 32 keys
   // The tiles are all rounded first, then multiplied: a tile load of lines just stored waits
@@ -1584,13 +1706,18 @@ void amx_prompt_attention(const float* q, int64_t num_q, int64_t group, int64_t 
       store_bf16(qa + ((n / kRows * kChunks) + c) * kTileValues + n % kRows * 32,
                  n < num_q ? q + n * D + 32 * c : zeros);
   for (int64_t t = 0; t < tiles; ++t) {  // keys as B tiles [tile][32 of D]
-    const T* tile = key_tiles + t * D * kTile;  // [D][16 positions]
+    const T* tile = key_tiles + t * kRow * kTile;  // [D][16 positions]
+    vec scale = {};  // an int8 tile's keys: codes times their scales, rounded as floats are
+    if constexpr (kScaleBytes<T> > 0) scale = load_scales(tile + D * kTile);
+    auto key = [&](int d) {
+      if constexpr (kScaleBytes<T> > 0) return (__m512)(load(tile + d * kTile) * scale);
+      else return (__m512)load(tile + d * kTile);
+    };
     for (int c = 0; c < kChunks; ++c)
       for (int j = 0; j < kRows; ++j) {
         const int d = 32 * c + 2 * j;
         _mm512_store_si512(kb + (t * kChunks + c) * kTileValues + j * 32,
-                           bf16_pairs((__m512)load(tile + d * kTile),
-                                      (__m512)load(tile + (d + 1) * kTile)));
+                           bf16_pairs(key(d), key(d + 1)));
       }
   }
   for (int64_t blk = 0; blk < blocks; ++blk)  // values as B tiles [block][16 of D], 0 past keys
@@ -1598,7 +1725,12 @@ void amx_prompt_attention(const float* q, int64_t num_q, int64_t group, int64_t 
       for (int j = 0; j < kRows; ++j) {
         const int64_t key = blk * 32 + 2 * j;
         auto row = [&](int64_t k) {
-          return k < keys ? (__m512)load(values + k * D + sl * kTile) : _mm512_setzero_ps();
+          if (k >= keys) return _mm512_setzero_ps();
+          const __m512 v = (__m512)load(values + k * kRow + sl * kTile);
+          if constexpr (kScaleBytes<T> > 0)
+            return _mm512_mul_ps(v, _mm512_set1_ps(value_scale(values + k * kRow, D)));
+          else
+            return v;
         };
         _mm512_store_si512(vb + (blk * DC + sl) * kTileValues + j * 32,
                            bf16_pairs(row(key), row(key + 1)));
@@ -2225,6 +2357,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_float;
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
+  static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8> op_int8;
   static SwiGLUOp swiglu;
   static BlockLinearOp block_linear;
   static BlockGatherOp block_gather;
@@ -2233,6 +2366,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (!added) {
     domain.Add(&op_float);
     domain.Add(&op_half);
+    domain.Add(&op_int8);
     domain.Add(&swiglu);
     domain.Add(&block_linear);
     domain.Add(&block_gather);

@@ -17,7 +17,7 @@ import mmap
 
 import numpy as np
 
-from nanovllm_onnx.config import ModelConfig
+from nanovllm_onnx.config import ModelConfig, kv_width
 from nanovllm_onnx.kernels import KEY_TILE
 
 PAGE = mmap.PAGESIZE
@@ -39,7 +39,8 @@ class KVCache:
         self.block_size = block_size
         self.tiled_keys = tiled_keys
         self.dtype = dtype
-        kvh, hd = cfg.num_kv_heads, cfg.head_dim
+        # A position's head_dim elements (int8: and its scale's bytes, see ops.cc)
+        kvh, hd = cfg.num_kv_heads, kv_width(cfg.head_dim, dtype)
         key_shape = ((num_slots, kvh, capacity // KEY_TILE, hd, KEY_TILE) if tiled_keys
                      else (num_slots, kvh, capacity, hd))
         # [layer][key/value] -> (mmap, array)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from nanovllm_onnx.config import EngineConfig, ModelConfig
+from nanovllm_onnx.config import EngineConfig, ModelConfig, kv_width
 from nanovllm_onnx.engine.sequence import Sequence
 from nanovllm_onnx.kernels import (
     EITHER_ROLE,
@@ -138,14 +138,16 @@ def select_providers(names: list[str]) -> list[str]:
     return providers
 
 
-def with_cache_dtype(graph: Path, dtype: np.dtype) -> onnx.ModelProto:
-    """The graph (without its weights) with its KV cache inputs and outputs in `dtype`: the
-    converter writes them fp32, SlotAttention takes fp32 or fp16."""
+def with_cache_dtype(graph: Path, dtype: np.dtype, width: int) -> onnx.ModelProto:
+    """The graph (without its weights) with its KV cache inputs and outputs in `dtype`, a
+    position `width` elements (config.kv_width): the converter writes them fp32,
+    SlotAttention takes fp32, fp16 or int8."""
     model = onnx.load(str(graph), load_external_data=False)
     elem_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     for value in [*model.graph.input, *model.graph.output]:
         if value.name.startswith(("past_key.", "past_value.", "present_key.", "present_value.")):
             value.type.tensor_type.elem_type = elem_type
+            value.type.tensor_type.shape.dim[3].dim_value = width  # (both: [.., head_dim, ..])
     return model
 
 
@@ -205,7 +207,8 @@ class ModelRunner:
         # (logits within 2e-4), so an engine with speculation and one without must both
         # prepack to give the same tokens. BlockLinear reads its blocks as they lie in the file.
         prepack = model_cfg.weights in ("int8", "fp32")
-        model = with_cache_dtype(graph, kv_cache.dtype)
+        width = kv_width(model_cfg.head_dim, kv_cache.dtype)
+        model = with_cache_dtype(graph, kv_cache.dtype, width)
         # Without prepacking the kernels read the weights from the file's pages at every step.
         self._weights = {} if prepack else map_weights(model, graph.parent)
         self.session = make_session(model, engine_cfg,
