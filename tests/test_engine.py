@@ -129,7 +129,7 @@ def test_prefix_cache_gives_the_tokens_of_a_cold_run(kv_cache_dtype: str,
 
 def int8_kv_attention() -> str:
     """transformers' sdpa attention reading its keys and values rounded as an int8 KV cache
-    rounds them (per position and KV head, in float32: ops.cc's quantize_position), as an
+    rounds them (per position and KV head, in float32: ops.cc's quantize_value), as an
     attn_implementation name: the reference for kv_cache_dtype=int8."""
     import torch
     from transformers import AttentionInterface

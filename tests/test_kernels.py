@@ -96,7 +96,7 @@ def untile(key_tiles: np.ndarray) -> np.ndarray:
 def encode(x: np.ndarray, cache: type) -> np.ndarray:
     """Positions [.., D] as a cache of type `cache` holds them: int8 [.., D + 4], each
     position's symmetric codes and its float32 scale's bytes, computed in float32 as the op
-    quantizes them (ops.cc's quantize_position)."""
+    quantizes them (ops.cc's quantize_value, quantize_keys)."""
     if cache != np.int8:
         return x.astype(cache)
     x = x.astype(np.float32)
