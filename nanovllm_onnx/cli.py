@@ -41,8 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
                         choices=["auto", *KV_CACHE_DTYPES],
                         help="KV cache precision (auto: fp16; fp32 for an Optimum export). int8: "
-                        "half fp16's memory and reads, symmetric codes with a scale per position "
-                        "and KV head (not for an Optimum export)")
+                        "symmetric codes with a scale per position and KV head, 53%% of fp16's "
+                        "memory and reads at head size 64 (not for an Optimum export)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                         action="store_false")
     parser.add_argument("--intra-op-num-threads", type=int,

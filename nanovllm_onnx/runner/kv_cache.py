@@ -4,7 +4,8 @@ store that cached blocks are copied to and from.
 For the engine's own graph a slot's keys lie in tiles of KEY_TILE positions, dimension-major
 ([tiles, head_dim, KEY_TILE]: SlotAttention scores a whole tile with one vector per
 dimension); everything else (values, an Optimum export's keys, the store's blocks) lies
-position-major ([positions, head_dim]).
+position-major ([positions, head_dim]). An int8 cache's position is head_dim codes and its
+scale's 4 bytes, head_dim + 4 elements wherever a float cache has head_dim (kernels/ops.cc).
 
 Both live in anonymous memory maps: the OS commits a page only when it is first
 written, and `release_*` hands pages back (MADV_DONTNEED), so the memory really
