@@ -147,21 +147,35 @@ def int8_kv_attention() -> str:
     return "int8_kv"
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+# 24 blocks of 16 tokens of the tiny models' int8 cache: 2 layers x K/V x 2 KV heads x (16 + 4)
+INT8_24_BLOCKS = 24 * 16 * 2 * 2 * 2 * 20 / 2**30
+
+
+@pytest.mark.parametrize("name, engine_args", [
+    pytest.param("llama", dict(max_num_batched_tokens=48), id="llama-chunked-prefill"),
+    pytest.param("qwen3", dict(max_num_seqs=8, max_model_len=128,
+                               kv_cache_memory_gib=INT8_24_BLOCKS), id="qwen3-preemption"),
+])
 def test_int8_kv_cache_greedy_matches_transformers_on_its_rounding(
-        name: str, converted: dict[str, Path], hf_models: dict[str, Path]) -> None:
+        name: str, engine_args: dict, converted: dict[str, Path], hf_models: dict[str, Path]
+        ) -> None:
     """kv_cache_dtype=int8: transformers' tokens where its attention reads keys and values
-    rounded as the cache keeps them, through chunked prefill and batched decodes; the cache
-    holds its tokens in head_dim + 4 bytes a position and KV head (fp16: 2 x head_dim)."""
+    rounded as the cache keeps them, through chunked prefill, batched decodes and recomputation
+    after preemption; the cache holds its tokens in head_dim + 4 bytes a position and KV head
+    (fp16: 2 x head_dim)."""
     prompts = random_prompts(8, seed=0)
     expected = reference_greedy(hf_models[name], prompts, NEW_TOKENS,
                                 attn_implementation=int8_kv_attention())
-    llm = LLM(str(converted[name]), kv_cache_dtype="int8", max_num_batched_tokens=48)
+    llm = LLM(str(converted[name]), kv_cache_dtype="int8", **engine_args)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     mc, engine = llm.llm_engine.model_config, llm.llm_engine
     block_bytes = engine.config.block_size * mc.num_layers * 2 * mc.num_kv_heads * (mc.head_dim + 4)
-    assert engine.block_manager.num_blocks == 2**30 // block_bytes  # kv_cache_memory_gib=1
+    assert engine.block_manager.num_blocks == int(engine.config.kv_cache_memory_gib * 2**30
+                                                  ) // block_bytes
+    if "kv_cache_memory_gib" in engine_args:
+        assert engine.block_manager.num_blocks == 24
+        assert engine.scheduler.num_preemptions > 0
     assert_all_free(llm)
 
 
