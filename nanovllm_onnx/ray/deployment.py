@@ -15,7 +15,7 @@ import asyncio
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,28 +98,18 @@ class EngineReplica:
     def chat_template(self) -> str | None:
         return self.engine.chat_template
 
-    async def compile_constraint(self, constraint: StructuredOutputsParams) -> str | None:
-        """Why the constraint does not compile, or None (then cached here)."""
-        try:
-            await self.engine.compile_constraint(constraint)
-        except ValueError as e:
-            return str(e)
-        return None
+    # These answer with what the engine's method returns, or the ValueError saying why it
+    # cannot (RemoteEngine._ask raises it at the ingress: the request's 400).
+    async def compile_constraint(self, constraint: StructuredOutputsParams) -> None | ValueError:
+        """None once compiled (then cached here)."""
+        return await _answer(self.engine.compile_constraint(constraint))
 
     async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool | None
                        ) -> tuple[list[int], list[str | None]] | ValueError:
-        """The token ids and strings, or why they cannot be made."""
-        try:
-            return await self.engine.tokenize(prompt, add_special_tokens)
-        except ValueError as e:
-            return e
+        return await _answer(self.engine.tokenize(prompt, add_special_tokens))
 
     async def detokenize(self, ids: list[int]) -> str | ValueError:
-        """The text, or why it cannot be made."""
-        try:
-            return await self.engine.detokenize(ids)
-        except ValueError as e:
-            return e
+        return await _answer(self.engine.detokenize(ids))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Any]:
         """The prompt token count, then the latest outputs after each step, then a
@@ -164,6 +154,14 @@ class EngineReplica:
 def _replica_error(e: APIError) -> ReplicaError:
     return ReplicaError(e.status, e.message, {"type": e.type, "param": e.param, "code": e.code,
                                               "headers": e.headers})
+
+
+async def _answer(call: Awaitable[Any]) -> Any:
+    """What `call` returns, or the ValueError it raises (returned: it crosses to the ingress)."""
+    try:
+        return await call
+    except ValueError as e:
+        return e
 
 
 def _replica_failed() -> APIError:
@@ -232,32 +230,28 @@ class RemoteEngine:
     async def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
         """Compiled (and so checked) by a replica: the ingress may run where the model's
         files are not. The replica keeps it cached for its requests."""
-        error = await self._ask(self.replicas.compile_constraint, constraint)
-        if error is not None:
-            raise ValueError(error)
+        await self._ask(self.replicas.compile_constraint, constraint)
 
     async def tokenize(self, prompt: str | ChatPrompt, add_special_tokens: bool | None
                        ) -> tuple[list[int], list[str | None]]:
         """By a replica, as compile_constraint: the ingress may run where the model's files are
         not."""
-        result = await self._ask(self.replicas.tokenize, prompt, add_special_tokens)
-        if isinstance(result, ValueError):
-            raise result
-        return result
+        return await self._ask(self.replicas.tokenize, prompt, add_special_tokens)
 
     async def detokenize(self, ids: list[int]) -> str:
-        result = await self._ask(self.replicas.detokenize, ids)
-        if isinstance(result, ValueError):
-            raise result
-        return result
+        return await self._ask(self.replicas.detokenize, ids)
 
     async def _ask(self, method: Any, *args: Any) -> Any:
-        """A replica's answer to a call of `method`; a 503 where the replica failed."""
+        """A replica's answer to a call of `method`: the ValueError it answers with raised
+        here; a 503 where the replica failed."""
         try:
-            return await method.remote(*args)
+            answer = await method.remote(*args)
         except Exception as e:
             logger.warning("asking a replica: it failed: %s", e)
             raise _replica_failed() from e
+        if isinstance(answer, ValueError):
+            raise answer
+        return answer
 
     def abort(self, engine_ids: list[str]) -> None:
         request_id = engine_ids[0].rpartition("-")[0]  # RequestStream's "<request id>-<i>"
