@@ -32,6 +32,7 @@ from kernel_bench import ops_session, without_role
 from onnx import TensorProto, helper, numpy_helper
 from workloads import THREADS, medians, time_calls
 
+from nanovllm_onnx.config import kv_width
 from nanovllm_onnx.kernels import DOMAIN, EITHER_ROLE, KEY_TILE, PROMPT_ROLE, PROMPT_ROWS
 
 SHAPES = {  # heads, kv_heads, head_dim, MLP width, rows (max_num_seqs), slot capacity
@@ -41,13 +42,13 @@ SHAPES = {  # heads, kv_heads, head_dim, MLP width, rows (max_num_seqs), slot ca
 LAYERS = 16  # caches cycled through call after call: 512 MB at 1B, more than the L3 holds
 CACHE = {"fp16": (np.float16, TensorProto.FLOAT16), "fp32": (np.float32, TensorProto.FLOAT),
          "int8": (np.int8, TensorProto.INT8)}
-SCALE_BYTES = 4  # an int8 cache's scale per position, after its head_dim codes (ops.cc)
 
 
 def attention_session(model: str, cache: str, target: str) -> ort.InferenceSession:
     """SlotAttention at the model's shapes, fed prompt_rows unless the target is TARGET:float."""
     heads, kv_heads, d, _, rows, capacity = SHAPES[model]
-    cache_type, width = CACHE[cache][1], d + (SCALE_BYTES if cache == "int8" else 0)
+    dtype, cache_type = CACHE[cache]
+    width = kv_width(d, dtype)
     key_shape = [rows, kv_heads, capacity // KEY_TILE, width, KEY_TILE]
     value_shape = [rows, kv_heads, capacity, width]
     roles = [] if fed_no_roles(target) else [PROMPT_ROWS]
