@@ -89,13 +89,14 @@ SHAPES = {  # (K, N) of a layer's projections: qkv, o, gate_up, down
 
 
 @cache
-def random_weights(shapes: tuple[tuple[int, int], ...], bits: int) -> list[TensorProto]:
+def random_weights(shapes: tuple[tuple[int, int], ...], bits: int, block: int
+                   ) -> list[TensorProto]:
     """Packed random blocks per shape (made once: every build's session takes the same)."""
     rng = np.random.default_rng(0)
     weights = []
     for i, (k, n) in enumerate(shapes):
-        blocks = -(-k // 32)
-        q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
+        blocks = -(-k // block)
+        q = rng.integers(0, 2**bits, (n, blocks, block), dtype=np.uint8)
         scale = rng.uniform(0.001, 0.01, (n, blocks)).astype(np.float32)
         minimum = -rng.uniform(0, 0.1, (n, blocks)).astype(np.float32)
         weights.append(numpy_helper.from_array(
@@ -117,15 +118,16 @@ def vllm_times(shapes: list[tuple[int, int]], tokens: list[int], seconds: float
     return {int(t): tuple(v) for t, v in json.loads(line[len(RESULT_PREFIX):]).items()}
 
 
-def layer_session(shapes: list[tuple[int, int]], bits: int, target: str) -> ort.InferenceSession:
+def layer_session(shapes: list[tuple[int, int]], bits: int, block: int, target: str
+                  ) -> ort.InferenceSession:
     """One BlockLinear per shape, each on its own input (all of them on input "prompt_rows"),
     in the `target` build."""
     nodes, inputs, outputs = [], [], []
-    weights = random_weights(tuple(shapes), bits)
+    weights = random_weights(tuple(shapes), bits, block)
     info = helper.make_tensor_value_info
     for i, (k, n) in enumerate(shapes):
         nodes.append(helper.make_node("BlockLinear", [f"x{i}", f"w{i}", PROMPT_ROWS], [f"y{i}"],
-                                      domain=DOMAIN, K=k, N=n, bits=bits))
+                                      domain=DOMAIN, K=k, N=n, bits=bits, block=block))
         inputs.append(info(f"x{i}", TensorProto.FLOAT, ["tokens", k]))
         outputs.append(info(f"y{i}", TensorProto.FLOAT, ["tokens", n]))
     inputs.append(info(PROMPT_ROWS, TensorProto.UINT8, ["tokens"]))
@@ -185,17 +187,19 @@ def run_bound(sess: ort.InferenceSession, binding: ort.IOBinding,
     return outputs
 
 
-def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
+def engine_run(model: str, formats: list[str], targets: list[str], rounds: int,
                workload: str) -> None:
-    """CPU seconds per prefill of workload A's prompt (or per workload B), per build,
-    interleaved."""
+    """CPU seconds per prefill of workload A's prompt (or per workload B), per build and
+    weight format (TARGET/FORMAT where several are given), interleaved."""
     from nanovllm_onnx import LLM, SamplingParams
     from nanovllm_onnx.runner import model_runner
 
     engines = {}
     ours = model_runner.custom_ops_library
-    for target in targets:
-        name, library = build(target)
+    variants = [(t, w) for t in targets for w in formats or [None]]
+    targets = [t if len(formats) < 2 else f"{t}/{w}" for t, w in variants]
+    for target, (build_name, weights) in zip(targets, variants):
+        name, library = build(build_name)
         name, _, invariant = name.partition(":")
         os.environ[TARGET_ENV] = name  # read when the engine registers the ops
         model_runner.custom_ops_library = lambda at=library: at  # (DIR's, or ours)
@@ -208,6 +212,7 @@ def engine_run(model: str, weights: str | None, targets: list[str], rounds: int,
         finally:
             del os.environ[TARGET_ENV]
             model_runner.custom_ops_library = ours
+    weights = " ".join(formats)
     prompt = {"prompt_token_ids": workload_a().prompts[0]}
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     outputs = {t: llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
@@ -287,6 +292,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(SHAPES), default="1b")
     ap.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    ap.add_argument("--block", type=int, choices=[32, 128], default=32,
+                    help="inputs per block of the weights (128: builds of before it ignore it)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 7, 16, 64, 256])
     ap.add_argument("--targets", nargs="+", default=None,
                     help="builds to compare, first the reference; TARGET:prompt runs every row as "
@@ -299,7 +306,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.3, help="per build, count and round")
     ap.add_argument("--prefill", metavar="MODEL", default=None,
                     help="time the engine's prefill of MODEL (a path, or 'default') instead")
-    ap.add_argument("--weights", default=None, help="with --prefill: fp32 | int8 | int4")
+    ap.add_argument("--weights", nargs="+", default=[],
+                    help="with --prefill: the weight formats (fp32 | int8 | int4 | ...), each "
+                         "with each build")
     ap.add_argument("--workload", choices=["A", "B", "Bs", "wave"], default="A",
                     help="with --prefill: A's prefill, the whole of B, or a wave's steps")
     args = ap.parse_args()
@@ -319,7 +328,7 @@ def main() -> None:
     builds = [t for t in targets if t != VLLM]
     calls: dict[tuple[str, int], Callable[[], list]] = {}  # each build's call, per token count
     for t in builds:
-        sess = layer_session(shapes, args.bits, without_role(t))
+        sess = layer_session(shapes, args.bits, args.block, without_role(t))
         for tokens, x in xs.items():
             feeds = {**{f"x{i}": a for i, a in enumerate(x)},
                      PROMPT_ROWS: np.full(tokens, role[t], np.uint8)}

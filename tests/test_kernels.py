@@ -400,12 +400,13 @@ def test_swiglu_and_its_per_token_scale(target: str) -> None:
 
 def block_session(k: int, n: int, bits: int, weights: np.ndarray, target: str = "",
                   prompt_rows: bool = False, swiglu: bool = False) -> ort.InferenceSession:
-    """BlockLinear alone; with `prompt_rows`, fed its rows' roles too; with `swiglu`, fed
-    gate_up [tokens, 2K] (its width left to the op to check)."""
+    """BlockLinear alone (its block the weights' records'); with `prompt_rows`, fed its rows'
+    roles too; with `swiglu`, fed gate_up [tokens, 2K] (its width left to the op to check)."""
     roles = [PROMPT_ROWS] if prompt_rows else []
     fused = {"swiglu": 1} if swiglu else {}
+    block = (weights.shape[2] - 64) * 8 // (16 * bits)  # (a record: 16 rows' codes, 64 bytes)
     node = helper.make_node("BlockLinear", ["x", "w", *roles], ["y"], domain=DOMAIN, K=k, N=n,
-                            bits=bits, **fused)
+                            bits=bits, block=block, **fused)
     info = helper.make_tensor_value_info
     inputs = [info("x", F32, ["tokens", "width" if swiglu else k])]  # (the op checks 2K)
     inputs += [info(PROMPT_ROWS, TensorProto.UINT8, ["tokens"])] if prompt_rows else []
@@ -414,10 +415,10 @@ def block_session(k: int, n: int, bits: int, weights: np.ndarray, target: str = 
     return ops_session(graph, target)
 
 
-def random_blocks(rng: np.random.Generator, n: int, blocks: int, bits: int
+def random_blocks(rng: np.random.Generator, n: int, blocks: int, bits: int, block: int = 32
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes, and fp16-valued scales and minimums (as the records keep them)."""
-    q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
+    q = rng.integers(0, 2**bits, (n, blocks, block), dtype=np.uint8)
     scale = rng.uniform(0.001, 0.05, (n, blocks)).astype(np.float16).astype(np.float32)
     minimum = -rng.uniform(0, 0.3, (n, blocks)).astype(np.float16).astype(np.float32)
     return q, scale, minimum
@@ -430,13 +431,13 @@ def bf16(a: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
-def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """x [T, K] zero-padded to blocks of 32 and quantized per block as the op does:
+def int8_blocks(x: np.ndarray, blocks: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [T, K] zero-padded to blocks of `block` and quantized per block as the op does:
     (int8 values, scale per block) with x ~ values * scale."""
     t, k = x.shape
-    padded = np.zeros((t, blocks * 32))
+    padded = np.zeros((t, blocks * block))
     padded[:, :k] = x
-    padded = padded.reshape(t, blocks, 32)
+    padded = padded.reshape(t, blocks, block)
     scale = np.abs(padded).max(axis=-1, keepdims=True) / 127
     values = np.round(np.divide(padded, scale, out=np.zeros_like(padded), where=scale > 0))
     return values, scale
@@ -444,27 +445,30 @@ def int8_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("k, n", [(64, 48), (40, 20), (576, 960)])
-def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int) -> None:
-    """Blocks with a float scale and minimum (Q4_1-style): the op computes, on every token
-    count (its 1- to 4-token tiles, AMX's 16-token ones), the exact dot products of the int8-
-    quantized activations with the 4- or 8-bit weights, and lands near the float product; in every
-    build of it this CPU can run."""
+@pytest.mark.parametrize("k, n, block", [(64, 48, 32), (40, 20, 32), (576, 960, 32),
+                                         (40, 20, 128), (576, 960, 128), (2048, 64, 128)])
+def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int,
+                                        block: int) -> None:
+    """Blocks of 32 or 128 inputs with a float scale and minimum (Q4_1-style): the op computes,
+    on every token count (its 1- to 8-token tiles, AMX's 16-token ones, alone and in passes),
+    the exact dot products of the int8-quantized activations (per block) with the 4- or 8-bit
+    weights, and lands near the float product; in every build of it this CPU can run."""
     skip_unless_runnable(target)
-    rng = np.random.default_rng(k + n + bits)
-    blocks = -(-k // 32)
-    q = rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8)
+    rng = np.random.default_rng(k + n + bits + block)
+    blocks = -(-k // block)
+    q = rng.integers(0, 2**bits, (n, blocks, block), dtype=np.uint8)
     scale = rng.uniform(0.001, 0.05, (n, blocks)) * 16 / 2**bits  # weights of the same spread
     scale = scale.astype(np.float16).astype(np.float32)
     minimum = -rng.uniform(0, 0.3, (n, blocks)).astype(np.float16).astype(np.float32)
-    w = (q * scale[..., None] + minimum[..., None]).astype(np.float64)  # [n, blocks, 32]
+    w = (q * scale[..., None] + minimum[..., None]).astype(np.float64)  # [n, blocks, block]
     sess = block_session(k, n, bits, pack_blocks(QuantBlocks(q, scale, minimum, bits)),
                          target)
-    for tokens in (1, 2, 3, 4, 7, 37):
+    for tokens in (1, 2, 3, 4, 7, 37, 70):
         x = rng.standard_normal((tokens, k)).astype(np.float32)
-        x[0, : min(k, 32)] = 0.0  # an all-zero block
+        if k > block:
+            x[0, :block] = 0.0  # an all-zero block
         (y,) = sess.run(None, {"x": x})
-        values, xs = int8_blocks(x, blocks)
+        values, xs = int8_blocks(x, blocks, block)
         dots = np.einsum("tbi,nbi->tnb", values, q.astype(np.float64))
         ref = (dots * scale[None] * xs[..., 0][:, None, :]).sum(-1)
         ref += (minimum[None] * (values.sum(-1) * xs[..., 0])[:, None, :]).sum(-1)
@@ -473,8 +477,9 @@ def test_block_linear_matches_reference(target: str, bits: int, k: int, n: int) 
         assert np.abs(y - exact).max() < 0.02 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("block", [32, 128])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
+def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int, block: int) -> None:
     """AMX's 16-token tiles give the VNNI tiles' floats exactly, on every token count around
     the tile edges and where AMX takes over, and in passes of several tiles (up to 112), with N
     and K not whole records: so a token's result does not depend on how many tokens share its
@@ -484,9 +489,9 @@ def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
         pytest.skip("this CPU has no AMX-INT8, or the OS does not let this process use it")
     rng = np.random.default_rng(bits)
     for k, n in ((200, 37), (576, 96)):
-        blocks = -(-k // 32)
+        blocks = -(-k // block)
         weights = pack_blocks(QuantBlocks(
-            rng.integers(0, 2**bits, (n, blocks, 32), dtype=np.uint8),
+            rng.integers(0, 2**bits, (n, blocks, block), dtype=np.uint8),
             rng.uniform(0.001, 0.05, (n, blocks)).astype(np.float32),
             -rng.uniform(0, 0.3, (n, blocks)).astype(np.float32), bits))
         amx, vnni = (block_session(k, n, bits, weights, t) for t in ("avx512_amx", "avx512_vnni"))
@@ -496,7 +501,7 @@ def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
             np.testing.assert_array_equal(y, vnni.run(None, {"x": x})[0], err_msg=f"{tokens}")
         for t in (0, 17, 63, 111):  # the last call's rows, each alone
             np.testing.assert_array_equal(y[t], amx.run(None, {"x": x[t:t + 1]})[0][0])
-    top = np.full((n, blocks, 32), 2**bits - 1, dtype=np.uint8)
+    top = np.full((n, blocks, block), 2**bits - 1, dtype=np.uint8)
     weights = pack_blocks(QuantBlocks(top, np.full((n, blocks), 2**-6, np.float32),
                                       np.zeros((n, blocks), np.float32), bits))
     amx, vnni = (block_session(k, n, bits, weights, t) for t in ("avx512_amx", "avx512_vnni"))
@@ -506,8 +511,10 @@ def test_block_linear_on_amx_is_the_vnni_result_bit_for_bit(bits: int) -> None:
     np.testing.assert_allclose(y[0], 2**-6 * (2**bits - 1) * k, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [32, 128])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: int) -> None:
+def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: int,
+                                                                         block: int) -> None:
     """On AMX, prompt rows run in bf16: the weights q * scale + min (one fp32 rounding) and
     the activations rounded to bf16, their products summed in fp32 (within fp32's rounding of
     the sum, far inside the int8 path's error); a prompt row's result is the same bit for bit
@@ -518,8 +525,8 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
                     "use it: prompt rows take the int8 path like the others")
     rng = np.random.default_rng(bits + 10)
     for k, n in ((200, 37), (576, 96)):
-        blocks = -(-k // 32)
-        q, scale, minimum = random_blocks(rng, n, blocks, bits)
+        blocks = -(-k // block)
+        q, scale, minimum = random_blocks(rng, n, blocks, bits, block)
         weights = pack_blocks(QuantBlocks(q, scale, minimum, bits))
         w = q * scale[..., None].astype(np.float64) + minimum[..., None]  # exact: fp32's FMA
         w = bf16(w.astype(np.float32)).reshape(n, -1)[:, :k].astype(np.float64)
@@ -542,7 +549,7 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
     # 256 rows of K 2048 are 1 MB of A tiles: tasks of 16 groups in passes over K (2100
     # outputs: and a last of 4); 40 rows hold the C tiles over all of K (bf16_plan in ops.cc)
     k, n = 2048, 2100
-    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, k // 32, bits), bits))
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, k // block, bits, block), bits))
     amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
     x = rng.standard_normal((256, k)).astype(np.float32)
     (y,) = amx.run(None, {"x": x, PROMPT_ROWS: np.ones(256, np.uint8)})
@@ -550,8 +557,8 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
     np.testing.assert_array_equal(y[:40], part)
 
 
-@pytest.mark.parametrize("bits, rows", [(4, 24), (8, 48)])
-def test_generated_rows_free_to_take_either_path_take_bf16_in_big_calls(bits: int,
+@pytest.mark.parametrize("bits, block, rows", [(4, 32, 24), (8, 32, 48), (8, 128, 64)])
+def test_generated_rows_free_to_take_either_path_take_bf16_in_big_calls(bits: int, block: int,
                                                                        rows: int) -> None:
     """Rows of role 2 (generated tokens of an engine that is not batch-invariant) get the int8
     path's result (the VNNI build's) in a call of fewer than `rows` of them, where it is the
@@ -562,7 +569,7 @@ def test_generated_rows_free_to_take_either_path_take_bf16_in_big_calls(bits: in
                     "use it: every row takes the int8 path")
     rng = np.random.default_rng(bits + 30)
     k, n = 200, 37
-    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // 32), bits), bits))
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // block), bits, block), bits))
     amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
     vnni = block_session(k, n, bits, weights, "avx512_vnni")
     x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -582,8 +589,10 @@ def test_generated_rows_free_to_take_either_path_take_bf16_in_big_calls(bits: in
     np.testing.assert_array_equal(run(x, np.full(rows, INT8_ROLE)), vnni.run(None, {"x": x})[0])
 
 
+@pytest.mark.parametrize("block", [32, 128])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_large_prompt_calls_blocked_for_the_cache_give_the_rows_small_calls_give(bits: int) -> None:
+def test_large_prompt_calls_blocked_for_the_cache_give_the_rows_small_calls_give(
+        bits: int, block: int) -> None:
     """A call of more than 256 prompt rows runs blocked for the L2 (ops.cc bf16_plan): token
     chunks of 8 tiles, K blocks of 64, C tiles through memory between K blocks, stored to y
     directly where the rows are consecutive. Each row's result is the same bit for bit as in
@@ -592,8 +601,8 @@ def test_large_prompt_calls_blocked_for_the_cache_give_the_rows_small_calls_give
         pytest.skip("this CPU has no AMX (INT8 and BF16), or the OS does not let this process "
                     "use it: prompt rows take the int8 path like the others")
     rng = np.random.default_rng(bits + 20)
-    k, n = 2200, 200  # 69 blocks, the last partial: 2 K blocks; 13 groups, the last partial
-    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // 32), bits), bits))
+    k, n = 2200, 200  # 69 or 72 parts, the last partial: 2 K blocks; 13 groups, the last partial
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // block), bits, block), bits))
     amx = block_session(k, n, bits, weights, "avx512_amx", prompt_rows=True)
     x = rng.standard_normal((330, k)).astype(np.float32)  # 21 token tiles: chunks 8, 8, 5
     (y,) = amx.run(None, {"x": x, PROMPT_ROWS: np.ones(330, np.uint8)})
@@ -623,8 +632,9 @@ def test_builds_without_amx_run_prompt_rows_on_the_int8_path(target: str) -> Non
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_block_linear_fed_gate_up_is_swiglu_then_block_linear(target: str, bits: int) -> None:
+@pytest.mark.parametrize("bits, block", [(4, 32), (8, 32), (8, 128)])
+def test_block_linear_fed_gate_up_is_swiglu_then_block_linear(target: str, bits: int,
+                                                              block: int) -> None:
     """swiglu = 1 (a down projection fed gate_up [T, 2K]): bit for bit what the SwiGLU op and
     BlockLinear of its output give, on every path of every build this CPU runs: a few rows,
     AMX's int8 tiles (20), its bf16 path (40 prompt rows, or generated rows free to take it),
@@ -632,7 +642,7 @@ def test_block_linear_fed_gate_up_is_swiglu_then_block_linear(target: str, bits:
     skip_unless_runnable(target)
     rng = np.random.default_rng(bits + 50)
     k, n = 200, 37
-    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // 32), bits), bits))
+    weights = pack_blocks(QuantBlocks(*random_blocks(rng, n, -(-k // block), bits, block), bits))
     fused = block_session(k, n, bits, weights, target, prompt_rows=True, swiglu=True)
     plain = block_session(k, n, bits, weights, target, prompt_rows=True)
     swiglu = swiglu_session(False, target, width=k)
@@ -665,19 +675,20 @@ def test_block_linear_rejects_weights_of_another_shape() -> None:
 
 
 @pytest.mark.parametrize("target", FLOAT_TARGETS)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_block_gather_dequantizes_the_rows_exactly(target: str, bits: int) -> None:
+@pytest.mark.parametrize("bits, block", [(4, 32), (8, 32), (8, 128)])
+def test_block_gather_dequantizes_the_rows_exactly(target: str, bits: int, block: int) -> None:
     """An embedding kept in BlockLinear's blocks: each gathered row is exactly the row's
     q * scale + min (fp32 holds a product of an fp16 and a code of 8 bits or fewer exactly),
     K need not be a whole number of blocks, and an id past N is an error, not a stray read."""
     skip_unless_runnable(target)
     rng = np.random.default_rng(bits)
-    k, n = 40, 37
-    blocks = QuantBlocks(rng.integers(0, 2**bits, (n, 2, 32), dtype=np.uint8),
-                         rng.uniform(-0.1, 0.1, (n, 2)).astype(np.float32),
-                         rng.uniform(-1, 1, (n, 2)).astype(np.float32), bits)
+    k, n = 40 if block == 32 else 200, 37  # K not whole blocks
+    count = -(-k // block)
+    blocks = QuantBlocks(rng.integers(0, 2**bits, (n, count, block), dtype=np.uint8),
+                         rng.uniform(-0.1, 0.1, (n, count)).astype(np.float32),
+                         rng.uniform(-1, 1, (n, count)).astype(np.float32), bits)
     node = helper.make_node("BlockGather", ["ids", "w"], ["rows"], domain=DOMAIN, K=k, N=n,
-                            bits=bits)
+                            bits=bits, block=block)
     info = helper.make_tensor_value_info
     sess = ops_session(helper.make_graph(
         [node], "block_gather", [info("ids", TensorProto.INT64, ["tokens"])],

@@ -84,12 +84,14 @@ def prompt_logprobs(model: Path) -> np.ndarray:
 
 
 # Through the whole tiny random model (2 layers, 7 quantized matmuls on each token's path,
-# RMSNorms that rescale the errors) the per-matmul error grows about 5x: measured 7% for int8,
-# 40-48% for int4 and 48-49% for int4_all (its 4-bit LM head) of the logits' spread. The bounds
-# leave room for that, and would catch a wrong scale, layout or transposition, which give
-# errors of 100% and more.
+# RMSNorms that rescale the errors) the per-matmul error grows about 5x: measured 3.9-4.2% for
+# auto (its down projection in blocks of 128) and q8_0 alike, 6-7% for int8, 38-40% for int4
+# and 48-49% for int4_all (its 4-bit LM head) of the logits' spread. The bounds leave room for
+# that, and would catch a wrong scale, layout or transposition, which give errors of 100% and
+# more.
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-@pytest.mark.parametrize("weights,bound", [("int8", 0.15), ("int4", 0.7), ("int4_all", 0.7)])
+@pytest.mark.parametrize("weights,bound", [("auto", 0.08), ("q8_0", 0.08), ("int8", 0.15),
+                                           ("int4", 0.7), ("int4_all", 0.7)])
 def test_quantized_model_stays_close_to_fp32(name: str, weights: str, bound: float,
                                              hf_models: dict[str, Path],
                                              converted: dict[str, Path], tmp_path: Path) -> None:
@@ -98,6 +100,29 @@ def test_quantized_model_stays_close_to_fp32(name: str, weights: str, bound: flo
     # Centre each row: a constant shift of a log-distribution is not an error.
     diff = (q - q.mean(1, keepdims=True)) - (ref - ref.mean(1, keepdims=True))
     assert np.sqrt((diff**2).mean() / ref.var(1).mean()) < bound
+
+
+def block_widths(folder: Path) -> dict[str, set[int]]:
+    """The `block` of each kind of BlockLinear and BlockGather in a converted graph, by K."""
+    widths: dict[str, set[int]] = {}
+    for node in onnx.load(folder / "model.onnx", load_external_data=False).graph.node:
+        if node.op_type in ("BlockLinear", "BlockGather"):
+            attrs = {a.name: a.i for a in node.attribute}
+            widths.setdefault(f"{node.op_type} K={attrs['K']}", set()).add(attrs["block"])
+    return widths
+
+
+def test_auto_takes_blocks_of_128_where_k_is_a_multiple(hf_models: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """A float checkpoint's auto weights: 8-bit blocks of 128 inputs where K is a multiple of
+    128 (the tiny model's down projection, K = 128), of 32 elsewhere (K = 64); q8_0 and int4
+    keep blocks of 32 everywhere."""
+    convert(hf_models["llama"], tmp_path / "auto", "auto")
+    assert block_widths(tmp_path / "auto") == {
+        "BlockGather K=64": {32}, "BlockLinear K=64": {32}, "BlockLinear K=128": {128}}
+    for weights in ("q8_0", "int4"):
+        convert(hf_models["llama"], tmp_path / weights, weights)
+        assert set().union(*block_widths(tmp_path / weights).values()) == {32}
 
 
 @pytest.mark.parametrize("weights,table_bits", [("int4", 8), ("int4_all", 4)])
@@ -141,12 +166,13 @@ def test_gguf_q4_blocks_are_kept_exactly() -> None:
     np.testing.assert_array_equal(unpack(pack_blocks(quantize_blocks(embedding, 8)), 8), embedding)
 
 
-def numpy_blocks(weight: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, ...]:
+def numpy_blocks(weight: np.ndarray, bits: int, symmetric: bool, block: int
+                 ) -> tuple[np.ndarray, ...]:
     """The numpy reference of quantize_blocks (what it ran before the kernels library did)."""
     n, k = weight.shape
-    w = np.zeros((n, -(-k // 32) * 32), np.float32)
+    w = np.zeros((n, -(-k // block) * block), np.float32)
     w[:, :k] = weight
-    w = w.reshape(n, -1, 32)
+    w = w.reshape(n, -1, block)
     tiny = np.finfo(np.float16).tiny
 
     def fp16(a: np.ndarray, toward: float | None = None) -> np.ndarray:
@@ -171,9 +197,9 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     """The kernels library quantizes as numpy's float32 arithmetic does, in every build:
-    blocks (rows split over threads, K and rows not whole blocks, constant, tiny and huge
-    values, values on the codes' midpoints), packed in one pass as in two, and int8's
-    per-channel codes; from bf16 as from the same values in float32."""
+    blocks of 32 and of 128 (rows split over threads, K and rows not whole blocks, constant,
+    tiny and huge values, values on the codes' midpoints), packed in one pass as in two, and
+    int8's per-channel codes; from bf16 as from the same values in float32."""
     from nanovllm_onnx.kernels import TARGET_ENV, quantize, supported_targets
 
     if target not in supported_targets():
@@ -186,9 +212,10 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
              -np.abs(rng.standard_normal((17, 96), np.float32)) * 1e4,
              rng.integers(-8, 8, (33, 64)).astype(np.float32) / 4 + 1 / 8]
     for w in cases:
-        for bits, symmetric in ((4, False), (8, True), (8, False), (4, True)):
-            blocks = quantize_blocks(w, bits, symmetric)
-            q, scale, minimum = numpy_blocks(w, bits, symmetric)
+        for bits, symmetric, block in ((4, False, 32), (8, True, 32), (8, False, 32),
+                                       (4, True, 32), (8, False, 128), (4, False, 128)):
+            blocks = quantize_blocks(w, bits, symmetric, block)
+            q, scale, minimum = numpy_blocks(w, bits, symmetric, block)
             np.testing.assert_array_equal(blocks.q, q)
             np.testing.assert_array_equal(blocks.scale, scale)
             np.testing.assert_array_equal(blocks.minimum, minimum)
@@ -196,7 +223,7 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
                                           (q * scale[..., None] + minimum[..., None]
                                            ).reshape(len(w), -1))
             # The converter's one pass (codes packed 16 rows at a time): the same records.
-            np.testing.assert_array_equal(quantize.quantize_packed(w, bits, symmetric),
+            np.testing.assert_array_equal(quantize.quantize_packed(w, bits, symmetric, block),
                                           pack_blocks(blocks))
         per_channel = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127
         scale, qt = channels(w)
@@ -211,7 +238,7 @@ def test_quantization_is_numpys_float32_arithmetic_bit_for_bit(target: str,
         blocks, same = quantize_blocks(half, 4), quantize_blocks(half.astype(np.float32), 4)
         for field in ("q", "scale", "minimum"):
             np.testing.assert_array_equal(getattr(blocks, field), getattr(same, field))
-        np.testing.assert_array_equal(quantize.quantize_packed(half, 4, False),
+        np.testing.assert_array_equal(quantize.quantize_packed(half, 4, False, 32),
                                       pack_blocks(same))
         for a, b in zip(channels(half), channels(half.astype(np.float32))):
             np.testing.assert_array_equal(a, b)
@@ -226,12 +253,17 @@ def channels(weight: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndar
 
 
 def unpack(records: np.ndarray, bits: int) -> np.ndarray:
-    """BlockLinear's records [groups, blocks, bytes] back to float weights [groups * 16, K]."""
-    groups, blocks, _ = records.shape
-    values = records[..., :-64].reshape(groups, blocks, -1, 16, 4)  # [g, b, byte vector, row, c]
+    """BlockLinear's records [groups, blocks, bytes] (blocks of 32 or 128: parts of 32 one after
+    another) back to float weights [groups * 16, K]."""
+    groups, blocks, size = records.shape
+    parts = (size - 64) * 8 // (16 * 32 * bits)
+    # [g, b, part, byte vector, row, c]
+    values = records[..., :-64].reshape(groups, blocks, parts, -1, 16, 4)
     if bits == 4:  # vectors 2p and 2p + 1: low and high nibbles
-        values = np.stack([values & 0x0F, values >> 4], axis=3).reshape(groups, blocks, 8, 16, 4)
-    q = values.transpose(0, 3, 1, 2, 4).reshape(groups * 16, blocks, 32).astype(np.float32)
+        values = np.stack([values & 0x0F, values >> 4], axis=4).reshape(
+            groups, blocks, parts, 8, 16, 4)
+    q = values.transpose(0, 4, 1, 2, 3, 5).reshape(groups * 16, blocks, parts * 32
+                                                    ).astype(np.float32)
     halves = np.ascontiguousarray(records[..., -64:]).view(np.float16).astype(np.float32)
     scale, minimum = (h.transpose(0, 2, 1).reshape(groups * 16, blocks)
                       for h in (halves[..., :16], halves[..., 16:]))

@@ -27,7 +27,8 @@ from nanovllm_onnx.kernels import DOMAIN, KEY_TILE, PROMPT_ROWS, quantize
 MS = "com.microsoft"
 
 
-BLOCK = 32  # inputs per block of 4- and 8-bit weights
+BLOCK = 32  # inputs per block of 4- and 8-bit weights (GGUF's, q8_0, int4)
+WIDE_BLOCK = 128  # auto's 8-bit blocks of a float weight, where K is a multiple of it
 CHUNK_BYTES = 16 << 20  # a large weight is converted this many float32 bytes of rows at a time
 ROTARY_POSITIONS = 8192  # rotary tables computed this many positions at a time
 
@@ -40,6 +41,7 @@ class BlockWeights:
     k: int
     n: int
     bits: int
+    block: int  # inputs per block: 32 or 128
 
 
 class GraphBuilder:
@@ -146,22 +148,33 @@ class GraphBuilder:
         time where each fills whole groups."""
         if isinstance(weight, list):
             if all(len(part) % 16 == 0 for part in weight[:-1]):  # whole records: no concat
-                packed = (quantize_packed(part, bits) for part in weight)
-                return BlockWeights(self.const(name, packed), weight[0].shape[1],
-                                    sum(map(len, weight)), bits)
+                k = weight[0].shape[1]
+                block = self.block_width(bits, k)
+                packed = (quantize_packed(part, bits, block) for part in weight)
+                return BlockWeights(self.const(name, packed), k, sum(map(len, weight)), bits,
+                                    block)
             weight = np.concatenate(weight)
         if isinstance(weight, QuantBlocks):
-            n, num_blocks, _ = weight.q.shape
-            return BlockWeights(self.const(name, pack_blocks(weight)), num_blocks * BLOCK, n,
-                                weight.bits)
+            n, num_blocks, block = weight.q.shape
+            return BlockWeights(self.const(name, pack_blocks(weight)), num_blocks * block, n,
+                                weight.bits, block)
         if isinstance(weight, BlockRows):  # its own blocks, a chunk of rows at a time
             (n, k), step = weight.shape, chunk_rows(weight.shape[1], multiple=16)
             packed = (pack_blocks(weight.read(lo, min(lo + step, n))) for lo in range(0, n, step))
-            return BlockWeights(self.const(name, packed), k, n, weight.bits)
+            return BlockWeights(self.const(name, packed), k, n, weight.bits, BLOCK)
         rows = weight if isinstance(weight, Rows) else Rows.of(weight)
         (n, k), step = rows.shape, chunk_rows(rows.shape[1], multiple=16)
-        packed = (quantize_packed(c, bits) for c in rows.chunks(step, stored=True))
-        return BlockWeights(self.const(name, packed), k, n, bits)
+        block = self.block_width(bits, k)
+        packed = (quantize_packed(c, bits, block) for c in rows.chunks(step, stored=True))
+        return BlockWeights(self.const(name, packed), k, n, bits, block)
+
+    def block_width(self, bits: int, k: int) -> int:
+        """The inputs per block of a float weight rounded to `bits` for BlockLinear: auto's 8-bit
+        blocks are of 128 where K is a multiple of it (one epilogue per 128 inputs and AMX
+        products of 64: a 1B 32-row decode step 1.2x faster than in blocks of 32, perplexity
+        within the noise of Q8_0's, benchmarks/README.md); q8_0 is GGUF's Q8_0, and 4 bits keep
+        blocks of 32 (what 4-bit blocks of 128 cost in quality is not measured)."""
+        return WIDE_BLOCK if self.weights == "auto" and bits == 8 and k % WIDE_BLOCK == 0 else BLOCK
 
     def block_op(self, op_type: str, x: str, weights: BlockWeights,
                  prompt_rows: str | None = None, swiglu: bool = False) -> str:
@@ -170,7 +183,7 @@ class GraphBuilder:
         inputs = [x, weights.name] + ([prompt_rows] if prompt_rows else [])
         fused = {"swiglu": 1} if swiglu else {}
         (y,) = self.op(op_type, inputs, domain=DOMAIN, K=weights.k, N=weights.n,
-                       bits=weights.bits, **fused)
+                       bits=weights.bits, block=weights.block, **fused)
         return y
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
@@ -184,28 +197,36 @@ def chunk_rows(columns: int, multiple: int = 1) -> int:
     return max(multiple, CHUNK_BYTES // (4 * columns) // multiple * multiple)
 
 
-def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool | None = None) -> QuantBlocks:
-    """Blocks of 32 inputs, K padded to whole blocks (with zeros). From each block's minimum to
-    its maximum (GGUF's Q4_1 rounding: BlockLinear takes a float minimum at no cost), or
-    symmetric, max |w| / (2^(bits-1) - 1) (Q8_0's rounding, so a Q8_0 source comes back
-    exactly); by default 4 bits from min to max, 8 bits symmetric. Scales and minimums are
+def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool | None = None,
+                    block: int = BLOCK) -> QuantBlocks:
+    """Blocks of `block` inputs (32 or 128), K padded to whole blocks (with zeros). From each
+    block's minimum to its maximum (GGUF's Q4_1 rounding: BlockLinear takes a float minimum at
+    no cost), or symmetric, max |w| / (2^(bits-1) - 1) (Q8_0's rounding, so a Q8_0 source comes
+    back exactly); by default symmetric only for 8 bits in blocks of 32 (blocks of 128 from min
+    to max: perplexity 1.0019x fp32's against 1.0095x symmetric). Scales and minimums are
     rounded to fp16, as BlockLinear stores them: symmetric ones to nearest (minimum -2^(bits-1)
     scale), the others outwards (minimum down, scale (max - minimum) / (2^bits - 1) up) so that
     the extremes need no code past the range; codes are the nearest. Run by the kernels
     library (see kernels/quantize.py)."""
-    symmetric = bits == 8 if symmetric is None else symmetric
-    return QuantBlocks(*quantize.quantize_blocks(weight, bits, symmetric), bits)
+    symmetric = default_symmetric(bits, block) if symmetric is None else symmetric
+    return QuantBlocks(*quantize.quantize_blocks(weight, bits, symmetric, block), bits)
 
 
-def quantize_packed(weight: np.ndarray, bits: int) -> np.ndarray:
-    """pack_blocks(quantize_blocks(weight, bits)), in one pass of the kernels library."""
-    return quantize.quantize_packed(weight, bits, symmetric=bits == 8)
+def default_symmetric(bits: int, block: int) -> bool:
+    """Whether quantize_blocks rounds symmetrically unless told: Q8_0's blocks of 32 only."""
+    return bits == 8 and block == BLOCK
+
+
+def quantize_packed(weight: np.ndarray, bits: int, block: int = BLOCK) -> np.ndarray:
+    """pack_blocks(quantize_blocks(weight, bits, block=block)), in one pass of the kernels
+    library."""
+    return quantize.quantize_packed(weight, bits, default_symmetric(bits, block), block)
 
 
 def pack_blocks(blocks: QuantBlocks) -> np.ndarray:
-    """BlockLinear's weights: one record per 16 output rows x 32 inputs, the values as 8
-    vectors of [16 rows, 4 inputs] (VNNI's layout; at 4 bits vectors 2p and 2p + 1 share
-    bytes, low and high nibbles), then 16 fp16 scales and 16 fp16 minimums
+    """BlockLinear's weights: one record per 16 output rows x a block's inputs (32 or 128), its
+    parts of 32 inputs each 8 vectors of [16 rows, 4 inputs] (VNNI's layout; at 4 bits vectors
+    2p and 2p + 1 share bytes, low and high nibbles), then 16 fp16 scales and 16 fp16 minimums
     (w = q * scale + min). Rows padded to a multiple of 16."""
     return quantize.pack_blocks(blocks.q, blocks.scale, blocks.minimum, blocks.bits)
 

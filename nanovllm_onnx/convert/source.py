@@ -101,11 +101,11 @@ class LazyTensors(LazyMapping[np.ndarray]):
 
 @dataclass
 class QuantBlocks:
-    """Weights in blocks of 32 along the input dimension, w = q * scale + minimum, as
+    """Weights in blocks of 32 (or 128) along the input dimension, w = q * scale + minimum, as
     BlockLinear runs them (scale and minimum are stored as fp16 there). A GGUF's own blocks
     come in as they are: no second rounding."""
 
-    q: np.ndarray  # uint8 [out_features, blocks, 32], below 2**bits
+    q: np.ndarray  # uint8 [out_features, blocks, block], below 2**bits
     scale: np.ndarray  # float32 [out_features, blocks]
     minimum: np.ndarray  # float32 [out_features, blocks]
     bits: int  # 4 or 8
@@ -117,7 +117,7 @@ class QuantBlocks:
                              for f in ("q", "scale", "minimum")), max(p.bits for p in parts))
 
     def dequantize(self) -> np.ndarray:
-        """The float32 [out_features, blocks * 32] weights, as BlockLinear sees them."""
+        """The float32 [out_features, blocks * block] weights, as BlockLinear sees them."""
         scale, minimum = (a.astype(np.float16).astype(np.float32)[..., None]
                           for a in (self.scale, self.minimum))
         return (self.q * scale + minimum).reshape(len(self.q), -1)

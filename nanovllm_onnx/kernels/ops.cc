@@ -870,20 +870,26 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
   }
 };
 
-// BlockLinear: y [T, N] = x [T, K] @ W.T for 4- or 8-bit weights in blocks of 32 inputs with
-// a float scale and minimum each, w = q * scale + min: GGUF's Q4_1 as it is (Q4_0, Q8_0 and
+// BlockLinear: y [T, N] = x [T, K] @ W.T for 4- or 8-bit weights in blocks of 32 or 128 inputs
+// with a float scale and minimum each, w = q * scale + min: GGUF's Q4_1 as it is (Q4_0, Q8_0 and
 // other symmetric blocks are the case min = -2^(bits-1) scale). ONNX Runtime's MatMulNBits
 // only takes integer zero points at speed, so Q4_1 cost two more nodes per projection there;
-// here the minimum is one more FMA per block. x is quantized to int8 per block of 32 (like
+// here the minimum is one more FMA per block. x is quantized to int8 per block too (like
 // MatMulNBits' accuracy level 4, llama.cpp's Q8_1) and each block's dot products run as
-// u8 x s8 VNNI: a 4-bit decode streams 5 bits per weight, the least a format with two fp16
-// per block can.
+// u8 x s8 VNNI: a 4-bit decode of blocks of 32 streams 5 bits per weight, the least a format
+// with two fp16 per block of 32 can. Blocks of 128 (what the converter makes of a float
+// checkpoint's 8-bit weights) take one epilogue (the int32 sums to floats, scaled, the
+// minimum's term) per 128 inputs rather than per 32, and AMX tile products of 64 inputs
+// rather than 32: a served-like wave's 32-row decode steps of a 1B model 1.2x faster (the
+// prompt steps, on the bf16 tiles, alike; benchmarks/README.md).
 //
-// weights: uint8 [ceil(N / 16), ceil(K / 32), record], one record per 16 output rows x 32
-// inputs: the values as 8 vectors of 16 rows x 4 inputs (VPDPBUSD's layout: byte r * 4 + c
-// of vector v is row r's input 4v + c), then 16 fp16 scales and 16 fp16 minimums. 8 bits:
-// vector v is bytes 64v..64v+63 (record 576 bytes). 4 bits: vectors 2p and 2p + 1 are the
-// low and high nibbles of bytes 64p..64p+63 (record 320 bytes). Attributes: K, N, bits.
+// weights: uint8 [ceil(N / 16), ceil(K / block), record], one record per 16 output rows x
+// `block` inputs: its parts of 32 inputs (block / 32 of them) one after another, each the
+// values as 8 vectors of 16 rows x 4 inputs (VPDPBUSD's layout: byte r * 4 + c of vector v is
+// row r's input 4v + c of the part); 8 bits: vector v is bytes 64v..64v+63 (a part is 512
+// bytes), 4 bits: vectors 2p and 2p + 1 are the low and high nibbles of bytes 64p..64p+63 (256
+// bytes); then 16 fp16 scales and 16 fp16 minimums. Attributes: K, N, bits, block (32 if
+// absent, or 128).
 // Optional input 2, prompt_rows (uint8 [tokens]), each row's path in the AMX build (other
 // builds ignore it): 0 the int8 path, 1 (a prompt token) bf16 (see AMX_BF16), 2 (a
 // generated token of an engine that does not promise batch invariance) whichever is faster
@@ -892,9 +898,13 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
 // to bf16: a down projection without the T x K floats of SwiGLU's output written and read
 // back (~5% of a 1B prompt step of 1,024 tokens went to SwiGLU).
 constexpr int kRows = 16;   // output rows of one record
-constexpr int kBlock = 32;  // inputs of one record
+constexpr int kPart = 32;   // inputs of one record part (and K of a bf16 tile)
+constexpr int kWidePart = 4;  // parts of a block of 128
 
-constexpr int64_t record_bytes(int64_t bits) { return kRows * kBlock * bits / 8 + 4 * kRows; }
+constexpr int64_t part_bytes(int64_t bits) { return kRows * kPart * bits / 8; }
+constexpr int64_t record_bytes(int64_t bits, int64_t parts) {
+  return parts * part_bytes(bits) + 4 * kRows;
+}
 
 // Row x of BlockLinear's input as the K values it multiplies: x itself, or where swiglu (x is
 // [gate, up], 2K wide) silu(gate) * up, in the calling thread's buffer (until its next call).
@@ -906,26 +916,29 @@ inline const float* input_row(const float* x, int64_t k, bool swiglu) {
   return act.data();
 }
 
-// The code of row r's input i (0..31) in a record, and the row's scale and minimum.
+// The code of row r's input i (0 .. 32 parts - 1) in a record, and the row's scale and minimum.
 inline int record_code(const uint8_t* rec, int64_t bits, int r, int i) {
+  rec += i / kPart * part_bytes(bits);
+  i %= kPart;
   const int v = i / 4, c = i % 4;
   if (bits == 8) return rec[v * 64 + r * 4 + c];
   return (rec[(v / 2) * 64 + r * 4 + c] >> (4 * (v % 2))) & 0x0F;
 }
 // index 0..15: the rows' scales, 16..31: their minimums.
-inline float record_half(const uint8_t* rec, int64_t bits, int index) {
+inline float record_half(const uint8_t* rec, int64_t bits, int64_t parts, int index) {
   _Float16 h;
-  std::memcpy(&h, rec + kRows * kBlock * bits / 8 + 2 * index, 2);
+  std::memcpy(&h, rec + parts * part_bytes(bits) + 2 * index, 2);
   return float(h);
 }
 
 #ifdef __AMX_INT8__
 // The call's whole 16-token tiles in the layout of the AMX tiles (amx_layout): per tile and
-// block, the A tile (16 tokens x 32 int8 in one 512-byte run: a strided one reads 16 lines)
+// block, its A tiles (16 tokens x the block's int8 in one run: 32 inputs, one tile, in 512 bytes
+// where a strided one reads 16 lines; 128, two tiles of 64 read at a stride of 128)
 // and its tokens' xscale and xsum (16 floats each: the epilogue's broadcasts off one address
 // register rather than 32).
 struct AmxRows {
-  int8_t* a;      // [tiles][blocks][16][32]
+  int8_t* a;      // [tiles][blocks][16][block]
   float* xscale;  // [tiles][blocks][16]
   float* xsum;    // [tiles][blocks][16]
 };
@@ -933,7 +946,7 @@ struct AmxRows {
 
 struct BlockStep {
   const uint8_t* weights;
-  const int8_t* xq;      // [T, blocks * 32] activations as int8
+  const int8_t* xq;      // [T, blocks * block] activations as int8
   const float* xscale;   // [T, blocks]: x ~ xq * xscale
   const float* xsum;     // [T, blocks]: sum of the block's x (as quantized)
   float* y;
@@ -945,20 +958,21 @@ struct BlockStep {
 #endif
 };
 
-// One token row of x to int8 blocks (zero past K).
+// One token row of x to int8 blocks of Block inputs (zero past K).
+template <int Block>
 void quantize_row(const float* x, int64_t k, int64_t blocks, int8_t* q, float* scale,
                   float* sum) {
   for (int64_t b = 0; b < blocks; ++b) {
-    float v[kBlock] = {};
-    const int64_t n = std::min<int64_t>(kBlock, k - b * kBlock);
-    std::memcpy(v, x + b * kBlock, n * sizeof(float));
+    float v[Block] = {};
+    const int64_t n = std::min<int64_t>(Block, k - b * Block);
+    std::memcpy(v, x + b * Block, n * sizeof(float));
     float peak = 0.f;
-    for (int i = 0; i < kBlock; ++i) peak = std::max(peak, std::fabs(v[i]));
+    for (int i = 0; i < Block; ++i) peak = std::max(peak, std::fabs(v[i]));
     const float s = peak / 127.f, inv = peak > 0.f ? 127.f / peak : 0.f;
     int total = 0;
-    for (int i = 0; i < kBlock; ++i) {
+    for (int i = 0; i < Block; ++i) {
       const int r = static_cast<int>(std::nearbyint(v[i] * inv));
-      q[b * kBlock + i] = static_cast<int8_t>(r);
+      q[b * Block + i] = static_cast<int8_t>(r);
       total += r;
     }
     scale[b] = s;
@@ -972,7 +986,7 @@ void quantize_row(const float* x, int64_t k, int64_t blocks, int8_t* q, float* s
 struct Isa {
   using F = __m512;
   using I = __m512i;
-  static constexpr int kParts = 1;  // vectors per 16 rows
+  static constexpr int kVectors = 1;  // vectors per 16 rows
   static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static I zero() { return _mm512_setzero_si512(); }
   static I set1(int32_t x) { return _mm512_set1_epi32(x); }
@@ -1012,7 +1026,7 @@ struct Isa {
 struct Isa {
   using F = __m256;
   using I = __m256i;
-  static constexpr int kParts = 2;
+  static constexpr int kVectors = 2;
   static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
   static I zero() { return _mm256_setzero_si256(); }
   static I set1(int32_t x) { return _mm256_set1_epi32(x); }
@@ -1109,20 +1123,24 @@ __attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* rec, in
   }
 }
 
-// One record group (16 output rows, in Isa::kParts vectors) x TT tokens over every block. A
-// one-token decode keeps two accumulators (even and odd record vectors): two independent
-// dot-product chains rather than one.
-template <int Bits, int TT>
+// One record group (16 output rows, in Isa::kVectors vectors) x TT tokens over every block of
+// Parts parts. A one-token decode keeps two accumulators (even and odd record vectors): two
+// independent dot-product chains rather than one.
+template <int Bits, int Parts, int TT>
 void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   using F = Isa::F;
   using I = Isa::I;
-  constexpr int P = Isa::kParts, S = TT == 1 ? 2 : 1, kPartBytes = 64 / P;
+  constexpr int P = Isa::kVectors, S = TT == 1 ? 2 : 1, kVectorBytes = 64 / P;
   // One token, 4 bits: the odd (high-nibble) vectors have their own accumulator, so their
   // codes can stay 16 x as large (one AND each, no shift) and their sum be shifted back:
-  // exact, as the int32 sums are (at most 32 x 240 x 128).
+  // exact, as the int32 sums are (at most 128 x 240 x 128).
   constexpr bool kInPlace = TT == 1 && Bits == 4 && Isa::kWideCodes;
-  constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8, kRecord = record_bytes(Bits);
-  const int64_t width = st.blocks * kBlock;
+  // Where dot4's sums are int16 (4 bits without VNNI: at most 30,480 a part), each part's
+  // go to int32 before the next part's.
+  constexpr bool kWidenParts = Bits == 4 && !Isa::kWideCodes && Parts > 1;
+  constexpr int64_t kBlockIn = Parts * kPart, kValueBytes = Parts * part_bytes(Bits);
+  constexpr int64_t kRecord = record_bytes(Bits, Parts);
+  const int64_t width = st.blocks * kBlockIn;
   F y[TT][P];
   for (int t = 0; t < TT; ++t)
     for (int h = 0; h < P; ++h) y[t][h] = Isa::fzero();
@@ -1130,46 +1148,67 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
     if (token == 0)  // the first tile over the group: later ones find its records cached
       prefetch_ahead<kRecord>(rec, TT == 1 ? kPrefetchFar : kPrefetchFarTiles);
-    I acc[TT][P][S];
-    for (int t = 0; t < TT; ++t)
-      for (int h = 0; h < P; ++h)
-        for (int i = 0; i < S; ++i) acc[t][h][i] = Isa::zero();
-    // acc += record vector v (16 rows x inputs 4v..4v+3), for each token.
-    auto dot = [&](int v, const I (&w)[P]) {
+    I acc[TT][P][S], wide[TT][P];
+    auto zero_acc = [&] {
+      for (int t = 0; t < TT; ++t)
+        for (int h = 0; h < P; ++h)
+          for (int i = 0; i < S; ++i) acc[t][h][i] = Isa::zero();
+    };
+    zero_acc();
+    if constexpr (kWidenParts)
+      for (int t = 0; t < TT; ++t)
+        for (int h = 0; h < P; ++h) wide[t][h] = Isa::zero();
+    // acc += record vector v of part s (16 rows x the part's inputs 4v..4v+3), for each token.
+    auto dot = [&](int s, int v, const I (&w)[P]) {
       for (int t = 0; t < TT; ++t) {
         int32_t x4;
-        std::memcpy(&x4, st.xq + (token + t) * width + b * kBlock + 4 * v, 4);
+        std::memcpy(&x4, st.xq + (token + t) * width + b * kBlockIn + s * kPart + 4 * v, 4);
         const I x = Isa::set1(x4);
         for (int h = 0; h < P; ++h)
           acc[t][h][v % S] = Isa::dot4<Bits>(acc[t][h][v % S], w[h], x);
       }
     };
-    for (int p = 0; p < Bits; ++p) {  // 64-byte vectors of bytes: 4 at 4 bits, 8 at 8
-      I w[P];
-      for (int h = 0; h < P; ++h) w[h] = Isa::load(rec + p * 64 + h * kPartBytes);
-      if constexpr (Bits == 4) {
-        I lo[P], hi[P];
-        for (int h = 0; h < P; ++h) lo[h] = Isa::nibbles(w[h], false);
-        for (int h = 0; h < P; ++h)
-          hi[h] = kInPlace ? Isa::high_nibbles_in_place(w[h]) : Isa::nibbles(w[h], true);
-        dot(2 * p, lo);
-        dot(2 * p + 1, hi);
-      } else {
-        dot(p, w);
+    for (int s = 0; s < Parts; ++s) {
+      const uint8_t* part = rec + s * part_bytes(Bits);
+      for (int p = 0; p < Bits; ++p) {  // 64-byte vectors of bytes: 4 at 4 bits, 8 at 8
+        I w[P];
+        for (int h = 0; h < P; ++h) w[h] = Isa::load(part + p * 64 + h * kVectorBytes);
+        if constexpr (Bits == 4) {
+          I lo[P], hi[P];
+          for (int h = 0; h < P; ++h) lo[h] = Isa::nibbles(w[h], false);
+          for (int h = 0; h < P; ++h)
+            hi[h] = kInPlace ? Isa::high_nibbles_in_place(w[h]) : Isa::nibbles(w[h], true);
+          dot(s, 2 * p, lo);
+          dot(s, 2 * p + 1, hi);
+        } else {
+          dot(s, p, w);
+        }
+      }
+      if constexpr (kWidenParts) {
+        for (int t = 0; t < TT; ++t)
+          for (int h = 0; h < P; ++h)
+            for (int i = 0; i < S; ++i)
+              wide[t][h] = Isa::add(wide[t][h], Isa::finish<Bits>(acc[t][h][i]));
+        zero_acc();
       }
     }
     for (int h = 0; h < P; ++h) {
-      const F scale = Isa::load_halves(rec + kValueBytes + h * kPartBytes / 2);
-      F minimum = Isa::load_halves(rec + kValueBytes + 2 * kRows + h * kPartBytes / 2);
+      const F scale = Isa::load_halves(rec + kValueBytes + h * kVectorBytes / 2);
+      F minimum = Isa::load_halves(rec + kValueBytes + 2 * kRows + h * kVectorBytes / 2);
       if constexpr (Bits == 8 && Isa::kEightBitOffset != 0)  // the sums' missing 128 * sum(x)
         minimum = Isa::fmadd(scale, Isa::fset1(Isa::kEightBitOffset), minimum);
       for (int t = 0; t < TT; ++t) {
         const int64_t xb = (token + t) * st.blocks + b;
-        I sum = Isa::finish<Bits>(acc[t][h][0]);
-        if constexpr (kInPlace)
-          sum = Isa::add(sum, Isa::shift_right(Isa::finish<Bits>(acc[t][h][1]), 4));
-        else if constexpr (S == 2)
-          sum = Isa::add(sum, Isa::finish<Bits>(acc[t][h][1]));
+        I sum;
+        if constexpr (kWidenParts) {
+          sum = wide[t][h];
+        } else {
+          sum = Isa::finish<Bits>(acc[t][h][0]);
+          if constexpr (kInPlace)
+            sum = Isa::add(sum, Isa::shift_right(Isa::finish<Bits>(acc[t][h][1]), 4));
+          else if constexpr (S == 2)
+            sum = Isa::add(sum, Isa::finish<Bits>(acc[t][h][1]));
+        }
         y[t][h] = Isa::fmadd(Isa::to_float(sum), Isa::mul(scale, Isa::fset1(st.xscale[xb])),
                              y[t][h]);
         y[t][h] = Isa::fmadd(minimum, Isa::fset1(st.xsum[xb]), y[t][h]);
@@ -1184,21 +1223,21 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 }
 #else
 // Portable: the same arithmetic, one token at a time.
-template <int Bits, int TT>
+template <int Bits, int Parts, int TT>
 void block_tile(const BlockStep& st, int64_t group, int64_t token) {
-  constexpr int64_t kRecord = record_bytes(Bits);
-  const int64_t width = st.blocks * kBlock;
+  constexpr int64_t kRecord = record_bytes(Bits, Parts), kBlockIn = Parts * kPart;
+  const int64_t width = st.blocks * kBlockIn;
   for (int t = 0; t < TT; ++t) {
     float y[kRows] = {};
     for (int64_t b = 0; b < st.blocks; ++b) {
       const uint8_t* rec = st.weights + (group * st.blocks + b) * kRecord;
-      const int8_t* xq = st.xq + (token + t) * width + b * kBlock;
+      const int8_t* xq = st.xq + (token + t) * width + b * kBlockIn;
       const int64_t xb = (token + t) * st.blocks + b;
       for (int r = 0; r < kRows; ++r) {
         int dot = 0;
-        for (int i = 0; i < kBlock; ++i) dot += record_code(rec, Bits, r, i) * xq[i];
-        y[r] += dot * record_half(rec, Bits, r) * st.xscale[xb] +
-                record_half(rec, Bits, kRows + r) * st.xsum[xb];
+        for (int i = 0; i < kBlockIn; ++i) dot += record_code(rec, Bits, r, i) * xq[i];
+        y[r] += dot * record_half(rec, Bits, Parts, r) * st.xscale[xb] +
+                record_half(rec, Bits, Parts, kRows + r) * st.xsum[xb];
       }
     }
     const int64_t col = group * kRows;
@@ -1212,7 +1251,8 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 // AMX (the avx512_amx build): TDPBSUD multiplies 16 tokens' int8 activations [16 x 32] by a
 // block's weight codes, and a record's 8-bit values already are its B tile (8 rows of 64
 // bytes: byte r * 4 + c of row v is row r's input 4v + c); 4-bit records are unpacked to such
-// tiles first. Its int32 dot products are VPDPBUSD's, and the epilogue is block_tile's, in the
+// tiles first. A block of 128 is two products of 64 inputs (A [16 x 64], B 16 rows: two parts)
+// into one C tile, and one epilogue. Its int32 dot products are VPDPBUSD's, and the epilogue is block_tile's, in the
 // same order: y is the VNNI tiles' bit for bit, so a token's result does not depend on the
 // tokens that share its call (speculative verification, batching). Per block of 32 inputs
 // each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue:
@@ -1230,7 +1270,10 @@ constexpr int64_t kStoreLag = 3;
 static_assert(kStoreLag < 4, "a product's C tile is reused 4 products on");
 constexpr int kAmxPass = 4;       // token tiles per pass over a group's records
 constexpr int kAmxProducts = 16;  // tile products per chunk (their dot products: 16 KB)
-constexpr int64_t kAmxTileBytes = kAmxTokens * kBlock;  // an A tile; a block's B tile too
+// Bytes of a token tile's A tiles of one block, and of a block's B tiles (4-bit: unpacked).
+constexpr int64_t amx_block_bytes(int parts) { return kAmxTokens * kPart * parts; }
+// A tile product's inputs: a part, or two of a block of 128 (K = 64, AMX's widest).
+constexpr int amx_k(int parts) { return parts == 1 ? kPart : 2 * kPart; }
 
 // A tile configuration (palette 1): each tile's bytes per row and rows.
 struct alignas(64) TileConfig {
@@ -1250,13 +1293,15 @@ void use_tiles(const TileConfig& want) {
   if (std::memcmp(&want, &have, sizeof want) != 0) _tile_loadconfig(&want);
 }
 
+template <int Parts>
 void configure_tiles() {
   static const TileConfig want = [] {
     TileConfig c{};
     c.palette = 1;
+    constexpr int k = amx_k(Parts);
     for (int t : {0, 1, 2, 3}) c.bytes[t] = 64, c.rows[t] = kAmxTokens;  // C: 16 x 16 int32
-    for (int t : {4, 5}) c.bytes[t] = kBlock, c.rows[t] = kAmxTokens;    // A: 16 x 32 int8
-    for (int t : {6, 7}) c.bytes[t] = 64, c.rows[t] = 8;                 // B: a block's codes
+    for (int t : {4, 5}) c.bytes[t] = k, c.rows[t] = kAmxTokens;         // A: 16 x k int8
+    for (int t : {6, 7}) c.bytes[t] = 64, c.rows[t] = k / 4;             // B: k inputs' codes
     return c;
   }();
   use_tiles(want);
@@ -1272,35 +1317,63 @@ T* tile_buffer(std::vector<T>& buffer, int64_t count) {
 }
 
 // Tile `tile` of the call's whole 16-token tiles to st.amx.
+template <int Parts>
 void amx_layout(void* data, size_t tile) {
   const BlockStep& st = *static_cast<const BlockStep*>(data);
-  const int64_t blocks = st.blocks, width = blocks * kBlock;
+  constexpr int64_t kBlockIn = Parts * kPart;
+  const int64_t blocks = st.blocks, width = blocks * kBlockIn;
   for (int t = 0; t < kAmxTokens; ++t) {
     const int64_t token = int64_t(tile) * kAmxTokens + t;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t at = (int64_t(tile) * blocks + b) * kAmxTokens + t;
-      std::memcpy(st.amx.a + at * kBlock, st.xq + token * width + b * kBlock, kBlock);
+      std::memcpy(st.amx.a + at * kBlockIn, st.xq + token * width + b * kBlockIn, kBlockIn);
       st.amx.xscale[at] = st.xscale[token * blocks + b];
       st.amx.xsum[at] = st.xsum[token * blocks + b];
     }
   }
 }
 
-// Block b's B tile into tile 6 + b % 2.
+// Block b's B tile into tile 6 + b % 2; a block of 128's two into tiles 6 and 7.
+template <int Parts>
 inline void amx_load_b(int64_t b, const uint8_t* codes) {
-  if (b % 2 == 0) _tile_loadd(6, codes, 64);
-  else _tile_loadd(7, codes, 64);
+  if constexpr (Parts > 1) {
+    _tile_loadd(6, codes, 64);
+    _tile_loadd(7, codes + amx_block_bytes(Parts) / 2, 64);
+  } else if (b % 2 == 0) {
+    _tile_loadd(6, codes, 64);
+  } else {
+    _tile_loadd(7, codes, 64);
+  }
 }
 
 // Product p on C tile p % 4: the A tile at a (into tile 4 + p % 2) times the B tile of block
 // b (6 + b % 2). A and B alternate between two tiles each, so that a load need not wait for
-// the product before to have read its tile.
-#define AMX_DOT(C, A, B)   \
-  _tile_zero(C);             \
-  _tile_loadd(A, a, kBlock); \
-  _tile_dpbsud(C, A, B);     \
+// the product before to have read its tile. A block of 128: its two A tiles (a's inputs 0-63
+// into tile 4, 64-127 into 5, rows 128 bytes apart) times B tiles 6 and 7, summed in C.
+#define AMX_DOT(C, A, B)  \
+  _tile_zero(C);            \
+  _tile_loadd(A, a, kPart); \
+  _tile_dpbsud(C, A, B);    \
   break
+#define AMX_DOT_WIDE(C)                     \
+  _tile_zero(C);                            \
+  _tile_loadd(4, a, kWidePart * kPart);     \
+  _tile_dpbsud(C, 4, 6);                    \
+  _tile_loadd(5, a + 64, kWidePart * kPart); \
+  _tile_dpbsud(C, 5, 7);                    \
+  break
+template <int Parts>
 inline void amx_dot(int64_t p, int64_t b, const int8_t* a) {
+  static_assert(Parts == 1 || Parts == kWidePart, "blocks of 32 or 128");
+  if constexpr (Parts > 1) {
+    switch (p % 4) {
+      case 0: AMX_DOT_WIDE(0);
+      case 1: AMX_DOT_WIDE(1);
+      case 2: AMX_DOT_WIDE(2);
+      default: AMX_DOT_WIDE(3);
+    }
+    return;
+  }
   switch (p % 4 * 2 + b % 2) {
     case 0: AMX_DOT(0, 4, 6);
     case 1: AMX_DOT(0, 4, 7);
@@ -1313,6 +1386,7 @@ inline void amx_dot(int64_t p, int64_t b, const int8_t* a) {
   }
 }
 #undef AMX_DOT
+#undef AMX_DOT_WIDE
 
 // c = product p's C tile, stored once product p + kStoreLag is issued, before product p + 4
 // takes the tile back (a store waits for its TDPBSUD to finish, and the tile instructions
@@ -1366,19 +1440,20 @@ inline void amx_store_y(const BlockStep& st, int64_t group, int64_t tile,
 // One token tile of a record group over every block: block b + kStoreLag's product issued
 // before block b's epilogue (on C tiles of their own), so the tile unit works ahead and the
 // vector ports overlap the reads of the records.
-template <int Bits, typename Read>
+template <int Bits, int Parts, typename Read>
 void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* codes,
               int64_t step, Read& first_read) {
-  constexpr int64_t kRecord = record_bytes(Bits), kValueBytes = kRows * kBlock * Bits / 8;
+  constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = Parts * part_bytes(Bits);
+  constexpr int64_t kTileBytes = amx_block_bytes(Parts);
   const int64_t blocks = st.blocks;
   const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
-  const int8_t* a = st.amx.a + tile * blocks * kAmxTileBytes;
+  const int8_t* a = st.amx.a + tile * blocks * kTileBytes;
   alignas(64) int32_t dots[4][256];
   auto product = [&](int64_t b) {  // issues block b's, stores block b - kStoreLag's
     if (b < blocks) {
       if (tile == 0) first_read(b);
-      amx_load_b(b, codes + b * step);
-      amx_dot(b, b, a + b * kAmxTileBytes);
+      amx_load_b<Parts>(b, codes + b * step);
+      amx_dot<Parts>(b, b, a + b * kTileBytes);
     }
     const int64_t done = b - kStoreLag;
     if (done >= 0 && done < blocks) amx_store(done, dots[done % 4]);
@@ -1401,10 +1476,11 @@ void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* c
 // faster than token tiles one at a time, each reading the block's B tile again. One tile
 // alone is faster through amx_tile (chunked, 16 tokens ran 0.8-0.9x: the interleaved
 // epilogues overlap the next products' reads of the records).
-template <int Bits, typename Read>
+template <int Bits, int Parts, typename Read>
 void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64_t count,
                         const uint8_t* codes, int64_t step, Read& first_read) {
-  constexpr int64_t kRecord = record_bytes(Bits), kValueBytes = kRows * kBlock * Bits / 8;
+  constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = Parts * part_bytes(Bits);
+  constexpr int64_t kTileBytes = amx_block_bytes(Parts);
   const int64_t blocks = st.blocks, chunk = kAmxProducts / count;
   const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
   alignas(64) int32_t dots[kAmxProducts][256];
@@ -1414,9 +1490,9 @@ void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64
     int64_t p = 0;
     for (int64_t b = b0; b < b1; ++b) {
       if (first == 0) first_read(b);
-      amx_load_b(b, codes + b * step);
+      amx_load_b<Parts>(b, codes + b * step);
       for (int64_t i = 0; i < count; ++i, ++p) {
-        amx_dot(p, b, st.amx.a + ((first + i) * blocks + b) * kAmxTileBytes);
+        amx_dot<Parts>(p, b, st.amx.a + ((first + i) * blocks + b) * kTileBytes);
         if (p >= kStoreLag) amx_store(p - kStoreLag, dots[p - kStoreLag]);
       }
     }
@@ -1439,16 +1515,16 @@ void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64
 
 // One record group (16 output rows) for the call's whole 16-token tiles; returns the tokens
 // done (the rest go to the VNNI tiles).
-template <int Bits>
+template <int Bits, int Parts>
 int64_t amx_tiles(const BlockStep& st, int64_t group) {
-  constexpr int64_t kRecord = record_bytes(Bits);
+  constexpr int64_t kRecord = record_bytes(Bits, Parts), kTileBytes = amx_block_bytes(Parts);
   const int64_t blocks = st.blocks;
   const uint8_t* records = st.weights + group * blocks * kRecord;
   // 4 bits: the codes as B tiles, unpacked in the first pass, cached for the others.
   thread_local std::vector<uint8_t> buffer;
-  uint8_t* unpacked = Bits == 4 ? tile_buffer(buffer, blocks * kAmxTileBytes) : nullptr;
-  const uint8_t* codes = Bits == 4 ? unpacked : records;  // block b's B tile: codes + b * step
-  const int64_t step = Bits == 4 ? kAmxTileBytes : kRecord;
+  uint8_t* unpacked = Bits == 4 ? tile_buffer(buffer, blocks * kTileBytes) : nullptr;
+  const uint8_t* codes = Bits == 4 ? unpacked : records;  // block b's B tiles: codes + b * step
+  const int64_t step = Bits == 4 ? kTileBytes : kRecord;
   // The first pass reads the records, block b's just before its products, prefetching ahead
   // as block_tile does (and unpacks 4-bit ones), so the reads from memory overlap the tile
   // products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers 16),
@@ -1457,21 +1533,21 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
   auto first_read = [&](int64_t b) __attribute__((always_inline)) {  // (see prefetch_ahead)
     prefetch_ahead<kRecord>(records + b * kRecord, kPrefetchFarTiles);
     if constexpr (Bits == 4) {
-      uint8_t* out = unpacked + b * kAmxTileBytes;
-      for (int p = 0; p < 4; ++p) {
+      uint8_t* out = unpacked + b * kTileBytes;
+      for (int p = 0; p < 4 * Parts; ++p) {  // the parts' vectors of bytes, in order
         const __m512i w = Isa::load(records + b * kRecord + p * 64);
         _mm512_store_si512(out + 2 * p * 64, Isa::nibbles(w, false));
         _mm512_store_si512(out + 2 * p * 64 + 64, Isa::nibbles(w, true));
       }
       // tileloadd's asm does not say that it reads them
-      asm volatile("" ::"m"(*reinterpret_cast<const uint8_t(*)[kAmxTileBytes]>(out)));
+      asm volatile("" ::"m"(*reinterpret_cast<const uint8_t(*)[kTileBytes]>(out)));
     }
   };
   const int64_t tiles = st.tokens / kAmxTokens;
   int64_t first = 0;
   for (int64_t count; (count = std::min<int64_t>(kAmxPass, tiles - first)) >= 2; first += count)
-    amx_tiles_together<Bits>(st, group, first, count, codes, step, first_read);
-  if (first < tiles) amx_tile<Bits>(st, group, first, codes, step, first_read);
+    amx_tiles_together<Bits, Parts>(st, group, first, count, codes, step, first_read);
+  if (first < tiles) amx_tile<Bits, Parts>(st, group, first, codes, step, first_read);
   return tiles * kAmxTokens;
 }
 
@@ -1487,13 +1563,14 @@ int64_t amx_tiles(const BlockStep& st, int64_t group) {
 // Measured against the AMX int8 tiles (1B layer shapes, CPU time): 1.3-1.9x on 64 tokens,
 // 1.5-2.1x on 128, 1.7-2.3x on 512; below ~20 rows the dequantization, a fixed cost per call,
 // makes it slower (one row: ~0.2-0.3x), the price of results that do not depend on the call.
-constexpr int64_t kTileValues = kRows * kBlock;  // bf16 of one A or B tile (1 KB)
+// Its K unit is a record part (32 inputs: `blocks` here counts parts, `parts` a record's).
+constexpr int64_t kTileValues = kRows * kPart;  // bf16 of one A or B tile (1 KB)
 struct Bf16Step {
   const uint8_t* weights;
   const uint16_t* a;     // the prompt rows in A tiles: [ceil(P / 16), blocks, 16 rows, 32]
   const int64_t* rows;   // y's row of prompt row i
   float* y;
-  int64_t prompts, n, blocks, groups, strip;  // strip: groups per task
+  int64_t prompts, n, blocks, groups, parts, strip;  // strip: groups per task
   int64_t unit_groups, unit_blocks, chunk_tiles;  // a unit of dequantized B; token tiles
   bool held;  // units of a group pair: C held in the tile registers over the unit's blocks
 };
@@ -1506,14 +1583,15 @@ constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tile
 // dequantization is a fixed cost per call, is the faster. Measured, 1B layer, 16 layers'
 // weights from memory, 2 threads, bf16 / int8 CPU time: 4 bits 16 rows 0.89-0.91x, 24 1.13x,
 // 32 1.24-1.29x; 8 bits (1.8x the bytes to dequantize) 24 rows 0.89x, 32 0.91x, 48 1.21x,
-// 64 1.48x.
-inline bool bf16_either(const uint8_t* role, int64_t tokens, int64_t bits) {
+// 64 1.48x; 8 bits in blocks of 128 (whose int8 path is faster) 16 rows 0.58x, 32 0.75x, 64
+// 1.00x, 256 1.09x.
+inline bool bf16_either(const uint8_t* role, int64_t tokens, int64_t bits, int64_t parts) {
   int64_t count = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     if (role[t] == kPromptRole) return true;
     count += role[t] == kEitherRole;
   }
-  return count >= (bits == 4 ? 24 : 48);
+  return count >= (bits == 4 ? 24 : parts == 1 ? 48 : 64);
 }
 
 // A call's plan (bf16_task's units and token chunks). Where the A tiles and two pairs' B tiles
@@ -1567,7 +1645,8 @@ void bf16_plan(Bf16Step& st, int64_t tiles, int64_t a_bytes) {
   }
 }
 
-// One record dequantized to bf16 as TDPBF16PS's B tile: tile row j holds inputs 2j and 2j + 1
+// One record part (its values, and its record's scales and minimums at `halves`) dequantized
+// to bf16 as TDPBF16PS's B tile: tile row j holds inputs 2j and 2j + 1
 // of the 16 output rows, [output row][input % 2]. Record vector v (byte 4r + c: row r's input
 // 4v + c) gives tile rows 2v (c = 0, 1) and 2v + 1 (c = 2, 3); each tile row's halves, rows
 // 0-7 and 8-15, are made in that order (one VPERMB brings their bytes to the low bytes of
@@ -1577,8 +1656,7 @@ void bf16_plan(Bf16Step& st, int64_t tiles, int64_t a_bytes) {
 // rounding, so the same bits). It does not overlap the tile products (their costs add): 1B
 // layer int4 1.2-1.3x faster at 16 tokens, 1.02-1.17x at 128, engine prefill 1.05-1.07x.
 template <int Bits>
-void dequantize_record(const uint8_t* rec, uint16_t* tile) {
-  constexpr int64_t kValueBytes = kRows * kBlock * Bits / 8;
+void dequantize_part(const uint8_t* rec, const uint8_t* halves, uint16_t* tile) {
   // pick[c][h]: lane l's low byte takes row 8h + l / 2's input 2c + l % 2 of a record
   // vector, its byte 4 (8h + l / 2) + 2c + l % 2 (tile row 2v + c, half h).
   __m512i pick[2][2];
@@ -1590,8 +1668,8 @@ void dequantize_record(const uint8_t* rec, uint16_t* tile) {
     }
   const __m512i pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i pair_high = _mm512_add_epi32(pair, _mm512_set1_epi32(8));
-  const __m512 scale = Isa::load_halves(rec + kValueBytes);
-  const __m512 minimum = Isa::load_halves(rec + kValueBytes + 2 * kRows);
+  const __m512 scale = Isa::load_halves(halves);
+  const __m512 minimum = Isa::load_halves(halves + 2 * kRows);
   const __m512 s[2] = {_mm512_permutexvar_ps(pair, scale),
                        _mm512_permutexvar_ps(pair_high, scale)};  // [half]: rows in pair order
   const __m512 m[2] = {_mm512_permutexvar_ps(pair, minimum),
@@ -1637,12 +1715,13 @@ void prompt_tile(void* data, size_t i) {
     const int64_t row = int64_t(i) * kRows + t;
     const float* x =
         row < r.prompts ? input_row(r.x + r.rows[row] * r.width, r.k, r.width != r.k) : nullptr;
-    uint16_t* a = r.a + int64_t(i) * r.blocks * kTileValues + t * kBlock;
+    uint16_t* a = r.a + int64_t(i) * r.blocks * kTileValues + t * kPart;
     for (int64_t b = 0; b < r.blocks; ++b, a += kTileValues) {
-      const int64_t count = x ? std::min<int64_t>(kBlock, r.k - b * kBlock) : 0;
+      // (a block of 128's parts past K: none)
+      const int64_t count = x ? std::clamp<int64_t>(r.k - b * kPart, 0, kPart) : 0;
       const __mmask16 low = count >= 16 ? 0xFFFF : (1u << count) - 1;
       const __mmask16 high = count >= 32 ? 0xFFFF : count <= 16 ? 0 : (1u << (count - 16)) - 1;
-      const float* block = x + b * kBlock;
+      const float* block = x + b * kPart;
       const __m512 x0 = _mm512_maskz_loadu_ps(low, block);
       const __m512 x1 = _mm512_maskz_loadu_ps(high, block + 16);
       _mm512_storeu_si512(a, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
@@ -1809,7 +1888,8 @@ void amx_prompt_attention(const float* q, int64_t num_q, int64_t group, int64_t 
 template <int Bits>
 struct PendingChunk {
   const uint8_t* records;  // the task's first group's record of block 0
-  int64_t blocks;          // K blocks of a group
+  int64_t blocks;          // K blocks (record parts) of a group
+  int64_t parts;           // parts of a record
   uint16_t* w = nullptr;   // the chunk's B tiles [group / 2][block][group % 2]
   int64_t g0 = 0, count = 0, b0 = 0, chunk = 0;  // its groups and blocks
   int64_t steps = 0, taken = 0, done = 0, g = 0, b = 0;
@@ -1825,20 +1905,33 @@ struct PendingChunk {
     const int64_t until = taken < steps ? ++taken * total / steps : total;
     // a group's records lie in K order
     for (; done < until; ++done, ++b == chunk ? (b = 0, ++g) : 0) {
-      const uint8_t* rec = records + ((g0 + g) * blocks + b0 + b) * record_bytes(Bits);
-      // The record kChunkBlocks on in its group (passes: the next pass's); where a unit spans
+      // The part kChunkBlocks on in its group (passes: the next pass's); where a unit spans
       // all of K (held C), the one 16 on in memory, past the group's end into the next group's
       // first records, which were read cold before: 1B layers from memory, 32 rows 8-bit
       // 1.09-1.12x, 4-bit 1.04-1.06x, 128 rows 1.01-1.06x, 1,024 1.00x; 32 on no better.
-      const int64_t ahead = chunk == blocks ? 16 : kChunkBlocks;
-      if (chunk == blocks || b0 + b + kChunkBlocks < blocks)
-        for (int64_t at = 0; at < record_bytes(Bits); at += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(rec + ahead * record_bytes(Bits) + at),
-                       _MM_HINT_T1);
-      dequantize_record<Bits>(rec, w + ((g / 2 * chunk + b) * 2 + g % 2) * kTileValues);
+      const int64_t ahead = chunk == blocks ? 16 : kChunkBlocks, u = b0 + b;
+      if (chunk == blocks || u + kChunkBlocks < blocks) {
+        const uint8_t* next = part(g0 + g, u + ahead);
+        for (int64_t at = 0; at < part_bytes(Bits); at += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(next + at), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(halves(g0 + g, u + ahead)), _MM_HINT_T1);
+      }
+      dequantize_part<Bits>(part(g0 + g, u), halves(g0 + g, u),
+                            w + ((g / 2 * chunk + b) * 2 + g % 2) * kTileValues);
     }
   }
   void finish() { taken = steps, step(); }
+  // Part u of group g's records (u past the group's end: the next group's), and its record's
+  // scales and minimums.
+  const uint8_t* record(int64_t g, int64_t u) const {
+    return records + (g * (blocks / parts) + u / parts) * record_bytes(Bits, parts);
+  }
+  const uint8_t* part(int64_t g, int64_t u) const {
+    return record(g, u) + u % parts * part_bytes(Bits);
+  }
+  const uint8_t* halves(int64_t g, int64_t u) const {
+    return record(g, u) + parts * part_bytes(Bits);
+  }
 };
 
 constexpr int64_t kPrefetchBlocks = 2;  // A tiles ahead, prefetched into L1
@@ -1980,7 +2073,8 @@ void bf16_task(void* data, size_t strip) {
     return st.y + st.rows[t * kRows] * st.n + (first + g) * kRows;
   };
   use_tiles(bf16_tiles());
-  PendingChunk<Bits> pending{st.weights + first * blocks * record_bytes(Bits), blocks};
+  PendingChunk<Bits> pending{
+      st.weights + first * blocks / st.parts * record_bytes(Bits, st.parts), blocks, st.parts};
   pending.start(w, 0, unit_groups, 0, std::min(unit_blocks, blocks), 0);
   pending.finish();
   // (in passes, one token pair's A tiles stay in L1: nothing to prefetch)
@@ -2063,22 +2157,23 @@ constexpr int kTokenTile = 4;
 #endif
 
 // The tokens after the whole tiles (0 to kTokenTile - 1) as one tile of that many.
-template <int Bits, int TT = kTokenTile - 1>
+template <int Bits, int Parts, int TT = kTokenTile - 1>
 void block_rest(const BlockStep& st, int64_t group, int64_t token) {
   if constexpr (TT > 0) {
-    if (st.tokens - token == TT) block_tile<Bits, TT>(st, group, token);
-    else block_rest<Bits, TT - 1>(st, group, token);
+    if (st.tokens - token == TT) block_tile<Bits, Parts, TT>(st, group, token);
+    else block_rest<Bits, Parts, TT - 1>(st, group, token);
   }
 }
 
-template <int Bits>
+template <int Bits, int Parts>
 void block_group(const BlockStep& st, int64_t group) {
   int64_t t = 0;
 #ifdef __AMX_INT8__
-  if (st.tokens >= kAmxFrom) t = amx_tiles<Bits>(st, group);
+  if (st.tokens >= kAmxFrom) t = amx_tiles<Bits, Parts>(st, group);
 #endif
-  for (; t + kTokenTile <= st.tokens; t += kTokenTile) block_tile<Bits, kTokenTile>(st, group, t);
-  block_rest<Bits>(st, group, t);
+  for (; t + kTokenTile <= st.tokens; t += kTokenTile)
+    block_tile<Bits, Parts, kTokenTile>(st, group, t);
+  block_rest<Bits, Parts>(st, group, t);
 }
 
 constexpr int64_t kLeastRunBytes = 32768;
@@ -2102,19 +2197,28 @@ inline uint64_t thread_bit() {
 }
 
 // Task i: groups [runs[i], runs[i + 1]).
-template <int Bits>
+template <int Bits, int Parts>
 void block_task(void* data, size_t task) {
   const BlockStep& st = *static_cast<const BlockStep*>(data);
   st.threads->fetch_or(thread_bit(), std::memory_order_relaxed);
 #ifdef __AMX_INT8__
-  if (st.tokens >= kAmxFrom) configure_tiles();  // once a task: TILESTORECFG stalls
+  if (st.tokens >= kAmxFrom) configure_tiles<Parts>();  // once a task: TILESTORECFG stalls
 #endif
-  for (int64_t g = st.runs[task]; g < st.runs[task + 1]; ++g) block_group<Bits>(st, g);
+  for (int64_t g = st.runs[task]; g < st.runs[task + 1]; ++g) block_group<Bits, Parts>(st, g);
+}
+
+// An optional int attribute's value, or `absent`.
+int64_t attribute_or(const OrtKernelInfo* info, const char* name, int64_t absent) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return absent;
+  }
 }
 
 // The attributes of a packed block matrix [N, K] (BlockLinear's and BlockGather's), checked.
 struct BlockMatrix {
-  int64_t k, n, bits, blocks, groups;
+  int64_t k, n, bits, block, parts, blocks, groups;
 
   BlockMatrix(const OrtKernelInfo* info, const char* op) {
     Ort::ConstKernelInfo ki(info);
@@ -2123,15 +2227,21 @@ struct BlockMatrix {
     bits = ki.GetAttribute<int64_t>("bits");
     if (bits != 4 && bits != 8) ORT_CXX_API_THROW(std::string(op) + ": bits must be 4 or 8",
                                                   ORT_INVALID_ARGUMENT);
-    blocks = (k + kBlock - 1) / kBlock;
+    block = attribute_or(info, "block", kPart);
+    if (block != kPart && block != kWidePart * kPart)
+      ORT_CXX_API_THROW(std::string(op) + ": block must be 32 or 128", ORT_INVALID_ARGUMENT);
+    parts = block / kPart;
+    blocks = (k + block - 1) / block;
     groups = (n + kRows - 1) / kRows;
   }
 
+  int64_t record() const { return record_bytes(bits, parts); }
+
   void check(const Ort::ConstValue& weights, const char* op) const {
     if (weights.GetTensorTypeAndShapeInfo().GetShape() !=
-        std::vector<int64_t>{groups, blocks, record_bytes(bits)})
-      ORT_CXX_API_THROW(std::string(op) + ": weights must be [ceil(N/16), ceil(K/32), " +
-                            std::to_string(record_bytes(bits)) + "]",
+        std::vector<int64_t>{groups, blocks, record()})
+      ORT_CXX_API_THROW(std::string(op) + ": weights must be [ceil(N/16), ceil(K/" +
+                            std::to_string(block) + "), " + std::to_string(record()) + "]",
                         ORT_INVALID_ARGUMENT);
   }
 };
@@ -2145,11 +2255,7 @@ struct BlockLinearKernel {
 
   BlockLinearKernel(const OrtApi&, const OrtKernelInfo* info)
       : m(info, "BlockLinear"), width(m.k) {
-    int64_t swiglu = 0;
-    try {
-      swiglu = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("swiglu");
-    } catch (const Ort::Exception&) {  // (absent: 0)
-    }
+    const int64_t swiglu = attribute_or(info, "swiglu", 0);
     if (swiglu != 0 && swiglu != 1)
       ORT_CXX_API_THROW("BlockLinear: swiglu must be 0 or 1", ORT_INVALID_ARGUMENT);
     width = swiglu ? 2 * m.k : m.k;
@@ -2163,10 +2269,12 @@ struct BlockLinearKernel {
     float* sum;
   };
 
+  template <int Block>
   static void quantize(void* data, size_t t) {
     const Rows& r = *static_cast<const Rows*>(data);
-    quantize_row(input_row(r.x + t * r.width, r.k, r.width != r.k), r.k, r.blocks,
-                 r.q + t * r.blocks * kBlock, r.scale + t * r.blocks, r.sum + t * r.blocks);
+    quantize_row<Block>(input_row(r.x + t * r.width, r.k, r.width != r.k), r.k, r.blocks,
+                        r.q + t * r.blocks * Block, r.scale + t * r.blocks,
+                        r.sum + t * r.blocks);
   }
 
   // y [tokens, N] of x [tokens, K] on the int8 path.
@@ -2174,11 +2282,12 @@ struct BlockLinearKernel {
                  float* y) const {
     thread_local std::vector<int8_t> q;
     thread_local std::vector<float> scale, sum;
-    q.resize(tokens * m.blocks * kBlock);
+    q.resize(tokens * m.blocks * m.block);
     scale.resize(tokens * m.blocks);
     sum.resize(tokens * m.blocks);
     Rows rows{x, m.k, width, m.blocks, q.data(), scale.data(), sum.data()};
-    ctx.ParallelFor(quantize, tokens, 0, &rows);
+    const bool wide = m.parts > 1;
+    ctx.ParallelFor(wide ? quantize<kWidePart * kPart> : quantize<kPart>, tokens, 0, &rows);
     BlockStep st{weights, q.data(), scale.data(), sum.data(), y, tokens, m.n, m.blocks,
                  nullptr, nullptr};
 #ifdef __AMX_INT8__
@@ -2186,14 +2295,15 @@ struct BlockLinearKernel {
       thread_local std::vector<int8_t> a;
       thread_local std::vector<float> tile_scale, tile_sum;
       const int64_t tiles = tokens / kAmxTokens, values = tiles * m.blocks * kAmxTokens;
-      st.amx = {tile_buffer(a, values * kBlock), tile_buffer(tile_scale, values),
+      st.amx = {tile_buffer(a, values * m.block), tile_buffer(tile_scale, values),
                 tile_buffer(tile_sum, values)};
-      ctx.ParallelFor(amx_layout, tiles, 0, &st);
+      ctx.ParallelFor(wide ? amx_layout<kWidePart> : amx_layout<1>, tiles, 0, &st);
     }
 #endif
-    auto task = m.bits == 4 ? block_task<4> : block_task<8>;
+    auto task = m.bits == 4 ? (wide ? block_task<4, kWidePart> : block_task<4, 1>)
+                            : (wide ? block_task<8, kWidePart> : block_task<8, 1>);
     thread_local std::vector<int64_t> runs;
-    plan_runs(m.groups, m.blocks * record_bytes(m.bits), threads, runs);
+    plan_runs(m.groups, m.blocks * m.record(), threads, runs);
     std::atomic<uint64_t> seen{0};
     st.runs = runs.data();
     st.threads = &seen;
@@ -2209,11 +2319,12 @@ struct BlockLinearKernel {
     const int64_t prompts = static_cast<int64_t>(prompt.size());
     const int64_t tiles = (prompts + kRows - 1) / kRows;
     thread_local std::vector<uint16_t> buffer;
-    uint16_t* a = tile_buffer(buffer, tiles * m.blocks * kTileValues);
-    Bf16Rows rows{x, prompt.data(), m.k, width, m.blocks, prompts, a};
+    const int64_t parts = m.blocks * m.parts;  // the bf16 tiles' K unit
+    uint16_t* a = tile_buffer(buffer, tiles * parts * kTileValues);
+    Bf16Rows rows{x, prompt.data(), m.k, width, parts, prompts, a};
     ctx.ParallelFor(prompt_tile, tiles, 0, &rows);
-    const int64_t a_bytes = tiles * m.blocks * kTileValues * 2;
-    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, m.blocks, m.groups};
+    const int64_t a_bytes = tiles * parts * kTileValues * 2;
+    Bf16Step st{weights, a, prompt.data(), y, prompts, m.n, parts, m.groups, m.parts};
     bf16_plan(st, tiles, a_bytes);
     ctx.ParallelFor(m.bits == 4 ? bf16_task<4> : bf16_task<8>,
                     (m.groups + st.strip - 1) / st.strip, 0, &st);
@@ -2260,7 +2371,7 @@ struct BlockLinearKernel {
 #ifdef AMX_BF16
       if (roles != nullptr) {
         const uint8_t* role = roles.GetTensorData<uint8_t>();
-        const bool either = bf16_either(role, tokens, m.bits);
+        const bool either = bf16_either(role, tokens, m.bits, m.parts);
         thread_local std::vector<int64_t> prompt;  // the rows on the bf16 path
         prompt.clear();
         for (int64_t t = 0; t < tokens; ++t)
@@ -2314,7 +2425,7 @@ struct BlockGatherKernel {
       float* out = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
       const int64_t* id = ids.GetTensorData<int64_t>();
       const uint8_t* w = weights.GetTensorData<uint8_t>();
-      const int64_t record = record_bytes(m.bits);
+      const int64_t record = m.record();
       for (int64_t t = 0; t < count; ++t, out += m.k) {
         if (id[t] < 0 || id[t] >= m.n)
           ORT_CXX_API_THROW("BlockGather: id " + std::to_string(id[t]) + " is not below N = " +
@@ -2322,11 +2433,11 @@ struct BlockGatherKernel {
         const int r = static_cast<int>(id[t] % kRows);
         const uint8_t* rec = w + id[t] / kRows * m.blocks * record;
         for (int64_t b = 0; b < m.blocks; ++b, rec += record) {
-          const float scale = record_half(rec, m.bits, r);
-          const float minimum = record_half(rec, m.bits, kRows + r);
-          const int width = static_cast<int>(std::min<int64_t>(kBlock, m.k - b * kBlock));
+          const float scale = record_half(rec, m.bits, m.parts, r);
+          const float minimum = record_half(rec, m.bits, m.parts, kRows + r);
+          const int width = static_cast<int>(std::min<int64_t>(m.block, m.k - b * m.block));
           for (int i = 0; i < width; ++i)
-            out[b * kBlock + i] = record_code(rec, m.bits, r, i) * scale + minimum;
+            out[b * m.block + i] = record_code(rec, m.bits, r, i) * scale + minimum;
         }
       }
     });
@@ -2518,10 +2629,12 @@ inline float value(uint16_t w) {
   return f;
 }
 
-// The nearest codes 0 .. top of v against a scale and minimum (code 0 where the scale is 0).
-inline void block_codes(const float* v, float scale, float minimum, float top, uint8_t* q) {
+// The nearest codes 0 .. top of a block's `block` values v against a scale and minimum (code
+// 0 where the scale is 0).
+inline void block_codes(const float* v, int64_t block, float scale, float minimum, float top,
+                        uint8_t* q) {
   const double inverse = scale == 0.f ? 0. : 1. / scale;
-  for (int i = 0; i < kBlock; ++i) {
+  for (int64_t i = 0; i < block; ++i) {
     const float code = std::nearbyint(static_cast<float>((v[i] - minimum) * inverse));
     q[i] = static_cast<uint8_t>(std::min(std::max(code, 0.f), top));
   }
@@ -2529,19 +2642,21 @@ inline void block_codes(const float* v, float scale, float minimum, float top, u
 
 template <int Bits>
 void pack(const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int64_t n,
-          int64_t blocks, uint8_t* out) {
-  constexpr int64_t record = record_bytes(Bits), values = kRows * kBlock * Bits / 8;
+          int64_t blocks, int64_t parts, uint8_t* out) {
+  const int64_t record = record_bytes(Bits, parts), values = parts * part_bytes(Bits);
   for (int64_t g = 0; g < (n + kRows - 1) / kRows; ++g) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - g * kRows));
     for (int64_t b = 0; b < blocks; ++b, out += record) {
       if (rows < kRows) std::memset(out, 0, record);
       for (int r = 0; r < rows; ++r) {
         const int64_t at = (g * kRows + r) * blocks + b;
-        const uint8_t* codes = q + at * kBlock;
-        for (int v = 0; v < 8; v += 1 + (Bits == 4)) {  // vector v: inputs 4v .. 4v + 3
-          uint8_t* dst = out + (Bits == 8 ? v : v / 2) * 64 + r * 4;
-          for (int c = 0; c < 4; ++c)
-            dst[c] = Bits == 8 ? codes[4 * v + c] : codes[4 * v + c] | codes[4 * v + 4 + c] << 4;
+        for (int64_t s = 0; s < parts; ++s) {
+          const uint8_t* codes = q + at * parts * kPart + s * kPart;
+          for (int v = 0; v < 8; v += 1 + (Bits == 4)) {  // vector v: inputs 4v .. 4v + 3
+            uint8_t* dst = out + s * part_bytes(Bits) + (Bits == 8 ? v : v / 2) * 64 + r * 4;
+            for (int c = 0; c < 4; ++c)
+              dst[c] = Bits == 8 ? codes[4 * v + c] : codes[4 * v + c] | codes[4 * v + 4 + c] << 4;
+          }
         }
         std::memcpy(out + values + 2 * r, scale + at, 2);
         std::memcpy(out + values + 2 * (kRows + r), minimum + at, 2);
@@ -2615,49 +2730,50 @@ inline void block_ranges(const float* least, const float* greatest, int64_t bloc
 // minimums, then the codes: each a loop over the whole row, which the compiler vectorizes
 // (block by block, the per-block steps between them stayed scalar: 2.5-4x slower).
 template <typename T>
-void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
-                     uint8_t* q, float* scale, float* minimum) {
-  const int64_t blocks = (k + kBlock - 1) / kBlock;
+void quantize_blocks(const T* w, int64_t n, int64_t k, int64_t block, int64_t bits,
+                     int64_t symmetric, uint8_t* q, float* scale, float* minimum) {
+  const int64_t blocks = (k + block - 1) / block;
   const float top = float((1 << bits) - 1);
-  std::vector<float> row(blocks * kBlock, 0.f), least(blocks), greatest(blocks);
+  std::vector<float> row(blocks * block, 0.f), least(blocks), greatest(blocks);
   float* v = row.data();
-  for (int64_t r = 0; r < n; ++r, w += k, q += blocks * kBlock, scale += blocks,
+  for (int64_t r = 0; r < n; ++r, w += k, q += blocks * block, scale += blocks,
                minimum += blocks) {
     for (int64_t i = 0; i < k; ++i) v[i] = value(w[i]);
     for (int64_t b = 0; b < blocks; ++b) {
-      const float* block = v + b * kBlock;
-      float lo = block[0], hi = block[0];
-      for (int i = 1; i < kBlock; ++i) {
-        lo = std::min(lo, block[i]);
-        hi = std::max(hi, block[i]);
+      const float* values = v + b * block;
+      float lo = values[0], hi = values[0];
+      for (int64_t i = 1; i < block; ++i) {
+        lo = std::min(lo, values[i]);
+        hi = std::max(hi, values[i]);
       }
       least[b] = lo;
       greatest[b] = hi;
     }
     block_ranges(least.data(), greatest.data(), blocks, bits, symmetric, scale, minimum);
     for (int64_t b = 0; b < blocks; ++b)
-      block_codes(v + b * kBlock, scale[b], minimum[b], top, q + b * kBlock);
+      block_codes(v + b * block, block, scale[b], minimum[b], top, q + b * block);
   }
 }
 
 // w [n, k] straight to BlockLinear's records, 16 rows at a time: no codes array the size of
 // the weight (fresh pages the kernel zeroes) between quantize_blocks and pack.
 template <typename T>
-void quantize_packed(const T* w, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
-                     uint8_t* out) {
-  const int64_t blocks = (k + kBlock - 1) / kBlock, values = kRows * blocks;
-  std::vector<uint8_t> q(values * kBlock);
+void quantize_packed(const T* w, int64_t n, int64_t k, int64_t block, int64_t bits,
+                     int64_t symmetric, uint8_t* out) {
+  const int64_t blocks = (k + block - 1) / block, values = kRows * blocks, parts = block / kPart;
+  std::vector<uint8_t> q(values * block);
   std::vector<float> scale(values), minimum(values);
   std::vector<uint16_t> scale_bits(values), minimum_bits(values);
-  for (int64_t r = 0; r < n; r += kRows, w += kRows * k, out += blocks * record_bytes(bits)) {
+  for (int64_t r = 0; r < n; r += kRows, w += kRows * k,
+               out += blocks * record_bytes(bits, parts)) {
     const int64_t rows = std::min<int64_t>(kRows, n - r);
-    quantize_blocks(w, rows, k, bits, symmetric, q.data(), scale.data(), minimum.data());
+    quantize_blocks(w, rows, k, block, bits, symmetric, q.data(), scale.data(), minimum.data());
     for (int64_t i = 0; i < rows * blocks; ++i) {  // fp16 values already: exact
       scale_bits[i] = half_bits(scale[i]);
       minimum_bits[i] = half_bits(minimum[i]);
     }
     (bits == 8 ? pack<8> : pack<4>)(q.data(), scale_bits.data(), minimum_bits.data(), rows,
-                                    blocks, out);
+                                    blocks, parts, out);
   }
 }
 
@@ -2694,48 +2810,49 @@ void channel_codes(const T* w, int64_t n, int64_t k, int64_t first, int64_t last
 
 }  // namespace convert
 
-// w [n, k] (float32, or bfloat16 where `bf16`; K padded with zeros to whole blocks of 32) to
-// `bits` codes q [n, blocks, 32] and fp16-valued scales and minimums [n, blocks]
-// (graph.quantize_blocks says the rounding).
+// w [n, k] (float32, or bfloat16 where `bf16`; K padded with zeros to whole blocks of `block`,
+// 32 or 128) to `bits` codes q [n, blocks, block] and fp16-valued scales and minimums [n,
+// blocks] (graph.quantize_blocks says the rounding).
 extern "C" __attribute__((visibility("default"))) void NanovllmQuantizeBlocks(
-    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
-    uint8_t* q, float* scale, float* minimum) {
+    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t block, int64_t bits,
+    int64_t symmetric, uint8_t* q, float* scale, float* minimum) {
   if (bf16)
-    convert::quantize_blocks(static_cast<const uint16_t*>(w), n, k, bits, symmetric, q, scale,
-                             minimum);
+    convert::quantize_blocks(static_cast<const uint16_t*>(w), n, k, block, bits, symmetric, q,
+                             scale, minimum);
   else
-    convert::quantize_blocks(static_cast<const float*>(w), n, k, bits, symmetric, q, scale,
-                             minimum);
+    convert::quantize_blocks(static_cast<const float*>(w), n, k, block, bits, symmetric, q,
+                             scale, minimum);
 }
 
 // NanovllmPackBlocks' records of NanovllmQuantizeBlocks' blocks of w, in one pass. out:
-// [ceil(n / 16), blocks, record_bytes(bits)].
+// [ceil(n / 16), blocks, record_bytes(bits, block / 32)].
 extern "C" __attribute__((visibility("default"))) void NanovllmQuantizePacked(
-    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t bits, int64_t symmetric,
-    uint8_t* out) {
+    const void* w, int64_t bf16, int64_t n, int64_t k, int64_t block, int64_t bits,
+    int64_t symmetric, uint8_t* out) {
   if (bf16)
-    convert::quantize_packed(static_cast<const uint16_t*>(w), n, k, bits, symmetric, out);
+    convert::quantize_packed(static_cast<const uint16_t*>(w), n, k, block, bits, symmetric, out);
   else
-    convert::quantize_packed(static_cast<const float*>(w), n, k, bits, symmetric, out);
+    convert::quantize_packed(static_cast<const float*>(w), n, k, block, bits, symmetric, out);
 }
 
-// The codes q [n, blocks, 32] of w [n, blocks * 32] against given scales and minimums [n,
-// blocks] (fp16 values): the nearest, 0 where the scale is 0.
+// The codes q [n, blocks, block] of w [n, blocks * block] against given scales and minimums
+// [n, blocks] (fp16 values): the nearest, 0 where the scale is 0.
 extern "C" __attribute__((visibility("default"))) void NanovllmBlockCodes(
-    const float* w, int64_t n, int64_t blocks, const float* scale, const float* minimum,
-    int64_t bits, uint8_t* q) {
+    const float* w, int64_t n, int64_t blocks, int64_t block, const float* scale,
+    const float* minimum, int64_t bits, uint8_t* q) {
   const float top = float((1 << bits) - 1);
   for (int64_t i = 0; i < n * blocks; ++i)
-    convert::block_codes(w + i * kBlock, scale[i], minimum[i], top, q + i * kBlock);
+    convert::block_codes(w + i * block, block, scale[i], minimum[i], top, q + i * block);
 }
 
-// BlockLinear's records (see above) from codes q [n, blocks, 32] and fp16 scales and minimums
-// [n, blocks] (as uint16 bits); rows past n, to whole records, are zero. out: [ceil(n / 16),
-// blocks, record_bytes(bits)].
+// BlockLinear's records (see above) from codes q [n, blocks, block] and fp16 scales and
+// minimums [n, blocks] (as uint16 bits); rows past n, to whole records, are zero. out:
+// [ceil(n / 16), blocks, record_bytes(bits, block / 32)].
 extern "C" __attribute__((visibility("default"))) void NanovllmPackBlocks(
     const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int64_t n,
-    int64_t blocks, int64_t bits, uint8_t* out) {
-  (bits == 8 ? convert::pack<8> : convert::pack<4>)(q, scale, minimum, n, blocks, out);
+    int64_t blocks, int64_t block, int64_t bits, uint8_t* out) {
+  (bits == 8 ? convert::pack<8> : convert::pack<4>)(q, scale, minimum, n, blocks,
+                                                    block / kPart, out);
 }
 
 // int8's per-channel weights (DynamicQuantizeMatMul) of w [n, k] (float32, or bfloat16 where

@@ -16,17 +16,17 @@ from ml_dtypes import bfloat16
 
 from nanovllm_onnx.kernels import kernel_target, target_library
 
-BLOCK = 32  # inputs per block
+PART = 32  # inputs of a record part; a block is 1 (32 inputs) or 4 (128) of them
 ROWS = 16  # output rows per packed record
 THREADS = 2
 SPLIT_BYTES = 1 << 20  # weights smaller than this run on one thread
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "NanovllmQuantizeBlocks": [_P, _I, _I, _I, _I, _I, _P, _P, _P],
-    "NanovllmQuantizePacked": [_P, _I, _I, _I, _I, _I, _P],
-    "NanovllmBlockCodes": [_P, _I, _I, _P, _P, _I, _P],
-    "NanovllmPackBlocks": [_P, _P, _P, _I, _I, _I, _P],
+    "NanovllmQuantizeBlocks": [_P, _I, _I, _I, _I, _I, _I, _P, _P, _P],
+    "NanovllmQuantizePacked": [_P, _I, _I, _I, _I, _I, _I, _P],
+    "NanovllmBlockCodes": [_P, _I, _I, _I, _P, _P, _I, _P],
+    "NanovllmPackBlocks": [_P, _P, _P, _I, _I, _I, _I, _P],
     "NanovllmChannelScales": [_P, _I, _I, _I, _P],
     "NanovllmChannelCodes": [_P, _I, _I, _I, _I, _I, _P, _P, _I],
 }
@@ -73,65 +73,72 @@ def _weight(weight: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(weight, np.float32), False
 
 
-def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool
+def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool, block: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Codes uint8 [n, blocks, 32], scales and minimums float32 [n, blocks] of weight [n, k]
-    (float32 or bfloat16; rounding: graph.quantize_blocks)."""
+    """Codes uint8 [n, blocks, block], scales and minimums float32 [n, blocks] of weight [n, k]
+    (float32 or bfloat16; blocks of 32 or 128 inputs; rounding: graph.quantize_blocks)."""
     w, bf16 = _weight(weight)
     n, k = w.shape
-    q = np.empty((n, -(-k // BLOCK), BLOCK), np.uint8)
+    q = np.empty((n, -(-k // block), block), np.uint8)
     scale, minimum = (np.empty(q.shape[:2], np.float32) for _ in range(2))
     library = _library()
     _by_rows(lambda lo, hi: library.NanovllmQuantizeBlocks(
-        _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(q, lo), _at(scale, lo),
+        _at(w, lo), bf16, hi - lo, k, block, bits, symmetric, _at(q, lo), _at(scale, lo),
         _at(minimum, lo)), n, w.nbytes)
     return q, scale, minimum
 
 
-def quantize_packed(weight: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
-    """pack_blocks(*quantize_blocks(weight, bits, symmetric), bits) in one pass, without the
-    codes array between the two."""
+def quantize_packed(weight: np.ndarray, bits: int, symmetric: bool, block: int) -> np.ndarray:
+    """pack_blocks(*quantize_blocks(weight, bits, symmetric, block), bits) in one pass, without
+    the codes array between the two."""
     w, bf16 = _weight(weight)
     n, k = w.shape
-    out = _records(n, -(-k // BLOCK), bits)
+    out = _records(n, -(-k // block), bits, block)
     library = _library()
     _by_rows(lambda lo, hi: library.NanovllmQuantizePacked(
-        _at(w, lo), bf16, hi - lo, k, bits, symmetric, _at(out, lo // ROWS)), n, w.nbytes,
-        multiple=ROWS)
+        _at(w, lo), bf16, hi - lo, k, block, bits, symmetric, _at(out, lo // ROWS)), n,
+        w.nbytes, multiple=ROWS)
     return out
 
 
 def block_codes(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
                 ) -> np.ndarray:
-    """Codes uint8 [n, blocks, 32] of values [n, blocks * 32] against fp16-valued scales and
-    minimums float32 [n, blocks]: the nearest of 0 .. 2^bits - 1, 0 where the scale is 0."""
+    """Codes uint8 [n, blocks, block] of values [n, blocks * block] against fp16-valued scales
+    and minimums float32 [n, blocks]: the nearest of 0 .. 2^bits - 1, 0 where the scale is 0."""
     v = np.ascontiguousarray(values, np.float32)
     scale, minimum = (np.ascontiguousarray(a, np.float32) for a in (scale, minimum))
     n, blocks = scale.shape
-    q = np.empty((n, blocks, BLOCK), np.uint8)
+    block = v.shape[1] // blocks
+    q = np.empty((n, blocks, block), np.uint8)
     library = _library()
     _by_rows(lambda lo, hi: library.NanovllmBlockCodes(
-        _at(v, lo), hi - lo, blocks, _at(scale, lo), _at(minimum, lo), bits, _at(q, lo)),
+        _at(v, lo), hi - lo, blocks, block, _at(scale, lo), _at(minimum, lo), bits, _at(q, lo)),
         n, v.nbytes)
     return q
 
 
 def pack_blocks(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int) -> np.ndarray:
-    """BlockLinear's records uint8 [ceil(n / 16), blocks, record] (see graph.pack_blocks)."""
+    """BlockLinear's records uint8 [ceil(n / 16), blocks, record] of blocks of q.shape[2]
+    inputs (32 or 128; see graph.pack_blocks)."""
     q = np.ascontiguousarray(q, np.uint8)
     scale, minimum = (np.ascontiguousarray(a, np.float16) for a in (scale, minimum))
-    n, blocks, _ = q.shape
-    out = _records(n, blocks, bits)
+    n, blocks, block = q.shape
+    out = _records(n, blocks, bits, block)
     library = _library()
     _by_rows(lambda lo, hi: library.NanovllmPackBlocks(
-        _at(q, lo), _at(scale, lo), _at(minimum, lo), hi - lo, blocks, bits,
+        _at(q, lo), _at(scale, lo), _at(minimum, lo), hi - lo, blocks, block, bits,
         _at(out, lo // ROWS)), n, q.nbytes, multiple=ROWS)
     return out
 
 
-def _records(n: int, blocks: int, bits: int) -> np.ndarray:
+def record_bytes(bits: int, block: int) -> int:
+    """Bytes of a record: 16 rows' codes of `block` inputs, then their fp16 scales and minimums."""
+    return ROWS * block * bits // 8 + 4 * ROWS
+
+
+def _records(n: int, blocks: int, bits: int, block: int) -> np.ndarray:
     """BlockLinear's packed records of n rows, uninitialized."""
-    return np.empty((-(-n // ROWS), blocks, ROWS * BLOCK * bits // 8 + 4 * ROWS), np.uint8)
+    return np.empty((-(-n // ROWS), blocks, record_bytes(bits, block)), np.uint8)
 
 
 def quantize_channels(weight: np.ndarray | list[np.ndarray], rows: int
