@@ -11,6 +11,9 @@ gate_up, down, at the model's shapes) on random 4- or 8-bit blocks, per token co
     python benchmarks/kernel_bench.py --model 1b-head --bits 8   # the 1B LM head alone
     python benchmarks/kernel_bench.py --bits 8 --layers 16 --tokens 32 128 1024 \
         --targets avx512_amx avx512_amx:prompt vllm     # against vLLM's bf16 GEMMs
+    python benchmarks/kernel_bench.py --bits 8 --block 128 --layers 16   # blocks of 128 inputs
+    python benchmarks/kernel_bench.py --prefill path/to/hf-folder --workload wave \
+        --weights auto q8_0 --targets avx512_amx      # two weight formats through the engine
 
 Each round times every build on every token count, in turn (interleaved: a shared machine's
 load falls on all alike). Times are CPU seconds of the process per call (ONNX Runtime's
@@ -34,8 +37,9 @@ an unquantized layer: gemm_vllm.py) on bf16 weights of the same shapes, in a pro
 vLLM peer venv, once a round (its outputs are not compared; its CPU time counts Intel OpenMP's
 spinning between calls: compare the wall times).
 --prefill MODEL instead times the engine's prefill of workload A's prompt (128 tokens, one
-output token: every projection is one 128-token call), an engine per build in one process,
-in CPU seconds too, and checks that the builds give the same greedy tokens; with --workload B
+output token: every projection is one 128-token call), an engine per build (and per weight
+format, where --weights names several) in one process, in CPU seconds too, and checks that
+the builds give the same greedy tokens; with --workload B
 (or Bs) it times the whole of workload B instead, greedy (CPU and wall); with --workload
 wave, a served-like wave (32 prompts of 256 random ids, 64 greedy tokens each), the median CPU
 time of its 32-row decode steps and of its prompt steps.
