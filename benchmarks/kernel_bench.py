@@ -297,7 +297,8 @@ def main() -> None:
     ap.add_argument("--model", choices=list(SHAPES), default="1b")
     ap.add_argument("--bits", type=int, choices=[4, 8], default=4)
     ap.add_argument("--block", type=int, choices=[32, 128], default=32,
-                    help="inputs per block of the weights (128: builds of before it ignore it)")
+                    help="inputs per block of the weights (builds from before blocks of 128 "
+                         "reject 128)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 7, 16, 64, 256])
     ap.add_argument("--targets", nargs="+", default=None,
                     help="builds to compare, first the reference; TARGET:prompt runs every row as "

@@ -672,6 +672,18 @@ def test_block_linear_rejects_weights_of_another_shape() -> None:
     sess = block_session(96, 32, 4, weights, prompt_rows=True)
     with pytest.raises(Exception, match="prompt_rows needs one entry per token row of x"):
         sess.run(None, {"x": np.zeros((3, 96), np.float32), PROMPT_ROWS: np.ones(2, np.uint8)})
+    wide = pack_blocks(QuantBlocks(np.zeros((32, 1, 128), np.uint8), np.ones((32, 1), np.float32),
+                                   np.zeros((32, 1), np.float32), 8))
+    with pytest.raises(Exception, match=r"weights must be \[ceil\(N/16\), ceil\(K/128\), 2112\]"):
+        block_session(256, 32, 8, wide).run(None, {"x": np.zeros((1, 256), np.float32)})
+    node = helper.make_node("BlockLinear", ["x", "w"], ["y"], domain=DOMAIN, K=96, N=32, bits=4,
+                            block=64)
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph([node], "block_linear", [info("x", F32, ["tokens", 96])],
+                              [info("y", F32, ["tokens", 32])],
+                              [numpy_helper.from_array(weights, "w")])
+    with pytest.raises(Exception, match="BlockLinear: block must be 32 or 128"):
+        ops_session(graph).run(None, {"x": np.zeros((1, 96), np.float32)})
 
 
 @pytest.mark.parametrize("target", FLOAT_TARGETS)

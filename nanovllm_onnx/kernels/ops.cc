@@ -1251,8 +1251,9 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
 // AMX (the avx512_amx build): TDPBSUD multiplies 16 tokens' int8 activations [16 x 32] by a
 // block's weight codes, and a record's 8-bit values already are its B tile (8 rows of 64
 // bytes: byte r * 4 + c of row v is row r's input 4v + c); 4-bit records are unpacked to such
-// tiles first. A block of 128 is two products of 64 inputs (A [16 x 64], B 16 rows: two parts)
-// into one C tile, and one epilogue. Its int32 dot products are VPDPBUSD's, and the epilogue is block_tile's, in the
+// tiles first. A block of 128 is two products of 64 inputs (A [16 x 64], B 16 rows: two
+// parts) into one C tile, and one epilogue. Its int32 dot products are VPDPBUSD's, and the
+// epilogue is block_tile's, in the
 // same order: y is the VNNI tiles' bit for bit, so a token's result does not depend on the
 // tokens that share its call (speculative verification, batching). Per block of 32 inputs
 // each 16 x 16 tile of dot products goes through memory (TILESTORED) to the AVX-512 epilogue:

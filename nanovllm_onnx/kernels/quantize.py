@@ -16,7 +16,6 @@ from ml_dtypes import bfloat16
 
 from nanovllm_onnx.kernels import kernel_target, target_library
 
-PART = 32  # inputs of a record part; a block is 1 (32 inputs) or 4 (128) of them
 ROWS = 16  # output rows per packed record
 THREADS = 2
 SPLIT_BYTES = 1 << 20  # weights smaller than this run on one thread
@@ -131,14 +130,10 @@ def pack_blocks(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bits: int
     return out
 
 
-def record_bytes(bits: int, block: int) -> int:
-    """Bytes of a record: 16 rows' codes of `block` inputs, then their fp16 scales and minimums."""
-    return ROWS * block * bits // 8 + 4 * ROWS
-
-
 def _records(n: int, blocks: int, bits: int, block: int) -> np.ndarray:
-    """BlockLinear's packed records of n rows, uninitialized."""
-    return np.empty((-(-n // ROWS), blocks, record_bytes(bits, block)), np.uint8)
+    """BlockLinear's packed records of n rows, uninitialized: each 16 rows' codes of `block`
+    inputs, then their fp16 scales and minimums."""
+    return np.empty((-(-n // ROWS), blocks, ROWS * block * bits // 8 + 4 * ROWS), np.uint8)
 
 
 def quantize_channels(weight: np.ndarray | list[np.ndarray], rows: int
