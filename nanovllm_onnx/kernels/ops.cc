@@ -902,8 +902,10 @@ constexpr int kPart = 32;   // inputs of one record part (and K of a bf16 tile)
 constexpr int kWidePart = 4;  // parts of a block of 128
 
 constexpr int64_t part_bytes(int64_t bits) { return kRows * kPart * bits / 8; }
+// A record's values: where its scales and minimums begin.
+constexpr int64_t value_bytes(int64_t bits, int64_t parts) { return parts * part_bytes(bits); }
 constexpr int64_t record_bytes(int64_t bits, int64_t parts) {
-  return parts * part_bytes(bits) + 4 * kRows;
+  return value_bytes(bits, parts) + 4 * kRows;
 }
 
 // Row x of BlockLinear's input as the K values it multiplies: x itself, or where swiglu (x is
@@ -927,7 +929,7 @@ inline int record_code(const uint8_t* rec, int64_t bits, int r, int i) {
 // index 0..15: the rows' scales, 16..31: their minimums.
 inline float record_half(const uint8_t* rec, int64_t bits, int64_t parts, int index) {
   _Float16 h;
-  std::memcpy(&h, rec + parts * part_bytes(bits) + 2 * index, 2);
+  std::memcpy(&h, rec + value_bytes(bits, parts) + 2 * index, 2);
   return float(h);
 }
 
@@ -1138,7 +1140,7 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
   // Where dot4's sums are int16 (4 bits without VNNI: at most 30,480 a part), each part's
   // go to int32 before the next part's.
   constexpr bool kWidenParts = Bits == 4 && !Isa::kWideCodes && Parts > 1;
-  constexpr int64_t kBlockIn = Parts * kPart, kValueBytes = Parts * part_bytes(Bits);
+  constexpr int64_t kBlockIn = Parts * kPart, kValueBytes = value_bytes(Bits, Parts);
   constexpr int64_t kRecord = record_bytes(Bits, Parts);
   const int64_t width = st.blocks * kBlockIn;
   F y[TT][P];
@@ -1444,7 +1446,7 @@ inline void amx_store_y(const BlockStep& st, int64_t group, int64_t tile,
 template <int Bits, int Parts, typename Read>
 void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* codes,
               int64_t step, Read& first_read) {
-  constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = Parts * part_bytes(Bits);
+  constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = value_bytes(Bits, Parts);
   constexpr int64_t kTileBytes = amx_block_bytes(Parts);
   const int64_t blocks = st.blocks;
   const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
@@ -1480,7 +1482,7 @@ void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* c
 template <int Bits, int Parts, typename Read>
 void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64_t count,
                         const uint8_t* codes, int64_t step, Read& first_read) {
-  constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = Parts * part_bytes(Bits);
+  constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = value_bytes(Bits, Parts);
   constexpr int64_t kTileBytes = amx_block_bytes(Parts);
   const int64_t blocks = st.blocks, chunk = kAmxProducts / count;
   const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
@@ -1931,7 +1933,7 @@ struct PendingChunk {
     return record(g, u) + u % parts * part_bytes(Bits);
   }
   const uint8_t* halves(int64_t g, int64_t u) const {
-    return record(g, u) + parts * part_bytes(Bits);
+    return record(g, u) + value_bytes(Bits, parts);
   }
 };
 
@@ -2644,7 +2646,7 @@ inline void block_codes(const float* v, int64_t block, float scale, float minimu
 template <int Bits>
 void pack(const uint8_t* q, const uint16_t* scale, const uint16_t* minimum, int64_t n,
           int64_t blocks, int64_t parts, uint8_t* out) {
-  const int64_t record = record_bytes(Bits, parts), values = parts * part_bytes(Bits);
+  const int64_t record = record_bytes(Bits, parts), values = value_bytes(Bits, parts);
   for (int64_t g = 0; g < (n + kRows - 1) / kRows; ++g) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - g * kRows));
     for (int64_t b = 0; b < blocks; ++b, out += record) {
