@@ -5,6 +5,7 @@ step by step.
     python benchmarks/served_split.py --model ~/.cache/nano-vllm-onnx/peers/hf/llama-1b
     python benchmarks/served_split.py --model ... --profile    # and the kernels' split
     python benchmarks/served_split.py --model ... --kv-cache-dtype int8
+    python benchmarks/served_split.py --model ... --max-num-batched-tokens 512   # step budget
 
 Each engine step is timed and sorted by what it ran: a prompt step (any prompt tokens, with
 whatever decodes share it) or an N-row decode step; full decode steps (as many rows as the
@@ -32,6 +33,7 @@ from serve_compare import CONCURRENCY, CONTEXT, OUTPUT_LEN, PROMPT_LEN, REQUESTS
 from workloads import THREADS, log, random_prompts
 
 from nanovllm_onnx import LLM, SamplingParams
+from nanovllm_onnx.config import EngineConfig
 from nanovllm_onnx.convert.converter import resolve_model
 
 
@@ -71,12 +73,15 @@ def main() -> None:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--profile", action="store_true", help="the kernels' split too")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--max-num-batched-tokens", type=int,
+                    default=EngineConfig.max_num_batched_tokens, help="the engine's step budget")
     args = ap.parse_args()
     folder = resolve_model(args.model, args.weights)
     with tempfile.TemporaryDirectory() as tmp:
         with profiling_sessions(str(Path(tmp) / "ort")) if args.profile else nullcontext():
             llm = LLM(str(folder), max_model_len=CONTEXT, max_num_seqs=CONCURRENCY,
-                      intra_op_num_threads=THREADS, kv_cache_dtype=args.kv_cache_dtype)
+                      intra_op_num_threads=THREADS, kv_cache_dtype=args.kv_cache_dtype,
+                      max_num_batched_tokens=args.max_num_batched_tokens)
         engine = llm.llm_engine
         params = SamplingParams(max_tokens=OUTPUT_LEN, ignore_eos=True)  # as the server samples
         # Each step's model call: -(its prompt tokens) where it has any, else its decode rows.
