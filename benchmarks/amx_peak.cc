@@ -1,8 +1,9 @@
 // The AMX tiles' ceiling on this CPU, for BlockLinear's bf16 prompt path (issue 14): how long
 // one TDPBF16PS (a 16 x 16 x 32 product, 16,384 flops) takes with its operands in the tile
 // registers, read from L1, or streamed from L2 or from memory, on one thread and on every core
-// at once (do the cores share a tile unit?). The loop is the kernels' 2 x 2 blocking: four C
-// tiles, two A and two B tiles loaded a step (4 KB for 4 products), C held over the stream.
+// at once, up to 8 (do the cores share a tile unit?). The loop is the kernels' 2 x 2
+// blocking: four C tiles, two A and two B tiles loaded a step (4 KB for 4 products), C held
+// over the stream.
 //
 //   g++ -O2 -march=sapphirerapids benchmarks/amx_peak.cc -o /tmp/amx_peak -lpthread
 //   /tmp/amx_peak            # ns a product, and TOP/s a core, per operand source
@@ -10,6 +11,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -76,7 +78,8 @@ double time_products(const uint16_t* a, const uint16_t* b, int64_t blocks, int64
 }  // namespace
 
 int main() {
-  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  // every core at once, up to 8 (each streams its own 256 MB from memory)
+  const int cores = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
   struct Source {
     const char* name;
     int64_t kb;  // bytes of A and B together, KB (0: no loads)
