@@ -44,7 +44,7 @@ void use_tiles() {
 // (2 KB of each a block, in order, then again from the first): blocks = 0 loads none.
 double time_products(const uint16_t* a, const uint16_t* b, int64_t blocks, int64_t steps) {
   use_tiles();
-  _tile_zero(0);  // (the tile intrinsics are statements)
+  _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
