@@ -557,7 +557,7 @@ def test_prompt_rows_on_amx_are_bf16_products_whatever_shares_their_call(bits: i
     np.testing.assert_array_equal(y[:40], part)
 
 
-@pytest.mark.parametrize("bits, block, rows", [(4, 32, 24), (8, 32, 48), (8, 128, 64)])
+@pytest.mark.parametrize("bits, block, rows", [(4, 32, 24), (8, 32, 48), (8, 128, 256)])
 def test_generated_rows_free_to_take_either_path_take_bf16_in_big_calls(bits: int, block: int,
                                                                        rows: int) -> None:
     """Rows of role 2 (generated tokens of an engine that is not batch-invariant) get the int8
