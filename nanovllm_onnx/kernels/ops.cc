@@ -1003,10 +1003,11 @@ struct Isa {
   static constexpr int kEightBitOffset = 0;  // codes as they are (see the AVX2 dot4)
   static I high_nibbles_in_place(I w) { return _mm512_and_si512(w, _mm512_set1_epi8(char(0xF0))); }
   static I shift_right(I a, int n) { return _mm512_srai_epi32(a, n); }
-  // acc += w (16 rows x 4 codes) . the 4 int8 activations at x. Tiles of several tokens have
-  // VPDPBUSD broadcast them itself ({1to16}; GCC does not fold a set1 into it): a VPBROADCASTD
-  // of its own a product cost a 1B layer's calls of 4-128 rows 1.09-1.18x (Zen 4,
-  // kernel_bench), while one-token decodes of 8-bit blocks of 128 run 1.07x faster with it.
+  // acc += w (16 rows x 4 codes) . the 4 int8 activations at x. Tiles of several tokens
+  // (kEmbedded) have VPDPBUSD broadcast them itself ({1to16}; GCC does not fold a set1 into
+  // it): a VPBROADCASTD of its own a product cost a 1B layer's calls of 4-128 rows
+  // 1.09-1.18x (Zen 4, kernel_bench). One-token decodes keep the VPBROADCASTD: with the
+  // embedded broadcast, 8-bit blocks of 128 decoded 0.92x.
   template <int Bits, bool kEmbedded>
   static I dot4(I acc, I w, const int8_t* x) {
     if constexpr (kEmbedded) {
@@ -1059,8 +1060,10 @@ struct Isa {
 #endif
   static I high_nibbles_in_place(I w) { return _mm256_and_si256(w, _mm256_set1_epi8(char(0xF0))); }
   static I shift_right(I a, int n) { return _mm256_srai_epi32(a, n); }
+  // acc += w . the 4 int8 activations at `at` (VEX has no embedded broadcast: the flag is
+  // AVX-512's).
   template <int Bits, bool>
-  static I dot4(I acc, I w, const int8_t* at) {  // acc += w . the 4 int8 activations at `at`
+  static I dot4(I acc, I w, const int8_t* at) {
     int32_t x4;
     std::memcpy(&x4, at, 4);
     const I x = _mm256_set1_epi32(x4);
