@@ -1194,7 +1194,8 @@ void block_tile(const BlockStep& st, int64_t group, int64_t token) {
                                    : Isa::nibbles(bytes[h], true);
           for (int t = 0; t < TT; ++t)
             for (int h = 0; h < P; ++h)
-              acc[t][h][v % S] = Isa::dot4<Bits, (TT > 1)>(acc[t][h][v % S], w[h], x + t * width + 4 * v);
+              acc[t][h][v % S] =
+                  Isa::dot4<Bits, (TT > 1)>(acc[t][h][v % S], w[h], x + t * width + 4 * v);
         }
       }
       if constexpr (kWidenParts)
