@@ -1,15 +1,17 @@
 """Where one decode step's time goes (issue 14): a single sequence's workload-A decode, split
 into BlockLinear by matrix, attention, the other ops, ONNX Runtime's time between its nodes,
-and the engine's Python around the model call.
+and the engine's Python around the model call; with --rows N, a step that decodes N sequences
+at once (N random 128-id prompts, as in Bs's steps of up to 16 rows).
 
     python benchmarks/decode_split.py --model ~/.cache/nano-vllm-onnx/peers/hf/llama-1b \
         --weights int4
+    python benchmarks/decode_split.py --model ~/.cache/nano-vllm-onnx/peers/hf/llama-1b --rows 16
 
-Runs workload A with ONNX Runtime's profiler on and times each engine step and each model
-call. On a shared machine a step's wall time mostly measures who else runs, so every figure is
-a minimum over the decode steps (a node's least time, a step's least time): what a step takes
-when nothing preempts it. BlockLinear rows give each matrix's bytes and the GB/s its least time
-reads them at.
+Runs the decode with ONNX Runtime's profiler on and times each engine step and each model call;
+only the steps that decode every row count (not the prompt steps). On a shared machine a step's
+wall time mostly measures who else runs, so every figure is a minimum over the decode steps (a
+node's least time, a step's least time): what a step takes when nothing preempts it.
+BlockLinear rows give each matrix's bytes and the GB/s its least time reads them at.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from op_profile import profiling_sessions
-from workloads import THREADS, log, workload_a
+from workloads import THREADS, log, random_prompts, workload_a
 
 from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.convert.converter import resolve_model
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--rows", type=int, default=1, help="sequences decoded together")
     args = ap.parse_args()
     folder = resolve_model(args.model, args.weights)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,9 +69,11 @@ def main() -> None:
         engine = llm.llm_engine
         runner = engine.runner
         calls: list[float] = []
+        decodes: list[bool] = []  # whether each call decodes one token of every row
         run = runner.run
 
         def timed_run(step: StepInput) -> np.ndarray:  # the call: inputs, binding, run
+            decodes.append(step.num_tokens == [1] * args.rows)
             start = time.perf_counter()
             out = run(step)
             calls.append(time.perf_counter() - start)
@@ -76,9 +81,10 @@ def main() -> None:
 
         runner.run = timed_run
         steps: list[float] = []
-        engine.add_request("0", workload_a().prompts[0],
-                           SamplingParams(max_tokens=args.tokens, temperature=0.0,
-                                          ignore_eos=True))
+        prompts = workload_a().prompts if args.rows == 1 else random_prompts(args.rows, 128)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, SamplingParams(
+                max_tokens=args.tokens, temperature=0.0, ignore_eos=True))
         while engine.has_unfinished_requests():
             start = time.perf_counter()
             engine.step()
@@ -97,7 +103,7 @@ def main() -> None:
         while r + 1 < len(runs) and e["ts"] >= runs[r + 1]["ts"]:
             r += 1
         in_run[r] += e["dur"] / 1e6
-        if r == 0:  # run 0 is the prompt
+        if not decodes[r]:  # a prompt step
             continue
         node = e["name"][: -len("_kernel_time")]
         node_times[node].append(e["dur"] / 1e6)
@@ -113,7 +119,7 @@ def main() -> None:
         else:
             groups[op_of[node]] += t
     nodes = sum(least.values())
-    decode = range(1, len(runs))
+    decode = [i for i in range(len(runs)) if decodes[i]]
     run_s = [runs[i]["dur"] / 1e6 for i in range(len(runs))]
     step, model_run = min(steps[i] for i in decode), min(run_s[i] for i in decode)
     rows = sorted(groups.items(), key=lambda kv: -kv[1])
@@ -122,8 +128,8 @@ def main() -> None:
              ("runner around session.run", min(calls[i] - run_s[i] for i in decode)),
              ("engine around runner.run", min(steps[i] - calls[i] for i in decode))]
     total = sum(t for _, t in rows)
-    log(f"{len(steps) - 1} decode steps: least step {1e3 * step:.2f} ms, median "
-        f"{1e3 * sorted(steps[1:])[len(steps) // 2]:.2f} ms; least model run "
+    log(f"{len(decode)} decode steps of {args.rows} rows: least step {1e3 * step:.2f} ms, "
+        f"median {1e3 * float(np.median([steps[i] for i in decode])):.2f} ms; least model run "
         f"{1e3 * model_run:.2f} ms; the parts' least times add up to {1e3 * total:.2f} ms "
         f"(nodes {1e3 * nodes:.2f})")
     print(f"{'part':<32} {'ms':>7} {'share':>6} {'MB':>6} {'GB/s':>5}")
