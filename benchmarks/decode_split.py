@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from op_profile import profiling_sessions
-from workloads import THREADS, log, random_prompts, workload_a
+from workloads import THREADS, log, median, random_prompts, workload_a
 
 from nanovllm_onnx import LLM, SamplingParams
 from nanovllm_onnx.convert.converter import resolve_model
@@ -129,7 +129,7 @@ def main() -> None:
              ("engine around runner.run", min(steps[i] - calls[i] for i in decode))]
     total = sum(t for _, t in rows)
     log(f"{len(decode)} decode steps of {args.rows} rows: least step {1e3 * step:.2f} ms, "
-        f"median {1e3 * float(np.median([steps[i] for i in decode])):.2f} ms; least model run "
+        f"median {1e3 * median([steps[i] for i in decode]):.2f} ms; least model run "
         f"{1e3 * model_run:.2f} ms; the parts' least times add up to {1e3 * total:.2f} ms "
         f"(nodes {1e3 * nodes:.2f})")
     print(f"{'part':<32} {'ms':>7} {'share':>6} {'MB':>6} {'GB/s':>5}")
