@@ -17,6 +17,7 @@
 namespace {
 
 constexpr int kBits = 8, kParts = 4, kReps = 10;
+constexpr int64_t kBlock = kParts * kPart;  // inputs a block: 128
 constexpr int64_t kCached = 16;   // record groups that stay in L2 (16 x 16 rows)
 constexpr int64_t kGroups = 2048; // groups a pass (32,768 rows; 66 MiB of records at K = 2,048)
 
@@ -27,7 +28,7 @@ struct Buffers {
 };
 
 Buffers make_buffers(int64_t k, int64_t tokens, unsigned seed) {
-  const int64_t blocks = k / 128, record = record_bytes(kBits, kParts);
+  const int64_t blocks = k / kBlock, record = record_bytes(kBits, kParts);
   Buffers b{std::vector<uint8_t>(kGroups * blocks * record), std::vector<int8_t>(tokens * k),
             std::vector<float>(tokens * blocks, 0.01f), std::vector<float>(tokens * blocks, 0.1f),
             std::vector<float>(tokens * kGroups * kRows)};
@@ -46,7 +47,7 @@ Buffers make_buffers(int64_t k, int64_t tokens, unsigned seed) {
 // kGroups-wide y (else those of group g % kCached in a kCached-wide one).
 double time_passes(Buffers& b, int64_t k, int64_t tokens, bool weights_from_memory,
                    bool y_to_memory) {
-  const int64_t blocks = k / 128, group_bytes = blocks * record_bytes(kBits, kParts);
+  const int64_t blocks = k / kBlock, group_bytes = blocks * record_bytes(kBits, kParts);
   BlockStep st{};
   st.xq = b.xq.data();
   st.xscale = b.xscale.data();
@@ -78,7 +79,7 @@ int main(int argc, char** argv) {
   const int64_t k = argc > 1 ? std::atol(argv[1]) : 2048;
   const int64_t tokens = argc > 2 ? std::atol(argv[2]) : 128;
   const int threads = argc > 3 ? std::atoi(argv[3]) : 2;
-  if (k % 128 != 0 || tokens < 1 || threads < 1) {
+  if (k % kBlock != 0 || tokens < 1 || threads < 1) {
     std::fprintf(stderr, "usage: tile_bench [K, a multiple of 128] [tokens] [threads]\n");
     return 1;
   }
