@@ -1,6 +1,6 @@
 """The engine's own ops against numpy references: SlotAttention (causal grouped-query
-attention with rotary embeddings on ragged batches of cache rows), SwiGLU, BlockLinear and
-BlockGather."""
+attention with rotary embeddings on ragged batches of cache rows), SwiGLU, SkipRMSNorm,
+BlockLinear and BlockGather."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def session(head_dim: int, rows: int, cos: np.ndarray, sin: np.ndarray,
 
 # BlockLinear's code paths, one build each: AMX-INT8 (with AVX-512 VNNI), AVX-512 VNNI, AVX2
 # with and without AVX-VNNI, and the portable one; each runs where the CPU has what it needs.
-# SlotAttention, SwiGLU and BlockGather have no VNNI or AMX path: three builds cover them.
+# SlotAttention, SwiGLU, SkipRMSNorm and BlockGather have no VNNI or AMX path: three builds
+# cover them.
 TARGETS = ["avx512_amx", "avx512_vnni", "avx2_vnni", "avx2", "portable"]
 FLOAT_TARGETS = ["avx512_vnni", "avx2", "portable"]
 SUPPORTED = supported_targets()
@@ -396,6 +397,47 @@ def test_swiglu_and_its_per_token_scale(target: str) -> None:
     assert scale[3, 0] == np.float32(1e-30) and not scaled[3].any()  # zeros stay zeros
     np.testing.assert_allclose(scaled * scale, act, rtol=1e-5, atol=1e-6)
     assert np.abs(scaled).max(axis=1)[[0, 1, 2, 4]] == pytest.approx(1.0, rel=1e-6)
+
+
+def skip_rms_norm_session(width: int, gamma: np.ndarray, target: str,
+                          op: str = "SkipRMSNorm") -> ort.InferenceSession:
+    """SkipRMSNorm alone, or (`op` SkipSimplifiedLayerNormalization) ONNX Runtime's own."""
+    outputs, domain = (["y", "sum"], DOMAIN) if op == "SkipRMSNorm" else (
+        ["y", "", "", "sum"], "com.microsoft")
+    node = helper.make_node(op, ["x", "residual", "gamma"], outputs, domain=domain,
+                            epsilon=1e-5)
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node], "skip_rms_norm", [info(n, F32, ["tokens", width]) for n in ("x", "residual")],
+        [info(n, F32, ["tokens", width]) for n in ("y", "sum")],
+        [numpy_helper.from_array(gamma, "gamma")])
+    return ops_session(graph, target)
+
+
+@pytest.mark.parametrize("target", FLOAT_TARGETS)
+def test_skip_rms_norm_against_numpy_and_onnx_runtime(target: str) -> None:
+    skip_unless_runnable(target)
+    rng = np.random.default_rng(0)
+    width = 200  # not a multiple of a vector's 16 floats
+    x, residual = (rng.standard_normal((40, width)).astype(np.float32) * 3 for _ in range(2))
+    x[7] *= 1e4  # an outlier row
+    x[9], residual[9] = 0.0, 0.0  # a row of zeros: epsilon keeps it finite
+    gamma = rng.uniform(0.5, 1.5, width).astype(np.float32)
+    feed = {"x": x, "residual": residual}
+    y, total = skip_rms_norm_session(width, gamma, target).run(None, feed)
+    assert np.array_equal(total, x + residual)
+    s = total.astype(np.float64)
+    ref = s / np.sqrt((s * s).mean(axis=1, keepdims=True) + 1e-5) * gamma
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-7)
+    assert not y[9].any()
+    theirs, _ = skip_rms_norm_session(width, gamma, "", "SkipSimplifiedLayerNormalization").run(
+        None, feed)
+    np.testing.assert_allclose(y, theirs, rtol=2e-6, atol=1e-7)
+    # A row's floats are its own, whatever shares the call.
+    for row in (0, 7, 39):
+        alone, _ = skip_rms_norm_session(width, gamma, target).run(
+            None, {"x": x[row:row + 1], "residual": residual[row:row + 1]})
+        assert np.array_equal(alone[0], y[row])
 
 
 def block_session(k: int, n: int, bits: int, weights: np.ndarray, target: str = "",

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 # formats' down projection takes gate_up, SwiGLU fused into its BlockLinear; 24: their
 # SlotAttention takes prompt_rows, prompt tokens' attention on AMX's bf16 tiles; 25: auto's
 # 8-bit blocks of a float weight are of 128 inputs, from min to max)
-CONVERTER_VERSION = "25"
+CONVERTER_VERSION = "26"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 PARTIAL = ".partial"  # suffix of a conversion's folder while it is written
 EXPORT_COMMAND = "optimum-cli export onnx --model M --task text-generation-with-past OUT"

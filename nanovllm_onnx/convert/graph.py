@@ -419,9 +419,8 @@ def build_graph(src: ModelSource, cfg: ModelConfig,
 def _skip_norm(g: GraphBuilder, x: str, residual: str, name: str, weight: np.ndarray,
                eps: float) -> tuple[str, str]:
     """residual += x; return (rms_norm(residual), residual)."""
-    out, _, _, new_residual = g.op("SkipSimplifiedLayerNormalization",
-                                   [x, residual, g.const(name, weight)], n_out=4, domain=MS,
-                                   epsilon=eps)
+    out, new_residual = g.op("SkipRMSNorm", [x, residual, g.const(name, weight)], n_out=2,
+                             domain=DOMAIN, epsilon=eps)
     return out, new_residual
 
 

@@ -1,5 +1,5 @@
-"""The engine's own ONNX Runtime CPU ops (SlotAttention, SwiGLU, BlockLinear: `ops.cc`), built
-when the package is installed.
+"""The engine's own ONNX Runtime CPU ops (SlotAttention, SwiGLU, SkipRMSNorm, BlockLinear:
+`ops.cc`), built when the package is installed.
 
 `pip install` (setup.py) compiles ops.cc once per target CPU (AMX-INT8, AVX-512 VNNI, AVX2
 with and without AVX-VNNI, portable x86-64) and `dispatch.cc` into `ops.so`, the library

@@ -1,5 +1,5 @@
 // nano-vllm-onnx's own ONNX Runtime CPU ops (domain "nanovllm"): SlotAttention, then SwiGLU,
-// BlockLinear and BlockGather.
+// SkipRMSNorm, BlockLinear and BlockGather.
 //
 // SlotAttention: causal grouped-query attention over per-sequence KV-cache slots, updated in
 // place. ONNX Runtime's
@@ -867,6 +867,73 @@ struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
   }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
     return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
+// SkipRMSNorm: sum = x + residual and y = sum / sqrt(mean(sum^2) + epsilon) * gamma, row by
+// row (x, residual [T, H], gamma [H]; outputs y, sum): ONNX Runtime's
+// SkipSimplifiedLayerNormalization, whose sums of squares run one float at a time (no
+// reassociation) and which divides every element: 0.2-0.5 ms a 1B prompt's 128 x 2,048 call,
+// 3.5% of its prefill. A row's floats depend on its own values only, whatever shares the call.
+struct SkipRMSNormKernel {
+  float epsilon;
+
+  SkipRMSNormKernel(const OrtApi&, const OrtKernelInfo* info)
+      : epsilon(Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon")) {}
+
+  struct Rows {
+    const float *x, *residual, *gamma;
+    float *y, *sum;
+    int64_t width;
+    float epsilon;
+  };
+
+  static void row(void* data, size_t r) {
+    const Rows& rows = *static_cast<const Rows*>(data);
+    const int64_t n = rows.width, at = static_cast<int64_t>(r) * n;
+    const float *x = rows.x + at, *residual = rows.residual + at;
+    float *sum = rows.sum + at, *y = rows.y + at;
+    float squares = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      sum[i] = x[i] + residual[i];
+      squares += sum[i] * sum[i];
+    }
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(n) + rows.epsilon);
+    for (int64_t i = 0; i < n; ++i) y[i] = sum[i] * inv * rows.gamma[i];
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0), residual = ctx.GetInput(1), gamma = ctx.GetInput(2);
+      const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.size() != 2 || residual.GetTensorTypeAndShapeInfo().GetShape() != shape ||
+          gamma.GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{shape[1]})
+        ORT_CXX_API_THROW("SkipRMSNorm: x and residual must be [tokens, H], gamma [H]",
+                          ORT_INVALID_ARGUMENT);
+      float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+      float* sum = ctx.GetOutput(1, shape).GetTensorMutableData<float>();
+      Rows rows{x.GetTensorData<float>(), residual.GetTensorData<float>(),
+                gamma.GetTensorData<float>(), y, sum, shape[1], epsilon};
+      ctx.ParallelFor(row, shape[0], 0, &rows);
+    });
+  }
+};
+
+struct SkipRMSNormOp : Ort::CustomOpBase<SkipRMSNormOp, SkipRMSNormKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                              void** kernel) const {
+    return guarded([&] { *kernel = new SkipRMSNormKernel(api, info); });
+  }
+  const char* GetName() const { return "SkipRMSNorm"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
 };
 
@@ -2487,6 +2554,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
   static SlotAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8> op_int8;
   static SwiGLUOp swiglu;
+  static SkipRMSNormOp skip_rms_norm;
   static BlockLinearOp block_linear;
   static BlockGatherOp block_gather;
   static Ort::CustomOpDomain domain{"nanovllm"};
@@ -2496,6 +2564,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&op_half);
     domain.Add(&op_int8);
     domain.Add(&swiglu);
+    domain.Add(&skip_rms_norm);
     domain.Add(&block_linear);
     domain.Add(&block_gather);
     added = true;
