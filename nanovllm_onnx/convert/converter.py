@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 # 22: int8 weights as uint8 with zero point 128, right on AVX2 without VNNI; 23: the block
 # formats' down projection takes gate_up, SwiGLU fused into its BlockLinear; 24: their
 # SlotAttention takes prompt_rows, prompt tokens' attention on AMX's bf16 tiles; 25: auto's
-# 8-bit blocks of a float weight are of 128 inputs, from min to max)
+# 8-bit blocks of a float weight are of 128 inputs, from min to max; 26: the residual adds
+# and norms are the engine's SkipRMSNorm)
 CONVERTER_VERSION = "26"
 OPTIMUM_GRAPHS = ("model.onnx", "decoder_model_merged.onnx")
 PARTIAL = ".partial"  # suffix of a conversion's folder while it is written
