@@ -232,6 +232,17 @@ OrtStatusPtr guarded(F&& f) {
   }
 }
 
+// What every op here shares: ONNX Runtime's CPU provider, and a Kernel made from the node's
+// attributes by its constructor (an invalid attribute: a status, not an exception).
+template <typename Op, typename Kernel>
+struct CpuOp : Ort::CustomOpBase<Op, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                              void** kernel) const {
+    return guarded([&] { *kernel = new Kernel(api, info); });
+  }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+};
+
 // x[i], x[i + D/2] rotated by the angle of `pos` (cos/sin rows of D/2), written to out, scaled.
 void rotate(const float* x, const float* cos, const float* sin, int half, float scale,
             float* out) {
@@ -770,13 +781,8 @@ struct SlotAttentionKernel {
 
 // One registration per cache type (same name: ONNX Runtime picks by the bound types).
 template <ONNXTensorElementDataType kCache>
-struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<kCache>, SlotAttentionKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
-                              void** kernel) const {
-    return guarded([&] { *kernel = new SlotAttentionKernel(api, info); });
-  }
+struct SlotAttentionOp : CpuOp<SlotAttentionOp<kCache>, SlotAttentionKernel> {
   const char* GetName() const { return "SlotAttention"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == 1 || i == 2) return kCache;
@@ -850,13 +856,8 @@ struct SwiGLUKernel {
   }
 };
 
-struct SwiGLUOp : Ort::CustomOpBase<SwiGLUOp, SwiGLUKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
-                              void** kernel) const {
-    return guarded([&] { *kernel = new SwiGLUKernel(api, info); });
-  }
+struct SwiGLUOp : CpuOp<SwiGLUOp, SwiGLUKernel> {
   const char* GetName() const { return "SwiGLU"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetInputType(size_t) const {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -921,13 +922,8 @@ struct SkipRMSNormKernel {
   }
 };
 
-struct SkipRMSNormOp : Ort::CustomOpBase<SkipRMSNormOp, SkipRMSNormKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
-                              void** kernel) const {
-    return guarded([&] { *kernel = new SkipRMSNormKernel(api, info); });
-  }
+struct SkipRMSNormOp : CpuOp<SkipRMSNormOp, SkipRMSNormKernel> {
   const char* GetName() const { return "SkipRMSNorm"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t) const {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -2470,13 +2466,8 @@ struct BlockLinearKernel {
   }
 };
 
-struct BlockLinearOp : Ort::CustomOpBase<BlockLinearOp, BlockLinearKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
-                              void** kernel) const {
-    return guarded([&] { *kernel = new BlockLinearKernel(api, info); });
-  }
+struct BlockLinearOp : CpuOp<BlockLinearOp, BlockLinearKernel> {
   const char* GetName() const { return "BlockLinear"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
@@ -2529,13 +2520,8 @@ struct BlockGatherKernel {
   }
 };
 
-struct BlockGatherOp : Ort::CustomOpBase<BlockGatherOp, BlockGatherKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
-                              void** kernel) const {
-    return guarded([&] { *kernel = new BlockGatherKernel(api, info); });
-  }
+struct BlockGatherOp : CpuOp<BlockGatherOp, BlockGatherKernel> {
   const char* GetName() const { return "BlockGather"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
