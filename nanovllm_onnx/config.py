@@ -59,6 +59,10 @@ class ModelConfig:
     # ("gqa": a graph of converter versions before 12, which must be converted again.)
     runner: str = "slots"
     graph_path: str | None = None
+    # What it was converted from (resolved) and by which converter version: a later conversion
+    # of the same source to the same weights replaces it in the cache (resolve_model).
+    source: str | None = None
+    converter_version: int | None = None
 
     def graph_file(self, folder: Path) -> Path:
         return Path(self.graph_path) if self.graph_path else folder / GRAPH_FILE

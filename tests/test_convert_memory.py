@@ -5,6 +5,7 @@ weights stay in the file's pages rather than copied."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import onnx
 import pytest
 
 from benchmarks.random_checkpoint import config, write_checkpoint
-from nanovllm_onnx.config import GRAPH_FILE
+from nanovllm_onnx.config import GRAPH_FILE, ModelConfig
 from nanovllm_onnx.convert.converter import PARTIAL, convert, is_converted, resolve_model
 from nanovllm_onnx.convert.source import LazyTensors
 from tests.conftest import write_tokenizer
@@ -129,3 +130,27 @@ def test_interrupted_conversion_is_not_taken_as_converted(
     out = resolve_model(str(checkpoint))  # a later run converts it again, and clears up
     assert is_converted(out)
     assert [p.name for p in converted.iterdir()] == [out.name]
+
+
+def test_a_new_conversion_replaces_the_earlier_ones_of_its_source(
+        hf_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANO_VLLM_ONNX_CACHE", str(tmp_path / "cache"))
+    source, namesake = tmp_path / "a" / "llama", tmp_path / "b" / "llama"
+    shutil.copytree(hf_models["llama"], source)
+    shutil.copytree(hf_models["llama"], namesake)  # another source of the same name
+    first, other = resolve_model(str(source)), resolve_model(str(namesake))
+    int8 = resolve_model(str(source), "int8")  # the same source in other weights
+    assert len({first, other, int8}) == 3
+    # A newer converter's entry of the same source (another install's): kept.
+    newer = first.with_name(first.name[:-4] + "beef")
+    shutil.copytree(first, newer)
+    cfg = ModelConfig.load(newer)
+    cfg.converter_version += 1
+    cfg.save(newer)
+
+    config_json = source / "config.json"
+    os.utime(config_json, ns=(time.time_ns(), config_json.stat().st_mtime_ns + 10**9))
+    second = resolve_model(str(source))  # the source's files changed: converted again
+    assert second != first and is_converted(second)
+    assert sorted(p.name for p in second.parent.iterdir()) == sorted(
+        p.name for p in (second, other, int8, newer))

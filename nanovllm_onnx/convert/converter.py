@@ -224,6 +224,7 @@ def convert(source_path: Path, out_dir: Path, weights: str = "auto") -> ModelCon
     else:
         src = load_optimum_export(source_path, graph)
         cfg = optimum_model_config(src, graph)
+    cfg.source, cfg.converter_version = str(source_path.resolve()), int(CONVERTER_VERSION)
     logger.info("converting %s (%s, %d layers) to %s", source_path, cfg.architecture,
                 cfg.num_layers, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +301,27 @@ def resolve_model(model: str | None, weights: str | None = None) -> Path:
     out = cache_dir() / "converted" / f"{path.name}-{weights}-{_source_key(path)}"
     if not is_converted(out):
         convert(path, out, weights)
+        _remove_replaced(out)
     return out
+
+
+def _remove_replaced(out: Path) -> None:
+    """The cache's earlier conversions of out's source to out's weights (by an older converter,
+    or of the source's earlier files), each GBs at 1-8B parameters. A newer converter's entry
+    stays (another install's); a process running a removed one keeps its open files."""
+    new = ModelConfig.load(out)
+    stem = out.name[:out.name.rindex("-") + 1]  # {source name}-{weights}-
+    for entry in out.parent.glob(glob.escape(stem) + "*"):
+        if entry == out or entry.name.endswith(PARTIAL):
+            continue
+        try:
+            old = ModelConfig.load(entry)
+        except (OSError, ValueError, TypeError):  # not an entry this version can read
+            continue
+        if (old.source, old.weights) == (new.source, new.weights) and \
+                (old.converter_version or 0) <= int(CONVERTER_VERSION):
+            logger.info("removing %s, which %s replaces", entry, out.name)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _source_key(path: Path) -> str:
