@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -133,6 +134,21 @@ def reference_greedy(model_dir: Path | str, prompts: list[list[int]], max_new_to
 def random_prompts(n: int, seed: int, lo: int = 3, hi: int = 60) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(5, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tests' conversions go to a cache of the session's own (each run left its tiny
+    models' entries in the user's); the default model's download is the user's cache's."""
+    from nanovllm_onnx.default_model import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "models").symlink_to(models, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANO_VLLM_ONNX_CACHE", str(cache))
+        yield cache
 
 
 def default_model_or_skip() -> Path:
