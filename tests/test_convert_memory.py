@@ -1,6 +1,7 @@
 """Conversion in bounded memory, and atomic: a model bigger than the memory budget converts
-under it, and a killed conversion leaves nothing a later run takes as converted. Served, int4's
-weights stay in the file's pages rather than copied."""
+under it, and a killed conversion leaves nothing a later run takes as converted; a new
+conversion of a source replaces the cache's earlier ones. Served, int4's weights stay in the
+file's pages rather than copied."""
 
 from __future__ import annotations
 
