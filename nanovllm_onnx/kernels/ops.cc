@@ -243,6 +243,19 @@ struct CpuOp : Ort::CustomOpBase<Op, Kernel, true> {
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
 };
 
+// An op of Inputs float inputs and Outputs float outputs.
+template <typename Op, typename Kernel, size_t Inputs, size_t Outputs>
+struct FloatOp : CpuOp<Op, Kernel> {
+  size_t GetInputTypeCount() const { return Inputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return Outputs; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
 // x[i], x[i + D/2] rotated by the angle of `pos` (cos/sin rows of D/2), written to out, scaled.
 void rotate(const float* x, const float* cos, const float* sin, int half, float scale,
             float* out) {
@@ -856,16 +869,8 @@ struct SwiGLUKernel {
   }
 };
 
-struct SwiGLUOp : CpuOp<SwiGLUOp, SwiGLUKernel> {
+struct SwiGLUOp : FloatOp<SwiGLUOp, SwiGLUKernel, 1, 2> {
   const char* GetName() const { return "SwiGLU"; }
-  size_t GetInputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetInputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
     return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
@@ -922,16 +927,8 @@ struct SkipRMSNormKernel {
   }
 };
 
-struct SkipRMSNormOp : CpuOp<SkipRMSNormOp, SkipRMSNormKernel> {
+struct SkipRMSNormOp : FloatOp<SkipRMSNormOp, SkipRMSNormKernel, 3, 2> {
   const char* GetName() const { return "SkipRMSNorm"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
 };
 
 // BlockLinear: y [T, N] = x [T, K] @ W.T for 4- or 8-bit weights in blocks of 32 or 128 inputs
