@@ -1016,6 +1016,7 @@ struct BlockStep {
   int64_t tokens, n, blocks;
   const int64_t* runs;  // the call's tasks: runs of record groups (plan_runs)
   std::atomic<uint64_t>* threads;  // the threads that ran them (thread_bit)
+  bool spread = false;  // the later tiles prefetch the next group (spreads_next_group)
 #ifdef __AMX_INT8__
   AmxRows amx;  // where AMX takes the call's tiles (tokens >= kAmxFrom)
 #endif
@@ -1224,7 +1225,8 @@ __attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* rec, in
 // blocks of 128 from memory (kernel_bench --layers 16, Zen 4): 12-24 tokens 1.2x faster,
 // 32-128 1.05-1.15x; through the engine workload Bs 1.11x, a served-like wave's 32-row decode
 // steps 1.14x, A's prefill 1.05x. Blocks of 32, whose tiles take longer over each byte (an
-// epilogue every 32 inputs, 4-bit codes unpacked), neither gain nor lose (0.98-1.04x).
+// epilogue every 32 inputs, 4-bit codes unpacked), gain nothing; where it runs:
+// spreads_next_group.
 template <int64_t kRecord, int TT>
 __attribute__((always_inline)) inline void prefetch_next_group(const BlockStep& st,
                                                               int64_t group, int64_t token,
@@ -1276,7 +1278,7 @@ UNROLL_TOKENS
   for (int64_t b = 0; b < st.blocks; ++b, rec += kRecord) {
     if (token == 0)  // the first tile over the group: later ones find its records cached
       prefetch_ahead<kRecord>(rec, TT == 1 ? kPrefetchFar : kPrefetchFarTiles);
-    else
+    else if (st.spread)
       prefetch_next_group<kRecord, TT>(st, group, token, b);
     // (No lambdas here: with them GCC kept acc in memory around dot4's asm, 0.43x.)
     I acc[TT][P][S], wide[TT][P];
@@ -2284,6 +2286,25 @@ void block_rest(const BlockStep& st, int64_t group, int64_t token) {
   }
 }
 
+// Whether a call's later tiles prefetch the next group's records (prefetch_next_group): in
+// blocks of 128 only (blocks of 32: Zen 4 0.98-1.04x, Intel 4 bits 0.93-0.98x at 24-64 tokens).
+// On Intel (a 2-core Xeon with AMX; its avx512_vnni and avx2 builds alike) one later tile's
+// share of the lines comes as a burst of its own: 8-bit blocks of 128, one later tile
+// 0.89-0.94x, two 0.96-1.00x, three or more 1.06-1.19x; on AMD (Zen 4) 1.2x from one. Never
+// after AMX's tiles, which read the group first (a rest tile there: 0.85-0.90x on that Xeon).
+inline bool spreads_next_group([[maybe_unused]] int64_t tokens, int64_t parts) {
+#ifndef BLOCK_LINEAR_SIMD
+  return false;  // (no prefetches)
+#else
+  if (parts == 1) return false;
+#ifdef __AMX_INT8__
+  if (tokens >= kAmxFrom) return false;
+#endif
+  static const bool amd = (__builtin_cpu_init(), __builtin_cpu_is("amd"));
+  return amd || tokens >= 3 * kTokenTile;
+#endif
+}
+
 template <int Bits, int Parts>
 void block_group(const BlockStep& st, int64_t group) {
   int64_t t = 0;
@@ -2409,6 +2430,7 @@ struct BlockLinearKernel {
     ctx.ParallelFor(wide ? quantize<kWidePart * kPart> : quantize<kPart>, tokens, 0, &rows);
     BlockStep st{weights, q.data(), scale.data(), sum.data(), y, tokens, m.n, m.blocks,
                  nullptr, nullptr};
+    st.spread = spreads_next_group(tokens, m.parts);
 #ifdef __AMX_INT8__
     if (tokens >= kAmxFrom) {
       thread_local std::vector<int8_t> a;
