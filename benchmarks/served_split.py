@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -104,6 +105,7 @@ def main() -> None:
             engine.add_request(str(i), prompt, params)
         steps: list[tuple[str, float]] = []
         full: dict[str, float] = defaultdict(float)  # the full decode steps' parts
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         while engine.has_unfinished_requests():
             parts.clear()
@@ -117,10 +119,11 @@ def main() -> None:
                 for name, s in parts.items():
                     full[name] += s
         total = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         events = (json.loads(Path(engine.runner.session.end_profiling()).read_text())
                   if args.profile else [])
     log(f"{REQUESTS * OUTPUT_LEN / total:.1f} output tok/s ({total:.1f} s, {len(steps)} steps; "
-        f"{sum(-n for n in rows[skipped:] if n < 0)} prompt tokens)")
+        f"{sum(-n for n in rows[skipped:] if n < 0)} prompt tokens; {faults} page faults)")
     by_kind: dict[str, list[float]] = defaultdict(list)
     for kind, wall in steps:
         by_kind["decode < " + str(CONCURRENCY) if kind.startswith("decode") and
