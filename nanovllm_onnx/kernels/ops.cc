@@ -1396,8 +1396,8 @@ constexpr int kAmxFrom = 16;
 // A product's C tile is stored once kStoreLag more products are issued (see amx_store).
 constexpr int64_t kStoreLag = 3;
 static_assert(kStoreLag < 4, "a product's C tile is reused 4 products on");
-constexpr int kAmxPass = 4;       // token tiles per pass over a group's records
-constexpr int kAmxProducts = 16;  // tile products per chunk (their dot products: 16 KB)
+constexpr int kAmxPass = 4;       // token tiles per pass over a batch of groups (amx_sliced)
+constexpr int kAmxProducts = 16;  // tile products per group and K slice (their sums: 16 KB)
 // Bytes of a token tile's A tiles of one block, and of a block's B tiles (4-bit: unpacked).
 constexpr int64_t amx_block_bytes(int parts) { return kAmxTokens * kPart * parts; }
 // A tile product's inputs: a part, or two of a block of 128 (K = 64, AMX's widest).
@@ -1565,23 +1565,43 @@ inline void amx_store_y(const BlockStep& st, int64_t group, int64_t tile,
     Isa::store(st.y + (tile * kAmxTokens + t) * st.n + col, y[t], st.n - col);
 }
 
-// One token tile of a record group over every block: block b + kStoreLag's product issued
-// before block b's epilogue (on C tiles of their own), so the tile unit works ahead and the
-// vector ports overlap the reads of the records.
-template <int Bits, int Parts, typename Read>
-void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* codes,
-              int64_t step, Read& first_read) {
+// A block's 4-bit codes (its record's values) as B tiles at `out`, the low and the high nibbles
+// of each 64 bytes in turn; returns out.
+template <int Parts>
+const uint8_t* unpack_codes(const uint8_t* values, uint8_t* out) {
+  for (int v = 0; v < 4 * Parts; ++v) {  // the parts' vectors of bytes, in order
+    const __m512i w = Isa::load(values + v * 64);
+    _mm512_store_si512(out + 2 * v * 64, Isa::nibbles(w, false));
+    _mm512_store_si512(out + 2 * v * 64 + 64, Isa::nibbles(w, true));
+  }
+  // tileloadd's asm does not say that it reads them
+  asm volatile("" ::"m"(*reinterpret_cast<const uint8_t(*)[amx_block_bytes(Parts)]>(out)));
+  return out;
+}
+
+// A call's one whole 16-token tile (16-31 tokens: more go through amx_sliced), record group
+// `group` over every block: block b + kStoreLag's product issued before block b's epilogue (on
+// C tiles of their own), so the tile unit works ahead and the vector ports overlap the reads of
+// the records. Each record is read just before its products, prefetched ahead as block_tile
+// does (a 4-bit one unpacked to B tiles then), so the reads from memory overlap the tile
+// products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers 16), 16
+// tokens 1.1-1.3x faster than when a group's 4-bit records were unpacked first, prefetched
+// into L2 during the run's group before (1.01x). (In K slices: 1.00x.) Returns the tokens done.
+template <int Bits, int Parts>
+int64_t amx_tile(const BlockStep& st, int64_t group) {
   constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = value_bytes(Bits, Parts);
   constexpr int64_t kTileBytes = amx_block_bytes(Parts);
   const int64_t blocks = st.blocks;
-  const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
-  const int8_t* a = st.amx.a + tile * blocks * kTileBytes;
+  const uint8_t* records = st.weights + group * blocks * kRecord;
+  alignas(64) uint8_t unpacked[2][kTileBytes];  // 4 bits: a block's codes as B tiles
   alignas(64) int32_t dots[4][256];
   auto product = [&](int64_t b) {  // issues block b's, stores block b - kStoreLag's
     if (b < blocks) {
-      if (tile == 0) first_read(b);
-      amx_load_b<Parts>(b, codes + b * step);
-      amx_dot<Parts>(b, b, a + b * kTileBytes);
+      const uint8_t* codes = records + b * kRecord;
+      prefetch_ahead<kRecord>(codes, kPrefetchFarTiles);
+      if constexpr (Bits == 4) codes = unpack_codes<Parts>(codes, unpacked[b % 2]);
+      amx_load_b<Parts>(b, codes);
+      amx_dot<Parts>(b, b, st.amx.a + b * kTileBytes);
     }
     const int64_t done = b - kStoreLag;
     if (done >= 0 && done < blocks) amx_store(done, dots[done % 4]);
@@ -1591,92 +1611,87 @@ void amx_tile(const BlockStep& st, int64_t group, int64_t tile, const uint8_t* c
   for (int64_t b = 0; b < kStoreLag; ++b) product(b);
   for (int64_t b = 0; b < blocks; ++b) {
     product(b + kStoreLag);
-    const int64_t at = (tile * blocks + b) * kAmxTokens;
-    amx_epilogue(y, dots[b % 4], halves + b * kRecord, st.amx.xscale + at, st.amx.xsum + at);
+    amx_epilogue(y, dots[b % 4], records + b * kRecord + kValueBytes,
+                 st.amx.xscale + b * kAmxTokens, st.amx.xsum + b * kAmxTokens);
   }
-  amx_store_y(st, group, tile, y);
+  amx_store_y(st, group, 0, y);
+  return kAmxTokens;
 }
 
-// Token tiles first..first + count - 1 (2 to kAmxPass) of a record group over every block,
-// in chunks of kAmxProducts / count blocks: each block's B tile loaded once for the count
-// products, then each tile's epilogue over the chunk (its y kept in `partial` between
-// chunks). 1B int8 layer (kernel_bench, one thread): 32 tokens 1.05-1.2x, 64 1.15-1.2x
-// faster than token tiles one at a time, each reading the block's B tile again. One tile
-// alone is faster through amx_tile (chunked, 16 tokens ran 0.8-0.9x: the interleaved
-// epilogues overlap the next products' reads of the records).
-template <int Bits, int Parts, typename Read>
-void amx_tiles_together(const BlockStep& st, int64_t group, int64_t first, int64_t count,
-                        const uint8_t* codes, int64_t step, Read& first_read) {
+// K slices (amx_sliced): a slice's A tiles take at most kSliceBytes, so that they stay in L1
+// while a batch of up to kSliceGroups record groups goes through them.
+constexpr int64_t kSliceBytes = 16384;
+constexpr int64_t kSliceGroups = 4;
+
+// Groups first..first + count - 1 (up to kSliceGroups), token tiles tile0..tile0 + tiles - 1 (up to
+// kAmxPass), a K slice at a time: each group's products over the slice's blocks (each block's B
+// tiles loaded once for the tiles), then its tiles' epilogues, y carried in `partial` between
+// slices. Taken group by group instead (a group's blocks in chunks of 8, as until the thirty-ninth
+// session), each group sweeps all its A tiles (64 KB for 32 tokens x 2,048 inputs) from L2, through
+// the fill buffers that the records' reads from memory hold: the tile work added to the reads
+// rather than hiding behind them (a 32-row call took about a one-row call's time plus its tile
+// work). Here a slice's A tiles (16 KB) serve the batch's groups from L1. benchmarks/amx_slices.cc
+// (a thread per core, records streamed from memory, ns a 2,112-byte record): group by group
+// 205-209, sliced 167-172, reading alone 130-160, the tile work alone 85-100. 1B layers from memory
+// (kernel_bench --layers 16, 2 threads, wall, against group by group): 8-bit blocks of 128 at 32,
+// 48 and 64 rows 1.12-1.22x, 1.25-1.30x and 1.15-1.20x faster, 80-256 rows 1.13-1.22x, the LM head
+// at 32 rows 1.18x; blocks of 32 (4 or 8 bits) 1.04-1.14x at 32-128 rows. The epilogues add the
+// blocks in the same order (y through memory between slices, exactly): the same sums as the other
+// paths.
+template <int Bits, int Parts>
+void amx_sliced(const BlockStep& st, int64_t first, int64_t count, int64_t tile0,
+                int64_t tiles) {
   constexpr int64_t kRecord = record_bytes(Bits, Parts), kValueBytes = value_bytes(Bits, Parts);
   constexpr int64_t kTileBytes = amx_block_bytes(Parts);
-  const int64_t blocks = st.blocks, chunk = kAmxProducts / count;
-  const uint8_t* halves = st.weights + group * blocks * kRecord + kValueBytes;
+  const int64_t blocks = st.blocks;
+  const int64_t slice = std::clamp<int64_t>(kSliceBytes / (tiles * kTileBytes), 1,
+                                            kAmxProducts / tiles);
   alignas(64) int32_t dots[kAmxProducts][256];
-  alignas(64) float partial[kAmxPass][kAmxTokens][kRows];
-  for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
-    const int64_t b1 = std::min(blocks, b0 + chunk);
-    int64_t p = 0;
-    for (int64_t b = b0; b < b1; ++b) {
-      if (first == 0) first_read(b);
-      amx_load_b<Parts>(b, codes + b * step);
-      for (int64_t i = 0; i < count; ++i, ++p) {
-        amx_dot<Parts>(p, b, st.amx.a + ((first + i) * blocks + b) * kTileBytes);
-        if (p >= kStoreLag) amx_store(p - kStoreLag, dots[p - kStoreLag]);
-      }
-    }
-    for (int64_t q = std::max<int64_t>(0, p - kStoreLag); q < p; ++q) amx_store(q, dots[q]);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t tile = first + i;
-      __m512 y[kAmxTokens];
-      for (int t = 0; t < kAmxTokens; ++t)
-        y[t] = b0 == 0 ? Isa::fzero() : _mm512_load_ps(partial[i][t]);
+  alignas(64) uint8_t unpacked[2][kTileBytes];  // 4 bits: a block's codes as B tiles
+  alignas(64) float partial[kSliceGroups][kAmxPass][kAmxTokens][kRows];
+  for (int64_t b0 = 0; b0 < blocks; b0 += slice) {
+    const int64_t b1 = std::min(blocks, b0 + slice);
+    for (int64_t g = 0; g < count; ++g) {
+      const int64_t group = first + g;
+      const uint8_t* records = st.weights + group * blocks * kRecord;
+      // The chunk after this one, in the order they are read: the next group's slice, else
+      // the batch's first group's next slice, else the next batch's first records.
+      const uint8_t* next = g + 1 < count ? records + (blocks + b0) * kRecord
+                            : b1 < blocks ? st.weights + (first * blocks + b1) * kRecord
+                                          : st.weights + (first + count) * blocks * kRecord;
+      int64_t p = 0;
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t at = (tile * blocks + b) * kAmxTokens;
-        amx_epilogue(y, dots[(b - b0) * count + i], halves + b * kRecord, st.amx.xscale + at,
-                     st.amx.xsum + at);
+        // The next record to load into L1, this one's counterpart in the next chunk into L2
+        // (past the weights' end: a prefetch faults nowhere).
+        const uint8_t* near = b + 1 < b1 ? records + (b + 1) * kRecord : next;
+        const uint8_t* far = next + (b - b0) * kRecord;
+        for (int64_t line = 0; line < kRecord; line += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(near + line), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(far + line), _MM_HINT_T2);
+        }
+        const uint8_t* codes = records + b * kRecord;
+        if constexpr (Bits == 4) codes = unpack_codes<Parts>(codes, unpacked[b % 2]);
+        amx_load_b<Parts>(b, codes);
+        for (int64_t i = 0; i < tiles; ++i, ++p) {
+          amx_dot<Parts>(p, b, st.amx.a + ((tile0 + i) * blocks + b) * kTileBytes);
+          if (p >= kStoreLag) amx_store(p - kStoreLag, dots[p - kStoreLag]);
+        }
       }
-      if (b1 == blocks) amx_store_y(st, group, tile, y);
-      else for (int t = 0; t < kAmxTokens; ++t) _mm512_store_ps(partial[i][t], y[t]);
+      for (int64_t q = std::max<int64_t>(0, p - kStoreLag); q < p; ++q) amx_store(q, dots[q]);
+      for (int64_t i = 0; i < tiles; ++i) {
+        __m512 y[kAmxTokens];
+        for (int t = 0; t < kAmxTokens; ++t)
+          y[t] = b0 == 0 ? Isa::fzero() : _mm512_load_ps(partial[g][i][t]);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t at = ((tile0 + i) * blocks + b) * kAmxTokens;
+          amx_epilogue(y, dots[(b - b0) * tiles + i], records + b * kRecord + kValueBytes,
+                       st.amx.xscale + at, st.amx.xsum + at);
+        }
+        if (b1 == blocks) amx_store_y(st, group, tile0 + i, y);
+        else for (int t = 0; t < kAmxTokens; ++t) _mm512_store_ps(partial[g][i][t], y[t]);
+      }
     }
   }
-}
-
-// One record group (16 output rows) for the call's whole 16-token tiles; returns the tokens
-// done (the rest go to the VNNI tiles).
-template <int Bits, int Parts>
-int64_t amx_tiles(const BlockStep& st, int64_t group) {
-  constexpr int64_t kRecord = record_bytes(Bits, Parts), kTileBytes = amx_block_bytes(Parts);
-  const int64_t blocks = st.blocks;
-  const uint8_t* records = st.weights + group * blocks * kRecord;
-  // 4 bits: the codes as B tiles, unpacked in the first pass, cached for the others.
-  thread_local std::vector<uint8_t> buffer;
-  uint8_t* unpacked = Bits == 4 ? tile_buffer(buffer, blocks * kTileBytes) : nullptr;
-  const uint8_t* codes = Bits == 4 ? unpacked : records;  // block b's B tiles: codes + b * step
-  const int64_t step = Bits == 4 ? kTileBytes : kRecord;
-  // The first pass reads the records, block b's just before its products, prefetching ahead
-  // as block_tile does (and unpacks 4-bit ones), so the reads from memory overlap the tile
-  // products rather than add to them: 1B int4 layers from DRAM (kernel_bench --layers 16),
-  // 16 tokens 1.1-1.3x faster than when a group's 4-bit records were unpacked first,
-  // prefetched into L2 during the run's group before (1.01x).
-  auto first_read = [&](int64_t b) __attribute__((always_inline)) {  // (see prefetch_ahead)
-    prefetch_ahead<kRecord>(records + b * kRecord, kPrefetchFarTiles);
-    if constexpr (Bits == 4) {
-      uint8_t* out = unpacked + b * kTileBytes;
-      for (int p = 0; p < 4 * Parts; ++p) {  // the parts' vectors of bytes, in order
-        const __m512i w = Isa::load(records + b * kRecord + p * 64);
-        _mm512_store_si512(out + 2 * p * 64, Isa::nibbles(w, false));
-        _mm512_store_si512(out + 2 * p * 64 + 64, Isa::nibbles(w, true));
-      }
-      // tileloadd's asm does not say that it reads them
-      asm volatile("" ::"m"(*reinterpret_cast<const uint8_t(*)[kTileBytes]>(out)));
-    }
-  };
-  const int64_t tiles = st.tokens / kAmxTokens;
-  int64_t first = 0;
-  for (int64_t count; (count = std::min<int64_t>(kAmxPass, tiles - first)) >= 2; first += count)
-    amx_tiles_together<Bits, Parts>(st, group, first, count, codes, step, first_read);
-  if (first < tiles) amx_tile<Bits, Parts>(st, group, first, codes, step, first_read);
-  return tiles * kAmxTokens;
 }
 
 #ifdef AMX_BF16
@@ -2305,11 +2320,12 @@ inline bool spreads_next_group([[maybe_unused]] int64_t tokens, int64_t parts) {
 #endif
 }
 
+// Tokens from `t` of a record group: a call's one whole 16-token tile on AMX (more: amx_sliced,
+// in block_task), the rest on the VNNI tiles.
 template <int Bits, int Parts>
-void block_group(const BlockStep& st, int64_t group) {
-  int64_t t = 0;
+void block_group(const BlockStep& st, int64_t group, int64_t t = 0) {
 #ifdef __AMX_INT8__
-  if (st.tokens >= kAmxFrom) t = amx_tiles<Bits, Parts>(st, group);
+  if (t == 0 && st.tokens >= kAmxFrom) t = amx_tile<Bits, Parts>(st, group);
 #endif
   for (; t + kTokenTile <= st.tokens; t += kTokenTile)
     block_tile<Bits, Parts, kTokenTile>(st, group, t);
@@ -2343,6 +2359,20 @@ void block_task(void* data, size_t task) {
   st.threads->fetch_or(thread_bit(), std::memory_order_relaxed);
 #ifdef __AMX_INT8__
   if (st.tokens >= kAmxFrom) configure_tiles<Parts>();  // once a task: TILESTORECFG stalls
+  if (st.tokens >= 2 * kAmxTokens) {  // (one tile: amx_tile, in block_group)
+    const int64_t tiles = st.tokens / kAmxTokens, tiled = tiles * kAmxTokens;
+    const int64_t passes = (tiles + kAmxPass - 1) / kAmxPass;  // of equal size, or nearly
+    for (int64_t g = st.runs[task], end = st.runs[task + 1]; g < end; g += kSliceGroups) {
+      const int64_t count = std::min(kSliceGroups, end - g);
+      for (int64_t pass = 0; pass < passes; ++pass) {
+        const int64_t t0 = pass * tiles / passes;
+        amx_sliced<Bits, Parts>(st, g, count, t0, (pass + 1) * tiles / passes - t0);
+      }
+      if (tiled < st.tokens)
+        for (int64_t i = g; i < g + count; ++i) block_group<Bits, Parts>(st, i, tiled);
+    }
+    return;
+  }
 #endif
   for (int64_t g = st.runs[task]; g < st.runs[task + 1]; ++g) block_group<Bits, Parts>(st, g);
 }
