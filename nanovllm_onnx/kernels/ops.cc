@@ -1726,17 +1726,19 @@ constexpr int64_t kChunkBlocks = 8;  // K blocks per pass: a group pair's B tile
 // dequantization is a fixed cost per call, is the faster. Measured, 1B layer, 16 layers'
 // weights from memory, 2 threads, the bf16 path's speed over the int8 path's (CPU time): 4
 // bits 16 rows 0.89-0.91x, 24 1.13x, 32 1.24-1.29x; 8 bits (1.8x the bytes to dequantize) 24
-// rows 0.89x, 32 0.91x, 48 1.21x, 64 1.48x; 8 bits in blocks of 128 (whose int8 path takes one
-// epilogue per 128 inputs) 16 rows 0.58x, 32 0.75x, 64 0.81x, 128 0.91x, 192 0.96x, 256
-// 0.93-1.01x, 384 1.10x, 512 1.19x, 1,024 1.30x (twenty-second session; a slower AMX machine:
-// 256 rows 1.00x, 1,024 1.15x).
+// rows 0.89x, 32 0.91x, 48 1.21x, 64 1.48x (with the int8 path's K slices, thirty-ninth
+// session: 4 bits 16 rows 0.75x, 24 1.04x, 32 1.06x; 8 bits 32 rows 0.83x, 48 1.06x, 64
+// 1.23x). 8 bits in blocks of 128, whose int8 path takes one epilogue per 128 inputs: 16 rows
+// 0.58x, 32 0.75x, 64 0.81x, 128 0.91x, 256 0.93-1.01x, 512 1.19x, 1,024 1.30x before the K
+// slices; with them 192 rows 0.86x, 256 0.91x, 384 0.91x, 512 0.93x, 768 0.94x, 1,024 0.93x:
+// there the int8 path is the faster at any count.
 inline bool bf16_either(const uint8_t* role, int64_t tokens, int64_t bits, int64_t parts) {
   int64_t count = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     if (role[t] == kPromptRole) return true;
     count += role[t] == kEitherRole;
   }
-  return count >= (bits == 4 ? 24 : parts == 1 ? 48 : 256);
+  return bits == 4 ? count >= 24 : parts == 1 && count >= 48;
 }
 
 // A call's plan (bf16_task's units and token chunks). Where the A tiles and two pairs' B tiles
