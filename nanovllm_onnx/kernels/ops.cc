@@ -1202,19 +1202,25 @@ constexpr int kTokenTile = 4;
 // than 3 KB or 12 KB.
 constexpr int64_t kPrefetchNear = 1024, kPrefetchFar = 3072, kPrefetchFarTiles = 6144;
 
-// Prefetches a record's lines kPrefetchNear ahead into L1 and `far` ahead into L2 (past the
+// Prefetches a record's worth of lines at `near` into L1 and at `far` into L2 (past the
 // weights' end: a prefetch faults nowhere).
 // Every helper that only prefetches is always_inline: GCC finds such a function const (a
 // prefetch is no side effect to it) and deletes the calls to it that it has not inlined by
 // then, silently. So bf16_product's A and B tile prefetches were gone from 3f24ebc (a lambda
 // that only prefetched) to the tenth session: its 128-row calls 0.89-0.95x.
 template <int64_t kRecord>
-__attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* rec, int64_t far) {
-  const char* at = reinterpret_cast<const char*>(rec);
+__attribute__((always_inline)) inline void prefetch_record(const uint8_t* near,
+                                                           const uint8_t* far) {
   for (int64_t line = 0; line < kRecord; line += 64) {
-    _mm_prefetch(at + kPrefetchNear + line, _MM_HINT_T0);
-    _mm_prefetch(at + far + line, _MM_HINT_T2);
+    _mm_prefetch(reinterpret_cast<const char*>(near + line), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(far + line), _MM_HINT_T2);
   }
+}
+
+// The lines kPrefetchNear on from `rec` into L1 and `far` on into L2.
+template <int64_t kRecord>
+__attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* rec, int64_t far) {
+  prefetch_record<kRecord>(rec + kPrefetchNear, rec + far);
 }
 
 // The lines of the group after `group` that the tile of TT tokens from `token` (not the
@@ -1661,14 +1667,9 @@ void amx_sliced(const BlockStep& st, int64_t first, int64_t count, int64_t tile0
                                           : st.weights + (first + count) * blocks * kRecord;
       int64_t p = 0;
       for (int64_t b = b0; b < b1; ++b) {
-        // The next record to load into L1, this one's counterpart in the next chunk into L2
-        // (past the weights' end: a prefetch faults nowhere).
-        const uint8_t* near = b + 1 < b1 ? records + (b + 1) * kRecord : next;
-        const uint8_t* far = next + (b - b0) * kRecord;
-        for (int64_t line = 0; line < kRecord; line += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(near + line), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(far + line), _MM_HINT_T2);
-        }
+        // The next record to load into L1, this one's counterpart in the next chunk into L2.
+        prefetch_record<kRecord>(b + 1 < b1 ? records + (b + 1) * kRecord : next,
+                                 next + (b - b0) * kRecord);
         const uint8_t* codes = records + b * kRecord;
         if constexpr (Bits == 4) codes = unpack_codes<Parts>(codes, unpacked[b % 2]);
         amx_load_b<Parts>(b, codes);
