@@ -62,9 +62,10 @@ __attribute__((noinline)) float task(const uint8_t* keys, const uint8_t* values,
   __m512 sink = _mm512_setzero_ps();
   for (int t = 0; t < kTiles; t += 2) {
     const uint8_t* tile = keys + t * kTile * D * 2;
+    const uint8_t* keys_ahead = keys + std::min(t + 2, kTiles - 2) * kTile * D * 2;  // (clamped)
     __m512 acc[NR][2] = {};
     for (int d = 0; d < D; ++d) {  // a line of each stream per step
-      _mm_prefetch(reinterpret_cast<const char*>(tile + 4096 + d * 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(keys_ahead + d * 64), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(values + t * kTile * D * 2 + d * 64),
                    _MM_HINT_T1);
       const __m512 k0 = load(tile + d * 32), k1 = load(tile + 2048 + d * 32);
