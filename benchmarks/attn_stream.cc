@@ -11,9 +11,15 @@
 // tasks' 288 positions a prefix of each: the reads jump from slot to slot) and packed (capacity
 // 288: one stream).
 //
-//   g++ -O3 -march=x86-64-v4 benchmarks/attn_stream.cc -o /tmp/attn_stream -lpthread
+// The arithmetic is the kernel's own (it includes ops.cc: score_tiles, softmax_numerators and
+// weigh_values, with their prefetches); reading alone loads the same lines with the same
+// prefetches.
+//
+//   FLAGS="-O3 -ffast-math -std=c++17 -march=x86-64-v4 -DNDEBUG"   # repo root:
+//   g++ $FLAGS -Ithird_party/onnxruntime/include benchmarks/attn_stream.cc -o /tmp/attn_stream \
+//       -lpthread
 //   /tmp/attn_stream [threads] [capacity]
-#include <immintrin.h>
+#include "../nanovllm_onnx/kernels/ops.cc"
 
 #include <algorithm>
 #include <chrono>
@@ -25,93 +31,54 @@
 
 namespace {
 
-constexpr int D = 64, kTile = 16, kLen = 288, kTiles = kLen / kTile, NR = 4;
+constexpr int D = 64, kLen = 288, kTiles = kLen / kTile, NR = 4;
 constexpr int64_t kUsed = int64_t(kLen) * D * 2;  // bytes of a task's keys (or values)
 constexpr int kTasks = 16 * 128;  // a thread's: 16 layers x 128 (sequence, KV head) slots
 
 enum class Work { kRead, kCompute, kBoth };
 
-inline __m512 exp_ps(__m512 x) {  // ops.cc's
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 load(const uint8_t* p) {  // 16 fp16 as floats
+inline __m512 load_half(const uint8_t* p) {  // 16 fp16 as floats
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 float q[NR * D];
 thread_local float scores[NR * kLen], out[NR * D];
 
-// One task as the kernel runs it: keys (tiles [D][16]) scored 2 tiles at a time, softmax,
-// values (positions [D]) weighed; with kRead only the loads.
+// One task: the kernel's (run_task's float path for a decode: 4 query vectors, 2 tiles at a
+// time), or with kRead only its loads and prefetches: keys 2 tiles ahead into L1, the values
+// into L2 while scoring, the next task's keys into L2 while weighing.
 template <Work kWork>
 __attribute__((noinline)) float task(const uint8_t* keys, const uint8_t* values,
                                      const uint8_t* next_keys) {
-  constexpr bool kMath = kWork != Work::kRead;
+  const auto* key_tiles = reinterpret_cast<const _Float16*>(keys);
+  const auto* value_rows = reinterpret_cast<const _Float16*>(values);
+  constexpr int64_t kNextLines = kUsed / 64;
+  if constexpr (kWork != Work::kRead) {
+    score_tiles<NR, 2, D / kTile, true>(q, key_tiles, kTiles, scores, kLen, value_rows);
+    float inverse_sums[NR];
+    for (int n = 0; n < NR; ++n) inverse_sums[n] = softmax_numerators(scores + n * kLen, kLen, kLen);
+    weigh_values<NR, D / kTile>(scores, kLen, inverse_sums, value_rows, kLen, out,
+                                reinterpret_cast<const char*>(next_keys), kNextLines);
+    return out[5];
+  }
   __m512 sink = _mm512_setzero_ps();
   for (int t = 0; t < kTiles; t += 2) {
     const uint8_t* tile = keys + t * kTile * D * 2;
-    const uint8_t* keys_ahead = keys + std::min(t + 2, kTiles - 2) * kTile * D * 2;  // (clamped)
-    __m512 acc[NR][2] = {};
+    const uint8_t* keys_ahead = keys + std::min(t + kAhead, kTiles - 2) * kTile * D * 2;
     for (int d = 0; d < D; ++d) {  // a line of each stream per step
-      _mm_prefetch(reinterpret_cast<const char*>(keys_ahead + d * 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(values + t * kTile * D * 2 + d * 64),
-                   _MM_HINT_T1);
-      const __m512 k0 = load(tile + d * 32), k1 = load(tile + 2048 + d * 32);
-      if constexpr (kMath)
-        for (int n = 0; n < NR; ++n) {
-          const __m512 x = _mm512_set1_ps(q[n * D + d]);
-          acc[n][0] = _mm512_fmadd_ps(x, k0, acc[n][0]);
-          acc[n][1] = _mm512_fmadd_ps(x, k1, acc[n][1]);
-        }
-      else
-        sink = _mm512_add_ps(sink, _mm512_add_ps(k0, k1));
+      __builtin_prefetch(keys_ahead + d * 64);
+      __builtin_prefetch(values + t * kTile * D * 2 + d * 64, 0, 2);
+      sink = _mm512_add_ps(sink, _mm512_add_ps(load_half(tile + d * 32),
+                                               load_half(tile + 2048 + d * 32)));
     }
-    if constexpr (kMath)
-      for (int n = 0; n < NR; ++n) {
-        _mm512_storeu_ps(scores + n * kLen + t * kTile, acc[n][0]);
-        _mm512_storeu_ps(scores + n * kLen + (t + 1) * kTile, acc[n][1]);
-      }
   }
-  if constexpr (kMath)
-    for (int n = 0; n < NR; ++n) {
-      float* row = scores + n * kLen;
-      __m512 peak = _mm512_loadu_ps(row);
-      for (int l = 0; l < kLen; l += kTile) peak = _mm512_max_ps(peak, _mm512_loadu_ps(row + l));
-      const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
-      for (int l = 0; l < kLen; l += kTile)
-        _mm512_storeu_ps(row + l, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + l), shift)));
-    }
-  constexpr int64_t kNextLines = kUsed / 64, kPerStep = (kNextLines + kLen - 1) / kLen;
-  __m512 acc[NR][4] = {};
+  constexpr int64_t kPerStep = (kNextLines + kLen - 1) / kLen;
   for (int l = 0; l < kLen; ++l) {
     for (int64_t i = l * kPerStep; i < std::min((l + 1) * kPerStep, kNextLines); ++i)
-      _mm_prefetch(reinterpret_cast<const char*>(next_keys + i * 64), _MM_HINT_T1);
-    __m512 v[4];
-    for (int c = 0; c < 4; ++c) v[c] = load(values + l * D * 2 + c * 32);
-    if constexpr (kMath)
-      for (int n = 0; n < NR; ++n) {
-        const __m512 w = _mm512_set1_ps(scores[n * kLen + l]);
-        for (int c = 0; c < 4; ++c) acc[n][c] = _mm512_fmadd_ps(w, v[c], acc[n][c]);
-      }
-    else
-      sink = _mm512_add_ps(sink, _mm512_add_ps(_mm512_add_ps(v[0], v[1]),
-                                               _mm512_add_ps(v[2], v[3])));
+      __builtin_prefetch(next_keys + i * 64, 0, 2);
+    for (int c = 0; c < 4; ++c) sink = _mm512_add_ps(sink, load_half(values + l * D * 2 + c * 32));
   }
-  for (int n = 0; n < NR; ++n)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + n * D + c * 16, acc[n][c]);
-  return _mm512_reduce_add_ps(sink) + out[5];
+  return _mm512_reduce_add_ps(sink);
 }
 
 // µs per task, each thread running its tasks over its own slots (kCompute: 8 of them).
