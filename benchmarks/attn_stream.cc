@@ -15,9 +15,8 @@
 // weigh_values, with their prefetches); reading alone loads the same lines with the same
 // prefetches.
 //
-//   FLAGS="-O3 -ffast-math -std=c++17 -march=x86-64-v4 -DNDEBUG"   # repo root:
-//   g++ $FLAGS -Ithird_party/onnxruntime/include benchmarks/attn_stream.cc -o /tmp/attn_stream \
-//       -lpthread
+//   FLAGS="-O3 -ffast-math -std=c++17 -march=x86-64-v4 -DNDEBUG -pthread"   # repo root:
+//   g++ $FLAGS -Ithird_party/onnxruntime/include benchmarks/attn_stream.cc -o /tmp/attn_stream
 //   /tmp/attn_stream [threads] [capacity]
 #include "../nanovllm_onnx/kernels/ops.cc"
 
@@ -37,8 +36,9 @@ constexpr int kTasks = 16 * 128;  // a thread's: 16 layers x 128 (sequence, KV h
 
 enum class Work { kRead, kCompute, kBoth };
 
-inline __m512 load_half(const uint8_t* p) {  // 16 fp16 as floats
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+// 16 fp16 of the cache as floats (ops.cc's load)
+inline __m512 load_half(const uint8_t* p) {
+  return (__m512)load(reinterpret_cast<const _Float16*>(p));
 }
 
 float q[NR * D];
@@ -56,7 +56,8 @@ __attribute__((noinline)) float task(const uint8_t* keys, const uint8_t* values,
   if constexpr (kWork != Work::kRead) {
     score_tiles<NR, 2, D / kTile, true>(q, key_tiles, kTiles, scores, kLen, value_rows);
     float inverse_sums[NR];
-    for (int n = 0; n < NR; ++n) inverse_sums[n] = softmax_numerators(scores + n * kLen, kLen, kLen);
+    for (int n = 0; n < NR; ++n)
+      inverse_sums[n] = softmax_numerators(scores + n * kLen, kLen, kLen);
     weigh_values<NR, D / kTile>(scores, kLen, inverse_sums, value_rows, kLen, out,
                                 reinterpret_cast<const char*>(next_keys), kNextLines);
     return out[5];
